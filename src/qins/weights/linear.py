@@ -1,0 +1,151 @@
+"""QINSLinear and QINSEmbedding: modules that hold packed codes instead of a float weight."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..codec import calibrate
+from ..codec.formats import get_format
+from ..codec.packing import packed_words
+from ..codec.tensor import QuantizedWeight
+from ..config import WeightConfig
+
+
+class _QuantizedWeightMixin:
+    """Registers the stored tensors of a QuantizedWeight as persistent buffers.
+
+    qweight    (O, packed_words(I, bits)) int32
+    scales     (O, G) float16            absent for qins-seed
+    offsets    (O, G) float16            int-asym only
+    curvature  (A,) float32              qins only (A = 1 per tensor, O per channel)
+    """
+
+    def _init_buffers(self, rows: int, cols: int, config: WeightConfig) -> None:
+        fmt = get_format(config.format)
+        self.config = config
+        self.weight_shape = (rows, cols)
+        self.register_buffer("qweight", torch.zeros(rows, packed_words(cols, config.bits), dtype=torch.int32))
+        G = calibrate.n_groups(cols, cols if config.group_size is None else config.group_size)
+        self.register_buffer("scales", torch.ones(rows, G, dtype=torch.float16) if fmt.scaled else None)
+        self.register_buffer("offsets", torch.zeros(rows, G, dtype=torch.float16) if fmt.asymmetric else None)
+        A = rows if config.curvature == "channel" else 1
+        self.register_buffer("curvature", torch.zeros(A, dtype=torch.float32) if fmt.curved else None)
+        self._decoded: torch.Tensor | None = None
+
+    def _set_quantized(self, qw: QuantizedWeight) -> None:
+        for k, v in qw.tensors().items():
+            getattr(self, k).copy_(v)
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.curvature,
+                               self.config, self.weight_shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequantize(self.quantized, dtype)
+
+    def cache_decoded(self, on: bool) -> None:
+        """Hold the decoded float weight (fast evaluation, float memory); results identical."""
+        self._decoded = self.dequantize() if on else None
+
+
+class QINSLinear(_QuantizedWeightMixin, nn.Module):
+    """A Linear layer whose weight (out_features, in_features) is stored as QINS (or baseline) codes.
+
+    Buffers: see _QuantizedWeightMixin. Parameter: bias (out_features,) or None, float.
+    A tied lm_head holds no buffers of its own: it reads its QINSEmbedding's (`tied_to`).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, config: WeightConfig,
+                 tied_to: "QINSEmbedding | None" = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._tied = [tied_to] if tied_to is not None else []   # list: not a submodule
+        if tied_to is None:
+            self._init_buffers(out_features, in_features, config)
+        else:
+            if tied_to.weight_shape != (out_features, in_features):
+                raise ValueError("tied embedding shape does not match the linear layer")
+            self.config, self.weight_shape = tied_to.config, tied_to.weight_shape
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, config: WeightConfig, importance: torch.Tensor | None = None,
+                   name: str = "linear") -> "QINSLinear":
+        """Quantize an nn.Linear (or transformers' Conv1D, whose weight is stored transposed)."""
+        w = _linear_weight(linear, name)
+        out_f, in_f = w.shape
+        bias = getattr(linear, "bias", None)
+        mod = cls(in_f, out_f, bias is not None, config, dtype=w.dtype)
+        mod._set_quantized(QuantizedWeight.from_float(w, config, importance, name=name))
+        if bias is not None:
+            mod.bias.data.copy_(bias.detach())
+        return mod.to(w.device)
+
+    @property
+    def tied_to(self) -> "QINSEmbedding | None":
+        return self._tied[0] if self._tied else None
+
+    @property
+    def quantized(self) -> QuantizedWeight:
+        return self.tied_to.quantized if self.tied_to is not None else super().quantized
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return kernels.dequantize(self.quantized, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        src = self.tied_to if self.tied_to is not None else self
+        return kernels.qlinear(x, self.quantized, self.bias, weight=src._decoded)
+
+    def extra_repr(self) -> str:
+        tie = ", tied" if self.tied_to is not None else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.config.label}{tie}"
+
+
+class QINSEmbedding(_QuantizedWeightMixin, nn.Module):
+    """An embedding table (num_embeddings, embedding_dim) stored as codes; rows decode on lookup."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, config: WeightConfig,
+                 padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_buffers(num_embeddings, embedding_dim, config)
+        self.scale_output: float | None = None                 # e.g. Gemma's sqrt(d) embedding scale
+
+    @classmethod
+    def from_float(cls, emb: nn.Embedding, config: WeightConfig, name: str = "embedding") -> "QINSEmbedding":
+        w = emb.weight.detach()
+        mod = cls(w.shape[0], w.shape[1], config, padding_idx=emb.padding_idx)
+        mod._set_quantized(QuantizedWeight.from_float(w, config, name=name))
+        embed_scale = getattr(emb, "embed_scale", None)        # scaled embedding subclasses
+        if embed_scale is not None:
+            mod.scale_output = float(embed_scale)
+        return mod.to(w.device)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        if self._decoded is not None:
+            rows = self._decoded[flat]
+        else:
+            rows = kernels.dequantize(self.quantized, torch.float32, rows=flat)
+        out = rows.view(*ids.shape, self.embedding_dim)
+        return out * self.scale_output if self.scale_output is not None else out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, {self.config.label}"
+
+
+def _linear_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """(out_features, in_features) float weight of a linear-like module, or a clear error."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):   # transformers' GPT-2 style
+        return module.weight.detach().t().contiguous()
+    raise TypeError(
+        f"{name}: cannot quantize a module of type {type(module).__name__}; "
+        f"qins quantizes nn.Linear, transformers Conv1D and nn.Embedding")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))

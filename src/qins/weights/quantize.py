@@ -1,0 +1,151 @@
+"""qins.quantize(model, config): replace linear layers (and optionally embeddings) in place."""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import FORMAT_VERSION, WeightConfig
+from .linear import QINSEmbedding, QINSLinear, is_linear_like
+
+PLAN_ATTR = "_qins_plan"
+
+
+def _matches(name: str, pattern: str) -> bool:
+    return name == pattern or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
+
+
+def _resolve(name: str, config: WeightConfig, overrides: Mapping[str, WeightConfig | dict] | None) -> WeightConfig:
+    for pattern, cfg in (overrides or {}).items():
+        if _matches(name, pattern):
+            return cfg if isinstance(cfg, WeightConfig) else config.replace(**cfg)
+    return config
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _output_embedding_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if get is not None else None
+    if out is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is out), None)
+
+
+def _input_embedding_name(model: nn.Module) -> str | None:
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if get is not None else None
+    if emb is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is emb), None)
+
+
+def quantize(
+    model: nn.Module,
+    config: WeightConfig | None = None,
+    skip: list[str] | tuple[str, ...] | None = None,
+    overrides: Mapping[str, WeightConfig | dict] | None = None,
+    include_embeddings: bool = False,
+    calibration: Mapping[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Quantize `model` in place and return it.
+
+    Every nn.Linear (and transformers Conv1D) is replaced by a QINSLinear, except the output
+    embedding (lm_head) unless `include_embeddings`, which also quantizes the input embedding
+    (a tied lm_head then shares the embedding's codes: stored once).
+
+    skip         name patterns (fnmatch; a bare name matches as a suffix) left in float
+    overrides    {pattern: WeightConfig or dict of fields to change} per module, first match wins
+    calibration  {module name: (in_features,) mean squared input} from
+                 `qins.weights.calibration.input_second_moments`: activation-weighted error
+    """
+    config = config or WeightConfig()
+    skip = list(skip or [])
+    for pattern in overrides or {}:
+        for name, mod in model.named_modules():
+            if _matches(name, pattern) and not (is_linear_like(mod) or isinstance(mod, (nn.Embedding, QINSLinear, QINSEmbedding))) \
+                    and not any(True for _ in mod.children()):
+                raise TypeError(f"override {pattern!r} matches {name} of type {type(mod).__name__}, "
+                                f"which qins cannot quantize (nn.Linear, Conv1D, nn.Embedding)")
+    plan: dict = dict(getattr(model, PLAN_ATTR, {}).get("modules", {}))
+    out_name = _output_embedding_name(model)
+    in_name = _input_embedding_name(model)
+
+    targets: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        if any(_matches(name, p) for p in skip):
+            continue
+        if is_linear_like(mod) and (name != out_name or include_embeddings):
+            targets.append((name, mod))
+        elif include_embeddings and name == in_name and isinstance(mod, nn.Embedding):
+            targets.append((name, mod))
+    # the input embedding goes first so a tied lm_head can point at it
+    targets.sort(key=lambda t: t[0] != in_name)
+
+    tied = _tied_output(model, in_name, out_name)
+    new_embedding: QINSEmbedding | None = None
+    for name, mod in tqdm(targets, desc=f"quantize {config.label}", disable=not progress, leave=False):
+        cfg = _resolve(name, config, overrides)
+        if isinstance(mod, nn.Embedding):
+            new = QINSEmbedding.from_float(mod, cfg, name=name)
+            new_embedding = new
+            plan[name] = {"kind": "embedding", "config": cfg.to_dict()}
+        elif name == out_name and tied and new_embedding is not None:
+            bias = getattr(mod, "bias", None)
+            new = QINSLinear(mod.in_features, mod.out_features, bias is not None, new_embedding.config,
+                             tied_to=new_embedding)
+            if bias is not None:
+                new.bias.data.copy_(bias.detach())
+            plan[name] = {"kind": "tied_linear", "tied_to": in_name}
+        else:
+            imp = None if calibration is None else calibration.get(name)
+            new = QINSLinear.from_float(mod, cfg, importance=imp, name=name)
+            plan[name] = {"kind": "linear", "config": cfg.to_dict()}
+        _set_module(model, name, new)
+    record_plan(model, plan)
+    return model
+
+
+def _tied_output(model: nn.Module, in_name: str | None, out_name: str | None) -> bool:
+    if in_name is None or out_name is None:
+        return False
+    a = model.get_submodule(in_name).weight
+    b = model.get_submodule(out_name).weight
+    return a is b or a.data_ptr() == b.data_ptr()
+
+
+def record_plan(model: nn.Module, plan: dict) -> None:
+    """Keep the per-module plan on the model and in its HF config (saved in config.json)."""
+    doc = {"quant_method": "qins", "format_version": FORMAT_VERSION, "modules": plan}
+    setattr(model, PLAN_ATTR, doc)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:
+        cfg.quantization_config = doc
+
+
+def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, mod in model.named_modules():
+        if isinstance(mod, (QINSLinear, QINSEmbedding)):
+            yield name, mod
+
+
+@contextlib.contextmanager
+def decoded_weights(model: nn.Module):
+    """Hold decoded float weights while inside (fast CPU evaluation); outputs are identical."""
+    mods = [m for _, m in quantized_modules(model) if not (isinstance(m, QINSLinear) and m.tied_to is not None)]
+    try:
+        for m in mods:
+            m.cache_decoded(True)
+        yield model
+    finally:
+        for m in mods:
+            m.cache_decoded(False)
