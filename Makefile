@@ -23,10 +23,10 @@ demo: $(STAMP)
 	$(VENV)/bin/qins demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -m pytest tests -q -m "not slow"
 
 compare: $(STAMP)
 	$(VENV)/bin/qins compare

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import sys
 from typing import Iterator, Mapping
 
 import torch
@@ -124,12 +125,20 @@ def _tied_output(model: nn.Module, in_name: str | None, out_name: str | None) ->
 
 
 def record_plan(model: nn.Module, plan: dict) -> None:
-    """Keep the per-module plan on the model and in its HF config (saved in config.json)."""
+    """Keep the per-module plan on the model and in its HF config (saved in config.json).
+
+    A transformers model also gets the qins quantizer attached (`qins.weights.hf.attach`), as
+    `from_pretrained` would, so its own `save_pretrained` writes a loadable qins checkpoint.
+    """
     doc = {"quant_method": "qins", "format_version": FORMAT_VERSION, "modules": plan}
     setattr(model, PLAN_ATTR, doc)
     cfg = getattr(model, "config", None)
     if cfg is not None:
         cfg.quantization_config = doc
+        modeling = sys.modules.get("transformers.modeling_utils")   # never import transformers here
+        if modeling is not None and isinstance(model, modeling.PreTrainedModel):
+            from .hf import attach
+            attach(model, doc)
 
 
 def quantized_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

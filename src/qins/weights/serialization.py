@@ -9,6 +9,9 @@ A saved directory holds
     qins.json           {"format_version", "qins_version", "modules": plan, "tied": {...}}
     tokenizer files     when a tokenizer is given
 
+`load` also reads a directory written by transformers' `save_pretrained` of a qins model
+(no qins.json: the plan is config.json's quantization_config, ties are transformers').
+
 Writes are atomic: everything goes to a temporary sibling directory that replaces `path`
 only once complete, so an interrupted save leaves the previous state intact.
 """
@@ -58,7 +61,11 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     try:
         tensors, tied = _state_dict_once(model)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
-        model.config.quantization_config = plan
+        record_plan(model, plan["modules"])            # config.quantization_config = the plan
+        if getattr(model.config, "dtype", None) is None:
+            # from_pretrained's dtype="auto" reads it; else it takes the first float tensor of
+            # the file, which may be a float16 `scales`
+            model.config.dtype = _float_dtype(model)
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -73,6 +80,10 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -95,13 +106,29 @@ def read_plan(path: str | os.PathLike) -> dict:
     if not path.is_dir():
         raise FileNotFoundError(f"no saved qins model at {path} (not a directory)")
     if not f.is_file():
-        raise FileNotFoundError(f"{f} is missing: not a directory written by qins.save")
+        return _plan_from_hf_config(path)
     try:
         doc = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{f} is not valid JSON ({e}); the save is corrupt") from e
     check_version(doc.get("format_version"), str(f))
     return doc
+
+
+def _plan_from_hf_config(path: Path) -> dict:
+    """The plan of a directory written by transformers' save_pretrained of a qins model."""
+    cfg_file = path / "config.json"
+    qc = None
+    if cfg_file.is_file():
+        try:
+            qc = json.loads(cfg_file.read_text()).get("quantization_config")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_file} is not valid JSON ({e}); the save is corrupt") from e
+    if not (isinstance(qc, dict) and qc.get("quant_method") == "qins"):
+        raise FileNotFoundError(f"{path / PLAN_NAME} is missing and {cfg_file} has no qins "
+                                f"quantization_config: not a directory written by qins")
+    check_version(qc.get("format_version"), f"{cfg_file} (quantization_config)")
+    return {"format_version": qc["format_version"], "modules": qc.get("modules", {}), "tied": None}
 
 
 def check_version(version, where: str) -> None:
@@ -126,7 +153,9 @@ def replace_modules(model: nn.Module, modules: dict) -> None:
         if kind == "embedding":
             new = QINSEmbedding(mod.num_embeddings, mod.embedding_dim, WeightConfig.from_dict(entry["config"]),
                                 padding_idx=getattr(mod, "padding_idx", None))
-            embed_scale = getattr(mod, "embed_scale", None)
+            # scalar_embed_scale: Gemma's python float; embed_scale may be a buffer on the meta
+            # device while from_pretrained builds the model
+            embed_scale = getattr(mod, "scalar_embed_scale", getattr(mod, "embed_scale", None))
             if embed_scale is not None:
                 new.scale_output = float(embed_scale)
             embeddings[name] = new
@@ -136,9 +165,9 @@ def replace_modules(model: nn.Module, modules: dict) -> None:
             out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
             bias = getattr(mod, "bias", None) is not None
             if kind == "tied_linear":
-                new = QINSLinear(in_f, out_f, bias, None, tied_to=embeddings[entry["tied_to"]])
+                new = QINSLinear(in_f, out_f, bias, None, tied_to=embeddings[entry["tied_to"]], dtype=w.dtype)
             else:
-                new = QINSLinear(in_f, out_f, bias, WeightConfig.from_dict(entry["config"]))
+                new = QINSLinear(in_f, out_f, bias, WeightConfig.from_dict(entry["config"]), dtype=w.dtype)
         else:
             raise ValueError(f"unknown module kind {kind!r} for {name} in the saved plan")
         _set_module(model, name, new)
@@ -163,7 +192,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         state = load_file(str(wfile))
     except Exception as e:                             # safetensors raises its own error types
         raise ValueError(f"{wfile}: cannot read the tensors ({e}); the file is corrupt or truncated") from e
-    for dropped, kept in doc.get("tied", {}).items():
+    tied = doc.get("tied")
+    if tied is None:       # save_pretrained: transformers dropped its tied float copies itself
+        tied = {t: s for t, s in getattr(model, "all_tied_weights_keys", {}).items()
+                if t not in state and s in state}
+    for dropped, kept in tied.items():
         if kept not in state:
             raise ValueError(f"{wfile}: tied tensor {kept} is missing")
         state[dropped] = state[kept]
@@ -177,9 +210,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         if t.shape != e.shape or (not e.is_floating_point() and t.dtype != e.dtype):
             raise ValueError(f"{wfile}: tensor {k} is {tuple(t.shape)} {t.dtype}, expected {tuple(e.shape)} {e.dtype}")
     model.load_state_dict(state, strict=True)
-    if doc.get("tied") and hasattr(model, "tie_weights"):
+    record_plan(model, doc["modules"])                 # first: forgets ties of quantized modules
+    if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
-    record_plan(model, doc["modules"])
     model.to(device)
     model.eval()
     return model

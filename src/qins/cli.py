@@ -1,0 +1,216 @@
+"""`qins ...`: parses arguments and calls the library, nothing more."""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def _protocol(a):
+    from .eval.harness import Protocol
+    return Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens,
+                    calibration_windows=getattr(a, "calibration_windows", 0) or 0)
+
+
+def _group(s: str):
+    return None if s.lower() in ("none", "ch", "channel") else int(s)
+
+
+def _weight_config(a):
+    from .config import WeightConfig
+    return WeightConfig(format=a.format, bits=a.bits, group_size=_group(a.group_size),
+                        curvature=a.curvature, clip_search=not a.no_clip_search)
+
+
+def _add_protocol(p, windows=16, prompts=32):
+    p.add_argument("--windows", type=int, default=windows, help="evaluation windows of 512 tokens")
+    p.add_argument("--prompts", type=int, default=prompts, help="prompts for greedy token match")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--text", nargs="*", help="text file(s) to evaluate on instead of the default corpus")
+
+
+def _add_weight(p):
+    p.add_argument("--format", default="qins", help="qins, qins-seed, int-sym, int-asym, nf4, fp8")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", default="64", help="a multiple of 32, or 'none' for per channel")
+    p.add_argument("--curvature", default="tensor", choices=("tensor", "channel"))
+    p.add_argument("--no-clip-search", action="store_true")
+
+
+def cmd_demo(a):
+    from .eval.demo import run_demo
+    res = run_demo(a.out, _protocol(a), command=a.command)
+    _maybe_json(a, res)
+
+
+def cmd_compress(a):
+    from . import load_model, quantize, save
+    from .eval.harness import Harness
+    from .models import read_corpus
+    from .eval.quality import token_windows
+    from .weights.calibration import input_second_moments
+
+    tok, model = load_model(a.model)
+    stats = None
+    if a.calibration_text is not None or a.calibration_windows:
+        text = read_corpus(a.calibration_text or None)
+        wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or 8)
+        print(f"calibration: first {wins.shape[0]} windows x 512 tokens of "
+              f"{'the default corpus' if not a.calibration_text else a.calibration_text}; "
+              f"evaluation uses the last windows (disjoint)")
+        stats = input_second_moments(model, wins)
+    quantize(model, _weight_config(a), skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
+    path = save(model, a.output, tokenizer=tok)
+    from .eval.memory import memory_report, format_bytes
+    mem = memory_report(model)
+    print(f"wrote {path}: {format_bytes(mem['total_bytes'])} held, quantized layers {mem['quantized_bpw']:.3f} bpw, "
+          f"whole model {mem['bpw_all']:.3f} bpw")
+    _maybe_json(a, {"path": str(path), "memory": mem})
+
+
+def _load_any(src):
+    """(tok, model, reference source) for a saved qins dir or a float model."""
+    from pathlib import Path
+    from . import load, load_model
+    p = Path(src) if src else None
+    if p is not None and (p / "qins.json").is_file():
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(p)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        return tok, load(p)
+    return load_model(src)
+
+
+def cmd_eval(a):
+    from .eval.harness import Harness
+    from .eval.report import print_table, write_markdown
+    from .models import load_model, read_corpus
+
+    tok, model = _load_any(a.model)
+    _, ref_model = load_model(a.reference)
+    text = read_corpus(a.text) if a.text else None
+    h = Harness(tok, ref_model, _protocol(a), text=text)
+    rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
+    print_table(rows, title=f"{a.model} vs float {a.reference or 'default model'} — {h.describe()['eval_windows']}")
+    _maybe_json(a, {"meta": h.describe(), "rows": rows})
+
+
+def cmd_compare(a):
+    from .eval.compare import grid, run_compare
+    from .eval.harness import Harness
+    from .eval.report import plot_frontier, print_table, write_json, write_markdown
+    from .models import load_model, read_corpus
+
+    tok, model = load_model(a.model)
+    text = read_corpus(a.text) if a.text else None
+    h = Harness(tok, model, _protocol(a), text=text)
+    configs = grid(a.formats, a.bits_list, [_group(g) for g in a.groups])
+    meta = h.describe()
+    meta["model"] = a.model or "SmolLM2-135M-Instruct (embedded)"
+
+    def flush(rows):                   # the report grows as results arrive
+        write_json(f"{a.out}/results.json", {"meta": meta, "rows": rows})
+        write_markdown(f"{a.out}/report.md", "qins compare: QINS vs INT / NF4 / FP8", meta, rows, a.command)
+
+    rows = run_compare(h, configs, match_bits=tuple(a.match_bits), with_peers=not a.no_peers, on_row=flush)
+    flush(rows)
+    plot_frontier(rows, a.out)
+    print_table(rows, title=f"qins compare — {meta['eval_windows']}; float ppl {meta['ppl_ref']:.3f}")
+    print(f"report: {a.out}/report.md, plots: {a.out}/kl_vs_bpw.png {a.out}/ppl_vs_bpw.png")
+    _maybe_json(a, {"meta": meta, "rows": rows})
+
+
+def cmd_generate(a):
+    import torch
+    tok, model = _load_any(a.model)
+    msgs = [{"role": "user", "content": a.prompt}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if tok.chat_template else a.prompt
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    kw = dict(max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)
+    if a.sample:
+        torch.manual_seed(a.seed)
+        kw.update(do_sample=True, temperature=a.temperature, top_p=a.top_p)
+    else:
+        kw.update(do_sample=False)
+    with torch.inference_mode():
+        out = model.generate(**ids, **kw)
+    new = out[0, ids["input_ids"].shape[1]:]
+    answer = tok.decode(new, skip_special_tokens=True)
+    print(answer)
+    _maybe_json(a, {"prompt": a.prompt, "output": answer, "tokens": new.tolist()})
+
+
+def _maybe_json(a, doc):
+    if getattr(a, "json", None):
+        from .eval.report import write_json
+        write_json(a.json, doc)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qins", description="QINS compression of LLM weights, measured against the float model")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("demo", help="compress + evaluate the default model, write a report")
+    _add_protocol(p, windows=8)
+    p.add_argument("--out", default="runs/demo")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("compress", help="quantize a model and save it")
+    p.add_argument("model", nargs="?", default=None, help="local HF dir or .gguf (default: embedded model)")
+    p.add_argument("-o", "--output", required=True)
+    _add_weight(p)
+    p.add_argument("--skip", nargs="*", default=None, help="module name patterns kept in float")
+    p.add_argument("--include-embeddings", action="store_true", help="also quantize embeddings / lm_head")
+    p.add_argument("--calibration-text", nargs="*", default=None,
+                   help="text file(s) for activation-weighted calibration (no files: the default corpus)")
+    p.add_argument("--calibration-windows", type=int, default=0)
+    p.set_defaults(fn=cmd_compress)
+
+    p = sub.add_parser("eval", help="quality + memory vs the uncompressed model")
+    p.add_argument("model", nargs="?", default=None, help="a qins-saved dir, or a float model")
+    p.add_argument("--reference", default=None, help="the float model (default: embedded model)")
+    p.add_argument("--label", default=None)
+    _add_protocol(p)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("compare", help="QINS vs INT/NF4/FP8 at several bit widths, report + plots")
+    p.add_argument("model", nargs="?", default=None)
+    _add_protocol(p)
+    p.add_argument("--formats", nargs="+", default=["qins", "int-sym", "int-asym", "nf4", "fp8", "qins-seed"])
+    p.add_argument("--bits", dest="bits_list", nargs="+", type=int, default=[8, 6, 5, 4, 3])
+    p.add_argument("--groups", nargs="+", default=["64", "128", "none"])
+    p.add_argument("--match-bits", nargs="*", type=int, default=[8], help="bit widths that also get greedy token match")
+    p.add_argument("--no-peers", action="store_true", help="skip HQQ / bitsandbytes even if installed")
+    p.add_argument("--out", default="runs/compare")
+    p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("generate", help="greedy or sampled generation")
+    p.add_argument("model", help="a qins-saved dir or a float model")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.9)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_generate)
+
+    for sp in sub.choices.values():
+        sp.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    a = build_parser().parse_args(argv)
+    a.command = "qins " + " ".join(shlex.quote(x) for x in argv)
+    try:
+        a.fn(a)
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        print(f"qins {a.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

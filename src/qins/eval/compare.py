@@ -1,0 +1,63 @@
+"""`qins compare`: QINS against INT/NF4/FP8 (and HQQ, bitsandbytes NF4) at several widths."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+from tqdm.auto import tqdm
+
+from ..config import WeightConfig
+from . import peers
+from .harness import Harness
+
+DEFAULT_FORMATS = ("qins", "int-sym", "int-asym", "nf4", "fp8", "qins-seed")
+DEFAULT_BITS = (8, 6, 5, 4, 3)
+DEFAULT_GROUPS = (64, 128, None)
+
+
+def grid(formats=DEFAULT_FORMATS, bits=DEFAULT_BITS, groups=DEFAULT_GROUPS) -> list[WeightConfig]:
+    """Every valid (format, bits, group) combination; qins-seed once (it has no groups)."""
+    from ..codec.formats import get_format
+
+    out, seen = [], set()
+    for f, b, g in itertools.product(formats, bits, groups):
+        fmt = get_format(f)
+        if b not in fmt.bits:
+            continue
+        if not fmt.scaled:
+            g = None
+        cfg = WeightConfig(format=f, bits=b, group_size=g)
+        if cfg.label not in seen:
+            seen.add(cfg.label)
+            out.append(cfg)
+    return out
+
+
+def run_compare(h: Harness, configs: list[WeightConfig], match_bits=(8,), with_peers: bool = True,
+                peer_settings=((4, 64), (8, 128), (3, 64)), progress: bool = True, on_row=None) -> list[dict]:
+    """Measure every config (and the installed peers) against the same reference."""
+    rows = []
+    jobs: list = [("qins", c) for c in configs]
+    if with_peers:
+        avail = peers.available()
+        if avail.get("hqq"):
+            jobs += [("hqq", s) for s in peer_settings]
+        if avail.get("bnb-nf4"):
+            jobs += [("bnb-nf4", (4, 64))]
+    for kind, job in tqdm(jobs, desc="compare", disable=not progress):
+        if kind == "qins":
+            row = h.measure_config(job, match=job.bits in match_bits)
+        else:
+            bits, g = job
+            variant = copy.deepcopy(h.model)
+            if kind == "hqq":
+                info = peers.fake_quantize_hqq(variant, bits, g, progress=progress)
+            else:
+                info = peers.fake_quantize_bnb_nf4(variant, g, progress=progress)
+            row = h.measure(variant, f"{kind}-{bits}b-g{g} (peer)", bpw=info["bpw"], match=bits in match_bits,
+                            extra={"format": kind, "bits": bits, "group_size": g, "peer": True})
+            del variant
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
+    return rows

@@ -1,0 +1,56 @@
+"""`qins demo`: compress the embedded model, measure it against the float model, write a report."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..config import WeightConfig
+from .compare import run_compare
+from .harness import Harness, Protocol
+from .report import plot_frontier, print_table, write_json, write_markdown
+
+DEMO_CONFIGS = (
+    WeightConfig("qins", 8, 128),
+    WeightConfig("int-asym", 8, 128),
+    WeightConfig("qins-seed", 8, None),
+    WeightConfig("qins", 4, 64),
+    WeightConfig("nf4", 4, 64),
+    WeightConfig("int-asym", 4, 128),
+)
+
+
+def run_demo(out_dir: str | Path = "runs/demo", protocol: Protocol | None = None, progress: bool = True,
+             command: str = "qins demo") -> dict:
+    """Measure DEMO_CONFIGS on the default model, check a save/load round trip, write a report."""
+    from .. import load_default_model, quantize, save, load
+    from ..models import DEFAULT_MODEL_NAME
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    protocol = protocol or Protocol(windows=8, prompts=32, new_tokens=64, calibration_windows=0)
+    tok, model = load_default_model()
+    h = Harness(tok, model, protocol, progress=progress)
+    rows = run_compare(h, list(DEMO_CONFIGS), match_bits=(8, 4), with_peers=False, progress=progress)
+
+    # round trip: the saved 4-bit model gives bit-identical logits to the in-memory one
+    variant = quantize(__import__("copy").deepcopy(model), WeightConfig("qins", 4, 64), progress=progress)
+    saved = save(variant, out_dir / "qins-4b-g64", tokenizer=tok)
+    reloaded = load(saved)
+    ids = h.eval_windows[:1]
+    with torch.inference_mode():
+        same = torch.equal(variant(ids).logits, reloaded(ids).logits)
+    disk = sum(f.stat().st_size for f in saved.iterdir() if f.is_file())
+
+    meta = h.describe()
+    meta["model"] = DEFAULT_MODEL_NAME
+    meta["roundtrip"] = {"path": str(saved), "bit_identical_logits": same, "disk_bytes": disk}
+    meta["seconds"] = time.perf_counter() - t0
+    write_json(out_dir / "results.json", {"meta": meta, "rows": rows})
+    write_markdown(out_dir / "report.md", "qins demo: compressed vs float SmolLM2-135M-Instruct", meta, rows, command)
+    plot_frontier(rows, out_dir)
+    print_table(rows, title=f"qins demo — {meta['eval_windows']}; float ppl {meta['ppl_ref']:.3f}")
+    print(f"save -> load of {saved}: bit-identical logits: {same}; {disk / 1e6:.1f} MB on disk")
+    print(f"report: {out_dir / 'report.md'}  ({meta['seconds']:.0f} s)")
+    return {"meta": meta, "rows": rows}

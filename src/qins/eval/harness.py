@@ -1,0 +1,144 @@
+"""One process, same data: the float reference and every variant measured side by side.
+
+    h = Harness(tok, float_model, Protocol(windows=16))
+    row = h.measure_config(WeightConfig("qins", 8, 128))     # quantizes a copy, measures it
+
+Evaluation windows are the LAST `windows` 512-token windows of the corpus; calibration text
+(when a variant asks for it) is the FIRST `calibration_windows` windows. The two never
+overlap; `Harness.describe()` says which token ranges each used.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from dataclasses import asdict, dataclass
+from datetime import date
+
+import torch
+from torch import nn
+
+from ..config import WeightConfig
+from .generation import greedy_generate, load_prompts, token_match
+from .memory import memory_report
+from .quality import Reference, evaluate, token_windows
+
+
+@dataclass(frozen=True)
+class Protocol:
+    windows: int = 16                 # evaluation windows of `window` tokens (from the end)
+    window: int = 512
+    prompts: int = 32                 # greedy token match: prompts x new_tokens
+    new_tokens: int = 64
+    batch_size: int = 4
+    gen_batch_size: int = 16
+    calibration_windows: int = 8      # from the start of the corpus, disjoint from evaluation
+
+
+class Harness:
+    """Holds the float model, its reference predictions and its greedy generations."""
+
+    def __init__(self, tok, model: nn.Module, protocol: Protocol = Protocol(), text: str | None = None,
+                 progress: bool = True):
+        from ..models import default_corpus
+
+        self.tok, self.model, self.protocol, self.progress = tok, model, protocol, progress
+        all_windows = token_windows(tok, text if text is not None else default_corpus(), protocol.window)
+        n = all_windows.shape[0]
+        if protocol.windows + protocol.calibration_windows > n:
+            raise ValueError(
+                f"the corpus has {n} windows of {protocol.window} tokens: too few for "
+                f"{protocol.windows} evaluation + {protocol.calibration_windows} calibration windows")
+        self.n_corpus_windows = n
+        self.eval_windows = all_windows[n - protocol.windows:]
+        self.calibration_windows = all_windows[:protocol.calibration_windows]
+        t0 = time.perf_counter()
+        self.reference = Reference.build(model, self.eval_windows, protocol.batch_size, progress)
+        self.reference_seconds = time.perf_counter() - t0
+        self._prompts = load_prompts(protocol.prompts)
+        self._ref_gen: list[list[int]] | None = None
+        self._calibration_stats = None
+
+    # -- shared data ----------------------------------------------------------------------
+    def reference_generations(self) -> list[list[int]]:
+        if self._ref_gen is None:
+            self._ref_gen = self._generate(self.model)
+        return self._ref_gen
+
+    def _generate(self, model: nn.Module) -> list[list[int]]:
+        p = self.protocol
+        return greedy_generate(model, self.tok, self._prompts, p.new_tokens, p.gen_batch_size, self.progress)
+
+    def calibration_stats(self) -> dict[str, torch.Tensor]:
+        """Per-layer mean squared inputs of the float model on the calibration windows."""
+        if self._calibration_stats is None:
+            from ..weights.calibration import input_second_moments
+            self._calibration_stats = input_second_moments(self.model, self.calibration_windows,
+                                                           self.protocol.batch_size, self.progress)
+        return self._calibration_stats
+
+    def describe(self) -> dict:
+        p = self.protocol
+        n = self.n_corpus_windows
+        return {
+            "protocol": asdict(p),
+            "eval_windows": f"windows {n - p.windows}..{n - 1} of {n} (tokens {(n - p.windows) * p.window}.."
+                            f"{n * p.window - 1}), {self.reference.tokens} predicted tokens",
+            "calibration_windows": f"windows 0..{p.calibration_windows - 1} (tokens 0..{p.calibration_windows * p.window - 1})"
+                                   if p.calibration_windows else "none",
+            "ppl_ref": self.reference.ppl,
+            "machine": f"{platform.machine()} {platform.system()}, {torch.get_num_threads()} torch threads, "
+                       f"torch {torch.__version__}",
+            "date": date.today().isoformat(),
+        }
+
+    # -- measuring ------------------------------------------------------------------------
+    def measure(self, model: nn.Module, label: str, bpw: float | None = None, match: bool = True,
+                extra: dict | None = None) -> dict:
+        """Quality (+ greedy token match) and memory of `model` against the reference."""
+        from ..weights.quantize import decoded_weights
+
+        t0 = time.perf_counter()
+        with decoded_weights(model):
+            q = evaluate(model, self.reference, self.protocol.batch_size, self.progress)
+            tm = token_match(self.reference_generations(), self._generate(model)) if match else None
+        mem = memory_report(model)
+        row = {
+            "label": label,
+            "bpw": bpw if bpw is not None else mem["quantized_bpw"],
+            "bpw_all": mem["bpw_all"],
+            "total_bytes": mem["total_bytes"],
+            "ppl": q["ppl"],
+            "ppl_ref": q["ppl_ref"],
+            "ppl_increase_pct": 100.0 * (q["ppl"] / q["ppl_ref"] - 1.0),
+            "kl": q["kl"],
+            "top1": q["top1"],
+            "windows": q["windows"],
+            "tokens": q["tokens"],
+            "match": tm["match"] if tm else None,
+            "identical": tm["identical"] if tm else None,
+            "sequences": tm["sequences"] if tm else None,
+            "first_divergence": tm["first_divergence_mean"] if tm else None,
+            "seconds": time.perf_counter() - t0,
+        }
+        row.update(extra or {})
+        return row
+
+    def measure_config(self, config: WeightConfig, match: bool = True, calibrated: bool = False,
+                       include_embeddings: bool = False, skip=None) -> dict:
+        """Quantize a copy of the float model with `config` and measure it."""
+        from ..weights.quantize import quantize
+
+        variant = copy.deepcopy(self.model)
+        t0 = time.perf_counter()
+        stats = self.calibration_stats() if calibrated else None
+        quantize(variant, config, skip=skip, include_embeddings=include_embeddings, calibration=stats,
+                 progress=self.progress)
+        qt = time.perf_counter() - t0
+        label = config.label + ("+act" if calibrated else "")
+        row = self.measure(variant, label, match=match,
+                           extra={"format": config.format, "bits": config.bits,
+                                  "group_size": config.group_size, "quantize_seconds": qt,
+                                  "calibrated": calibrated})
+        del variant
+        return row

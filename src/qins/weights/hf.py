@@ -1,0 +1,189 @@
+"""transformers integration: `from_pretrained` and `save_pretrained` of qins checkpoints.
+
+A thin adapter over `qins.weights.serialization`, registered with transformers' own hooks
+(`register_quantization_config("qins")`, `register_quantizer("qins")`) when this module is
+imported. `import qins` imports it right after transformers' quantizer registry
+(`transformers.quantizers.auto`) is imported, so `AutoModelForCausalLM.from_pretrained(dir)`
+reads a directory written by `qins.save` or by `model.save_pretrained` once `qins` is imported.
+
+Supported transformers: >=5.0,<6 (the pin in pyproject.toml; written against 5.24, whose
+loader builds the model on the meta device, lets the quantizer swap modules, then loads every
+checkpoint tensor by name). Pre-quantized checkpoints only: nothing is quantized on the fly
+(`qins.quantize` does that), and the quantized modules are not trainable.
+
+Must not import `transformers.modeling_utils` at import time: this module is imported while
+modeling_utils itself is being imported (it imports the quantizer registry at its top).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..config import FORMAT_VERSION, WeightConfig
+from .quantize import PLAN_ATTR
+from .serialization import check_version, replace_modules
+
+QUANT_METHOD = "qins"
+_KINDS = ("linear", "embedding", "tied_linear")
+
+
+class QINSQuantizationConfig(QuantizationConfigMixin):
+    """The qins plan as transformers' `config.quantization_config`.
+
+    quant_method    "qins"
+    format_version  layout version of the saved tensors (newer than this qins reads: refused)
+    modules         {module name: {"kind": "linear" | "embedding" | "tied_linear",
+                                   "config": WeightConfig dict (not for tied_linear),
+                                   "tied_to": embedding module name (tied_linear only)}}
+
+    Its dict is exactly the "quantization_config" that `qins.save` writes into config.json.
+    """
+
+    def __init__(self, modules: dict | None = None, format_version: int = FORMAT_VERSION,
+                 quant_method: str = QUANT_METHOD, **unknown: Any):
+        where = "the qins quantization_config (config.json)"
+        check_version(format_version, where)
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"{where}: quant_method is {quant_method!r}, expected {QUANT_METHOD!r}")
+        if unknown:
+            raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.modules = copy.deepcopy(dict(modules or {}))
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every module entry now, so a bad plan fails before any model is built."""
+        for name, entry in self.modules.items():
+            kind = entry.get("kind") if isinstance(entry, dict) else None
+            if kind not in _KINDS:
+                raise ValueError(f"qins quantization_config: module {name!r} has kind {kind!r}, "
+                                 f"expected one of {_KINDS}")
+            if kind == "tied_linear":
+                tied_to = entry.get("tied_to")
+                if self.modules.get(tied_to, {}).get("kind") != "embedding":
+                    raise ValueError(f"qins quantization_config: {name!r} is tied to {tied_to!r}, "
+                                     f"which is not a quantized embedding of the plan")
+            else:
+                WeightConfig.from_dict(entry.get("config", {}))    # raises on a bad or newer config
+
+    @classmethod
+    def from_plan(cls, plan: dict) -> "QINSQuantizationConfig":
+        """From the {"quant_method", "format_version", "modules"} doc `qins.quantize` records."""
+        return cls(**plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": self.quant_method, "format_version": self.format_version,
+                "modules": copy.deepcopy(self.modules)}
+
+
+class QINSHfQuantizer(HfQuantizer):
+    """Loads qins checkpoints in `from_pretrained`: swaps in empty QINS modules, then
+    transformers' loader fills their buffers (qweight, scales, offsets, curvature) by name.
+
+    The buffers keep their stored dtypes (int32 codes, float16 scales, float32 curvature):
+    transformers casts a checkpoint tensor only to the dtype of the empty tensor it fills.
+    """
+
+    requires_calibration = True          # pre-quantized checkpoints only
+    quantization_config: QINSQuantizationConfig
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        modules = self.quantization_config.modules
+        replace_modules(model, modules)
+        drop_quantized_ties(model, modules)
+        _skip_init_of_parents(model, modules)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        setattr(model, PLAN_ATTR, self.quantization_config.to_dict())   # so qins.save works too
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        return None, {"qins_format_version": str(FORMAT_VERSION)}
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def drop_quantized_ties(model: nn.Module, modules: dict) -> None:
+    """Forget transformers' tied-weight entries that name a quantized module's float tensor.
+
+    A tied lm_head ("tied_linear") reads its embedding's codes and has no `weight`; a plain
+    QINS module has no `weight` either. Left in place, `tie_weights` and from_pretrained's
+    bookkeeping would look up `lm_head.weight` / `model.embed_tokens.weight` and fail.
+    Ties between float tensors (an unquantized embedding and lm_head) are kept.
+    """
+    from transformers import PreTrainedModel     # called after transformers is fully imported
+
+    def quantized(key: str) -> bool:
+        return any(key == n or key.startswith(n + ".") for n in modules)
+
+    for prefix, sub in model.named_modules():
+        if not isinstance(sub, PreTrainedModel):
+            continue
+        p = f"{prefix}." if prefix else ""
+        keep = lambda ties: {t: s for t, s in ties.items() if not (quantized(p + t) or quantized(p + s))}  # noqa: E731
+        try:
+            own = sub.get_expanded_tied_weights_keys(all_submodels=False)
+        except ValueError:        # a pattern that matches nothing once the modules are replaced
+            own = None
+        if own is not None and keep(own) != own:
+            sub._tied_weights_keys = keep(own)   # read again by tie_weights(recompute_mapping=True)
+        sub.all_tied_weights_keys = keep(getattr(sub, "all_tied_weights_keys", None) or {})
+
+
+def _skip_init_of_parents(model: nn.Module, modules: dict) -> None:
+    """Keep transformers' weight init away from the float weights a quantized module lacks.
+
+    After loading, transformers runs `_init_weights` on every module not yet marked
+    initialized; some models' init of a parent reaches into a child's weight (GPT-2 does
+    `init.normal_(module.c_proj.weight)` for each attention and MLP block), which a QINS
+    module does not have. A parent holding no tensors of its own has nothing of its own to
+    initialize, so it is marked initialized; its children are still visited one by one.
+    """
+    for name in modules:
+        parent_name = name.rpartition(".")[0]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        own = list(parent.parameters(recurse=False)) + [b for b in parent.buffers(recurse=False) if b is not None]
+        if not own:
+            parent._is_hf_initialized = True
+
+
+def attach(model: nn.Module, plan: dict) -> None:
+    """Mark a model quantized in memory by `qins.quantize` as transformers would after loading
+    it, so `model.save_pretrained(dir)` writes a qins checkpoint (config.json's
+    quantization_config + the buffers) that `from_pretrained` and `qins.load` read back."""
+    qc = QINSQuantizationConfig.from_plan(plan)
+    drop_quantized_ties(model, qc.modules)
+    model.config.quantization_config = qc
+    model.hf_quantizer = QINSHfQuantizer(qc, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def register() -> None:
+    """Register the config and the quantizer with transformers (idempotent)."""
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not QINSQuantizationConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)    # a reloaded qins replaces its classes
+        register_quantization_config(QUANT_METHOD)(QINSQuantizationConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not QINSHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(QINSHfQuantizer)
+
+
+register()
