@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.qins-installed
 
-.PHONY: demo test test-fast compare clean-venv
+.PHONY: demo test test-fast peers compare clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -q -m "not slow"
 
-compare: $(STAMP)
-	$(VENV)/bin/qins compare
+# optional peers for `qins compare` (HQQ, bitsandbytes NF4); --no-deps keeps the installed torch
+peers: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps "hqq==0.2.8.post1" "einops==0.8.2" "termcolor==3.3.0" "bitsandbytes==0.50.2"
+
+compare: peers
+	$(VENV)/bin/qins compare --out benchmarks/results/compare
 
 clean-venv:
 	rm -rf $(VENV)

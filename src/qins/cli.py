@@ -50,16 +50,18 @@ def cmd_compress(a):
     from .eval.quality import token_windows
     from .weights.calibration import input_second_moments
 
+    config = _weight_config(a)                 # bad options fail before the model loads
+    calibrate = a.calibration_text is not None or a.calibration_windows
+    text = read_corpus(a.calibration_text or None) if calibrate else None
     tok, model = load_model(a.model)
     stats = None
-    if a.calibration_text is not None or a.calibration_windows:
-        text = read_corpus(a.calibration_text or None)
+    if calibrate:
         wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or 8)
         print(f"calibration: first {wins.shape[0]} windows x 512 tokens of "
               f"{'the default corpus' if not a.calibration_text else a.calibration_text}; "
               f"evaluation uses the last windows (disjoint)")
         stats = input_second_moments(model, wins)
-    quantize(model, _weight_config(a), skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
+    quantize(model, config, skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
     path = save(model, a.output, tokenizer=tok)
     from .eval.memory import memory_report, format_bytes
     mem = memory_report(model)
@@ -87,9 +89,9 @@ def cmd_eval(a):
     from .eval.report import print_table, write_markdown
     from .models import load_model, read_corpus
 
+    text = read_corpus(a.text) if a.text else None      # a missing file fails before the models load
     tok, model = _load_any(a.model)
     _, ref_model = load_model(a.reference)
-    text = read_corpus(a.text) if a.text else None
     h = Harness(tok, ref_model, _protocol(a), text=text)
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
     print_table(rows, title=f"{a.model} vs float {a.reference or 'default model'} — {h.describe()['eval_windows']}")
@@ -113,7 +115,9 @@ def cmd_compare(a):
         write_json(f"{a.out}/results.json", {"meta": meta, "rows": rows})
         write_markdown(f"{a.out}/report.md", "qins compare: QINS vs INT / NF4 / FP8", meta, rows, a.command)
 
-    rows = run_compare(h, configs, match_bits=tuple(a.match_bits), with_peers=not a.no_peers, on_row=flush)
+    calibrated = [c for c in configs if c.bits in a.calibrated_bits and c.format in a.calibrated_formats]
+    rows = run_compare(h, configs, match_bits=tuple(a.match_bits), with_peers=not a.no_peers, on_row=flush,
+                       calibrated=calibrated)
     flush(rows)
     plot_frontier(rows, a.out)
     print_table(rows, title=f"qins compare — {meta['eval_windows']}; float ppl {meta['ppl_ref']:.3f}")
@@ -139,6 +143,25 @@ def cmd_generate(a):
     answer = tok.decode(new, skip_special_tokens=True)
     print(answer)
     _maybe_json(a, {"prompt": a.prompt, "output": answer, "tokens": new.tolist()})
+
+
+def cmd_transport(a):
+    from .eval.harness import Protocol
+    from .eval.report import write_json
+    from .models import load_model, read_corpus
+    from .transport import print_gate_table, run_gates
+
+    text = read_corpus(a.text) if a.text else None
+    tok, model = load_model(a.model)
+    protocol = Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens,
+                        calibration_windows=a.calibration_windows)
+    flush = (lambda rows: write_json(a.json, {"meta": {"command": a.command}, "rows": rows})) if a.json else None
+    doc = run_gates(tok, model, protocol, stages=a.stage, variants=a.variant, alphas=a.alpha, signs=a.signs,
+                    layer=a.layer, text=text, error_only=a.error_only, on_row=flush)
+    doc["meta"].update(command=a.command, model=a.model or "SmolLM2-135M-Instruct (embedded)")
+    print_gate_table(doc["rows"], title=f"qins transport (Pattern B, experimental) — alpha {a.alpha}, "
+                                        f"Pattern A decode ops {doc['meta']['pattern_a']['decode_ops']}")
+    _maybe_json(a, doc)
 
 
 def _maybe_json(a, doc):
@@ -182,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--groups", nargs="+", default=["64", "128", "none"])
     p.add_argument("--match-bits", nargs="*", type=int, default=[8], help="bit widths that also get greedy token match")
     p.add_argument("--no-peers", action="store_true", help="skip HQQ / bitsandbytes even if installed")
+    p.add_argument("--calibrated-bits", nargs="*", type=int, default=[8, 4],
+                   help="bit widths also measured with activation-weighted calibration")
+    p.add_argument("--calibrated-formats", nargs="*", default=["qins", "int-asym"])
+    p.add_argument("--calibration-windows", type=int, default=8,
+                   help="calibration windows from the start of the corpus (disjoint from evaluation)")
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(fn=cmd_compare)
 
@@ -194,6 +222,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("transport", help="Pattern B (Jacobian transport) experiments and their gate verdicts")
+    p.add_argument("model", nargs="?", default=None, help="local HF dir or .gguf (default: embedded model)")
+    p.add_argument("--stage", nargs="+", default=["v-one", "v-all", "down", "gate-up", "mlp", "all"],
+                   choices=["v-one", "v-all", "down", "gate-up", "mlp", "all"])
+    p.add_argument("--variant", nargs="+", default=["seed", "first-order"], choices=["seed", "first-order"])
+    p.add_argument("--signs", default="carry", choices=["carry", "ignore"], help="first-order: sign handling")
+    p.add_argument("--alpha", nargs="+", type=float, default=[1.0], help="QINS alpha (the seed's: 1)")
+    p.add_argument("--layer", type=int, default=None, help="v-one's layer (default: the middle one)")
+    p.add_argument("--calibration-windows", type=int, default=3,
+                   help="first windows: all but the last set operating points, the last is held out")
+    p.add_argument("--error-only", action="store_true", help="layer errors and decode ops only (fast)")
+    _add_protocol(p, windows=4)
+    p.set_defaults(fn=cmd_transport)
 
     for sp in sub.choices.values():
         sp.add_argument("--json", default=None, help="also write the numbers to this JSON file")

@@ -419,10 +419,11 @@ def test_default_table_beats_symmetric(bits, min_gain_db):
     sym_fmt = Format("qins-symmetric", (bits,), curved=True)         # unsigned scale = max |x|
     sym = _search_sqnr(x, sym_fmt, lambda a: qins_table(bits, a, symmetric=True)[: n - 1], bits, 128)
     assert default - sym >= min_gain_db, (default, sym)
-    # and the library's own calibration (grid + refinement) reaches at least the grid's best
-    # (measured 14.81 / 20.96 dB: the refinement adds 0.01..0.02 dB)
+    # and the library's own calibration (a searched without clipping, then the clip) stays
+    # within 0.1 dB of this joint search: the sequential search measured 0.00 dB lower at 8
+    # bits and 0.02 dB lower at 4 bits on the default model's layers, at half the time
     qw = QuantizedWeight.from_float(x, WeightConfig(format="qins", bits=bits, group_size=128))
-    assert _sqnr_db(x, qw.dequantize()) >= default - 1e-6
+    assert _sqnr_db(x, qw.dequantize()) >= default - 0.1
 
 
 def test_calibrated_curvature_beats_int_at_4_bits():

@@ -34,19 +34,27 @@ def grid(formats=DEFAULT_FORMATS, bits=DEFAULT_BITS, groups=DEFAULT_GROUPS) -> l
 
 
 def run_compare(h: Harness, configs: list[WeightConfig], match_bits=(8,), with_peers: bool = True,
-                peer_settings=((4, 64), (8, 128), (3, 64)), progress: bool = True, on_row=None) -> list[dict]:
-    """Measure every config (and the installed peers) against the same reference."""
+                peer_settings=((4, 64), (8, 128), (3, 64)), progress: bool = True, on_row=None,
+                calibrated: list[WeightConfig] = ()) -> list[dict]:
+    """Measure every config (and the installed peers) against the same reference.
+
+    `calibrated` configs are measured again with activation-weighted calibration on the
+    harness's calibration windows (disjoint from the evaluation windows).
+    """
     rows = []
-    jobs: list = [("qins", c) for c in configs]
+    jobs: list = [("qins", c) for c in configs] + [("qins+act", c) for c in calibrated]
     if with_peers:
         avail = peers.available()
         if avail.get("hqq"):
             jobs += [("hqq", s) for s in peer_settings]
         if avail.get("bnb-nf4"):
             jobs += [("bnb-nf4", (4, 64))]
+    # 8 and 4 bits first: a long run that is stopped early has the headline rows
+    order = {8: 0, 4: 1, 3: 2, 6: 3, 5: 4}
+    jobs.sort(key=lambda j: order.get(j[1].bits if isinstance(j[1], WeightConfig) else j[1][0], 9))
     for kind, job in tqdm(jobs, desc="compare", disable=not progress):
-        if kind == "qins":
-            row = h.measure_config(job, match=job.bits in match_bits)
+        if kind in ("qins", "qins+act"):
+            row = h.measure_config(job, match=job.bits in match_bits, calibrated=kind == "qins+act")
         else:
             bits, g = job
             variant = copy.deepcopy(h.model)

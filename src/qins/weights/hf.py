@@ -34,7 +34,17 @@ from .quantize import PLAN_ATTR
 from .serialization import check_version, replace_modules
 
 QUANT_METHOD = "qins"
+SUPPORTED_TRANSFORMERS = (5, 6)       # major versions [5, 6): keep in step with pyproject.toml
 _KINDS = ("linear", "embedding", "tied_linear")
+
+
+def _check_transformers_version() -> None:
+    import transformers                 # already imported: this module is imported from within it
+
+    major = int(transformers.__version__.split(".")[0])
+    if not SUPPORTED_TRANSFORMERS[0] <= major < SUPPORTED_TRANSFORMERS[1]:
+        raise ImportError(f"qins supports transformers >={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}, "
+                          f"found {transformers.__version__}")
 
 
 class QINSQuantizationConfig(QuantizationConfigMixin):
@@ -98,14 +108,16 @@ class QINSHfQuantizer(HfQuantizer):
     requires_calibration = True          # pre-quantized checkpoints only
     quantization_config: QINSQuantizationConfig
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         modules = self.quantization_config.modules
         replace_modules(model, modules)
         drop_quantized_ties(model, modules)
         _skip_init_of_parents(model, modules)
+        _check_checkpoint(checkpoint_files)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        _check_all_loaded(model, self.quantization_config.modules)
         setattr(model, PLAN_ATTR, self.quantization_config.to_dict())   # so qins.save works too
         return model
 
@@ -164,6 +176,36 @@ def _skip_init_of_parents(model: nn.Module, modules: dict) -> None:
             parent._is_hf_initialized = True
 
 
+def _check_checkpoint(files: list[str] | None) -> None:
+    """Read the safetensors headers first, so a corrupt or truncated file names itself."""
+    from safetensors import safe_open
+
+    for f in files or ():
+        if not str(f).endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                fh.keys()
+        except Exception as e:                         # safetensors raises its own error types
+            raise ValueError(f"{f}: cannot read the tensors ({e}); the file is corrupt or truncated") from e
+
+
+def _check_all_loaded(model: nn.Module, modules: dict) -> None:
+    """Every code/scale buffer must have come from the checkpoint.
+
+    transformers reports a tensor absent from the checkpoint as a "missing key" warning and
+    leaves it uninitialized (`torch.empty`); for codes and scales that is never usable. The
+    loader marks each tensor it loads with `_is_hf_initialized`; a missing one lacks it.
+    """
+    missing = [f"{name}.{b}" for name in modules
+               for b, t in model.get_submodule(name).named_buffers(recurse=False)
+               if not getattr(t, "_is_hf_initialized", False)]
+    if missing:
+        raise ValueError(
+            f"the qins checkpoint lacks {len(missing)} quantized tensor(s) that its config.json "
+            f"plans, e.g. {missing[:3]}; the save is incomplete or does not belong to this config")
+
+
 def attach(model: nn.Module, plan: dict) -> None:
     """Mark a model quantized in memory by `qins.quantize` as transformers would after loading
     it, so `model.save_pretrained(dir)` writes a qins checkpoint (config.json's
@@ -178,6 +220,7 @@ def attach(model: nn.Module, plan: dict) -> None:
 
 def register() -> None:
     """Register the config and the quantizer with transformers (idempotent)."""
+    _check_transformers_version()
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not QINSQuantizationConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)    # a reloaded qins replaces its classes
         register_quantization_config(QUANT_METHOD)(QINSQuantizationConfig)

@@ -33,6 +33,18 @@ class _QuantizedWeightMixin:
         self.register_buffer("curvature", torch.zeros(A, dtype=torch.float32) if fmt.curved else None)
         self._decoded: torch.Tensor | None = None
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() / .float() convert every float buffer; the stored
+        # scales (float16) and curvature (float32) are part of the format (bf16 scales moved the
+        # decoded 8-bit weights by ~0.4 step), so they keep their dtype and only change device
+        stored = {id(b) for b in self._buffers.values() if b is not None}
+
+        def keep_dtype(t):
+            out = fn(t)
+            return t.to(out.device) if id(t) in stored and out.dtype != t.dtype else out
+
+        return super()._apply(keep_dtype, recurse)
+
     def _set_quantized(self, qw: QuantizedWeight) -> None:
         for k, v in qw.tensors().items():
             getattr(self, k).copy_(v)
@@ -107,16 +119,17 @@ class QINSEmbedding(_QuantizedWeightMixin, nn.Module):
     """An embedding table (num_embeddings, embedding_dim) stored as codes; rows decode on lookup."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, config: WeightConfig,
-                 padding_idx: int | None = None):
+                 padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
         self._init_buffers(num_embeddings, embedding_dim, config)
         self.scale_output: float | None = None                 # e.g. Gemma's sqrt(d) embedding scale
+        self.output_dtype = dtype                              # the float embedding's dtype
 
     @classmethod
     def from_float(cls, emb: nn.Embedding, config: WeightConfig, name: str = "embedding") -> "QINSEmbedding":
         w = emb.weight.detach()
-        mod = cls(w.shape[0], w.shape[1], config, padding_idx=emb.padding_idx)
+        mod = cls(w.shape[0], w.shape[1], config, padding_idx=emb.padding_idx, dtype=w.dtype)
         mod._set_quantized(QuantizedWeight.from_float(w, config, name=name))
         embed_scale = getattr(emb, "embed_scale", None)        # scaled embedding subclasses
         if embed_scale is not None:
@@ -130,7 +143,16 @@ class QINSEmbedding(_QuantizedWeightMixin, nn.Module):
         else:
             rows = kernels.dequantize(self.quantized, torch.float32, rows=flat)
         out = rows.view(*ids.shape, self.embedding_dim)
-        return out * self.scale_output if self.scale_output is not None else out
+        if self.scale_output is not None:
+            out = out * self.scale_output
+        return out.to(self.output_dtype)
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() move the output dtype with the model; codes keep their dtypes
+        probe = fn(torch.zeros((), dtype=self.output_dtype))
+        if probe.is_floating_point():
+            self.output_dtype = probe.dtype
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.config.label}"

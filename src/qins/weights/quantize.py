@@ -72,9 +72,13 @@ def quantize(
     config = config or WeightConfig()
     skip = list(skip or [])
     for pattern in overrides or {}:
-        for name, mod in model.named_modules():
-            if _matches(name, pattern) and not (is_linear_like(mod) or isinstance(mod, (nn.Embedding, QINSLinear, QINSEmbedding))) \
-                    and not any(True for _ in mod.children()):
+        # a pattern that reaches quantizable layers may also cover other leaves ("mlp.*" covers
+        # act_fn); one that names only unsupported leaves is a mistake worth an error
+        matched = [(n, m) for n, m in model.named_modules() if _matches(n, pattern)]
+        if not any(_quantizable(m) for _, m in matched):
+            bad = [(n, m) for n, m in matched if not any(True for _ in m.children())]
+            if bad:
+                name, mod = bad[0]
                 raise TypeError(f"override {pattern!r} matches {name} of type {type(mod).__name__}, "
                                 f"which qins cannot quantize (nn.Linear, Conv1D, nn.Embedding)")
     plan: dict = dict(getattr(model, PLAN_ATTR, {}).get("modules", {}))
@@ -92,8 +96,18 @@ def quantize(
     # the input embedding goes first so a tied lm_head can point at it
     targets.sort(key=lambda t: t[0] != in_name)
 
+    # bad input must lose nothing: check every target before the (slow) fits, and swap the
+    # new modules in only once all of them are built, so an error leaves the model as it was
+    for name, mod in targets:
+        w = mod.weight
+        if not torch.isfinite(w).all():
+            bad = int((~torch.isfinite(w)).sum())
+            raise ValueError(f"{name}: {bad} NaN/Inf values in the weight; refusing to quantize "
+                             f"(the model is left unchanged)")
+
     tied = _tied_output(model, in_name, out_name)
     new_embedding: QINSEmbedding | None = None
+    replacements: list[tuple[str, nn.Module]] = []
     for name, mod in tqdm(targets, desc=f"quantize {config.label}", disable=not progress, leave=False):
         cfg = _resolve(name, config, overrides)
         if isinstance(mod, nn.Embedding):
@@ -111,9 +125,15 @@ def quantize(
             imp = None if calibration is None else calibration.get(name)
             new = QINSLinear.from_float(mod, cfg, importance=imp, name=name)
             plan[name] = {"kind": "linear", "config": cfg.to_dict()}
+        replacements.append((name, new))
+    for name, new in replacements:
         _set_module(model, name, new)
     record_plan(model, plan)
     return model
+
+
+def _quantizable(mod: nn.Module) -> bool:
+    return is_linear_like(mod) or isinstance(mod, (nn.Embedding, QINSLinear, QINSEmbedding))
 
 
 def _tied_output(model: nn.Module, in_name: str | None, out_name: str | None) -> bool:

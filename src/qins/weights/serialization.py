@@ -94,7 +94,12 @@ def _replace_dir(new: Path, dest: Path) -> None:
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.replace(dest, old)
-    os.replace(new, dest)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)                      # put the previous save back
+        raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -152,7 +157,7 @@ def replace_modules(model: nn.Module, modules: dict) -> None:
         kind = entry["kind"]
         if kind == "embedding":
             new = QINSEmbedding(mod.num_embeddings, mod.embedding_dim, WeightConfig.from_dict(entry["config"]),
-                                padding_idx=getattr(mod, "padding_idx", None))
+                                padding_idx=getattr(mod, "padding_idx", None), dtype=mod.weight.dtype)
             # scalar_embed_scale: Gemma's python float; embed_scale may be a buffer on the meta
             # device while from_pretrained builds the model
             embed_scale = getattr(mod, "scalar_embed_scale", getattr(mod, "embed_scale", None))

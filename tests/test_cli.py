@@ -1,0 +1,228 @@
+"""`qins ...` through `qins.cli.main(argv)` on a tiny float model directory.
+
+The directory is what a user would point the CLI at: a random Llama saved with
+save_pretrained plus a word-level tokenizer (built in memory with `tokenizers`, with a chat
+template), so compress / eval / generate / compare run end to end in seconds. The text file
+holds 5,200 words of that vocabulary = 10 windows of 512 tokens: the harness evaluates on
+the LAST windows and calibrates on the FIRST (`compare` takes 8 calibration windows by
+default), and the two must not overlap.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import string
+
+import pytest
+import torch
+
+import qins
+from qins.cli import main
+
+SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+
+
+def word_vocab(size: int) -> dict[str, int]:
+    words = ["user", "assistant", ".", ","] + list(string.ascii_lowercase)
+    words += ["".join(p) for p in itertools.product("etaoinshrd", repeat=2)]
+    return {w: i for i, w in enumerate((SPECIALS + words)[:size])}
+
+
+def tiny_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tk = Tokenizer(models.WordLevel(word_vocab(vocab_size), unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def float_dir(workdir, make_model):
+    """A tiny float HF model directory: config, safetensors, tokenizer with a chat template."""
+    model = make_model("llama", tie=True)
+    vocab = model.config.vocab_size
+    tok = tiny_tokenizer(vocab)
+    assert len(tok) == vocab
+    model.config.update(dict(bos_token_id=2, eos_token_id=3, pad_token_id=1))
+    model.generation_config.update(bos_token_id=2, eos_token_id=3, pad_token_id=1)
+    path = workdir / "float"
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def text_file(workdir):
+    words = [w for w in word_vocab(128) if w not in SPECIALS]
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(words), (5200,), generator=g).tolist()          # one token per word
+    f = workdir / "text.txt"
+    f.write_text(" ".join(words[i] for i in picks))
+    return f
+
+
+@pytest.fixture(scope="module")
+def compressed(workdir, float_dir):
+    """(dir, --json doc) of `qins compress` at qins 4-bit g32."""
+    out, js = workdir / "q4", workdir / "compress.json"
+    rc = main(["compress", str(float_dir), "-o", str(out), "--format", "qins", "--bits", "4",
+               "--group-size", "32", "--json", str(js)])
+    assert rc == 0
+    return out, json.loads(js.read_text())
+
+
+def test_compress_writes_a_loadable_model(compressed, float_dir, capsys, token_ids):
+    out, doc = compressed
+    files = set(os.listdir(out))
+    assert {"qins.json", "model.safetensors", "config.json", "tokenizer.json"} <= files
+    assert doc["path"] == str(out)
+    mem = doc["memory"]
+    # 4-bit codes + a float16 scale per 32 weights = 4.5 bpw, plus row padding and a
+    # float32 curvature per tensor
+    assert 4.5 <= mem["quantized_bpw"] < 5.0
+    assert mem["total_bytes"] > 0 and mem["bpw_all"] > mem["quantized_bpw"]   # norms, embedding in float
+    plan = json.loads((out / "qins.json").read_text())["modules"]
+    assert len(plan) == 14 and all(e["config"]["format"] == "qins" and e["config"]["bits"] == 4
+                                   for e in plan.values())
+    model = qins.load(out)
+    assert torch.isfinite(model(token_ids).logits).all()
+
+
+def test_compress_with_calibration_and_options(workdir, float_dir, text_file, capsys):
+    out = workdir / "q-calib"
+    rc = main(["compress", str(float_dir), "-o", str(out), "--format", "int-asym", "--bits", "3",
+               "--group-size", "none", "--skip", "down_proj", "--include-embeddings",
+               "--calibration-text", str(text_file), "--calibration-windows", "1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "calibration: first 1 windows x 512 tokens" in printed
+    plan = json.loads((out / "qins.json").read_text())["modules"]
+    assert "model.layers.0.mlp.down_proj" not in plan
+    assert plan["model.embed_tokens"]["kind"] == "embedding"
+    assert plan["lm_head"] == {"kind": "tied_linear", "tied_to": "model.embed_tokens"}
+    assert plan["model.layers.0.mlp.up_proj"]["config"]["group_size"] is None
+
+
+def test_eval_measures_against_the_float_model(workdir, compressed, float_dir, text_file, capsys):
+    js = workdir / "eval.json"
+    rc = main(["eval", str(compressed[0]), "--reference", str(float_dir), "--text", str(text_file),
+               "--windows", "1", "--prompts", "2", "--new-tokens", "4", "--label", "q4", "--json", str(js)])
+    assert rc == 0
+    doc = json.loads(js.read_text())
+    assert doc["meta"]["eval_windows"].startswith("windows 9..9 of 10")      # the last window
+    assert doc["meta"]["protocol"]["windows"] == 1
+    (row,) = doc["rows"]
+    assert row["label"] == "q4" and row["windows"] == 1 and row["tokens"] == 511
+    assert row["sequences"] == 2 and 0.0 <= row["match"] <= 1.0
+    # 4-bit weights of a random model (initializer_range 0.2, many near-ties): measured KL
+    # 0.24 nats and top-1 0.48 on this window; bounds only say "measured, not exact, sane"
+    assert 0.0 < row["kl"] < 1.0 and 0.2 < row["top1"] < 1.0
+    assert "q4" in capsys.readouterr().out
+
+
+def test_eval_of_the_float_model_itself_is_exact(workdir, float_dir, text_file):
+    js = workdir / "eval-float.json"
+    rc = main(["eval", str(float_dir), "--reference", str(float_dir), "--text", str(text_file),
+               "--windows", "1", "--prompts", "2", "--new-tokens", "4", "--json", str(js)])
+    assert rc == 0
+    (row,) = json.loads(js.read_text())["rows"]
+    assert row["kl"] == pytest.approx(0.0, abs=1e-6) and row["top1"] == 1.0 and row["match"] == 1.0
+
+
+def test_generate_greedy_matches_the_library(workdir, compressed, capsys):
+    from transformers import AutoTokenizer
+    js = workdir / "gen.json"
+    rc = main(["generate", str(compressed[0]), "what is a hash table", "--max-new-tokens", "4",
+               "--json", str(js)])
+    assert rc == 0
+    doc = json.loads(js.read_text())
+    assert doc["prompt"] == "what is a hash table" and 1 <= len(doc["tokens"]) <= 4
+    assert doc["output"] in capsys.readouterr().out
+    # the same greedy tokens from the library: the CLI only parses and calls
+    tok = AutoTokenizer.from_pretrained(compressed[0])
+    model = qins.load(compressed[0])
+    text = tok.apply_chat_template([{"role": "user", "content": doc["prompt"]}], add_generation_prompt=True,
+                                   tokenize=False)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out[0, ids["input_ids"].shape[1]:].tolist() == doc["tokens"]
+
+
+def test_generate_sampling_is_seeded(workdir, compressed):
+    docs = []
+    for i in range(2):
+        js = workdir / f"sample{i}.json"
+        assert main(["generate", str(compressed[0]), "a b c", "--max-new-tokens", "4", "--sample",
+                     "--seed", "7", "--json", str(js)]) == 0
+        docs.append(json.loads(js.read_text()))
+    assert docs[0]["tokens"] == docs[1]["tokens"]
+
+
+def test_compare_writes_report_json_and_plots(workdir, float_dir, text_file, capsys):
+    out = workdir / "compare"
+    rc = main(["compare", str(float_dir), "--text", str(text_file), "--formats", "qins", "int-asym",
+               "--bits", "8", "4", "--groups", "32", "--no-peers", "--windows", "1", "--prompts", "2",
+               "--new-tokens", "4", "--out", str(out)])
+    assert rc == 0
+    assert {"report.md", "results.json", "kl_vs_bpw.png", "ppl_vs_bpw.png"} <= set(os.listdir(out))
+    for png in ("kl_vs_bpw.png", "ppl_vs_bpw.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    doc = json.loads((out / "results.json").read_text())
+    labels = [r["label"] for r in doc["rows"]]
+    assert {"qins-8b-g32", "qins-4b-g32", "int-asym-8b-g32", "int-asym-4b-g32"} <= set(labels)
+    by = {r["label"]: r for r in doc["rows"]}
+    assert by["qins-8b-g32"]["kl"] < by["qins-4b-g32"]["kl"]
+    assert by["qins-8b-g32"]["match"] is not None and by["qins-4b-g32"]["match"] is None   # --match-bits 8
+    assert doc["meta"]["model"] == str(float_dir)
+    report = (out / "report.md").read_text()
+    assert "qins-4b-g32" in report and "int-asym-8b-g32" in report
+    assert "report:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compress", "{float}", "-o", "{tmp}/x", "--format", "qins5"], "unknown format|qins5"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--bits", "7"], "bits"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--format", "nf4", "--bits", "8"], "bits"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--group-size", "48"], "group_size"),
+    (["compress", "{tmp}/no-such-model", "-o", "{tmp}/x"], "model not found"),
+    (["eval", "{tmp}/no-such-model", "--reference", "{float}"], "model not found"),
+    (["generate", "{tmp}/no-such-model", "hi"], "model not found"),
+    (["eval", "{float}", "--reference", "{float}", "--text", "{tmp}/no-such.txt"], "corpus file not found"),
+])
+def test_bad_input_is_exit_code_2_with_one_line(tmp_path, float_dir, capsys, argv, message):
+    argv = [a.format(float=float_dir, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    # one line, and the only one: no traceback (a progress bar of model loading may precede it)
+    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"qins {argv[0]}: error: "), err
+    assert re.search(message, lines[0]), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_too_short_text_is_a_clear_error(tmp_path, float_dir, capsys):
+    (tmp_path / "short.txt").write_text("a b c")
+    rc = main(["eval", str(float_dir), "--reference", str(float_dir), "--text", str(tmp_path / "short.txt"),
+               "--windows", "1", "--prompts", "0"])
+    assert rc == 2
+    assert "fewer than one window of 512" in capsys.readouterr().err
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "-o", "x", "--bits", "four"])
+    assert e.value.code == 2
+    assert "invalid int value" in capsys.readouterr().err
