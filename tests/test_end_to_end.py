@@ -5,9 +5,9 @@ the default corpus (1,022 predicted tokens) and its greedy answers to 4 prompts 
 Floors were set from measured values (1 torch thread, CPU, transformers 5.24, torch 2.13):
 
     variant           KL (nats)   top-1    on the 2 windows of this test
-    qins-8b-g128      0.00083     0.980    token match 1.00 (64/64 tokens)
+    qins-8b-g128      0.00084     0.979    token match 1.00 (64/64 tokens)
     qins-4b-g64       0.2580      0.756
-    nf4-4b-g64        0.2628      0.759
+    nf4-4b-g64        0.2628      0.759    (top-1 slightly above qins-4b here)
     qins-seed-8b      0.0081      0.955
 
 qins-4b vs nf4 is the thin one: 1.8% lower KL on these two windows (0.0048 nats). Over the
@@ -70,10 +70,12 @@ def test_protocol_is_what_the_floors_were_measured_on(harness):
 
 def test_qins_8bit_is_close_to_float(rows):
     r = rows[Q8.label]
-    assert r["kl"] < 0.0015                               # measured 0.00083
-    assert r["top1"] > 0.965                              # measured 0.980
+    assert r["kl"] < 0.0015                               # measured 0.00084
+    assert r["top1"] > 0.965                              # measured 0.979
     assert r["match"] >= 0.9                              # measured 1.00: 4 prompts x 16 tokens
-    assert 8.0 < r["bpw"] < 8.2                           # 8 + 16/128 scale bits, minus nothing
+    # 8-bit codes + a float16 scale per group: measured 8.1146 (< 8.125: the last group of a
+    # 576-wide row takes 192 columns)
+    assert 8.1 < r["bpw"] < 8.13
 
 
 def test_qins_4bit_beats_nf4_at_the_same_size(rows):
@@ -87,7 +89,7 @@ def test_qins_4bit_beats_nf4_at_the_same_size(rows):
 
 def test_seed_codec_is_not_lossless(rows):
     # the seed's Pattern A (global alpha = 1, no scale) against calibrated qins at 8 bits:
-    # measured KL 0.0081 against 0.00083, about 10x
+    # measured KL 0.0081 against 0.00084, about 10x
     s, q = rows[SEED.label], rows[Q8.label]
     assert s["kl"] > 4 * q["kl"]
     assert s["kl"] > 0.004 and s["top1"] < 0.975          # measured 0.0081, 0.955
@@ -99,6 +101,7 @@ def test_save_load_is_bit_identical(harness, q4_model, tmp_path):
     ids = harness.eval_windows[:1, :256]                  # (1, 256): half a window is enough
     with torch.inference_mode():
         assert torch.equal(loaded(ids).logits, q4_model(ids).logits)
-    # on disk: 4.25 bpw of the 30 x 7 linears + the float embedding (the tied head is not stored twice)
+    # on disk: 106.2M linear weights at 4.25 bpw (56.4 MB, + row padding) and the float32
+    # embedding (49152 x 576, 113.2 MB); the tied float head stored again would add 113 MB
     size = (path / "model.safetensors").stat().st_size
-    assert 120e6 < size < 200e6
+    assert 165e6 < size < 175e6

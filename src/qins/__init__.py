@@ -24,6 +24,7 @@ _LAZY = {
     "load_model": ("qins.models", "load_model"),
     "default_corpus": ("qins.models", "default_corpus"),
     "eval": ("qins.eval", None),
+    "QINSCache": ("qins.kv.cache", "QINSCache"),
 }
 
 __all__ = ["WeightConfig", "FORMAT_VERSION", "__version__", *_LAZY]

@@ -37,6 +37,17 @@ def _add_weight(p):
     p.add_argument("--no-clip-search", action="store_true")
 
 
+def _add_kv(p):
+    p.add_argument("--kv-bits", default=None, help="QINSCache bits, K or K,V (2,3,4,5,6,8); default: no KV compression")
+    p.add_argument("--kv-residual", type=int, default=None, help="most recent tokens kept full precision (default 128)")
+    p.add_argument("--kv-page-kb", type=int, default=None, help="KV page size in KiB, 16..64 (default 32)")
+
+
+def _kv_config(a):
+    from .kv.config import from_flags
+    return from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb)
+
+
 def cmd_demo(a):
     from .eval.demo import run_demo
     res = run_demo(a.out, _protocol(a), command=a.command)
@@ -90,10 +101,14 @@ def cmd_eval(a):
     from .models import load_model, read_corpus
 
     text = read_corpus(a.text) if a.text else None      # a missing file fails before the models load
+    kv = _kv_config(a)                                  # bad KV flags fail before the models load
     tok, model = _load_any(a.model)
     _, ref_model = load_model(a.reference)
     h = Harness(tok, ref_model, _protocol(a), text=text)
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
+    if kv is not None:
+        from .kv.evaluate import measure_dynamic, measure_kv
+        rows += [measure_dynamic(h, model), measure_kv(h, model, kv, match=a.prompts > 0)]
     print_table(rows, title=f"{a.model} vs float {a.reference or 'default model'} — {h.describe()['eval_windows']}")
     _maybe_json(a, {"meta": h.describe(), "rows": rows})
 
@@ -127,11 +142,18 @@ def cmd_compare(a):
 
 def cmd_generate(a):
     import torch
+    kv = _kv_config(a)                                  # bad KV flags fail before the model loads
     tok, model = _load_any(a.model)
     msgs = [{"role": "user", "content": a.prompt}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if tok.chat_template else a.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
     kw = dict(max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)
+    cache = None
+    if kv is not None:
+        from .kv import QINSCache
+        from .kv._compat import cache_kwarg
+        cache = QINSCache(model, config=kv)
+        kw[cache_kwarg(model)] = cache
     if a.sample:
         torch.manual_seed(a.seed)
         kw.update(do_sample=True, temperature=a.temperature, top_p=a.top_p)
@@ -142,7 +164,13 @@ def cmd_generate(a):
     new = out[0, ids["input_ids"].shape[1]:]
     answer = tok.decode(new, skip_special_tokens=True)
     print(answer)
-    _maybe_json(a, {"prompt": a.prompt, "output": answer, "tokens": new.tolist()})
+    doc = {"prompt": a.prompt, "output": answer, "tokens": new.tolist()}
+    if cache is not None:
+        doc["kv"] = {"config": kv.to_dict(), "nbytes": cache.nbytes(), "bits_per_element": cache.bits_per_element(),
+                     "tokens": cache.get_seq_length()}
+        print(f"KV cache ({kv.label}): {cache.nbytes()} bytes for {cache.get_seq_length()} tokens, "
+              f"{cache.bits_per_element():.3f} bits/element (all-in)", file=sys.stderr)
+    _maybe_json(a, doc)
 
 
 def cmd_transport(a):
@@ -176,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress + evaluate the default model, write a report")
     _add_protocol(p, windows=8)
+    p.add_argument("--calibration-windows", type=int, default=8,
+                   help="calibration windows for the calibrated row (0: none), disjoint from evaluation")
     p.add_argument("--out", default="runs/demo")
     p.set_defaults(fn=cmd_demo)
 
@@ -195,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="the float model (default: embedded model)")
     p.add_argument("--label", default=None)
     _add_protocol(p)
+    _add_kv(p)
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("compare", help="QINS vs INT/NF4/FP8 at several bit widths, report + plots")
@@ -221,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
+    _add_kv(p)
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("transport", help="Pattern B (Jacobian transport) experiments and their gate verdicts")

@@ -44,10 +44,12 @@ def run_compare(h: Harness, configs: list[WeightConfig], match_bits=(8,), with_p
     rows = []
     jobs: list = [("qins", c) for c in configs] + [("qins+act", c) for c in calibrated]
     if with_peers:
+        wanted = {c.bits for c in configs}
+        peer_settings = [s for s in peer_settings if s[0] in wanted]
         avail = peers.available()
         if avail.get("hqq"):
             jobs += [("hqq", s) for s in peer_settings]
-        if avail.get("bnb-nf4"):
+        if avail.get("bnb-nf4") and 4 in wanted:
             jobs += [("bnb-nf4", (4, 64))]
     # 8 and 4 bits first: a long run that is stopped early has the headline rows
     order = {8: 0, 4: 1, 3: 2, 6: 3, 5: 4}

@@ -17,8 +17,9 @@ DEMO_CONFIGS = (
     WeightConfig("qins-seed", 8, None),
     WeightConfig("qins", 4, 64),
     WeightConfig("nf4", 4, 64),
-    WeightConfig("int-asym", 4, 128),
 )
+# also measured with activation-weighted calibration (first windows of the corpus)
+DEMO_CALIBRATED = (WeightConfig("qins", 8, 128),)
 
 
 def run_demo(out_dir: str | Path = "runs/demo", protocol: Protocol | None = None, progress: bool = True,
@@ -29,10 +30,12 @@ def run_demo(out_dir: str | Path = "runs/demo", protocol: Protocol | None = None
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    protocol = protocol or Protocol(windows=8, prompts=32, new_tokens=64, calibration_windows=0)
+    protocol = protocol or Protocol(windows=8, prompts=32, new_tokens=64, calibration_windows=8)
     tok, model = load_default_model()
     h = Harness(tok, model, protocol, progress=progress)
-    rows = run_compare(h, list(DEMO_CONFIGS), match_bits=(8, 4), with_peers=False, progress=progress)
+    calibrated = list(DEMO_CALIBRATED) if protocol.calibration_windows else []
+    rows = run_compare(h, list(DEMO_CONFIGS), match_bits=(8, 4), with_peers=False, progress=progress,
+                       calibrated=calibrated)
 
     # round trip: the saved 4-bit model gives bit-identical logits to the in-memory one
     variant = quantize(__import__("copy").deepcopy(model), WeightConfig("qins", 4, 64), progress=progress)

@@ -1,0 +1,412 @@
+"""QINSCache: a transformers Cache whose full-attention layers hold bit-packed QINS pages.
+
+Token order inside one QINSLayer (B, H, T, D):
+
+    | sink (fp) | pages: sealed groups of G tokens (codes) | staging (fp, < G) | residual (fp) |
+      `sink`      `pages`                                    `keys[:, :, :n_s]`   last `residual`
+
+- New tokens enter the fp region (`keys`, `values`, the model's dtype). When it holds at
+  least `residual + G` tokens, its oldest whole groups of G tokens are quantized (keys per
+  channel over the group, values per token), packed and written into the open page: each
+  token is quantized once, appending costs O(new tokens), and a full page is sealed.
+- The staging tokens (older than the residual window, fewer than a group) have no sealed
+  key scales yet. They are held in fp (counted in `nbytes`) and read back quantized:
+  values with their final per-token codes, keys with provisional per-channel scales over
+  the staging tokens, recomputed at each update (O(G)). So with `residual=0` attention
+  reads every token back from quantized codes. For fewer than a handful of staging tokens
+  the provisional key scales are close to the values themselves (a 1-token group is exact);
+  once G tokens are there the group is sealed with its final scales.
+- Keys carry outlier channels with a non-zero centre (KIVI quantizes them asymmetrically).
+  A per-channel offset, the mid-range of the first sealed tokens, is fixed per layer at the
+  first seal and subtracted before the per-channel scale; it is never recomputed, so sealed
+  pages stay valid (measured on the default model, 4-bit residual 0: see the report).
+- The reference path (CPU and tests): `update` decodes every page and returns the full
+  (B, H, T, D) keys and values, which the model's attention (SDPA) consumes.
+
+Sliding-window layers stay uncompressed: they are transformers' DynamicSlidingWindowLayer,
+whose bytes `nbytes` counts.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindowLayer
+
+from . import _compat
+from .config import KVConfig
+from .pages import (Codec, Page, key_offset, dequantize_keys, dequantize_values, fake_quantize_keys, pack_rows,
+                    page_tokens, quantize_keys, quantize_values, unpack_rows)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class QINSLayer(CacheLayerMixin):
+    """One full-attention layer of a QINSCache.
+
+    Stored state (B batch rows, H KV heads, D head dim, model dtype):
+      sink_k, sink_v   (B, H, <= sink, D)          the first tokens, full precision
+      k_offset         (B, H, 1, D) fp16            per-channel key offset, set once at the first
+                                                    seal (mid-range of the first sealed tokens)
+      pages            list[Page]                   packed codes + fp16 scales (pages.py)
+      keys, values     (B, H, n_fp, D)              staging + residual window, full precision
+      cumulative_length  int                        tokens held, all regions
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, k_bits: int, v_bits: int, *, format: str = "qins", residual: int = 128, sink: int = 0,
+                 page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
+                 expect_heads: int | None = None, expect_head_dim: int | None = None):
+        super().__init__()
+        self.k_codec = Codec.build(format, k_bits, k_curvature)
+        self.v_codec = Codec.build(format, v_bits, v_curvature)
+        self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
+        self.expect = (expect_heads, expect_head_dim)
+        self.cumulative_length = 0
+        self.pages: list[Page] = []
+        self.sink_k = self.sink_v = None
+        self.k_offset = None
+        self.page_tokens = None
+
+    def __repr__(self):
+        return (f"QINSLayer(k{self.k_codec.bits}v{self.v_codec.bits}, {self.k_codec.format}, residual={self.residual}, "
+                f"sink={self.sink}, page_tokens={self.page_tokens})")
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def n_quantized(self) -> int:
+        return sum(p.n_tokens for p in self.pages)
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    def _check_input(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"QINSCache expects keys and values of one shape (B, H, T, D), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        B, H, _, D = k.shape
+        eh, ed = self.expect if not self.is_initialized else (self.keys.shape[1], self.keys.shape[3])
+        if (eh is not None and H != eh) or (ed is not None and D != ed):
+            raise ValueError(f"this QINSCache layer holds {eh} KV heads of dim {ed}, got {H} heads of dim {D}: "
+                             f"a cache is built for one model (make a new QINSCache for this one)")
+        if self.is_initialized and self.cumulative_length and B != self.batch_size:
+            raise ValueError(f"this QINSCache holds {self.batch_size} batch rows, got {B}; call cache.reset() "
+                             f"before reusing it for another batch")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, D)
+        self.sink_k, self.sink_v = self.keys, self.values
+        self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group)
+        self.k_codec = _on(self.k_codec, self.device)
+        self.v_codec = _on(self.v_codec, self.device)
+        self.is_initialized = True
+
+    # -- append --------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_input(key_states, value_states)
+        if not self.is_initialized or self.cumulative_length == 0:
+            self.lazy_initialization(key_states, value_states)
+        k, v = key_states.to(self.dtype), value_states.to(self.dtype)
+        self.cumulative_length += k.shape[2]
+        room = self.sink - self.sink_k.shape[2]
+        if room > 0:
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
+            k, v = k[:, :, room:], v[:, :, room:]
+        if k.shape[2]:
+            self.keys = torch.cat([self.keys, k], dim=2)
+            self.values = torch.cat([self.values, v], dim=2)
+        self._seal_ready_groups()
+        return self._read()
+
+    def _seal_ready_groups(self) -> None:
+        G = self.group
+        n = (self.keys.shape[2] - self.residual) // G * G             # whole groups past the window
+        if n <= 0:
+            return
+        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.k_offset is None:                                     # fixed at the first seal
+            self.k_offset = key_offset(k)
+        kc, ks = quantize_keys(k - self.k_offset.to(k.dtype), self.k_codec, G)                    # (B, H, n, D), (B, H, n/G, D)
+        vc, vs = quantize_values(v, self.v_codec)                     # (B, H, n, D), (B, H, n)
+        kw, vw = pack_rows(kc, self.k_codec.bits), pack_rows(vc, self.v_codec.bits)
+        B, H, _, D = k.shape
+        t = 0
+        while t < n:
+            if not self.pages or self.pages[-1].sealed:
+                self.pages.append(Page(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
+                                       self.device))
+            page = self.pages[-1]
+            m = min(page.capacity - page.n_tokens, n - t)
+            page.write_groups(kw[:, :, t:t + m], ks[:, :, t // G:(t + m) // G], vw[:, :, t:t + m], vs[:, :, t:t + m])
+            t += m
+        self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
+        self.values = self.values[:, :, n:].clone()
+
+    # -- read back -----------------------------------------------------------------------------
+    def decode_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, n_quantized, D) keys and values decoded from every page."""
+        G, D = self.group, self.keys.shape[3]
+        parts = [(p.k_codes[:, :, :p.n_tokens], p.k_scale[:, :, :p.n_groups],
+                  p.v_codes[:, :, :p.n_tokens], p.v_scale[:, :, :p.n_tokens]) for p in self.pages if p.n_groups]
+        if not parts:
+            e = self.keys[:, :, :0]
+            return e, e
+        kw, ks, vw, vs = (torch.cat(x, dim=2) if len(parts) > 1 else x[0].contiguous() for x in zip(*parts))
+        k = dequantize_keys(unpack_rows(kw, self.k_codec.bits, D), ks, self.k_codec, G, self.dtype)
+        k += self.k_offset.to(self.dtype)
+        v = dequantize_values(unpack_rows(vw, self.v_codec.bits, D), vs, self.v_codec, self.dtype)
+        return k, v
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_stage = max(self.keys.shape[2] - self.residual, 0)
+        ks, vs = [self.sink_k], [self.sink_v]
+        if self.pages:
+            pk, pv = self.decode_pages()
+            ks.append(pk), vs.append(pv)
+        if n_stage:
+            st = self.keys[:, :, :n_stage]
+            m = (self.k_offset if self.k_offset is not None else key_offset(st)).to(self.dtype)
+            ks.append(fake_quantize_keys(st - m, self.k_codec) + m)
+            vc, vsc = quantize_values(self.values[:, :, :n_stage], self.v_codec)
+            vs.append(dequantize_values(vc, vsc, self.v_codec, self.dtype))
+        ks.append(self.keys[:, :, n_stage:])
+        vs.append(self.values[:, :, n_stage:])
+        ks = [t for t in ks if t.shape[2]] or [self.keys]
+        vs = [t for t in vs if t.shape[2]] or [self.values]
+        if len(ks) == 1:
+            return ks[0], vs[0]
+        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+
+    # -- transformers' layer API --------------------------------------------------------------
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.sink_k = self.sink_v = self.k_offset = None
+        self.pages = []
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last -tokens_to_remove tokens (a negative int, as DynamicLayer).
+
+        Exact whenever the removed tokens lie in the fp region. Cutting into the pages
+        reopens the group that holds the new end: its kept tokens go back to the fp region
+        as their decoded values (they were quantized already), later groups are dropped.
+        """
+        if not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative int (tokens to remove) or 0, got {tokens_to_remove!r}")
+        r = -tokens_to_remove
+        if r > self.cumulative_length:
+            raise ValueError(f"cannot crop {r} tokens: the cache holds {self.cumulative_length}")
+        if r == 0 or not self.is_initialized:
+            return
+        new_len = self.cumulative_length - r
+        S, Q = self.sink_k.shape[2], self.n_quantized
+        if new_len >= S + Q:
+            keep = new_len - S - Q
+            self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
+        elif new_len >= S:
+            keep = new_len - S
+            G = self.group
+            full = keep // G
+            k, v = self.decode_pages()
+            self.keys = k[:, :, full * G:keep].clone()
+            self.values = v[:, :, full * G:keep].clone()
+            pages, left = [], full
+            for p in self.pages:
+                if left <= 0:
+                    break
+                p.n_groups = min(p.n_groups, left)
+                left -= p.n_groups
+                pages.append(p)
+            self.pages = pages
+        else:
+            self.sink_k, self.sink_v = self.sink_k[:, :, :new_len], self.sink_v[:, :, :new_len]
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+            self.pages = []
+        self.cumulative_length = new_len
+
+    def _map_batch(self, fn) -> None:
+        self.sink_k, self.sink_v, self.keys, self.values = (
+            fn(t) for t in (self.sink_k, self.sink_v, self.keys, self.values))
+        if self.k_offset is not None:
+            self.k_offset = fn(self.k_offset)
+        for p in self.pages:
+            p.map_batch(fn)
+
+    def _check_index(self, idx: torch.Tensor, what: str) -> torch.Tensor:
+        idx = torch.as_tensor(idx)
+        if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"{what} must be a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+        B = self.batch_size
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
+            raise IndexError(f"{what} out of range for a cache of {B} batch rows: "
+                             f"min {int(idx.min())}, max {int(idx.max())}")
+        return idx.to(self.device)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = self._check_index(beam_idx, "beam_idx")
+        self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = self._check_index(indices, "indices")
+        self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self):
+        if self.is_initialized:
+            self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.keys.device != self.device:
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    # -- accounting ----------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held: page codes and scales (slack of the open page included), fp regions."""
+        if not self.is_initialized:
+            return 0
+        return sum(p.nbytes() for p in self.pages) + sum(
+            _nbytes(t) for t in (self.sink_k, self.sink_v, self.keys, self.values, self.k_offset))
+
+    def n_elements(self) -> int:
+        """K and V elements represented: 2 * B * H * T * D."""
+        if not self.is_initialized:
+            return 0
+        B, H, _, D = self.keys.shape
+        return 2 * B * H * self.cumulative_length * D
+
+
+def _on(codec: Codec, device) -> Codec:
+    from dataclasses import replace
+    return replace(codec, lut=codec.lut.to(device), mids=codec.mids.to(device))
+
+
+class QINSCache(Cache):
+    """A transformers Cache that stores full-attention K/V as bit-packed QINS pages.
+
+        cache = qins.QINSCache(model, bits=4, residual=128, page_kb=32)
+        model.generate(**inputs, past_key_values=cache)      # 'cache=' on transformers 5.2x
+        cache.nbytes(); cache.bits_per_element()
+
+    `model` is a PreTrainedModel or its config. Keyword fields of KVConfig (v_bits, sink,
+    group, format, layer_bits, k_curvature, ...) override `config` (default KVConfig()).
+    `bits` sets k_bits (and v_bits unless given).
+    """
+
+    def __init__(self, model, bits: int | None = None, residual: int | None = None, page_kb: int | None = None,
+                 *, config: KVConfig | None = None, **fields):
+        _compat.check_transformers()
+        cfg = config or KVConfig()
+        changes = dict(fields)
+        if bits is not None:
+            changes["k_bits"] = bits
+            changes.setdefault("v_bits", bits)
+        if residual is not None:
+            changes["residual"] = residual
+        if page_kb is not None:
+            changes["page_kb"] = page_kb
+        if changes:
+            if config is not None and "v_bits" not in fields and "k_bits" in changes and bits is None:
+                changes.setdefault("v_bits", changes["k_bits"])
+            cfg = cfg.replace(**changes)
+        self.config = cfg
+        model_config = getattr(model, "config", model)
+        n_layers, heads, head_dim = _compat.kv_shape(model_config)
+        types, kwargs = _compat.layer_types(model_config)
+        for i, _, _ in cfg.layer_bits:
+            if i >= n_layers:
+                raise ValueError(f"layer_bits names layer {i}; the model has {n_layers} layers")
+        layers = []
+        for i, (t, kw) in enumerate(zip(types, kwargs)):
+            if t == "full_attention":
+                kb, vb = cfg.bits_for(i)
+                layers.append(QINSLayer(kb, vb, format=cfg.format, residual=cfg.residual, sink=cfg.sink,
+                                        page_kb=cfg.page_kb, group=cfg.group,
+                                        k_curvature=cfg.curvature_for(kb, "k"),
+                                        v_curvature=cfg.curvature_for(vb, "v"),
+                                        expect_heads=heads, expect_head_dim=head_dim))
+            elif t in ("sliding_attention", "chunked_attention"):
+                layers.append(DynamicSlidingWindowLayer(**kw))       # uncompressed, counted
+            else:
+                raise ValueError(f"QINSCache supports full and sliding-window attention layers; layer {i} is {t!r}")
+        self.shape = (n_layers, heads, head_dim)
+        super().__init__(layers=layers)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(f"this QINSCache has {len(self.layers)} layers, got layer_idx {layer_idx}: "
+                             f"a cache is built for one model")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def _all_or_nothing(self, method: str, *args) -> None:
+        # validate on the first initialized QINS layer, so a bad argument changes nothing
+        for layer in self.layers:
+            if isinstance(layer, QINSLayer) and layer.is_initialized:
+                if method in ("reorder_cache", "batch_select_indices"):
+                    layer._check_index(args[0], "beam_idx" if method == "reorder_cache" else "indices")
+                break
+        for layer in self.layers:
+            getattr(layer, method)(*args)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        self._all_or_nothing("reorder_cache", beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        self._all_or_nothing("batch_select_indices", indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative int (tokens to remove) or 0, got {tokens_to_remove!r}")
+        held = self.get_seq_length()
+        if -tokens_to_remove > held:
+            raise ValueError(f"cannot crop {-tokens_to_remove} tokens: the cache holds {held}")
+        super().crop(tokens_to_remove)
+
+    # -- accounting ----------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by every layer: codes, scales, page slack, sink, staging and residual."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, QINSLayer):
+                total += layer.nbytes()
+            elif getattr(layer, "is_initialized", False):
+                total += _nbytes(layer.keys) + _nbytes(layer.values)
+        return total
+
+    def n_elements(self) -> int:
+        n = 0
+        for layer in self.layers:
+            if isinstance(layer, QINSLayer):
+                n += layer.n_elements()
+            elif getattr(layer, "is_initialized", False):
+                n += layer.keys.numel() + layer.values.numel()
+        return n
+
+    def bits_per_element(self) -> float:
+        """8 * nbytes() / K and V elements held (nan when empty)."""
+        n = self.n_elements()
+        return 8.0 * self.nbytes() / n if n else float("nan")

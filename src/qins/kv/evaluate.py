@@ -1,0 +1,105 @@
+"""Quality with the KV cache in the loop: chunked-prefill perplexity/KL/top-1, token match.
+
+Each 512-token window is prefilled in chunks of `chunk` tokens through a fresh cache, so
+every later chunk attends to the earlier tokens as the cache returns them (read back from
+compressed pages unless they are in the residual window). The same chunked path with
+transformers' DynamicCache is the like-for-like baseline.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _compat
+from .config import KVConfig
+
+
+def chunked_logprobs(model, ids: torch.Tensor, make_cache, chunk: int = 32) -> torch.Tensor:
+    """(B, T-1, V) float32 next-token log-probs of ids (B, T), prefilled `chunk` tokens at a time."""
+    cache = make_cache()
+    key = _compat.cache_kwarg(model)
+    outs = []
+    for i in range(0, ids.shape[1], chunk):
+        outs.append(model(input_ids=ids[:, i:i + chunk], use_cache=True, **{key: cache}).logits.float())
+    lp = F.log_softmax(torch.cat(outs, 1)[:, :-1], dim=-1)
+    return lp.clamp_min_(torch.finfo(torch.float32).min)
+
+
+def evaluate_cache(model, ref, make_cache, chunk: int = 32, batch_size: int = 4) -> dict:
+    """ppl, kl, top1 against `ref` (eval.quality.Reference) with `make_cache()` in the loop."""
+    nll = kl = 0.0
+    hits = 0
+    with torch.inference_mode():
+        for i in range(0, ref.windows.shape[0], batch_size):
+            ids = ref.windows[i:i + batch_size]
+            lp = chunked_logprobs(model, ids, make_cache, chunk)
+            lp_ref = ref.logprobs_slice(i, i + ids.shape[0])
+            nll += -lp.gather(-1, ids[:, 1:, None]).double().sum().item()
+            kl += F.kl_div(lp, lp_ref, reduction="none", log_target=True).sum(-1).double().sum().item()
+            hits += int((lp.argmax(-1) == lp_ref.argmax(-1)).sum())
+    n = ref.tokens
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "kl": kl / n, "top1": hits / n,
+            "windows": ref.windows.shape[0], "tokens": n, "chunk": chunk}
+
+
+def generate_with_cache(model, tok, prompts, make_cache, new_tokens: int = 64, batch_size: int = 16):
+    """Greedy generations with a fresh cache per batch (eval.generation.greedy_generate)."""
+    from ..eval.generation import greedy_generate
+    out = []
+    key = _compat.cache_kwarg(model)
+    for i in range(0, len(prompts), batch_size):
+        out += greedy_generate(model, tok, prompts[i:i + batch_size], new_tokens, batch_size, False,
+                               **{key: make_cache()})
+    return out
+
+
+def bits_per_element_at(model_config, config: KVConfig, context: int = 4096, batch: int = 1) -> tuple[int, float]:
+    """(nbytes, bits/element) of a QINSCache holding `context` tokens; the accounting depends
+    on shapes only, so zeros of the model's K/V shape stand in for real states."""
+    from .cache import QINSCache
+    cache = QINSCache(model_config, config=config)
+    _, heads, head_dim = cache.shape
+    dtype = getattr(model_config, "dtype", None) or torch.float32
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    x = torch.zeros(batch, heads, context, head_dim, dtype=dtype)
+    for i in range(len(cache.layers)):
+        cache.update(x, x, i)
+    return cache.nbytes(), cache.bits_per_element()
+
+
+def measure_kv(harness, model, config: KVConfig, chunk: int = 32, match: bool = True, label: str | None = None) -> dict:
+    """One report row for `config`: quality with the cache in the loop, greedy token match
+    against the float model's generations, bits/element at 4k context."""
+    from .cache import QINSCache
+    import time
+    t0 = time.perf_counter()
+    q = evaluate_cache(model, harness.reference, lambda: QINSCache(model, config=config), chunk,
+                       harness.protocol.batch_size)
+    row = {"label": label or config.label, "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
+           "ppl_increase_pct": 100 * (q["ppl"] / harness.reference.ppl - 1), "kl": q["kl"], "top1": q["top1"],
+           "windows": q["windows"], "tokens": q["tokens"], "chunk": chunk, "kv_config": config.to_dict()}
+    nb, bpe = bits_per_element_at(model.config, config, 4096)
+    row.update(bpw=bpe, bpw_all=bpe, kv_bytes_4k=nb)
+    if match:
+        from ..eval.generation import token_match
+        p = harness.protocol
+        tm = token_match(harness.reference_generations(),
+                         generate_with_cache(model, harness.tok, harness._prompts,
+                                             lambda: QINSCache(model, config=config), p.new_tokens, p.gen_batch_size))
+        row.update(match=tm["match"], identical=tm["identical"], sequences=tm["sequences"],
+                   first_divergence=tm["first_divergence_mean"])
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def measure_dynamic(harness, model, chunk: int = 32) -> dict:
+    """The same chunked path through transformers' DynamicCache (the like-for-like baseline)."""
+    from transformers import DynamicCache
+    q = evaluate_cache(model, harness.reference, lambda: DynamicCache(config=model.config), chunk,
+                       harness.protocol.batch_size)
+    return {"label": f"DynamicCache (chunked {chunk})", "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
+            "ppl_increase_pct": 100 * (q["ppl"] / harness.reference.ppl - 1), "kl": q["kl"], "top1": q["top1"],
+            "windows": q["windows"], "tokens": q["tokens"], "chunk": chunk,
+            "bpw": 32.0 if next(model.parameters()).dtype == torch.float32 else 16.0}

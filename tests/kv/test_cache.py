@@ -1,0 +1,228 @@
+"""QINSCache against DynamicCache on tiny random models: exact when everything stays in the
+residual window, bounded when it does not; paging, accounting, crop, reorder, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from qins.kv import KVConfig
+from qins.kv.cache import QINSCache, QINSLayer
+
+
+def _gen(model, ids, cache=None, **kw):
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0                                      # row 1 left-padded by 5 tokens
+    extra = {} if cache is None else {"cache": cache}
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0,
+                              **extra, **kw)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("kw", [dict(do_sample=False), dict(num_beams=3, do_sample=False)])
+def test_large_residual_equals_dynamic(make_model, token_ids, arch, kw):
+    # residual > every length: all tokens stay full precision -> identical tokens (greedy,
+    # beam search through reorder_cache, prompt-lookup decoding through crop)
+    model = make_model(arch)
+    ref = _gen(model, token_ids, DynamicCache(config=model.config), **kw)
+    cache = QINSCache(model, bits=8, residual=1000)
+    assert torch.equal(_gen(model, token_ids, cache, **kw), ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_assisted_decoding_crops(make_model, arch):
+    # prompt-lookup decoding proposes tokens and crops the rejected ones (batch 1 only);
+    # a repeated prompt makes it propose. Large residual: identical to DynamicCache.
+    model = make_model(arch)
+    x = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.cat([x, x, x[:, :6]], 1)
+    kw = dict(max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=4, pad_token_id=0)
+    with torch.inference_mode():
+        ref = model.generate(ids, **kw)
+        assert torch.equal(model.generate(ids, cache=QINSCache(model, bits=8, residual=1000), **kw), ref)
+        cache = QINSCache(model, bits=8, residual=0, group=16)  # crops reach into the pages
+        out = model.generate(ids, cache=cache, **kw)
+    assert out.shape == ref.shape and cache.get_seq_length() == out.shape[1] - 1
+
+
+def test_sampled_generation_runs(make_model, token_ids):
+    model = make_model("llama")
+    torch.manual_seed(0)
+    ref = _gen(model, token_ids, DynamicCache(config=model.config), do_sample=True, top_k=0)
+    torch.manual_seed(0)
+    out = _gen(model, token_ids, QINSCache(model, bits=8, residual=1000), do_sample=True, top_k=0)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_residual0_error_falls_with_bits(make_model, token_ids, arch):
+    # every token read back from codes, prefilled in chunks of 8 so later chunks read the
+    # earlier ones from pages: the logit error falls with the bit width
+    model = make_model(arch)
+    errs = {}
+    with torch.inference_mode():
+        ref = model(token_ids, use_cache=False).logits
+        for bits in (8, 4, 2):
+            cache = QINSCache(model, bits=bits, residual=0, group=16)
+            outs = [model(token_ids[:, i:i + 8], cache=cache).logits for i in range(0, 24, 8)]
+            errs[bits] = float((torch.cat(outs, 1) - ref).abs().max())
+            assert cache.get_seq_length() == 24
+    # measured on llama (logit std 1.6; these random models amplify perturbations):
+    # 8 bits 0.13, 4 bits 1.9, 2 bits 5.5
+    assert errs[8] < 0.3 and errs[8] < errs[4] < errs[2]
+
+
+def _layer(bits=4, residual=0, group=16, page_kb=16, sink=0, H=2, D=32):
+    return QINSLayer(bits, bits, residual=residual, group=group, page_kb=page_kb, sink=sink,
+                     expect_heads=H, expect_head_dim=D)
+
+
+def test_update_round_trip_bounded():
+    g = torch.Generator().manual_seed(0)
+    layer = _layer(bits=8, residual=4, sink=2)
+    seen = []
+    for n in (5, 1, 30, 1, 1, 17):
+        k, v = torch.randn(2, 2, n, 32, generator=g), torch.randn(2, 2, n, 32, generator=g)
+        seen.append((k, v))
+        ok, ov = layer.update(k, v)
+    K = torch.cat([s[0] for s in seen], 2)
+    V = torch.cat([s[1] for s in seen], 2)
+    assert ok.shape == K.shape == (2, 2, 55, 32)
+    # sink and residual exact; the rest within half an 8-bit step of its scale: values
+    # <= max|x|/255; keys, centred by the per-channel offset first, <= 2 max|x|/255
+    assert torch.equal(ok[:, :, :2], K[:, :, :2]) and torch.equal(ov[:, :, -4:], V[:, :, -4:])
+    bound = 2 * K.abs().max() / 255 * 1.01
+    assert (ok - K).abs().max() <= bound and (ov - V).abs().max() <= V.abs().max() / 255 * 1.01
+
+
+def test_sealed_pages_never_rewritten():
+    layer = _layer(bits=4, residual=0, group=16)
+    g = torch.Generator().manual_seed(1)
+    layer.update(torch.randn(1, 2, 600, 32, generator=g), torch.randn(1, 2, 600, 32, generator=g))
+    P = layer.page_tokens
+    assert P % 16 == 0 and len(layer.pages) == -(-592 // P)
+    sealed = [p for p in layer.pages if p.sealed]
+    assert sealed, "600 tokens fill at least one page"
+    snap = [(p, [t for t in p.tensors()], [t.clone() for t in p.tensors()]) for p in sealed]
+    for _ in range(3 * P // 7):
+        layer.update(torch.randn(1, 2, 7, 32, generator=g), torch.randn(1, 2, 7, 32, generator=g))
+    for p, objs, vals in snap:
+        assert p in layer.pages
+        for t, o, v in zip(p.tensors(), objs, vals):
+            assert t is o and torch.equal(t, v)
+    # appending seals groups in order: quantized tokens + fp tokens = all tokens
+    assert layer.n_quantized + layer.keys.shape[2] == layer.get_seq_length()
+    assert layer.keys.shape[2] < 16
+
+
+def test_nbytes_counts_everything():
+    cache_layer = _layer(bits=4, residual=8, group=16, sink=3)
+    k = torch.randn(1, 2, 50, 32)
+    cache_layer.update(k, k)
+    # 50 = 3 sink + 32 quantized (2 groups) + 15 fp (7 staging + 8 residual)
+    assert cache_layer.n_quantized == 32 and cache_layer.keys.shape[2] == 15
+    fp = 2 * (3 + 15) * 2 * 32 * 4                        # K and V, fp32
+    offset = 2 * 32 * 2                                   # (B, H, 1, D) fp16 key offset
+    assert cache_layer.nbytes() == fp + offset + sum(p.nbytes() for p in cache_layer.pages)
+    P = cache_layer.page_tokens
+    page = 2 * (P * 4 * 4 * 2 + P // 16 * 32 * 2 + P * 2)  # (H=2) x codes K,V + k scale + v scale
+    assert sum(p.nbytes() for p in cache_layer.pages) == page
+
+
+def test_bits_per_element_at_full_pages(make_model):
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(vocab_size=16, hidden_size=192, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=3, num_key_value_heads=3, head_dim=64)
+    for bits, bound in [(8, 8.3), (4, 4.3), (2, 2.6)]:
+        cache = QINSCache(cfg, bits=bits, residual=0)
+        x = torch.randn(1, 3, 1024, 64)
+        for i in range(2):
+            cache.update(x, x, i)
+        # codes + fp16 scales (K: 16/64 per element, V: 16/64) + the fp16 key offset per
+        # channel (16 bits over 1024 tokens of K and V); no slack at whole pages
+        assert cache.bits_per_element() == pytest.approx(bits + 0.25 + 16 / 2048)
+        assert cache.bits_per_element() <= bound
+
+
+def test_crop():
+    g = torch.Generator().manual_seed(2)
+    layer = _layer(bits=8, residual=4, group=16)
+    k, v = torch.randn(1, 2, 60, 32, generator=g), torch.randn(1, 2, 60, 32, generator=g)
+    full_k, _ = layer.update(k, v)
+    layer.crop(-2)                                        # inside the residual window: exact
+    assert layer.get_seq_length() == 58
+    ok, _ = layer.update(k[:, :, :1], v[:, :, :1])
+    assert ok.shape[2] == 59 and torch.equal(ok[:, :, :48], full_k[:, :, :48])
+    layer.crop(-30)                                       # into the pages: group reopened
+    assert layer.get_seq_length() == 29 and layer.n_quantized == 16
+    ok, _ = layer.update(k[:, :, :3], v[:, :, :3])
+    assert ok.shape[2] == 32 and (ok[:, :, :29] - full_k[:, :, :29]).abs().max() < 0.05
+    with pytest.raises(ValueError, match="cannot crop"):
+        layer.crop(-100)
+    with pytest.raises(ValueError):
+        layer.crop(5)
+    assert layer.get_seq_length() == 32                   # unchanged, still usable
+    layer.update(k[:, :, :1], v[:, :, :1])
+
+
+def test_reorder_and_bad_beam_index():
+    layer = _layer(bits=8, residual=2, group=16)
+    k = torch.randn(3, 2, 40, 32)
+    ok, _ = layer.update(k, k)
+    with pytest.raises(IndexError, match="out of range"):
+        layer.reorder_cache(torch.tensor([0, 3, 1]))
+    with pytest.raises(ValueError):
+        layer.reorder_cache(torch.tensor([0.0, 1.0, 2.0]))
+    layer.reorder_cache(torch.tensor([2, 2, 0]))
+    ok2, _ = layer.update(k[:, :, :0], k[:, :, :0])
+    assert torch.equal(ok2, ok[[2, 2, 0]])
+
+
+def test_cache_bad_input_leaves_cache_usable(make_model, token_ids):
+    model = make_model("llama")
+    cache = QINSCache(model, bits=4, residual=0, group=16)
+    with torch.inference_mode():
+        model(token_ids, cache=cache)
+        H, D = cache.shape[1], cache.shape[2]
+        with pytest.raises(ValueError, match="built for one model"):
+            cache.update(torch.randn(2, H + 1, 1, D), torch.randn(2, H + 1, 1, D), 0)
+        with pytest.raises(ValueError, match="layers"):
+            cache.update(torch.randn(2, H, 1, D), torch.randn(2, H, 1, D), 7)
+        with pytest.raises(IndexError):
+            cache.reorder_cache(torch.tensor([0, 5]))
+        with pytest.raises(ValueError, match="cannot crop"):
+            cache.crop(-1000)
+        assert cache.get_seq_length() == 24
+        out = model(token_ids[:, :1], cache=cache)
+    assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 25
+    other = make_model("gpt2")
+    with pytest.raises(Exception):
+        QINSCache(other.config, bits=4).update(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), 0)
+
+
+@pytest.mark.parametrize("bad", [dict(bits=7), dict(page_kb=8), dict(bits=4, v_bits=1), dict(group=10)])
+def test_bad_options(make_model, bad):
+    with pytest.raises(ValueError):
+        QINSCache(make_model("llama"), **bad)
+
+
+def test_config_object_and_layer_overrides(make_model):
+    model = make_model("llama")
+    cfg = KVConfig(k_bits=8, v_bits=4, residual=0, layer_bits=((1, 2, 3),))
+    cache = QINSCache(model, config=cfg)
+    assert cache.config == cfg
+    assert (cache.layers[0].k_codec.bits, cache.layers[0].v_codec.bits) == (8, 4)
+    assert (cache.layers[1].k_codec.bits, cache.layers[1].v_codec.bits) == (2, 3)
+    assert QINSCache(model, config=cfg, residual=16).config.residual == 16
+
+
+def test_sliding_layers_stay_uncompressed(make_model, token_ids):
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+    model = make_model("qwen2")                     # layer 0 full, layer 1 sliding (window 8)
+    cache = QINSCache(model, bits=4, residual=0, group=16)
+    kinds = [type(layer) for layer in cache.layers]
+    assert QINSLayer in kinds and DynamicSlidingWindowLayer in kinds
+    with torch.inference_mode():
+        model(token_ids, cache=cache)
+    assert cache.nbytes() > sum(layer.nbytes() for layer in cache.layers if isinstance(layer, QINSLayer))

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import pytest
+
+from qins.kv import KVConfig, parse_kv_bits
+
+
+def test_json_round_trip():
+    c = KVConfig(k_bits=8, v_bits=4, residual=0, sink=4, page_kb=16, layer_bits=((0, 8, 8), (3, 2, 2)))
+    assert KVConfig.from_json(c.to_json()) == c
+    assert c.bits_for(3) == (2, 2) and c.bits_for(1) == (8, 4)
+    assert KVConfig(k_bits=6).v_bits == 6
+
+
+@pytest.mark.parametrize("bad", [dict(k_bits=7), dict(v_bits=1), dict(page_kb=8), dict(page_kb=128),
+                                 dict(residual=-1), dict(group=48), dict(format="nf4"),
+                                 dict(layer_bits=((0, 4, 7),)), dict(layer_bits=((1, 4, 4), (1, 8, 8))),
+                                 dict(sliding="compress"), dict(version=99)])
+def test_bad_config(bad):
+    with pytest.raises(ValueError):
+        KVConfig(**bad)
+
+
+def test_unknown_field():
+    with pytest.raises(ValueError, match="unknown"):
+        KVConfig.from_dict({"bits": 4})
+
+
+def test_parse_kv_bits():
+    assert parse_kv_bits("4") == (4, 4) and parse_kv_bits("8,4") == (8, 4)
+    with pytest.raises(ValueError):
+        parse_kv_bits("8,4,2")
