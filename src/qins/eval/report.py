@@ -97,11 +97,15 @@ def plot_frontier(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
             if r.get(key) is None or r.get("bpw") is None:
                 continue
             g = r.get("group_size")
-            fam = f"{r.get('format', r['label'])} " + ("ch" if g is None and "group_size" in r else f"g{g}" if g else "")
-            fams.setdefault(fam.strip(), []).append(r)
-        for fam, rs in sorted(fams.items()):
+            fam = f"{r.get('format', r['label'])} " + ("ch" if g is None else f"g{g}")
+            fam += " +act" if r.get("calibrated") else ""
+            fams.setdefault(fam, []).append(r)
+        colors = plt.get_cmap("tab20").colors
+        markers = "osD^v<>pX*"
+        for i, (fam, rs) in enumerate(sorted(fams.items())):
             rs = sorted(rs, key=lambda r: r["bpw"])
-            ax.plot([r["bpw"] for r in rs], [max(r[key], 1e-6) for r in rs], marker="o", label=fam)
+            ax.plot([r["bpw"] for r in rs], [max(r[key], 1e-6) for r in rs], marker=markers[i % len(markers)],
+                    color=colors[i % len(colors)], ls="--" if fam.endswith("+act") else "-", label=fam)
         if key == "ppl" and rows:
             ax.axhline(rows[0].get("ppl_ref", 0), color="k", ls="--", lw=0.8, label="float")
         ax.set_xlabel("bits per weight (all stored)")

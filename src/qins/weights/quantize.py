@@ -33,20 +33,13 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _output_embedding_name(model: nn.Module) -> str | None:
-    get = getattr(model, "get_output_embeddings", None)
-    out = get() if get is not None else None
-    if out is None:
+def _embedding_name(model: nn.Module, getter: str) -> str | None:
+    """Qualified name of the module transformers' get_input/output_embeddings returns."""
+    get = getattr(model, getter, None)
+    mod = get() if get is not None else None
+    if mod is None:
         return None
-    return next((n for n, m in model.named_modules() if m is out), None)
-
-
-def _input_embedding_name(model: nn.Module) -> str | None:
-    get = getattr(model, "get_input_embeddings", None)
-    emb = get() if get is not None else None
-    if emb is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is emb), None)
+    return next((n for n, m in model.named_modules() if m is mod), None)
 
 
 def quantize(
@@ -82,8 +75,8 @@ def quantize(
                 raise TypeError(f"override {pattern!r} matches {name} of type {type(mod).__name__}, "
                                 f"which qins cannot quantize (nn.Linear, Conv1D, nn.Embedding)")
     plan: dict = dict(getattr(model, PLAN_ATTR, {}).get("modules", {}))
-    out_name = _output_embedding_name(model)
-    in_name = _input_embedding_name(model)
+    out_name = _embedding_name(model, "get_output_embeddings")
+    in_name = _embedding_name(model, "get_input_embeddings")
 
     targets: list[tuple[str, nn.Module]] = []
     for name, mod in model.named_modules():
