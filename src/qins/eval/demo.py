@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from ..config import WeightConfig
-from .compare import run_compare
 from .harness import Harness, Protocol
 from .report import plot_frontier, print_table, write_json, write_markdown
 
@@ -20,12 +19,15 @@ DEMO_CONFIGS = (
 )
 # also measured with activation-weighted calibration (first windows of the corpus)
 DEMO_CALIBRATED = (WeightConfig("qins", 8, 128),)
+ROUNDTRIP = WeightConfig("qins", 4, 64)                 # saved, reloaded, compared bit for bit
 
 
 def run_demo(out_dir: str | Path = "runs/demo", protocol: Protocol | None = None, progress: bool = True,
              command: str = "qins demo") -> dict:
     """Measure DEMO_CONFIGS on the default model, check a save/load round trip, write a report."""
-    from .. import load_default_model, quantize, save, load
+    from tqdm.auto import tqdm
+
+    from .. import load_default_model, save, load
     from ..models import DEFAULT_MODEL_NAME
 
     t0 = time.perf_counter()
@@ -33,18 +35,25 @@ def run_demo(out_dir: str | Path = "runs/demo", protocol: Protocol | None = None
     protocol = protocol or Protocol(windows=8, prompts=32, new_tokens=64, calibration_windows=8)
     tok, model = load_default_model()
     h = Harness(tok, model, protocol, progress=progress)
-    calibrated = list(DEMO_CALIBRATED) if protocol.calibration_windows else []
-    rows = run_compare(h, list(DEMO_CONFIGS), match_bits=(8, 4), with_peers=False, progress=progress,
-                       calibrated=calibrated)
-
-    # round trip: the saved 4-bit model gives bit-identical logits to the in-memory one
-    variant = quantize(__import__("copy").deepcopy(model), WeightConfig("qins", 4, 64), progress=progress)
-    saved = save(variant, out_dir / "qins-4b-g64", tokenizer=tok)
-    reloaded = load(saved)
-    ids = h.eval_windows[:1]
-    with torch.inference_mode():
-        same = torch.equal(variant(ids).logits, reloaded(ids).logits)
-    disk = sum(f.stat().st_size for f in saved.iterdir() if f.is_file())
+    jobs = [(c, False) for c in DEMO_CONFIGS] + [(c, True) for c in DEMO_CALIBRATED if protocol.calibration_windows]
+    jobs.sort(key=lambda j: -j[0].bits)                  # 8-bit rows first, as in compare
+    rows, same, saved, disk = [], None, None, 0
+    for cfg, calibrated in tqdm(jobs, desc="demo", disable=not progress):
+        roundtrip = cfg == ROUNDTRIP and not calibrated
+        out = h.measure_config(cfg, match=cfg.bits == 8, calibrated=calibrated, keep=roundtrip)
+        if roundtrip:
+            # the saved model gives bit-identical logits to the in-memory one
+            row, variant = out
+            saved = save(variant, out_dir / cfg.label, tokenizer=tok)
+            reloaded = load(saved)
+            ids = h.eval_windows[:1]
+            with torch.inference_mode():
+                same = torch.equal(variant(ids).logits, reloaded(ids).logits)
+            disk = sum(f.stat().st_size for f in saved.iterdir() if f.is_file())
+            del variant, reloaded
+        else:
+            row = out
+        rows.append(row)
 
     meta = h.describe()
     meta["model"] = DEFAULT_MODEL_NAME

@@ -125,8 +125,11 @@ class Harness:
         return row
 
     def measure_config(self, config: WeightConfig, match: bool = True, calibrated: bool = False,
-                       include_embeddings: bool = False, skip=None) -> dict:
-        """Quantize a copy of the float model with `config` and measure it."""
+                       include_embeddings: bool = False, skip=None, keep: bool = False):
+        """Quantize a copy of the float model with `config` and measure it.
+
+        Returns the row, or (row, quantized model) with keep=True.
+        """
         from ..weights.quantize import quantize
 
         variant = copy.deepcopy(self.model)
@@ -140,5 +143,4 @@ class Harness:
                            extra={"format": config.format, "bits": config.bits,
                                   "group_size": config.group_size, "quantize_seconds": qt,
                                   "calibrated": calibrated})
-        del variant
-        return row
+        return (row, variant) if keep else row
