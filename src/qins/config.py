@@ -9,8 +9,37 @@ from typing import Any
 FORMAT_VERSION = 1          # version of the saved layout this library writes and reads
 
 
+class JsonConfig:
+    """JSON round trip for the frozen config dataclasses; unknown fields are an error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _from_plain(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Turn JSON lists back into the field types (tuples); override where needed."""
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        return cls(**cls._from_plain(dict(d)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
 @dataclass(frozen=True)
-class WeightConfig:
+class WeightConfig(JsonConfig):
     """How to quantize a weight tensor.
 
     format        "qins", "qins-seed", "int-sym", "int-asym", "nf4", "fp8"
@@ -60,23 +89,3 @@ class WeightConfig:
         g = "ch" if self.group_size is None else f"g{self.group_size}"
         return f"{self.format}-{self.bits}b-{g}"
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WeightConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown WeightConfig fields {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "WeightConfig":
-        return cls.from_dict(json.loads(s))
-
-    def replace(self, **changes: Any) -> "WeightConfig":
-        return dataclasses.replace(self, **changes)

@@ -1,10 +1,10 @@
 """KVConfig: how QINSCache stores keys and values; frozen, round-trips through JSON."""
 from __future__ import annotations
 
-import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from ..config import JsonConfig
 
 KV_FORMAT_VERSION = 1
 KV_FORMATS = ("qins", "int-sym")          # both are a decode table times one scale per group
@@ -21,7 +21,7 @@ DEFAULT_CURVATURE: dict[int, float] = {8: 0.0, 6: 0.0, 5: 0.0, 4: 0.0, 3: 0.0, 2
 
 
 @dataclass(frozen=True)
-class KVConfig:
+class KVConfig(JsonConfig):
     """How a QINSCache quantizes and pages the KV cache.
 
     format       "qins" (default) or "int-sym" (uniform INT baseline through the same code)
@@ -108,30 +108,15 @@ class KVConfig:
 
     # -- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = super().to_dict()
         d["layer_bits"] = [list(t) for t in self.layer_bits]
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KVConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown KVConfig fields {sorted(unknown)}")
-        d = dict(d)
+    def _from_plain(cls, d: dict[str, Any]) -> dict[str, Any]:
         if "layer_bits" in d:
             d["layer_bits"] = tuple(tuple(t) for t in d["layer_bits"])
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> "KVConfig":
-        return cls.from_dict(json.loads(s))
-
-    def replace(self, **changes: Any) -> "KVConfig":
-        return dataclasses.replace(self, **changes)
+        return d
 
 
 def parse_kv_bits(s: str) -> tuple[int, int]:
