@@ -90,3 +90,22 @@ def read_corpus(paths: list[str | os.PathLike] | str | os.PathLike | None) -> st
             raise FileNotFoundError(f"corpus file not found: {p}")
         parts.append(p.read_text(encoding="utf-8"))
     return "\n\n".join(parts)
+
+
+def forward_windows(model, windows, batch_size: int = 4, desc: str = "forward", progress: bool = True,
+                    handles=()) -> None:
+    """Run `model` over (N, T) token windows in batches, without a KV cache, for its hooks.
+
+    `handles` (hook handles the caller registered) are removed afterwards, also on error.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for i in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, leave=False):
+                model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()

@@ -387,24 +387,20 @@ class QINSCache(Cache):
         super().crop(tokens_to_remove)
 
     # -- accounting ----------------------------------------------------------------------------
+    def _layer_sizes(self):
+        """(bytes held, K and V elements) of each layer; full-precision layers count their tensors."""
+        for layer in self.layers:
+            if isinstance(layer, QINSLayer):
+                yield layer.nbytes(), layer.n_elements()
+            elif getattr(layer, "is_initialized", False):
+                yield _nbytes(layer.keys) + _nbytes(layer.values), layer.keys.numel() + layer.values.numel()
+
     def nbytes(self) -> int:
         """Bytes held by every layer: codes, scales, page slack, sink, staging and residual."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, QINSLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "is_initialized", False):
-                total += _nbytes(layer.keys) + _nbytes(layer.values)
-        return total
+        return sum(b for b, _ in self._layer_sizes())
 
     def n_elements(self) -> int:
-        n = 0
-        for layer in self.layers:
-            if isinstance(layer, QINSLayer):
-                n += layer.n_elements()
-            elif getattr(layer, "is_initialized", False):
-                n += layer.keys.numel() + layer.values.numel()
-        return n
+        return sum(n for _, n in self._layer_sizes())
 
     def bits_per_element(self) -> float:
         """8 * nbytes() / K and V elements held (nan when empty)."""

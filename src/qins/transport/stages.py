@@ -22,7 +22,8 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from ..models import forward_windows
+from ..weights.quantize import replace_module
 
 from ..codec.qins import SEED_ALPHA
 from .jacobian import OperatingPoint
@@ -88,14 +89,7 @@ def operating_points(model: nn.Module, windows: torch.Tensor, sites: list[LayerS
 
     for name in _targets(sites):
         hooks.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
-    device = next(model.parameters()).device
-    try:
-        for i in tqdm(range(0, windows.shape[0], batch_size), desc="operating points", disable=not progress,
-                      leave=False):
-            model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_windows(model, windows, batch_size, "operating points", progress, handles=hooks)
     return {n: OperatingPoint(s[0] / s[3], s[1] / s[3], s[2], s[3]) for n, s in acc.items()}
 
 
@@ -128,25 +122,17 @@ def build_stage(model: nn.Module, stage: str, ops: dict[str, OperatingPoint], va
     return out
 
 
-def _set(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
-
-
 @contextlib.contextmanager
 def applied(model: nn.Module, replacements: dict[str, nn.Module]) -> Iterator[nn.Module]:
     """Swap the replacements in for the duration of the block; the float modules come back after."""
     old: dict[str, nn.Module] = {}
     try:
         for name, new in replacements.items():
-            old[name] = _set(model, name, new)
+            old[name] = replace_module(model, name, new)
         yield model
     finally:
         for name, mod in old.items():
-            _set(model, name, mod)
+            replace_module(model, name, mod)
 
 
 @torch.inference_mode()
@@ -174,14 +160,7 @@ def unit_errors(model: nn.Module, windows: torch.Tensor, candidates: dict[str, d
 
     for name, cands in candidates.items():
         hooks.append(model.get_submodule(name).register_forward_hook(make_hook(name, cands)))
-    device = next(model.parameters()).device
-    try:
-        for i in tqdm(range(0, windows.shape[0], batch_size), desc="layer errors", disable=not progress,
-                      leave=False):
-            model(input_ids=windows[i:i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_windows(model, windows, batch_size, "layer errors", progress, handles=hooks)
     out: dict[str, dict[str, float]] = {}
     for (key, name), (d, ref) in err.items():
         out.setdefault(key, {})[name] = (d / ref) ** 0.5 if ref > 0 else float("inf") if d > 0 else 0.0

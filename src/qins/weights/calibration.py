@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..models import forward_windows
 from .linear import is_linear_like
 
 
@@ -30,10 +30,5 @@ def input_second_moments(model: nn.Module, windows: torch.Tensor, batch_size: in
     for name, mod in model.named_modules():
         if is_linear_like(mod):
             hooks.append(mod.register_forward_pre_hook(make_hook(name)))
-    try:
-        for i in tqdm(range(0, windows.shape[0], batch_size), desc="calibration", disable=not progress, leave=False):
-            model(windows[i:i + batch_size].to(next(model.parameters()).device))
-    finally:
-        for h in hooks:
-            h.remove()
+    forward_windows(model, windows, batch_size, "calibration", progress, handles=hooks)
     return {n: (sums[n] / counts[n]).cpu() for n in sums}

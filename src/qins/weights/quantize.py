@@ -27,10 +27,13 @@ def _resolve(name: str, config: WeightConfig, overrides: Mapping[str, WeightConf
     return config
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` at dotted path `name`; returns the module it replaced."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    old = getattr(parent, child)
     setattr(parent, child, new)
+    return old
 
 
 def _embedding_name(model: nn.Module, getter: str) -> str | None:
@@ -120,7 +123,7 @@ def quantize(
             plan[name] = {"kind": "linear", "config": cfg.to_dict()}
         replacements.append((name, new))
     for name, new in replacements:
-        _set_module(model, name, new)
+        replace_module(model, name, new)
     record_plan(model, plan)
     return model
 

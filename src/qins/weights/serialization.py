@@ -28,7 +28,7 @@ from torch import nn
 
 from ..config import FORMAT_VERSION, WeightConfig
 from .linear import QINSEmbedding, QINSLinear
-from .quantize import PLAN_ATTR, _set_module, record_plan
+from .quantize import PLAN_ATTR, record_plan, replace_module
 
 WEIGHTS_NAME = "model.safetensors"
 PLAN_NAME = "qins.json"
@@ -175,7 +175,7 @@ def replace_modules(model: nn.Module, modules: dict) -> None:
                 new = QINSLinear(in_f, out_f, bias, WeightConfig.from_dict(entry["config"]), dtype=w.dtype)
         else:
             raise ValueError(f"unknown module kind {kind!r} for {name} in the saved plan")
-        _set_module(model, name, new)
+        replace_module(model, name, new)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
