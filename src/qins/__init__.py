@@ -16,6 +16,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "quantize": ("qins.weights.quantize", "quantize"),
+    "quantize_to_budget": ("qins.weights.budget", "quantize_to_budget"),
+    "plan_table": ("qins.weights.budget", "plan_table"),
+    "input_hessians": ("qins.weights.calibration", "input_hessians"),
     "save": ("qins.weights.serialization", "save"),
     "load": ("qins.weights.serialization", "load"),
     "QINSLinear": ("qins.weights.linear", "QINSLinear"),

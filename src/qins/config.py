@@ -51,6 +51,8 @@ class WeightConfig(JsonConfig):
     curvature_value  qins only: fix a instead of calibrating it
     clip_search   search a clip of each group's scale (largest |x| then may not be exact)
     scale_dtype   storage of scales and offsets: "float16" (16 bits each)
+    rounding      how codes are chosen: "nearest" level, or "gptq" (error-compensating, needs
+                  calibration text; codec/gptq.py). Decoding is the same either way.
     """
 
     format: str = "qins"
@@ -60,6 +62,7 @@ class WeightConfig(JsonConfig):
     curvature_value: float | None = None
     clip_search: bool = True
     scale_dtype: str = "float16"
+    rounding: str = "nearest"
     version: int = field(default=FORMAT_VERSION)
 
     def __post_init__(self) -> None:
@@ -79,6 +82,10 @@ class WeightConfig(JsonConfig):
             raise ValueError("curvature_value must be >= 0")
         if self.scale_dtype != "float16":
             raise ValueError(f"scale_dtype {self.scale_dtype!r} is not supported (float16 only)")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if self.rounding == "gptq" and fmt.seed_rounding:
+            raise ValueError(f"format {self.format!r} has a fixed encoder; rounding='gptq' does not apply")
         if self.version > FORMAT_VERSION:
             raise ValueError(
                 f"config format version {self.version} is newer than this qins reads "
@@ -87,5 +94,5 @@ class WeightConfig(JsonConfig):
     @property
     def label(self) -> str:
         g = "ch" if self.group_size is None else f"g{self.group_size}"
-        return f"{self.format}-{self.bits}b-{g}"
+        return f"{self.format}-{self.bits}b-{g}" + ("-gptq" if self.rounding == "gptq" else "")
 

@@ -139,13 +139,23 @@ def fit(
     curvature: str = "tensor",
     curvature_value: float | None = None,
     clip_search: bool = True,
+    hessian: torch.Tensor | None = None,
+    rounding: str = "nearest",
 ):
     """Calibrate and encode w (O, I) in groups of `group_size` along I.
+
+    hessian   (I, I) E[x x^T] of the layer's input: its diagonal weights the error (when no
+              `importance` is given) and rounding="gptq" compensates rounding errors with it
+              (codec/gptq.py); the curvature and scales are fitted first either way.
 
     Returns (codes (O, I) int64, scale (O, G), offset (O, G) or None, curvature (A,) or None).
     """
     O, I = w.shape
     x = w.float()
+    if rounding not in ("nearest", "gptq"):
+        raise ValueError(f"rounding must be 'nearest' or 'gptq', got {rounding!r}")
+    if importance is None and hessian is not None:
+        importance = torch.diagonal(hessian)
     h = torch.ones(1, I) if importance is None else importance.float().clamp(min=0).reshape(1, I)
     clips = clip_grid(bits) if clip_search else (1.0,)
     n = n_levels(fmt, bits)
@@ -163,6 +173,11 @@ def fit(
 
     _, best_clip = _best_clip_error(x, h, group_size, fmt, bits, levels, clips)
     codes, _, p = _encode_decode(x, group_size, fmt, bits, levels, best_clip)
+    if rounding == "gptq" and hessian is not None:
+        from .gptq import gptq_codes
+        s = expand_groups(p.scale, group_size, I)
+        m = expand_groups(p.offset, group_size, I) if p.offset is not None else None
+        codes = gptq_codes(x, hessian.float(), levels, s, m)
     return codes, p.scale, p.offset, a
 
 

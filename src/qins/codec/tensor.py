@@ -35,14 +35,25 @@ class QuantizedWeight:
     @classmethod
     def from_float(cls, w: torch.Tensor, config: WeightConfig, importance: torch.Tensor | None = None,
                    name: str = "weight") -> "QuantizedWeight":
-        """Calibrate and encode `w` (O, I); `importance` (I,) weights the error per input channel."""
+        """Calibrate and encode `w` (O, I).
+
+        importance  (I,) error weight per input channel (mean squared input), or (I, I) the
+                    input's second-moment matrix E[x x^T]: its diagonal weights the error and
+                    config.rounding="gptq" compensates rounding with it (codec/gptq.py).
+        """
         if w.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
         if not torch.isfinite(w).all():
             bad = int((~torch.isfinite(w)).sum())
             raise ValueError(f"{name}: {bad} NaN/Inf values in the weight; refusing to quantize")
-        if importance is not None and importance.shape != (w.shape[1],):
-            raise ValueError(f"{name}: importance must have shape ({w.shape[1]},), got {tuple(importance.shape)}")
+        I_ = w.shape[1]
+        if importance is not None and importance.shape not in ((I_,), (I_, I_)):
+            raise ValueError(f"{name}: importance must have shape ({I_},) or ({I_}, {I_}), "
+                             f"got {tuple(importance.shape)}")
+        hessian = importance if importance is not None and importance.dim() == 2 else None
+        if config.rounding == "gptq" and hessian is None:
+            raise ValueError(f"{name}: rounding='gptq' needs the input's ({I_}, {I_}) second-moment "
+                             f"matrix (qins.weights.calibration.input_hessians)")
         fmt = get_format(config.format)
         O, I = w.shape
         if fmt.seed_rounding:
@@ -51,9 +62,10 @@ class QuantizedWeight:
             return cls(qweight, None, None, None, config, (O, I))
         g = I if config.group_size is None else config.group_size
         codes, scale, offset, a = calibrate.fit(
-            w.detach().cpu().float(), fmt, config.bits, g, importance=importance,
+            w.detach().cpu().float(), fmt, config.bits, g,
+            importance=None if hessian is not None else importance, hessian=hessian,
             curvature=config.curvature, curvature_value=config.curvature_value,
-            clip_search=config.clip_search)
+            clip_search=config.clip_search, rounding=config.rounding)
         return cls(
             qweight=packing.pack(codes, config.bits),
             scales=scale.to(torch.float16).contiguous(),

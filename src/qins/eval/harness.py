@@ -58,6 +58,7 @@ class Harness:
         self._prompts = load_prompts(protocol.prompts)
         self._ref_gen: list[list[int]] | None = None
         self._calibration_stats = None
+        self._calibration_hessians = None
 
     # -- shared data ----------------------------------------------------------------------
     def reference_generations(self) -> list[list[int]]:
@@ -76,6 +77,14 @@ class Harness:
             self._calibration_stats = input_second_moments(self.model, self.calibration_windows,
                                                            self.protocol.batch_size, self.progress)
         return self._calibration_stats
+
+    def calibration_hessians(self) -> dict[str, torch.Tensor]:
+        """Per-layer input second-moment matrices (I, I) of the float model (for GPTQ)."""
+        if self._calibration_hessians is None:
+            from ..weights.calibration import input_hessians
+            self._calibration_hessians = input_hessians(self.model, self.calibration_windows,
+                                                        self.protocol.batch_size, self.progress)
+        return self._calibration_hessians
 
     def describe(self) -> dict:
         p = self.protocol
@@ -128,17 +137,21 @@ class Harness:
                        include_embeddings: bool = False, skip=None, keep: bool = False):
         """Quantize a copy of the float model with `config` and measure it.
 
-        Returns the row, or (row, quantized model) with keep=True.
+        `calibrated`: activation-weighted error from the calibration windows; a config with
+        rounding="gptq" always uses them (their Hessians). Returns the row, or (row, quantized
+        model) with keep=True.
         """
         from ..weights.quantize import quantize
 
         variant = copy.deepcopy(self.model)
         t0 = time.perf_counter()
-        stats = self.calibration_stats() if calibrated else None
+        gptq = config.rounding == "gptq"
+        calibrated = calibrated or gptq
+        stats = self.calibration_hessians() if gptq else (self.calibration_stats() if calibrated else None)
         quantize(variant, config, skip=skip, include_embeddings=include_embeddings, calibration=stats,
                  progress=self.progress)
         qt = time.perf_counter() - t0
-        label = config.label + ("+act" if calibrated else "")
+        label = config.label + ("+act" if calibrated and not gptq else "")
         row = self.measure(variant, label, match=match,
                            extra={"format": config.format, "bits": config.bits,
                                   "group_size": config.group_size, "quantize_seconds": qt,

@@ -32,3 +32,45 @@ def input_second_moments(model: nn.Module, windows: torch.Tensor, batch_size: in
             hooks.append(mod.register_forward_pre_hook(make_hook(name)))
     forward_windows(model, windows, batch_size, "calibration", progress, handles=hooks)
     return {n: (sums[n] / counts[n]).cpu() for n in sums}
+
+
+
+@torch.inference_mode()
+def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+                   names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """{linear name: (I, I) E[x x^T]} over every token of `windows` (N, T) token ids.
+
+    The second-moment matrix of each linear layer's input: the Hessian (up to a factor 2) of
+    its output error, which rounding="gptq" uses and whose diagonal is `input_second_moments`.
+    Layers fed the same tensor (q/k/v, gate/up) share one matrix. Summed in float64.
+    """
+    acc: dict[str, list] = {}            # name -> [sum (I, I) float64, tokens]; shared objects
+    batch: dict[int, tuple] = {}         # id(input) -> (input, accumulator, x^T x), this batch
+
+    def make_hook(name):
+        def hook(_mod, args):
+            x = args[0]
+            hit = batch.get(id(x))
+            if hit is None:
+                xf = x.detach().reshape(-1, x.shape[-1]).double()
+                xtx = xf.T @ xf
+                a = acc.setdefault(name, [torch.zeros_like(xtx), 0])
+                a[0] += xtx
+                a[1] += xf.shape[0]
+                batch[id(x)] = (x, a, xtx, xf.shape[0])    # holding x keeps its id unique
+                return
+            _, a, xtx, n = hit
+            mine = acc.setdefault(name, a)                  # first batch: share the accumulator
+            if mine is not a:                               # the same input, grouped otherwise
+                mine[0] += xtx
+                mine[1] += n
+        return hook
+
+    hooks = [model.register_forward_pre_hook(lambda *_: batch.clear())]
+    for name, mod in model.named_modules():
+        if is_linear_like(mod) and (names is None or name in names):
+            hooks.append(mod.register_forward_pre_hook(make_hook(name)))
+    forward_windows(model, windows, batch_size, "calibration (Hessians)", progress, handles=hooks)
+    batch.clear()
+    done: dict[int, torch.Tensor] = {}
+    return {n: done.setdefault(id(a), (a[0] / a[1]).float()) for n, a in acc.items()}

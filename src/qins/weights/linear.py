@@ -84,13 +84,17 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
 
     @classmethod
     def from_float(cls, linear: nn.Module, config: WeightConfig, importance: torch.Tensor | None = None,
-                   name: str = "linear") -> "QINSLinear":
-        """Quantize an nn.Linear (or transformers' Conv1D, whose weight is stored transposed)."""
+                   name: str = "linear", quantized: QuantizedWeight | None = None) -> "QINSLinear":
+        """Quantize an nn.Linear (or transformers' Conv1D, whose weight is stored transposed).
+
+        `quantized`: codes already made from this weight (e.g. by the bit allocator), used as is.
+        """
         w = _linear_weight(linear, name)
         out_f, in_f = w.shape
         bias = getattr(linear, "bias", None)
-        mod = cls(in_f, out_f, bias is not None, config, dtype=w.dtype)
-        mod._set_quantized(QuantizedWeight.from_float(w, config, importance, name=name))
+        qw = _given_or_new(w, config, importance, name, quantized)
+        mod = cls(in_f, out_f, bias is not None, qw.config, dtype=w.dtype)
+        mod._set_quantized(qw)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
         return mod.to(w.device)
@@ -127,10 +131,13 @@ class QINSEmbedding(_QuantizedWeightMixin, nn.Module):
         self.output_dtype = dtype                              # the float embedding's dtype
 
     @classmethod
-    def from_float(cls, emb: nn.Embedding, config: WeightConfig, name: str = "embedding") -> "QINSEmbedding":
+    def from_float(cls, emb: nn.Embedding, config: WeightConfig, importance: torch.Tensor | None = None,
+                   name: str = "embedding", quantized: QuantizedWeight | None = None) -> "QINSEmbedding":
+        """`importance`: the tied lm_head's input statistics ((D,) or (D, D)), if any."""
         w = emb.weight.detach()
-        mod = cls(w.shape[0], w.shape[1], config, padding_idx=emb.padding_idx, dtype=w.dtype)
-        mod._set_quantized(QuantizedWeight.from_float(w, config, name=name))
+        qw = _given_or_new(w, config, importance, name, quantized)
+        mod = cls(w.shape[0], w.shape[1], qw.config, padding_idx=emb.padding_idx, dtype=w.dtype)
+        mod._set_quantized(qw)
         embed_scale = getattr(emb, "embed_scale", None)        # scaled embedding subclasses
         if embed_scale is not None:
             mod.scale_output = float(embed_scale)
@@ -156,6 +163,14 @@ class QINSEmbedding(_QuantizedWeightMixin, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, {self.config.label}"
+
+
+def _given_or_new(w, config, importance, name, quantized):
+    if quantized is None:
+        return QuantizedWeight.from_float(w, config, importance, name=name)
+    if tuple(quantized.shape) != tuple(w.shape):
+        raise ValueError(f"{name}: quantized weight has shape {tuple(quantized.shape)}, the module {tuple(w.shape)}")
+    return quantized
 
 
 def _linear_weight(module: nn.Module, name: str) -> torch.Tensor:

@@ -53,6 +53,7 @@ def quantize(
     include_embeddings: bool = False,
     calibration: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
+    prequantized: Mapping[str, "QuantizedWeight"] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it.
 
@@ -63,8 +64,14 @@ def quantize(
     skip         name patterns (fnmatch; a bare name matches as a suffix) left in float
     overrides    {pattern: WeightConfig or dict of fields to change} per module, first match wins
     calibration  {module name: (in_features,) mean squared input} from
-                 `qins.weights.calibration.input_second_moments`: activation-weighted error
+                 `qins.weights.calibration.input_second_moments`: activation-weighted error;
+                 or {module name: (in_features, in_features) E[x x^T]} from `input_hessians`,
+                 which a config with rounding="gptq" needs. A tied embedding uses its
+                 lm_head's entry; an untied input embedding has none and rounds to nearest.
+    prequantized {module name: QuantizedWeight} codes already made from that module's weight
+                 (the bit allocator's choice); its config wins over `config` and `overrides`
     """
+    prequantized = dict(prequantized or {})
     config = config or WeightConfig()
     skip = list(skip or [])
     for pattern in overrides or {}:
@@ -102,14 +109,26 @@ def quantize(
                              f"(the model is left unchanged)")
 
     tied = _tied_output(model, in_name, out_name)
+    for name, mod in targets:
+        cfg = _resolve(name, config, overrides)
+        if name in prequantized or (name == out_name and tied and in_name in [n for n, _ in targets]):
+            continue                              # given codes, or the embedding's (tied) codes
+        if cfg.rounding == "gptq" and not isinstance(mod, nn.Embedding) and (
+                calibration is None or calibration.get(name) is None or calibration[name].dim() != 2):
+            raise ValueError(f"{name}: rounding='gptq' needs calibration={{name: (I, I) E[x x^T]}} "
+                             f"from qins.weights.calibration.input_hessians (the model is left unchanged)")
     new_embedding: QINSEmbedding | None = None
     replacements: list[tuple[str, nn.Module]] = []
     for name, mod in tqdm(targets, desc=f"quantize {config.label}", disable=not progress, leave=False):
-        cfg = _resolve(name, config, overrides)
+        pre = prequantized.get(name)
+        cfg = pre.config if pre is not None else _resolve(name, config, overrides)
         if isinstance(mod, nn.Embedding):
-            new = QINSEmbedding.from_float(mod, cfg, name=name)
+            stat = calibration.get(out_name) if (calibration is not None and tied and out_name) else None
+            if stat is None and cfg.rounding == "gptq":
+                cfg = cfg.replace(rounding="nearest")     # no input statistics for a lookup table
+            new = QINSEmbedding.from_float(mod, cfg, importance=stat, name=name, quantized=pre)
             new_embedding = new
-            plan[name] = {"kind": "embedding", "config": cfg.to_dict()}
+            plan[name] = {"kind": "embedding", "config": new.config.to_dict()}
         elif name == out_name and tied and new_embedding is not None:
             bias = getattr(mod, "bias", None)
             new = QINSLinear(mod.in_features, mod.out_features, bias is not None, new_embedding.config,
@@ -119,8 +138,8 @@ def quantize(
             plan[name] = {"kind": "tied_linear", "tied_to": in_name}
         else:
             imp = None if calibration is None else calibration.get(name)
-            new = QINSLinear.from_float(mod, cfg, importance=imp, name=name)
-            plan[name] = {"kind": "linear", "config": cfg.to_dict()}
+            new = QINSLinear.from_float(mod, cfg, importance=imp, name=name, quantized=pre)
+            plan[name] = {"kind": "linear", "config": new.config.to_dict()}
         replacements.append((name, new))
     for name, new in replacements:
         replace_module(model, name, new)
@@ -140,14 +159,16 @@ def _tied_output(model: nn.Module, in_name: str | None, out_name: str | None) ->
     return a is b or a.data_ptr() == b.data_ptr()
 
 
-def record_plan(model: nn.Module, plan: dict) -> None:
+def record_plan(model: nn.Module, plan: dict, allocation: dict | None = None) -> None:
     """Keep the per-module plan on the model and in its HF config (saved in config.json).
 
     A transformers model also gets the qins quantizer attached (`qins.weights.hf.attach`), as
     `from_pretrained` would, so its own `save_pretrained` writes a loadable qins checkpoint.
     """
     doc = {"quant_method": "qins", "format_version": FORMAT_VERSION, "modules": plan}
-    setattr(model, PLAN_ATTR, doc)
+    allocation = allocation or getattr(model, PLAN_ATTR, {}).get("allocation")
+    # how a mixed plan was chosen rides on the model and in qins.json, not in config.json
+    setattr(model, PLAN_ATTR, dict(doc, allocation=allocation) if allocation else doc)
     cfg = getattr(model, "config", None)
     if cfg is not None:
         cfg.quantization_config = doc

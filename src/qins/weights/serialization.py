@@ -72,6 +72,8 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
             gen.save_pretrained(tmp)
         doc = {"format_version": FORMAT_VERSION, "qins_version": __version__,
                "modules": plan["modules"], "tied": tied}
+        if plan.get("allocation"):
+            doc["allocation"] = plan["allocation"]
         (tmp / PLAN_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
