@@ -19,7 +19,8 @@ def _group(s: str):
 def _weight_config(a):
     from .config import WeightConfig
     return WeightConfig(format=a.format, bits=a.bits, group_size=_group(a.group_size),
-                        curvature=a.curvature, clip_search=not a.no_clip_search)
+                        curvature=a.curvature, clip_search=not a.no_clip_search,
+                        rounding=getattr(a, "rounding", "nearest"))
 
 
 def _add_protocol(p, windows=16, prompts=32):
@@ -56,23 +57,41 @@ def cmd_demo(a):
 
 def cmd_compress(a):
     from . import load_model, quantize, save
-    from .eval.harness import Harness
-    from .models import read_corpus
     from .eval.quality import token_windows
-    from .weights.calibration import input_second_moments
+    from .models import read_corpus
 
     config = _weight_config(a)                 # bad options fail before the model loads
-    calibrate = a.calibration_text is not None or a.calibration_windows
+    modes = [x for x in (a.target_bpw, a.max_kl, a.max_ppl_increase) if x is not None]
+    if len(modes) > 1:
+        raise ValueError("give at most one of --target-bpw, --max-kl, --max-ppl-increase")
+    calibrate = bool(a.calibration_text is not None or a.calibration_windows or modes or config.rounding == "gptq")
     text = read_corpus(a.calibration_text or None) if calibrate else None
     tok, model = load_model(a.model)
-    stats = None
+    stats = wins = None
+    where = "the default corpus" if not a.calibration_text else " ".join(a.calibration_text)
     if calibrate:
         wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or 8)
-        print(f"calibration: first {wins.shape[0]} windows x 512 tokens of "
-              f"{'the default corpus' if not a.calibration_text else a.calibration_text}; "
-              f"evaluation uses the last windows (disjoint)")
-        stats = input_second_moments(model, wins)
-    quantize(model, config, skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
+        print(f"calibration: first {wins.shape[0]} windows x 512 tokens of {where}; "
+              f"qins eval/compare evaluate on the last windows of the corpus (disjoint)")
+    if modes:
+        from .weights.allocate import default_candidates
+        from .weights.budget import plan_table, quantize_to_budget
+        menu = [tuple(int(x) for x in c.split(":")) for c in a.candidates] if a.candidates else None
+        cands = default_candidates(a.format, **({"menu": menu} if menu else {}))
+        rep = quantize_to_budget(model, wins, target_bpw=a.target_bpw, max_kl=a.max_kl,
+                                 max_ppl_increase=a.max_ppl_increase, candidates=cands,
+                                 include_embeddings=not a.no_embeddings, skip=a.skip or (),
+                                 describe=f"first windows of {where}")
+        print(plan_table(rep))
+    else:
+        if calibrate:
+            if config.rounding == "gptq":
+                from .weights.calibration import input_hessians
+                stats = input_hessians(model, wins)
+            else:
+                from .weights.calibration import input_second_moments
+                stats = input_second_moments(model, wins)
+        quantize(model, config, skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
     path = save(model, a.output, tokenizer=tok)
     from .eval.memory import memory_report, format_bytes
     mem = memory_report(model)
@@ -122,7 +141,11 @@ def cmd_compare(a):
     tok, model = load_model(a.model)
     text = read_corpus(a.text) if a.text else None
     h = Harness(tok, model, _protocol(a), text=text)
-    configs = grid(a.formats, a.bits_list, [_group(g) for g in a.groups])
+    if a.configs:
+        from .config import WeightConfig
+        configs = [WeightConfig(f, int(b), _group(g)) for f, b, g in (c.split(":") for c in a.configs)]
+    else:
+        configs = grid(a.formats, a.bits_list, [_group(g) for g in a.groups])
     meta = h.describe()
     meta["model"] = a.model or "SmolLM2-135M-Instruct (embedded)"
 
@@ -132,12 +155,31 @@ def cmd_compare(a):
 
     calibrated = [c for c in configs if c.bits in a.calibrated_bits and c.format in a.calibrated_formats]
     rows = run_compare(h, configs, match_bits=tuple(a.match_bits), with_peers=not a.no_peers, on_row=flush,
-                       calibrated=calibrated)
+                       calibrated=calibrated, methods=tuple(a.calibration), budgets=tuple(a.budgets))
     flush(rows)
     plot_frontier(rows, a.out)
     print_table(rows, title=f"qins compare — {meta['eval_windows']}; float ppl {meta['ppl_ref']:.3f}")
     print(f"report: {a.out}/report.md, plots: {a.out}/kl_vs_bpw.png {a.out}/ppl_vs_bpw.png")
     _maybe_json(a, {"meta": meta, "rows": rows})
+
+
+def cmd_synthetic(a):
+    from .eval.report import write_json
+    from .eval.synthetic import markdown_table, synthetic_report
+    rows = synthetic_report(bits=tuple(a.bits_list), shape=(a.rows, a.cols),
+                            group_sizes=tuple(_group(g) for g in a.groups), formats=tuple(a.formats), seed=a.seed)
+    print(markdown_table(rows))
+    _maybe_json(a, {"command": a.command, "rows": rows})
+
+
+def cmd_embeddings(a):
+    from .config import WeightConfig
+    from .eval.embeddings import DEFAULT_CONFIGS, compare_embeddings, format_table
+    configs = ([WeightConfig(f, int(b), _group(g)) for f, b, g in (c.split(":") for c in a.configs)]
+               if a.configs else DEFAULT_CONFIGS)
+    res = compare_embeddings(configs, methods=tuple(a.methods), path=a.model, n_eval=a.sentences)
+    print(format_table(res["rows"]))
+    _maybe_json(a, dict(res, command=a.command))
 
 
 def cmd_generate(a):
@@ -213,11 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="local HF dir or .gguf (default: embedded model)")
     p.add_argument("-o", "--output", required=True)
     _add_weight(p)
+    p.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"),
+                   help="gptq: error-compensating rounding from calibration text (implies calibration)")
     p.add_argument("--skip", nargs="*", default=None, help="module name patterns kept in float")
     p.add_argument("--include-embeddings", action="store_true", help="also quantize embeddings / lm_head")
     p.add_argument("--calibration-text", nargs="*", default=None,
-                   help="text file(s) for activation-weighted calibration (no files: the default corpus)")
-    p.add_argument("--calibration-windows", type=int, default=0)
+                   help="text file(s) for calibration (no files: the default corpus's first windows)")
+    p.add_argument("--calibration-windows", type=int, default=0, help="512-token calibration windows (default 8)")
+    g = p.add_argument_group("mixed precision (every tensor counted, embeddings included; --format sets the codebook)")
+    g.add_argument("--target-bpw", type=float, default=None, help="best quality within this whole-model bpw")
+    g.add_argument("--max-kl", type=float, default=None, help="fewest bits with KL <= this (nats/token)")
+    g.add_argument("--max-ppl-increase", type=float, default=None, help="fewest bits with ppl <= +this percent")
+    g.add_argument("--candidates", nargs="*", default=None, help="BITS:GROUP choices (default 3:64 4:128 4:64 5:64 6:64 8:128)")
+    g.add_argument("--no-embeddings", action="store_true", help="keep embeddings / lm_head in float in a mixed plan")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="quality + memory vs the uncompressed model")
@@ -234,15 +284,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--formats", nargs="+", default=["qins", "int-sym", "int-asym", "nf4", "fp8", "qins-seed"])
     p.add_argument("--bits", dest="bits_list", nargs="+", type=int, default=[8, 6, 5, 4, 3])
     p.add_argument("--groups", nargs="+", default=["64", "128", "none"])
+    p.add_argument("--configs", nargs="*", default=None,
+                   help="FORMAT:BITS:GROUP list instead of the --formats x --bits x --groups grid")
     p.add_argument("--match-bits", nargs="*", type=int, default=[8], help="bit widths that also get greedy token match")
     p.add_argument("--no-peers", action="store_true", help="skip HQQ / bitsandbytes even if installed")
     p.add_argument("--calibrated-bits", nargs="*", type=int, default=[8, 4],
                    help="bit widths also measured with activation-weighted calibration")
     p.add_argument("--calibrated-formats", nargs="*", default=["qins", "int-asym"])
+    p.add_argument("--calibration", nargs="+", default=["act", "gptq"], choices=("act", "gptq"),
+                   help="calibrated rows: activation-weighted error, GPTQ rounding, or both")
+    p.add_argument("--budgets", nargs="*", type=float, default=[],
+                   help="whole-model bpw targets for the mixed-precision allocator (e.g. 5.33 4.0)")
     p.add_argument("--calibration-windows", type=int, default=8,
                    help="calibration windows from the start of the corpus (disjoint from evaluation)")
     p.add_argument("--out", default="runs/compare")
     p.set_defaults(fn=cmd_compare)
+
+    p = sub.add_parser("synthetic", help="Gaussian/Laplacian matrices vs Lloyd-Max and the R-D bound")
+    p.add_argument("--bits", dest="bits_list", nargs="+", type=int, default=[2, 3, 4, 5, 6, 8])
+    p.add_argument("--groups", nargs="+", default=["64", "128", "none"])
+    p.add_argument("--formats", nargs="+", default=["qins", "int-sym", "int-asym", "nf4", "fp8"])
+    p.add_argument("--rows", type=int, default=1024)
+    p.add_argument("--cols", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_synthetic)
+
+    p = sub.add_parser("embeddings", help="sentence-embedding cosine vs float on all-MiniLM-L6-v2")
+    p.add_argument("model", nargs="?", default=None, help="a sentence-transformers dir (default: embedded MiniLM)")
+    p.add_argument("--configs", nargs="*", default=None, help="FORMAT:BITS:GROUP, e.g. qins:4:64")
+    p.add_argument("--methods", nargs="+", default=["none", "act", "gptq"], choices=("none", "act", "gptq"))
+    p.add_argument("--sentences", type=int, default=300, help="evaluation sentences")
+    p.set_defaults(fn=cmd_embeddings)
 
     p = sub.add_parser("generate", help="greedy or sampled generation")
     p.add_argument("model", help="a qins-saved dir or a float model")

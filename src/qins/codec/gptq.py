@@ -62,7 +62,7 @@ def gptq_codes(
         raise ValueError(f"Hessian must have shape ({I}, {I}), got {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise ValueError("Hessian has NaN/Inf entries")
-    W = w.double().clone()
+    W = w.float().clone()                                           # fp32 updates, fp64 inverse
     H = hessian.double()
     dead = torch.diagonal(H) <= 0
     if dead.any():
@@ -71,10 +71,10 @@ def gptq_codes(
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(I)
     W = W[:, perm]
     H = H[perm][:, perm]
-    S = scale_cols.double()[:, perm]
-    M = None if offset_cols is None else offset_cols.double()[:, perm]
-    U = _inverse_cholesky(H, damp)                                  # (I, I) upper
-    lev = levels.double()
+    S = scale_cols.float()[:, perm]
+    M = None if offset_cols is None else offset_cols.float()[:, perm]
+    U = _inverse_cholesky(H, damp).float()                          # (I, I) upper
+    lev = levels.float()
     codes = torch.empty(O, I, dtype=torch.long)
 
     for b0 in range(0, I, block):

@@ -35,14 +35,20 @@ def grid(formats=DEFAULT_FORMATS, bits=DEFAULT_BITS, groups=DEFAULT_GROUPS) -> l
 
 def run_compare(h: Harness, configs: list[WeightConfig], match_bits=(8,), with_peers: bool = True,
                 peer_settings=((4, 64), (8, 128), (3, 64)), progress: bool = True, on_row=None,
-                calibrated: list[WeightConfig] = ()) -> list[dict]:
+                calibrated: list[WeightConfig] = (), methods=("act",), budgets=()) -> list[dict]:
     """Measure every config (and the installed peers) against the same reference.
 
-    `calibrated` configs are measured again with activation-weighted calibration on the
-    harness's calibration windows (disjoint from the evaluation windows).
+    `calibrated` configs are measured again with calibration on the harness's calibration
+    windows (disjoint from the evaluation windows), by each of `methods`: "act"
+    (activation-weighted error) and "gptq" (GPTQ rounding). `budgets`: whole-model bpw targets
+    for the mixed-precision allocator (every tensor, embeddings included).
     """
     rows = []
-    jobs: list = [("qins", c) for c in configs] + [("qins+act", c) for c in calibrated]
+    jobs: list = [("qins", c) for c in configs]
+    if "act" in methods:
+        jobs += [("qins+act", c) for c in calibrated]
+    if "gptq" in methods:
+        jobs += [("qins", c.replace(rounding="gptq")) for c in calibrated]
     if with_peers:
         wanted = {c.bits for c in configs}
         peer_settings = [s for s in peer_settings if s[0] in wanted]
@@ -54,8 +60,11 @@ def run_compare(h: Harness, configs: list[WeightConfig], match_bits=(8,), with_p
     # 8 and 4 bits first: a long run that is stopped early has the headline rows
     order = {8: 0, 4: 1, 3: 2, 6: 3, 5: 4}
     jobs.sort(key=lambda j: order.get(j[1].bits if isinstance(j[1], WeightConfig) else j[1][0], 9))
+    jobs += [("budget", b) for b in budgets]
     for kind, job in tqdm(jobs, desc="compare", disable=not progress):
-        if kind in ("qins", "qins+act"):
+        if kind == "budget":
+            row, _ = h.measure_budget(job)
+        elif kind in ("qins", "qins+act"):
             row = h.measure_config(job, match=job.bits in match_bits, calibrated=kind == "qins+act")
         else:
             bits, g = job

@@ -59,6 +59,7 @@ class Harness:
         self._ref_gen: list[list[int]] | None = None
         self._calibration_stats = None
         self._calibration_hessians = None
+        self._sensitivity: dict = {}
 
     # -- shared data ----------------------------------------------------------------------
     def reference_generations(self) -> list[list[int]]:
@@ -157,3 +158,30 @@ class Harness:
                                   "group_size": config.group_size, "quantize_seconds": qt,
                                   "calibrated": calibrated})
         return (row, variant) if keep else row
+
+    def measure_budget(self, target_bpw: float, candidates=None, match: bool = False):
+        """Quantize a copy of the whole model (every tensor) to `target_bpw` with the bit
+        allocator; the sensitivity measurement is shared by every budget of one harness."""
+        from ..weights import allocate
+        from ..weights.budget import measure_sensitivity, quantize_to_budget
+
+        candidates = list(candidates or allocate.default_candidates())
+        key = tuple(c.label for c in candidates)
+        t0 = time.perf_counter()
+        if key not in self._sensitivity:
+            self._sensitivity[key] = measure_sensitivity(self.model, self.calibration_windows, candidates,
+                                                         progress=self.progress)
+        variant = copy.deepcopy(self.model)
+        rep = quantize_to_budget(variant, self.calibration_windows, target_bpw=target_bpw, candidates=candidates,
+                                 sensitivity=self._sensitivity[key], progress=self.progress)
+        qt = time.perf_counter() - t0
+        mix = {}
+        for t in rep["tensors"]:
+            mix[t["config"]] = mix.get(t["config"], 0) + t["numel"]
+        total = sum(mix.values())
+        row = self.measure(variant, f"qins-mixed<={target_bpw:g}bpw", bpw=rep["bpw_all"], match=match,
+                           extra={"format": "qins-mixed", "bits": target_bpw, "group_size": None,
+                                  "quantize_seconds": qt, "calibrated": True, "whole_model": True,
+                                  "estimated_kl": rep["estimated_kl"],
+                                  "mix": {k: round(v / total, 4) for k, v in sorted(mix.items())}})
+        return row, rep

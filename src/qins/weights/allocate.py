@@ -29,13 +29,13 @@ from ..codec.tensor import QuantizedWeight
 from ..config import WeightConfig
 from .linear import _linear_weight, is_linear_like
 
-DEFAULT_BITS = (3, 4, 5, 6, 8)
-DEFAULT_GROUPS = (64, 128)
+# (bits, group): 3.25, 4.125, 4.25, 5.25, 6.25 and 8.125 bits per weight with fp16 scales.
+# Each candidate costs one quantization of the whole model while measuring sensitivity.
+DEFAULT_MENU = ((3, 64), (4, 128), (4, 64), (5, 64), (6, 64), (8, 128))
 
 
-def default_candidates(fmt: str = "qins", bits=DEFAULT_BITS, groups=DEFAULT_GROUPS,
-                       rounding: str = "gptq") -> list[WeightConfig]:
-    return [WeightConfig(fmt, b, g, rounding=rounding) for b in bits for g in groups]
+def default_candidates(fmt: str = "qins", menu=DEFAULT_MENU, rounding: str = "gptq") -> list[WeightConfig]:
+    return [WeightConfig(fmt, b, g, rounding=rounding) for b, g in menu]
 
 
 # -- sensitivity ------------------------------------------------------------------------------

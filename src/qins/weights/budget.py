@@ -57,12 +57,14 @@ def quantize_to_budget(
     rounds: int = 3,
     progress: bool = True,
     describe: str = "calibration windows",
+    sensitivity: list[alloc.Tensor] | None = None,
 ) -> dict:
     """Quantize `model` in place to a per-tensor plan; returns the report (also on the model).
 
     Exactly one of target_bpw (whole-model bits per weight), max_kl (nats per token) and
-    max_ppl_increase (percent) is given. `candidates` default to qins 3/4/5/6/8 bits at
-    g64/g128 with GPTQ rounding.
+    max_ppl_increase (percent) is given. `candidates` default to
+    `allocate.default_candidates()`: qins 3b-g64 .. 8b-g128 with GPTQ rounding. `sensitivity`: the output of `measure_sensitivity` for this
+    model, windows and candidates, to share one measurement between several targets.
     """
     given = [x is not None for x in (target_bpw, max_kl, max_ppl_increase)]
     if sum(given) != 1:
@@ -86,11 +88,10 @@ def quantize_to_budget(
         fit_w, check_w = windows[:-hold], windows[-hold:]
     else:
         fit_w, check_w = windows, windows
-    H = input_hessians(model, fit_w, progress=progress)
-    gains, emb_gain = alloc.fisher(model, fit_w, progress=progress)
-    tensors = alloc.sensitivities(model, candidates, H, gains, emb_gain,
-                                  include_embeddings=include_embeddings, skip=skip, progress=progress)
-    del H
+    tensors = sensitivity if sensitivity is not None else measure_sensitivity(
+        model, fit_w, candidates, include_embeddings=include_embeddings, skip=skip, progress=progress)
+    if len(tensors[0].bits) != len(candidates):
+        raise ValueError("`sensitivity` was measured for other candidates")
     other_bits, params = _float_bits(model, tensors)
 
     def build(choice, target):
@@ -141,6 +142,15 @@ def quantize_to_budget(
     from .quantize import PLAN_ATTR, record_plan
     record_plan(model, getattr(model, PLAN_ATTR)["modules"], allocation=report)
     return report
+
+
+def measure_sensitivity(model: nn.Module, windows: torch.Tensor, candidates: list[WeightConfig],
+                        include_embeddings: bool = True, skip=(), progress: bool = True) -> list[alloc.Tensor]:
+    """Hessians and Fisher of `model` on `windows`, then every tensor under every candidate."""
+    H = input_hessians(model, windows, progress=progress)
+    gains, emb_gain = alloc.fisher(model, windows, progress=progress)
+    return alloc.sensitivities(model, candidates, H, gains, emb_gain,
+                               include_embeddings=include_embeddings, skip=skip, progress=progress)
 
 
 def _bits(tensors, choice, other_bits, params) -> float:
