@@ -218,9 +218,11 @@ def test_compress_gptq_and_compare_gptq_rows(workdir, float_dir, text_file, caps
     cmp_out = workdir / "compare-gptq"
     assert main(["compare", str(float_dir), "--text", str(text_file), "--configs", "qins:3:32",
                  "--calibrated-bits", "3", "--calibrated-formats", "qins", "--no-peers", "--windows", "1",
-                 "--calibration-windows", "2", "--prompts", "0", "--out", str(cmp_out)]) == 0
+                 "--calibration-windows", "2", "--prompts", "0", "--budgets", "6", "--out", str(cmp_out)]) == 0
     by = {r["label"]: r for r in json.loads((cmp_out / "results.json").read_text())["rows"]}
-    assert set(by) == {"qins-3b-g32", "qins-3b-g32+act", "qins-3b-g32-gptq"}
+    assert set(by) == {"qins-3b-g32", "qins-3b-g32+act", "qins-3b-g32-gptq", "qins-mixed<=6bpw"}
+    mixed = by["qins-mixed<=6bpw"]
+    assert mixed["whole_model"] and mixed["bpw"] <= 6 and mixed["bpw_all"] == pytest.approx(mixed["bpw"])
     # error compensation against the same rounding-only codebook, same data; the tiny random
     # model measured KL 0.718 (act) -> 0.623 (gptq) on its one evaluation window
     assert by["qins-3b-g32-gptq"]["kl"] < by["qins-3b-g32+act"]["kl"]

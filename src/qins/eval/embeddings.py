@@ -322,6 +322,18 @@ class EmbeddingHarness:
                 **cosine_summary(self.reference, emb), "seconds": seconds}
 
 
+    def measure_peer(self, bits: int = 4, group_size: int = 64) -> dict:
+        """HQQ (its own data-free optimizer) on every encoder linear: the peer row."""
+        from . import peers
+        t0 = time.perf_counter()
+        variant = copy.deepcopy(self.model)
+        info = peers.fake_quantize_hqq(variant, bits, group_size, skip=list(self.skip), progress=False)
+        emb = self.embed(variant)
+        return {"label": f"{info['label']} (peer)", "format": "hqq", "bits": bits, "group_size": group_size,
+                "method": "none", "bpw": info["bpw"], "bpw_all": None,
+                **cosine_summary(self.reference, emb), "seconds": time.perf_counter() - t0}
+
+
 DEFAULT_CONFIGS = (
     WeightConfig("qins", 8, 128),
     WeightConfig("qins", 4, 64),
@@ -334,7 +346,7 @@ DEFAULT_CONFIGS = (
 
 def measure_embeddings(configs=DEFAULT_CONFIGS, method: str | tuple[str, ...] = ("none", "act"),
                        harness: EmbeddingHarness | None = None, progress: bool = True, on_row=None,
-                       **build) -> list[dict]:
+                       peer_settings=((4, 64), (3, 64)), **build) -> list[dict]:
     """Rows (label, bits, group_size, bpw, mean/min/5th-percentile cosine, seconds) per config × method.
 
     `harness` defaults to `EmbeddingHarness.build(**build)` (MiniLM, default corpus). `on_row(rows)`
@@ -353,6 +365,12 @@ def measure_embeddings(configs=DEFAULT_CONFIGS, method: str | tuple[str, ...] = 
         rows.append(row)
         if on_row is not None:
             on_row(rows)
+    from . import peers
+    if peers.available().get("hqq"):
+        for b, g in peer_settings:
+            rows.append(h.measure_peer(b, g))
+            if on_row is not None:
+                on_row(rows)
     return rows
 
 

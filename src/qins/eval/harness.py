@@ -156,7 +156,7 @@ class Harness:
         row = self.measure(variant, label, match=match,
                            extra={"format": config.format, "bits": config.bits,
                                   "group_size": config.group_size, "quantize_seconds": qt,
-                                  "calibrated": calibrated})
+                                  "calibrated": calibrated, "rounding": config.rounding})
         return (row, variant) if keep else row
 
     def measure_budget(self, target_bpw: float, candidates=None, match: bool = False):

@@ -80,6 +80,17 @@ def write_markdown(path: str | os.PathLike, title: str, meta: dict, rows: list[d
     _atomic_write(path, "\n".join(lines))
 
 
+def _family(r: dict) -> str:
+    """Line of the frontier plot a row belongs to: format, group, calibration method."""
+    if r.get("whole_model"):
+        return f"{r.get('format')} (whole model)"
+    g = r.get("group_size")
+    fam = f"{r.get('format', r['label'])} " + ("ch" if g is None else f"g{g}")
+    if r.get("rounding") == "gptq" or r["label"].endswith("-gptq"):
+        return fam + " gptq"
+    return fam + (" +act" if r.get("calibrated") else "")
+
+
 def plot_frontier(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
     """KL and perplexity against bpw, one line per format family; returns the PNG paths."""
     import matplotlib
@@ -96,16 +107,13 @@ def plot_frontier(rows: list[dict], out_dir: str | os.PathLike) -> list[Path]:
         for r in rows:
             if r.get(key) is None or r.get("bpw") is None:
                 continue
-            g = r.get("group_size")
-            fam = f"{r.get('format', r['label'])} " + ("ch" if g is None else f"g{g}")
-            fam += " +act" if r.get("calibrated") else ""
-            fams.setdefault(fam, []).append(r)
+            fams.setdefault(_family(r), []).append(r)
         colors = plt.get_cmap("tab20").colors
         markers = "osD^v<>pX*"
         for i, (fam, rs) in enumerate(sorted(fams.items())):
             rs = sorted(rs, key=lambda r: r["bpw"])
             ax.plot([r["bpw"] for r in rs], [max(r[key], 1e-6) for r in rs], marker=markers[i % len(markers)],
-                    color=colors[i % len(colors)], ls="--" if fam.endswith("+act") else "-", label=fam)
+                    color=colors[i % len(colors)], ls="--" if fam.endswith(("+act", "gptq")) else "-", label=fam)
         if key == "ppl" and rows:
             ax.axhline(rows[0].get("ppl_ref", 0), color="k", ls="--", lw=0.8, label="float")
         ax.set_xlabel("bits per weight (all stored)")
