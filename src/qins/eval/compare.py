@@ -74,7 +74,8 @@ def run_compare(h: Harness, configs: list[WeightConfig], match_bits=(8,), with_p
             else:
                 info = peers.fake_quantize_bnb_nf4(variant, g, progress=progress)
             row = h.measure(variant, f"{kind}-{bits}b-g{g} (peer)", bpw=info["bpw"], match=bits in match_bits,
-                            extra={"format": kind, "bits": bits, "group_size": g, "peer": True})
+                            extra={"format": kind, "bits": bits, "group_size": g, "peer": True,
+                                   "bpw_all": None})      # fake-quantized: its float storage is not what it stores
             del variant
         rows.append(row)
         if on_row is not None:

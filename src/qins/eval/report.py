@@ -10,6 +10,7 @@ COLUMNS = [
     # key, header, format
     ("label", "variant", "{}"),
     ("bpw", "bpw", "{:.3f}"),
+    ("bpw_all", "bpw (all)", "{:.3f}"),
     ("ppl", "ppl", "{:.3f}"),
     ("ppl_increase_pct", "Δppl %", "{:+.2f}"),
     ("kl", "KL", "{:.5f}"),
@@ -74,9 +75,16 @@ def write_markdown(path: str | os.PathLike, title: str, meta: dict, rows: list[d
     if "ppl_ref" in meta:
         lines.append(f"- float reference perplexity: {meta['ppl_ref']:.3f}")
     lines += ["", "bpw counts everything stored for the quantized layers (codes, scales, offsets, "
-              "curvatures, padding). KL = mean KL(p_float || p_variant) per token; token match = "
+              "curvatures, padding); bpw (all) counts every tensor of the model, float ones included "
+              "(a `qins-mixed` row quantizes every tensor, embeddings too, so both are equal). KL = mean KL(p_float || p_variant) per token; token match = "
               "greedy tokens equal to the float model's, position by position.", "",
               markdown_table(rows), ""]
+    mixes = [r for r in rows if r.get("mix")]
+    for r in mixes:
+        share = ", ".join(f"{k} {100 * v:.1f}%" for k, v in r["mix"].items())
+        lines.append(f"- {r['label']}: weights per candidate: {share}; estimated KL {r.get('estimated_kl', 0):.4f}")
+    if mixes:
+        lines.append("")
     _atomic_write(path, "\n".join(lines))
 
 
