@@ -105,3 +105,14 @@ def test_save_load_is_bit_identical(harness, q4_model, tmp_path):
     # embedding (49152 x 576, 113.2 MB); the tied float head stored again would add 113 MB
     size = (path / "model.safetensors").stat().st_size
     assert 165e6 < size < 175e6
+
+
+def test_gptq_4bit_halves_the_data_free_kl(harness):
+    # GPTQ rounding with Hessians from the corpus's first 4 windows (disjoint from the last 2
+    # evaluated here). Measured on these 2 windows: KL 0.0737 (top-1 0.874) against 0.2580 without data.
+    h = Harness(harness.tok, harness.model, Protocol(windows=2, prompts=4, new_tokens=16, calibration_windows=4),
+                progress=False)
+    r = h.measure_config(Q4.replace(rounding="gptq"), match=False)
+    print(f"qins-4b-g64-gptq: kl {r['kl']:.5f} top1 {r['top1']:.4f} bpw {r['bpw']:.5f}")
+    assert r["label"] == "qins-4b-g64-gptq" and abs(r["bpw"] - 4.25) < 0.01
+    assert r["kl"] < 0.5 * 0.2580
