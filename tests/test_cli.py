@@ -218,7 +218,9 @@ def test_compress_gptq_and_compare_gptq_rows(workdir, float_dir, text_file, caps
     cmp_out = workdir / "compare-gptq"
     assert main(["compare", str(float_dir), "--text", str(text_file), "--configs", "qins:3:32",
                  "--calibrated-bits", "3", "--calibrated-formats", "qins", "--no-peers", "--windows", "1",
-                 "--calibration-windows", "2", "--prompts", "0", "--budgets", "6", "--out", str(cmp_out)]) == 0
+                 "--calibration-windows", "2", "--prompts", "0", "--budgets", "6", "--synthetic", "--synthetic-rows", "8",
+                 "--out", str(cmp_out)]) == 0
+    assert "gap to Lloyd-Max dB" in (cmp_out / "synthetic.md").read_text()
     by = {r["label"]: r for r in json.loads((cmp_out / "results.json").read_text())["rows"]}
     assert set(by) == {"qins-3b-g32", "qins-3b-g32+act", "qins-3b-g32-gptq", "qins-mixed<=6bpw"}
     mixed = by["qins-mixed<=6bpw"]

@@ -158,6 +158,22 @@ def cmd_compare(a):
                        calibrated=calibrated, methods=tuple(a.calibration), budgets=tuple(a.budgets))
     flush(rows)
     plot_frontier(rows, a.out)
+    from pathlib import Path
+    if a.embeddings:                    # second model with genuine float weights
+        from .eval.embeddings import compare_embeddings, format_table
+        emb = compare_embeddings(methods=("none", "act", "gptq"))
+        Path(a.out, "embeddings.md").write_text(f"# all-MiniLM-L6-v2: mean cosine to float\n\nCommand: `{a.command}`\n\n"
+                                              f"{emb['setup']}\n\n{format_table(emb['rows'])}\n")
+        write_json(f"{a.out}/embeddings.json", emb)
+        print(format_table(emb["rows"]))
+    if a.synthetic:                     # Gaussian / Laplacian vs Lloyd-Max and the R-D bound
+        from .eval.synthetic import markdown_table, synthetic_report
+        fmts = tuple(dict.fromkeys(c.format for c in configs if c.format != "qins-seed")) or ("qins",)
+        syn = synthetic_report(bits=tuple(sorted({c.bits for c in configs})), shape=(a.synthetic_rows, 4096),
+                               group_sizes=(64, 128, None), formats=fmts)
+        Path(a.out, "synthetic.md").write_text(f"# Synthetic sources\n\nCommand: `{a.command}`\n\n{markdown_table(syn)}\n")
+        write_json(f"{a.out}/synthetic.json", {"rows": syn})
+        print(markdown_table(syn))
     print_table(rows, title=f"qins compare — {meta['eval_windows']}; float ppl {meta['ppl_ref']:.3f}")
     print(f"report: {a.out}/report.md, plots: {a.out}/kl_vs_bpw.png {a.out}/ppl_vs_bpw.png")
     _maybe_json(a, {"meta": meta, "rows": rows})
@@ -293,6 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrated-formats", nargs="*", default=["qins", "int-asym"])
     p.add_argument("--calibration", nargs="+", default=["act", "gptq"], choices=("act", "gptq"),
                    help="calibrated rows: activation-weighted error, GPTQ rounding, or both")
+    p.add_argument("--embeddings", action="store_true",
+                   help="also measure all-MiniLM-L6-v2 sentence-embedding cosine (qins embeddings)")
+    p.add_argument("--synthetic", action="store_true",
+                   help="also measure Gaussian/Laplacian matrices vs Lloyd-Max and the R-D bound (qins synthetic)")
+    p.add_argument("--synthetic-rows", type=int, default=1024, help="rows of the 4096-column synthetic matrices")
     p.add_argument("--budgets", nargs="*", type=float, default=[],
                    help="whole-model bpw targets for the mixed-precision allocator (e.g. 5.33 4.0)")
     p.add_argument("--calibration-windows", type=int, default=8,
