@@ -10,12 +10,20 @@ def test_json_round_trip():
     assert KVConfig.from_json(c.to_json()) == c
     assert c.bits_for(3) == (2, 2) and c.bits_for(1) == (8, 4)
     assert KVConfig(k_bits=6).v_bits == 6
+    # per-width defaults: group and key zero points follow k_bits, value curvature v_bits
+    c = KVConfig(k_bits=4, v_bits=8)
+    assert (c.group_for(4), c.zero_for(4, "k"), c.zero_for(8, "v")) == (128, True, False)
+    assert (c.group_for(8), c.zero_for(8, "k")) == (64, False)
+    assert (c.curvature_for(8, "v"), c.curvature_for(4, "v"), c.curvature_for(3, "v")) == (0.0, 0.0, 1.0)
+    assert KVConfig(format="int-sym").curvature_for(4, "v") == 0.0
+    assert KVConfig(group=32, k_zero=False).group_for(4) == 32 and not KVConfig(k_zero=False).zero_for(4, "k")
 
 
 @pytest.mark.parametrize("bad", [dict(k_bits=7), dict(v_bits=1), dict(page_kb=8), dict(page_kb=128),
                                  dict(residual=-1), dict(group=48), dict(format="nf4"),
                                  dict(layer_bits=((0, 4, 7),)), dict(layer_bits=((1, 4, 4), (1, 8, 8))),
-                                 dict(sliding="compress"), dict(version=99)])
+                                 dict(sliding="compress"), dict(version=99), dict(k_bits=4, sink=128),
+                                 dict(group=16, sink=16), dict(k_zero="yes"), dict(v_zero=1)])
 def test_bad_config(bad):
     with pytest.raises(ValueError):
         KVConfig(**bad)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from qins.codec.packing import pack, unpack
-from qins.kv.pages import (Codec, Page, dequantize_keys, dequantize_values, pack_rows, page_tokens,
-                           quantize_keys, quantize_values, unpack_rows)
+from qins.kv.pages import (Codec, Page, byte_table, decode_levels, dequantize_keys, dequantize_values, pack_rows,
+                           page_tokens, quantize_keys, quantize_values, unpack_rows, zero_point_table)
 
 BITS = (2, 3, 4, 5, 6, 8)
 
@@ -28,36 +28,72 @@ def _max_step(codec: Codec) -> float:
     return float((lv[1:] - lv[:-1]).max())
 
 
+@pytest.mark.parametrize("zero", [False, True])
 @pytest.mark.parametrize("fmt,a", [("qins", 0.0), ("qins", 2.0), ("int-sym", 0.0)])
 @pytest.mark.parametrize("bits", BITS)
-def test_round_trip_bounded_by_step(fmt, a, bits):
-    codec = Codec.build(fmt, bits, a)
+def test_round_trip_bounded_by_step(fmt, a, bits, zero):
+    codec = Codec.build(fmt, bits, a, zero)
     g = torch.Generator().manual_seed(bits)
-    x = torch.randn(2, 3, 128, 40, generator=g) * torch.linspace(0.1, 8, 40)   # outlier channels
-    kc, ks = quantize_keys(x, codec, 64)
+    # outlier channels with a non-zero centre (as keys have)
+    x = torch.randn(2, 3, 128, 40, generator=g) * torch.linspace(0.1, 8, 40) + torch.linspace(-5, 5, 40)
+    kc, ks, kz = quantize_keys(x, codec, 64)
     assert ks.shape == (2, 3, 2, 40) and ks.dtype == torch.float16
-    k = dequantize_keys(kc, ks, codec, 64, torch.float32)
-    vc, vs = quantize_values(x, codec)
+    assert (kz is None) == (not zero) and (kz is None or kz.shape == ks.shape)
+    k = dequantize_keys(kc, ks, kz, codec, 64, torch.float32)
+    vc, vs, vz = quantize_values(x, codec)
     assert vs.shape == (2, 3, 128)
-    v = dequantize_values(vc, vs, codec, torch.float32)
-    # error <= half the widest step of the table times |scale|, or, for the signed-scale qins
+    v = dequantize_values(vc, vs, vz, codec, torch.float32)
+    # error <= half the widest step of the table times the scale, or, for the signed-scale qins
     # table, the gap between its short side's end and -1 (at 2 bits levels are -.5, 0, .5, 1)
-    half = max(0.5 * _max_step(codec), 1.0 + float(codec.lut[0]))
-    # + |s| 2^-10: the fp16 scale may round below the group's extreme, which then clamps
+    half = 0.5 * _max_step(codec) if zero else max(0.5 * _max_step(codec), 1.0 + float(codec.lut[0]))
+    # + |s| 2^-10: the fp16 scale (and zero point) may round inside the group's range, which then clamps
     sk = ks.float().abs().repeat_interleave(64, dim=2)
-    assert ((k - x).abs() <= (half + 2**-10) * sk + 1e-6).all()
-    assert ((v - x).abs() <= (half + 2**-10) * vs.float().abs().unsqueeze(-1) + 1e-6).all()
-    # the extreme of every key group is within fp16 rounding of the scale (signed: exact level)
-    if fmt == "qins":
+    tol = 2**-10 if not zero else 2**-9
+    assert ((k - x).abs() <= (half + tol) * sk + 1e-3 * zero + 1e-6).all()
+    assert ((v - x).abs() <= (half + tol) * vs.float().abs().unsqueeze(-1) + 1e-3 * zero + 1e-6).all()
+    # the extremes of every key group are exact levels, up to fp16 rounding of scale and zero point
+    if zero:
+        xv, kv = x.view(2, 3, 2, 64, 40), k.view(2, 3, 2, 64, 40)
+        ulp = 2**-10 * (kz.float().abs() + ks.float().abs()) + 1e-6      # fp16 rounding of m and s
+        assert ((kv.amax(3) - xv.amax(3)).abs() <= ulp).all() and ((kv.amin(3) - xv.amin(3)).abs() <= ulp).all()
+    elif fmt == "qins":
         ext = k.view(2, 3, 2, 64, 40).abs().amax(3)
         torch.testing.assert_close(ext, ks.float().abs(), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("a", [0.0, 1.0])
+def test_zero_point_table(bits, a):
+    t = zero_point_table(bits, a)
+    assert t.shape == (2**bits,) and t[0] == -1 and t[-1] == 1
+    assert (t[1:] > t[:-1]).all() and torch.equal(t, -t.flip(0))      # increasing, symmetric
+    if a == 0:                                                        # uniform: asymmetric INT
+        torch.testing.assert_close(t[1:] - t[:-1], torch.full((2**bits - 1,), 2 / (2**bits - 1)))
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("zero", [False, True])
+@pytest.mark.parametrize("d", [64, 40])
+def test_decode_levels_matches_lut(bits, zero, d):
+    # the byte-table fast path (2, 4, 8 bits, whole words) equals unpack + table lookup
+    codec = Codec.build("qins", bits, 1.0, zero)
+    codes = torch.randint(0, 2**bits, (2, 3, 7, d), generator=torch.Generator().manual_seed(bits))
+    words = pack_rows(codes, bits)
+    want = codec.lut[codes.long()]
+    table = byte_table(codec)
+    assert (table is None) == (bits not in (2, 4, 8))
+    assert torch.equal(decode_levels(words, codec, d, table), want)
 
 
 def test_zero_group_decodes_to_zero():
     codec = Codec.build("qins", 4, 1.0)
     x = torch.zeros(1, 1, 64, 8)
-    kc, ks = quantize_keys(x, codec, 64)
-    assert torch.equal(dequantize_keys(kc, ks, codec, 64, torch.float32), x)
+    kc, ks, kz = quantize_keys(x, codec, 64)
+    assert torch.equal(dequantize_keys(kc, ks, kz, codec, 64, torch.float32), x)
+    codec = Codec.build("qins", 4, 1.0, zero_point=True)               # constant groups are exact too
+    x = torch.full((1, 1, 64, 8), 3.0)
+    kc, ks, kz = quantize_keys(x, codec, 64)
+    assert torch.equal(dequantize_keys(kc, ks, kz, codec, 64, torch.float32), x)
 
 
 def test_page_size_and_bytes():
@@ -66,6 +102,10 @@ def test_page_size_and_bytes():
     assert page_tokens(32, 3, 64, 4, 4, 64) == 128
     assert page_tokens(32, 3, 64, 2, 2, 64) == 256
     assert page_tokens(16, 3, 64, 8, 8, 64) == 64          # at least one group
+    # 4 bits, group 128 with key zero points: 24576 B of codes + 768 v scales + 768 k scales/zeros
+    assert page_tokens(32, 3, 64, 4, 4, 128, k_zero=True) == 128
+    p = Page(1, 3, 64, 128, 128, 4, 4, "cpu", k_zero=True)
+    assert p.nbytes() == 3 * (128 * 8 * 4 * 2 + 64 * 2 * 2 + 128 * 2) <= 32 * 1024
     p = Page(2, 3, 64, 128, 64, 4, 4, "cpu")
     assert p.nbytes() == 2 * 3 * (128 * 8 * 4 * 2 + 2 * 64 * 2 + 128 * 2)
     assert p.nbytes() <= 2 * 32 * 1024                      # page_kb per batch row

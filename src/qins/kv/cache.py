@@ -2,8 +2,9 @@
 
 Token order inside one QINSLayer (B, H, T, D):
 
-    | sink (fp) | pages: sealed groups of G tokens (codes) | staging (fp, < G) | residual (fp) |
-      `sink`      `pages`                                    `keys[:, :, :n_s]`   last `residual`
+    | pages: sealed groups of G tokens (codes)  | staging (fp, < G) | residual (fp)       |
+      `pages`                                     `keys[:, :, :n_s]`  last `residual`
+    | sink copies (fp) overlay the first `sink` tokens when read back |
 
 - New tokens enter the fp region (`keys`, `values`, the model's dtype). When it holds at
   least `residual + G` tokens, its oldest whole groups of G tokens are quantized (keys per
@@ -13,15 +14,20 @@ Token order inside one QINSLayer (B, H, T, D):
   key scales yet. They are held in fp (counted in `nbytes`) and read back quantized:
   values with their final per-token codes, keys with provisional per-channel scales over
   the staging tokens, recomputed at each update (O(G)). So with `residual=0` attention
-  reads every token back from quantized codes. For fewer than a handful of staging tokens
-  the provisional key scales are close to the values themselves (a 1-token group is exact);
-  once G tokens are there the group is sealed with its final scales.
-- Keys carry outlier channels with a non-zero centre (KIVI quantizes them asymmetrically).
-  A per-channel offset, the mid-range of the first sealed tokens, is fixed per layer at the
-  first seal and subtracted before the per-channel scale; it is never recomputed, so sealed
-  pages stay valid (measured on the default model, 4-bit residual 0: see the report).
-- The reference path (CPU and tests): `update` decodes every page and returns the full
-  (B, H, T, D) keys and values, which the model's attention (SDPA) consumes.
+  reads every token back from quantized codes (except the sink copies).
+- Keys below 8 bits store a zero point (mid-range) and a half-range per (group, channel):
+  keys carry outlier channels with a non-zero centre and, after RoPE, slowly drifting
+  low-frequency channels, which a per-group zero point follows (KIVI). 8-bit keys use a
+  fixed per-channel offset instead (the mid-range of the first sealed tokens, fixed per layer
+  at the first seal, so sealed pages stay valid) and one scale per group.
+- Sink tokens (`sink`, default 1): the first tokens draw much of the attention and carry
+  outlier keys. They stay in the stream (so pages keep their alignment and the first page is
+  an ordinary page), are left out of the first group's ranges, and a full-precision copy
+  overlays them when read back.
+- The reference path (CPU and tests): `update` decodes every page straight into one fresh
+  (B, H, T, D) output per tensor (one table gather per byte of codes and one fused
+  scale/zero-point multiply-add; pages.decode_rows) and returns it to the model's attention
+  (SDPA). No decoded copy of the history is kept between steps.
 
 Sliding-window layers stay uncompressed: they are transformers' DynamicSlidingWindowLayer,
 whose bytes `nbytes` counts.
@@ -33,8 +39,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import _compat
 from .config import KVConfig
-from .pages import (Codec, Page, key_offset, dequantize_keys, dequantize_values, fake_quantize_keys, pack_rows,
-                    page_tokens, quantize_keys, quantize_values, unpack_rows)
+from .pages import (Codec, Page, affine_levels, byte_table, decode_rows, fake_quantize_keys, fake_quantize_values,
+                    key_offset, pack_rows, page_tokens, quantize_keys, quantize_values)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -45,12 +51,15 @@ class QINSLayer(CacheLayerMixin):
     """One full-attention layer of a QINSCache.
 
     Stored state (B batch rows, H KV heads, D head dim, model dtype):
-      sink_k, sink_v   (B, H, <= sink, D)          the first tokens, full precision
-      k_offset         (B, H, 1, D) fp16            per-channel key offset, set once at the first
-                                                    seal (mid-range of the first sealed tokens)
-      pages            list[Page]                   packed codes + fp16 scales (pages.py)
-      keys, values     (B, H, n_fp, D)              staging + residual window, full precision
-      cumulative_length  int                        tokens held, all regions
+      pages            list[Page]                   packed codes + fp16 scales / zero points
+                                                    of tokens 0 .. n_quantized - 1 (pages.py)
+      keys, values     (B, H, n_fp, D)              the tokens after them: staging + residual
+                                                    window, full precision
+      sink_k, sink_v   (B, H, <= sink, D)           copies of the first tokens, full precision;
+                                                    they overlay those tokens when read back
+      k_offset         (B, H, 1, D) fp16 or None    per-channel key offset of keys without a
+                                                    zero point, set once at the first seal
+      cumulative_length  int                        tokens held = n_quantized + n_fp
     """
 
     is_sliding = False
@@ -58,10 +67,13 @@ class QINSLayer(CacheLayerMixin):
 
     def __init__(self, k_bits: int, v_bits: int, *, format: str = "qins", residual: int = 128, sink: int = 0,
                  page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
+                 k_zero: bool = True, v_zero: bool = False,
                  expect_heads: int | None = None, expect_head_dim: int | None = None):
         super().__init__()
-        self.k_codec = Codec.build(format, k_bits, k_curvature)
-        self.v_codec = Codec.build(format, v_bits, v_curvature)
+        if sink >= group:
+            raise ValueError(f"sink ({sink}) must be smaller than the key group ({group} tokens)")
+        self.k_codec = Codec.build(format, k_bits, k_curvature, k_zero)
+        self.v_codec = Codec.build(format, v_bits, v_curvature, v_zero)
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
         self.expect = (expect_heads, expect_head_dim)
         self.cumulative_length = 0
@@ -72,7 +84,7 @@ class QINSLayer(CacheLayerMixin):
 
     def __repr__(self):
         return (f"QINSLayer(k{self.k_codec.bits}v{self.v_codec.bits}, {self.k_codec.format}, residual={self.residual}, "
-                f"sink={self.sink}, page_tokens={self.page_tokens})")
+                f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens})")
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -102,9 +114,14 @@ class QINSLayer(CacheLayerMixin):
         self.keys = key_states.new_zeros(B, H, 0, D)
         self.values = value_states.new_zeros(B, H, 0, D)
         self.sink_k, self.sink_v = self.keys, self.values
-        self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group)
+        self.k_offset = None
+        self.pages = []
+        self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group,
+                                       self.k_codec.zero_point, self.v_codec.zero_point)
         self.k_codec = _on(self.k_codec, self.device)
         self.v_codec = _on(self.v_codec, self.device)
+        self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
+        self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
         self.is_initialized = True
 
     # -- append --------------------------------------------------------------------------------
@@ -115,15 +132,24 @@ class QINSLayer(CacheLayerMixin):
         k, v = key_states.to(self.dtype), value_states.to(self.dtype)
         self.cumulative_length += k.shape[2]
         room = self.sink - self.sink_k.shape[2]
-        if room > 0:
+        if room > 0 and k.shape[2]:
             self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
             self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
-            k, v = k[:, :, room:], v[:, :, room:]
         if k.shape[2]:
             self.keys = torch.cat([self.keys, k], dim=2)
             self.values = torch.cat([self.values, v], dim=2)
         self._seal_ready_groups()
         return self._read()
+
+    def _key_stats_view(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys from the start of the stream with the sink tokens replaced by the next token,
+        so that they do not widen the first group's ranges (they are read back from sink_k)."""
+        S = min(self.sink_k.shape[2], k.shape[2] - 1)
+        if S <= 0:
+            return k
+        k = k.clone()
+        k[:, :, :S] = k[:, :, S:S + 1]
+        return k
 
     def _seal_ready_groups(self) -> None:
         G = self.group
@@ -131,58 +157,104 @@ class QINSLayer(CacheLayerMixin):
         if n <= 0:
             return
         k, v = self.keys[:, :, :n], self.values[:, :, :n]
-        if self.k_offset is None:                                     # fixed at the first seal
+        if not self.pages:
+            k = self._key_stats_view(k)
+        if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
             self.k_offset = key_offset(k)
-        kc, ks = quantize_keys(k - self.k_offset.to(k.dtype), self.k_codec, G)                    # (B, H, n, D), (B, H, n/G, D)
-        vc, vs = quantize_values(v, self.v_codec)                     # (B, H, n, D), (B, H, n)
+        if self.k_offset is not None:
+            k = k - self.k_offset.to(k.dtype)
+        kc, ks, kz = quantize_keys(k, self.k_codec, G)                # (B, H, n, D), (B, H, n/G, D) x2
+        vc, vs, vz = quantize_values(v, self.v_codec)                 # (B, H, n, D), (B, H, n) x2
         kw, vw = pack_rows(kc, self.k_codec.bits), pack_rows(vc, self.v_codec.bits)
         B, H, _, D = k.shape
         t = 0
         while t < n:
             if not self.pages or self.pages[-1].sealed:
                 self.pages.append(Page(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
-                                       self.device))
+                                       self.device, self.k_codec.zero_point, self.v_codec.zero_point))
             page = self.pages[-1]
             m = min(page.capacity - page.n_tokens, n - t)
-            page.write_groups(kw[:, :, t:t + m], ks[:, :, t // G:(t + m) // G], vw[:, :, t:t + m], vs[:, :, t:t + m])
+            gs = slice(t // G, (t + m) // G)
+            page.write_groups(kw[:, :, t:t + m], ks[:, :, gs], None if kz is None else kz[:, :, gs],
+                              vw[:, :, t:t + m], vs[:, :, t:t + m], None if vz is None else vz[:, :, t:t + m])
             t += m
         self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
         self.values = self.values[:, :, n:].clone()
 
     # -- read back -----------------------------------------------------------------------------
+    def _decode_pages_into(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Decode every page into out_k/out_v[:, :, :n_quantized] (views of (B, H, T, D)).
+
+        Per tensor: one concatenation of the pages' codes (bits/8 bytes per element), one
+        uint8 -> int32 pass and one table gather (decode_levels), one fused scale (+ zero
+        point) multiply-add written straight into the output."""
+        live = [p for p in self.pages if p.n_groups]
+        if not live:
+            return
+        G, D = self.group, out_k.shape[3]
+
+        def planes(name: str, per_token: bool) -> torch.Tensor | None:
+            xs = [getattr(p, name) for p in live]
+            if xs[0] is None:
+                return None
+            xs = [x if p.sealed else x[:, :, :(p.n_tokens if per_token else p.n_groups)] for x, p in zip(xs, live)]
+            return torch.cat(xs, dim=2) if len(xs) > 1 else xs[0].contiguous()
+
+        kw, ks, kz = planes("k_codes", True), planes("k_scale", False), planes("k_zero", False)
+        vw, vs, vz = planes("v_codes", True), planes("v_scale", True), planes("v_zero", True)
+        B, H, Q, _ = kw.shape
+        # x = m + r * (alpha * u + beta) = (m + r * beta) + (r * alpha) * u: the affine part of
+        # the table folds into the (small) scale and zero-point planes
+        u, alpha, beta = decode_rows(kw, self.k_codec, D, self._k_table, self._k_affine)
+        r = ks.unsqueeze(3).float()                                   # (B, H, Q/G, 1, D)
+        m = kz.unsqueeze(3).float() if kz is not None else \
+            self.k_offset.unsqueeze(2).float() if self.k_offset is not None else None
+        _scale_into(out_k[:, :, :Q].view(B, H, Q // G, G, D), u.view(B, H, Q // G, G, D), r, m, alpha, beta)
+        u, alpha, beta = decode_rows(vw, self.v_codec, D, self._v_table, self._v_affine)
+        _scale_into(out_v[:, :, :Q], u, vs.unsqueeze(3).float(), None if vz is None else vz.unsqueeze(3).float(),
+                    alpha, beta)
+
     def decode_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, H, n_quantized, D) keys and values decoded from every page."""
-        G, D = self.group, self.keys.shape[3]
-        parts = [(p.k_codes[:, :, :p.n_tokens], p.k_scale[:, :, :p.n_groups],
-                  p.v_codes[:, :, :p.n_tokens], p.v_scale[:, :, :p.n_tokens]) for p in self.pages if p.n_groups]
-        if not parts:
-            e = self.keys[:, :, :0]
-            return e, e
-        kw, ks, vw, vs = (torch.cat(x, dim=2) if len(parts) > 1 else x[0].contiguous() for x in zip(*parts))
-        k = dequantize_keys(unpack_rows(kw, self.k_codec.bits, D), ks, self.k_codec, G, self.dtype)
-        k += self.k_offset.to(self.dtype)
-        v = dequantize_values(unpack_rows(vw, self.v_codec.bits, D), vs, self.v_codec, self.dtype)
+        """(B, H, n_quantized, D) keys and values decoded from every page (sink overlaid)."""
+        B, H, _, D = self.keys.shape
+        Q = self.n_quantized
+        k = self.keys.new_empty(B, H, Q, D)
+        v = self.values.new_empty(B, H, Q, D)
+        self._decode_pages_into(k, v)
+        self._overlay_sink(k, v)
         return k, v
 
+    def _overlay_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        S = min(self.sink_k.shape[2], k.shape[2])
+        if S:
+            k[:, :, :S] = self.sink_k[:, :, :S]
+            v[:, :, :S] = self.sink_v[:, :, :S]
+
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n_stage = max(self.keys.shape[2] - self.residual, 0)
-        ks, vs = [self.sink_k], [self.sink_v]
-        if self.pages:
-            pk, pv = self.decode_pages()
-            ks.append(pk), vs.append(pv)
+        """All tokens as (B, H, T, D): pages decoded, staging quantized with provisional key
+        scales, residual as held, sink tokens overlaid."""
+        Q, F_ = self.n_quantized, self.keys.shape[2]
+        n_stage = max(F_ - self.residual, 0)
+        if Q == 0 and n_stage == 0:
+            return self.keys, self.values
+        B, H, _, D = self.keys.shape
+        out_k = self.keys.new_empty(B, H, Q + F_, D)
+        out_v = self.values.new_empty(B, H, Q + F_, D)
+        self._decode_pages_into(out_k, out_v)
         if n_stage:
             st = self.keys[:, :, :n_stage]
-            m = (self.k_offset if self.k_offset is not None else key_offset(st)).to(self.dtype)
-            ks.append(fake_quantize_keys(st - m, self.k_codec) + m)
-            vc, vsc = quantize_values(self.values[:, :, :n_stage], self.v_codec)
-            vs.append(dequantize_values(vc, vsc, self.v_codec, self.dtype))
-        ks.append(self.keys[:, :, n_stage:])
-        vs.append(self.values[:, :, n_stage:])
-        ks = [t for t in ks if t.shape[2]] or [self.keys]
-        vs = [t for t in vs if t.shape[2]] or [self.values]
-        if len(ks) == 1:
-            return ks[0], vs[0]
-        return torch.cat(ks, dim=2), torch.cat(vs, dim=2)
+            if Q == 0:
+                st = self._key_stats_view(st)
+            if self.k_codec.zero_point:
+                out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st, self.k_codec)
+            else:
+                m = (self.k_offset if self.k_offset is not None else key_offset(st)).to(self.dtype)
+                out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st - m, self.k_codec) + m
+            out_v[:, :, Q:Q + n_stage] = fake_quantize_values(self.values[:, :, :n_stage], self.v_codec)
+        out_k[:, :, Q + n_stage:] = self.keys[:, :, n_stage:]
+        out_v[:, :, Q + n_stage:] = self.values[:, :, n_stage:]
+        self._overlay_sink(out_k, out_v)
+        return out_k, out_v
 
     # -- transformers' layer API --------------------------------------------------------------
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -215,17 +287,15 @@ class QINSLayer(CacheLayerMixin):
         if r == 0 or not self.is_initialized:
             return
         new_len = self.cumulative_length - r
-        S, Q = self.sink_k.shape[2], self.n_quantized
-        if new_len >= S + Q:
-            keep = new_len - S - Q
-            self.keys, self.values = self.keys[:, :, :keep], self.values[:, :, :keep]
-        elif new_len >= S:
-            keep = new_len - S
+        Q = self.n_quantized
+        if new_len >= Q:
+            self.keys, self.values = self.keys[:, :, :new_len - Q], self.values[:, :, :new_len - Q]
+        else:
             G = self.group
-            full = keep // G
+            full = new_len // G
             k, v = self.decode_pages()
-            self.keys = k[:, :, full * G:keep].clone()
-            self.values = v[:, :, full * G:keep].clone()
+            self.keys = k[:, :, full * G:new_len].clone()
+            self.values = v[:, :, full * G:new_len].clone()
             pages, left = [], full
             for p in self.pages:
                 if left <= 0:
@@ -234,10 +304,7 @@ class QINSLayer(CacheLayerMixin):
                 left -= p.n_groups
                 pages.append(p)
             self.pages = pages
-        else:
-            self.sink_k, self.sink_v = self.sink_k[:, :, :new_len], self.sink_v[:, :, :new_len]
-            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
-            self.pages = []
+        self.sink_k, self.sink_v = self.sink_k[:, :, :new_len], self.sink_v[:, :, :new_len]
         self.cumulative_length = new_len
 
     def _map_batch(self, fn) -> None:
@@ -300,6 +367,18 @@ class QINSLayer(CacheLayerMixin):
         return 2 * B * H * self.cumulative_length * D
 
 
+def _scale_into(dst, u, r, m, alpha: float, beta: float) -> None:
+    """dst = m + r * (alpha * u + beta), one pass over u (m None = 0); r, m broadcast."""
+    if beta != 0.0:
+        m = r * beta if m is None else m + r * beta
+    if alpha != 1.0:
+        r = r * alpha
+    if m is None:
+        torch.mul(u, r, out=dst)
+    else:
+        torch.addcmul(m, u, r, out=dst)
+
+
 def _on(codec: Codec, device) -> Codec:
     from dataclasses import replace
     return replace(codec, lut=codec.lut.to(device), mids=codec.mids.to(device))
@@ -345,7 +424,8 @@ class QINSCache(Cache):
             if t == "full_attention":
                 kb, vb = cfg.bits_for(i)
                 layers.append(QINSLayer(kb, vb, format=cfg.format, residual=cfg.residual, sink=cfg.sink,
-                                        page_kb=cfg.page_kb, group=cfg.group,
+                                        page_kb=cfg.page_kb, group=cfg.group_for(kb),
+                                        k_zero=cfg.zero_for(kb, "k"), v_zero=cfg.zero_for(vb, "v"),
                                         k_curvature=cfg.curvature_for(kb, "k"),
                                         v_curvature=cfg.curvature_for(vb, "v"),
                                         expect_heads=heads, expect_head_dim=head_dim))

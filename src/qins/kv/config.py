@@ -13,11 +13,30 @@ PAGE_KB_RANGE = (16, 64)
 KV_GROUPS = (16, 32, 64, 128)
 SLIDING_MODES = ("full",)                 # sliding-window layers stay uncompressed
 
-# Default curvature a per bit width, for keys and values alike (qins format only).
-# a = 0 (uniform levels) at every width: on one 512-token window of the default corpus at
-# 4 bits, residual 0, a = 1 and a = 3 measured +14% and +27% worse perplexity than a = 0.
-# A per-width calibration has not been run yet. int-sym always uses a = 0.
-DEFAULT_CURVATURE: dict[int, float] = {8: 0.0, 6: 0.0, 5: 0.0, 4: 0.0, 3: 0.0, 2: 0.0}
+# Per-width defaults, chosen by measurement on the default model (4 windows of 512 tokens,
+# chunked prefill of 32, residual 0; the table is benchmarks/results/kv_quality.md):
+# - keys carry a zero point per (group, channel) at <= 6 bits (KIVI's asymmetric keys). 4-bit
+#   keys alone (values at 8 bits) measured KL 0.028 / +2.80% perplexity with the fixed
+#   per-channel offset (group 64), KL 0.020 / +2.13% with zero points (group 128).
+#   At 8 bits the offset scheme is within +0.1% at 8.26 bits/element (zero points: 8.375).
+# - key group: 128 tokens at 3-5 bits (scale + zero point = 0.25 bits/element of K, so 4 bits
+#   stays <= 4.3 all-in; group 64 measured no better at 4 bits, KL 0.0196 vs 0.0212, and group
+#   32, 4.63 bits/element, still +2.1%); 64 at 2 bits (+116% against +148% at 128, 2.38
+#   bits/element) and at 6 and 8 bits, where 128 tokens of codes would not fit a 32 KiB page.
+# - value curvature a = 1 at 2, 3, 5 and 6 bits: the attention-output error of the default model's
+#   values (one sink token; benchmarks/results/kv_attention_error.md) fell from 6.6e-3 to
+#   4.4e-3 at 4 bits, 2.7e-2 to 1.9e-2 at 3, 0.107 to 0.091 at 2 and 4.1e-4 to 2.6e-4 at 6
+#   (a = 2 was worse at every width). Exception, 4 bits: with the cache in the loop a = 0
+#   measured lower perplexity than a = 1 at nearly the same KL: +2.04% vs +2.53% on 16
+#   windows (KL 0.0223 vs 0.0209, kv_quality_4bit_w16.md), +1.34% vs +2.88% on 4, so 4 bits
+#   keeps a = 0 (the issue's target is perplexity). 8 bits keeps a = 0, whose uniform levels decode without a table. Keys stay
+#   uniform: a = 0.5 and 1 measured worse (7.4e-3, 9.2e-3 vs 7.1e-3).
+DEFAULT_CURVATURE_K: dict[int, float] = {8: 0.0, 6: 0.0, 5: 0.0, 4: 0.0, 3: 0.0, 2: 0.0}
+DEFAULT_CURVATURE_V: dict[int, float] = {8: 0.0, 6: 1.0, 5: 1.0, 4: 0.0, 3: 1.0, 2: 1.0}
+DEFAULT_GROUP: dict[int, int] = {8: 64, 6: 64, 5: 128, 4: 128, 3: 128, 2: 64}
+DEFAULT_K_ZERO: dict[int, bool] = {8: False, 6: True, 5: True, 4: True, 3: True, 2: True}
+DEFAULT_V_ZERO: dict[int, bool] = {8: False, 6: False, 5: False, 4: False, 3: False, 2: False}
+DEFAULT_CURVATURE = DEFAULT_CURVATURE_V       # kept name: value curvature per width
 
 
 @dataclass(frozen=True)
@@ -29,12 +48,17 @@ class KVConfig(JsonConfig):
     v_bits       bits per value code (None = k_bits)
     residual     most recent tokens held in full precision (the model's dtype); 0 = every
                  token is read back from quantized codes
-    sink         first tokens held in full precision ("attention sinks"); 0 = none
+    sink         first tokens also held in full precision ("attention sinks"; they still
+                 sit in the first page, so pages stay aligned; < group); 0 = none
     page_kb      bytes of one page per sequence (batch row), codes + scales of K and V,
                  16..64 KiB; a page holds the largest multiple of `group` tokens that fits
-    group        tokens per key scale (keys: one scale per channel per group of tokens)
+    group        tokens per key scale (keys: one scale per channel per group of tokens);
+                 None = DEFAULT_GROUP[k_bits] (per layer where layer_bits changes k_bits)
     k_curvature  qins curvature a of keys (None = DEFAULT_CURVATURE[k_bits])
     v_curvature  qins curvature a of values (None = DEFAULT_CURVATURE[v_bits])
+    k_zero       keys store a zero point per group (its mid-range) beside the scale
+                 (None = DEFAULT_K_ZERO[k_bits]); without one a fixed per-channel offset is used
+    v_zero       values store a zero point per token beside the scale (None = DEFAULT_V_ZERO)
     layer_bits   per-layer overrides: ((layer_idx, k_bits, v_bits), ...)
     sliding      what sliding-window layers do: "full" keeps them uncompressed
                  (transformers' DynamicSlidingWindowLayer, bytes counted in nbytes)
@@ -44,11 +68,13 @@ class KVConfig(JsonConfig):
     k_bits: int = 4
     v_bits: int | None = None
     residual: int = 128
-    sink: int = 0
+    sink: int = 1
     page_kb: int = 32
-    group: int = 64
+    group: int | None = None
     k_curvature: float | None = None
     v_curvature: float | None = None
+    k_zero: bool | None = None
+    v_zero: bool | None = None
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     sliding: str = "full"
     version: int = field(default=KV_FORMAT_VERSION)
@@ -76,12 +102,18 @@ class KVConfig(JsonConfig):
         lo, hi = PAGE_KB_RANGE
         if not isinstance(self.page_kb, int) or isinstance(self.page_kb, bool) or not lo <= self.page_kb <= hi:
             raise ValueError(f"page_kb must be an int in [{lo}, {hi}] (KiB per page), got {self.page_kb!r}")
-        if self.group not in KV_GROUPS:
+        if self.group is not None and self.group not in KV_GROUPS:
             raise ValueError(f"group must be one of {KV_GROUPS} tokens, got {self.group!r}")
         for name in ("k_curvature", "v_curvature"):
             a = getattr(self, name)
             if a is not None and not a >= 0:
                 raise ValueError(f"{name} must be >= 0, got {a!r}")
+        for name in ("k_zero", "v_zero"):
+            z = getattr(self, name)
+            if z is not None and not isinstance(z, bool):
+                raise ValueError(f"{name} must be True, False or None, got {z!r}")
+        if self.sink >= min(self.group_for(b) for b in [self.k_bits] + [t[1] for t in lb]):
+            raise ValueError(f"sink ({self.sink}) must be smaller than the key group")
         if self.sliding not in SLIDING_MODES:
             raise ValueError(f"sliding must be one of {SLIDING_MODES}, got {self.sliding!r}")
         if self.version > KV_FORMAT_VERSION:
@@ -99,7 +131,15 @@ class KVConfig(JsonConfig):
         if self.format == "int-sym":
             return 0.0
         a = self.k_curvature if which == "k" else self.v_curvature
-        return DEFAULT_CURVATURE[bits] if a is None else float(a)
+        default = DEFAULT_CURVATURE_K if which == "k" else DEFAULT_CURVATURE_V
+        return default[bits] if a is None else float(a)
+
+    def group_for(self, k_bits: int) -> int:
+        return DEFAULT_GROUP[k_bits] if self.group is None else self.group
+
+    def zero_for(self, bits: int, which: str) -> bool:
+        z = self.k_zero if which == "k" else self.v_zero
+        return (DEFAULT_K_ZERO if which == "k" else DEFAULT_V_ZERO)[bits] if z is None else z
 
     @property
     def label(self) -> str:

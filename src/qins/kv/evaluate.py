@@ -94,6 +94,53 @@ def measure_kv(harness, model, config: KVConfig, chunk: int = 32, match: bool = 
     return row
 
 
+def tensor_bytes(obj, seen=None) -> int:
+    """Bytes of every distinct tensor storage reachable from obj (lists, tuples, dicts,
+    attributes): the held memory of caches that have no nbytes() (DynamicCache, QuantizedCache)."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage()
+        key = (st.data_ptr(), st.nbytes())
+        if key in seen:
+            return 0
+        seen.add(key)
+        return st.nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o, seen) for o in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, type) and not callable(obj):
+        return sum(tensor_bytes(o, seen) for o in vars(obj).values())
+    return 0
+
+
+def cache_nbytes(cache) -> int:
+    return cache.nbytes() if hasattr(cache, "nbytes") else tensor_bytes(cache.layers)
+
+
+def measure_quantized_cache(harness, model, backend: str = "hqq", nbits: int = 4, residual_length: int = 128,
+                            chunk: int = 32, context: int = 4096) -> dict:
+    """transformers' QuantizedCache(backend, nbits, residual_length) through the same chunked
+    path; bits/element from the tensors it holds after `context` tokens of model-shaped K/V."""
+    from transformers import QuantizedCache
+    make = lambda: QuantizedCache(backend, model.config, nbits=nbits, residual_length=residual_length)
+    q = evaluate_cache(model, harness.reference, make, chunk, harness.protocol.batch_size)
+    c = make()
+    n_layers, heads, head_dim = _compat.kv_shape(model.config)
+    dtype = next(model.parameters()).dtype
+    g = torch.Generator().manual_seed(0)
+    for t in range(0, context, 512):
+        for i in range(n_layers):
+            x = torch.randn(1, heads, 512, head_dim, generator=g).to(dtype)
+            c.update(x, x, i)
+    nb = cache_nbytes(c)
+    return {"label": f"QuantizedCache({backend}, {nbits} bits, residual_length {residual_length})",
+            "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
+            "ppl_increase_pct": 100 * (q["ppl"] / harness.reference.ppl - 1), "kl": q["kl"], "top1": q["top1"],
+            "windows": q["windows"], "tokens": q["tokens"], "chunk": chunk,
+            "bpw": 8 * nb / (2 * n_layers * heads * head_dim * context), "kv_bytes_4k": nb}
+
+
 def measure_dynamic(harness, model, chunk: int = 32) -> dict:
     """The same chunked path through transformers' DynamicCache (the like-for-like baseline)."""
     from transformers import DynamicCache
