@@ -3,7 +3,7 @@
 Token order inside one QINSLayer (B, H, T, D):
 
     | pages: sealed groups of G tokens (codes)  | staging (fp, < G) | residual (fp)       |
-      `pages`                                     `keys[:, :, :n_s]`  last `residual`
+      `store` (a PageStore)                       `keys[:, :, :n_s]`  last `residual`
     | sink copies (fp) overlay the first `sink` tokens when read back |
 
 - New tokens enter the fp region (`keys`, `values`, the model's dtype). When it holds at
@@ -25,9 +25,10 @@ Token order inside one QINSLayer (B, H, T, D):
   an ordinary page), are left out of the first group's ranges, and a full-precision copy
   overlays them when read back.
 - The reference path (CPU and tests): `update` decodes every page straight into one fresh
-  (B, H, T, D) output per tensor (one table gather per byte of codes and one fused
-  scale/zero-point multiply-add; pages.decode_rows) and returns it to the model's attention
-  (SDPA). No decoded copy of the history is kept between steps.
+  (B, H, T, D) output per tensor, one op per plane over the store's written prefix (one
+  table gather per byte of codes and one fused scale/zero-point multiply-add;
+  pages.decode_rows) and returns it to the model's attention (SDPA). No decoded copy of the
+  history is kept between steps.
 
 Sliding-window layers stay uncompressed: they are transformers' DynamicSlidingWindowLayer,
 whose bytes `nbytes` counts.
@@ -39,8 +40,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import _compat
 from .config import KVConfig
-from .pages import (Codec, Page, affine_levels, byte_table, decode_rows, fake_quantize_keys, fake_quantize_values,
-                    key_offset, pack_rows, page_tokens, quantize_keys, quantize_values)
+from .pages import (Codec, PageStore, PageView, affine_levels, byte_table, decode_rows, fake_quantize_keys,
+                    fake_quantize_values, key_offset, pack_rows, page_tokens, quantize_keys, quantize_values)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -51,8 +52,10 @@ class QINSLayer(CacheLayerMixin):
     """One full-attention layer of a QINSCache.
 
     Stored state (B batch rows, H KV heads, D head dim, model dtype):
-      pages            list[Page]                   packed codes + fp16 scales / zero points
-                                                    of tokens 0 .. n_quantized - 1 (pages.py)
+      store            PageStore or None            packed codes + fp16 scales / zero points
+                                                    of tokens 0 .. n_quantized - 1, one
+                                                    contiguous tensor per plane, pages being
+                                                    token ranges of it (pages.py)
       keys, values     (B, H, n_fp, D)              the tokens after them: staging + residual
                                                     window, full precision
       sink_k, sink_v   (B, H, <= sink, D)           copies of the first tokens, full precision;
@@ -77,7 +80,7 @@ class QINSLayer(CacheLayerMixin):
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
         self.expect = (expect_heads, expect_head_dim)
         self.cumulative_length = 0
-        self.pages: list[Page] = []
+        self.store: PageStore | None = None
         self.sink_k = self.sink_v = None
         self.k_offset = None
         self.page_tokens = None
@@ -89,7 +92,12 @@ class QINSLayer(CacheLayerMixin):
     # -- state -------------------------------------------------------------------------------
     @property
     def n_quantized(self) -> int:
-        return sum(p.n_tokens for p in self.pages)
+        return 0 if self.store is None else self.store.n_tokens
+
+    @property
+    def pages(self) -> list[PageView]:
+        """Views of the pages holding written groups (the last may be open)."""
+        return [] if self.store is None else [PageView(self.store, i) for i in range(self.store.n_pages)]
 
     @property
     def batch_size(self) -> int:
@@ -115,7 +123,7 @@ class QINSLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(B, H, 0, D)
         self.sink_k, self.sink_v = self.keys, self.values
         self.k_offset = None
-        self.pages = []
+        self.store = None
         self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group,
                                        self.k_codec.zero_point, self.v_codec.zero_point)
         self.k_codec = _on(self.k_codec, self.device)
@@ -157,7 +165,7 @@ class QINSLayer(CacheLayerMixin):
         if n <= 0:
             return
         k, v = self.keys[:, :, :n], self.values[:, :, :n]
-        if not self.pages:
+        if not self.n_quantized:
             k = self._key_stats_view(k)
         if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
             self.k_offset = key_offset(k)
@@ -167,17 +175,10 @@ class QINSLayer(CacheLayerMixin):
         vc, vs, vz = quantize_values(v, self.v_codec)                 # (B, H, n, D), (B, H, n) x2
         kw, vw = pack_rows(kc, self.k_codec.bits), pack_rows(vc, self.v_codec.bits)
         B, H, _, D = k.shape
-        t = 0
-        while t < n:
-            if not self.pages or self.pages[-1].sealed:
-                self.pages.append(Page(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
-                                       self.device, self.k_codec.zero_point, self.v_codec.zero_point))
-            page = self.pages[-1]
-            m = min(page.capacity - page.n_tokens, n - t)
-            gs = slice(t // G, (t + m) // G)
-            page.write_groups(kw[:, :, t:t + m], ks[:, :, gs], None if kz is None else kz[:, :, gs],
-                              vw[:, :, t:t + m], vs[:, :, t:t + m], None if vz is None else vz[:, :, t:t + m])
-            t += m
+        if self.store is None:
+            self.store = PageStore(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
+                                   self.device, self.k_codec.zero_point, self.v_codec.zero_point)
+        self.store.write_groups(kw, ks, kz, vw, vs, vz)
         self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
         self.values = self.values[:, :, n:].clone()
 
@@ -185,23 +186,14 @@ class QINSLayer(CacheLayerMixin):
     def _decode_pages_into(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Decode every page into out_k/out_v[:, :, :n_quantized] (views of (B, H, T, D)).
 
-        Per tensor: one concatenation of the pages' codes (bits/8 bytes per element), one
-        uint8 -> int32 pass and one table gather (decode_levels), one fused scale (+ zero
-        point) multiply-add written straight into the output."""
-        live = [p for p in self.pages if p.n_groups]
-        if not live:
+        Per tensor: one uint8 -> int32 (or float) pass over the written prefix of the store's
+        code plane (a strided view: no concatenation, no copy), one table gather
+        (decode_rows), one fused scale (+ zero point) multiply-add written straight into the
+        output."""
+        if not self.n_quantized:
             return
         G, D = self.group, out_k.shape[3]
-
-        def planes(name: str, per_token: bool) -> torch.Tensor | None:
-            xs = [getattr(p, name) for p in live]
-            if xs[0] is None:
-                return None
-            xs = [x if p.sealed else x[:, :, :(p.n_tokens if per_token else p.n_groups)] for x, p in zip(xs, live)]
-            return torch.cat(xs, dim=2) if len(xs) > 1 else xs[0].contiguous()
-
-        kw, ks, kz = planes("k_codes", True), planes("k_scale", False), planes("k_zero", False)
-        vw, vs, vz = planes("v_codes", True), planes("v_scale", True), planes("v_zero", True)
+        kw, ks, kz, vw, vs, vz = self.store.planes()
         B, H, Q, _ = kw.shape
         # x = m + r * (alpha * u + beta) = (m + r * beta) + (r * alpha) * u: the affine part of
         # the table folds into the (small) scale and zero-point planes
@@ -268,7 +260,7 @@ class QINSLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.sink_k = self.sink_v = self.k_offset = None
-        self.pages = []
+        self.store = None
         self.cumulative_length = 0
         self.is_initialized = False
 
@@ -296,14 +288,7 @@ class QINSLayer(CacheLayerMixin):
             k, v = self.decode_pages()
             self.keys = k[:, :, full * G:new_len].clone()
             self.values = v[:, :, full * G:new_len].clone()
-            pages, left = [], full
-            for p in self.pages:
-                if left <= 0:
-                    break
-                p.n_groups = min(p.n_groups, left)
-                left -= p.n_groups
-                pages.append(p)
-            self.pages = pages
+            self.store.truncate(full)                                 # capacity kept (counted)
         self.sink_k, self.sink_v = self.sink_k[:, :, :new_len], self.sink_v[:, :, :new_len]
         self.cumulative_length = new_len
 
@@ -312,8 +297,8 @@ class QINSLayer(CacheLayerMixin):
             fn(t) for t in (self.sink_k, self.sink_v, self.keys, self.values))
         if self.k_offset is not None:
             self.k_offset = fn(self.k_offset)
-        for p in self.pages:
-            p.map_batch(fn)
+        if self.store is not None:
+            self.store.map_batch(fn)
 
     def _check_index(self, idx: torch.Tensor, what: str) -> torch.Tensor:
         idx = torch.as_tensor(idx)
@@ -353,10 +338,10 @@ class QINSLayer(CacheLayerMixin):
 
     # -- accounting ----------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held: page codes and scales (slack of the open page included), fp regions."""
+        """Bytes held: page codes and scales (the store's whole capacity: slack included), fp regions."""
         if not self.is_initialized:
             return 0
-        return sum(p.nbytes() for p in self.pages) + sum(
+        return (0 if self.store is None else self.store.nbytes()) + sum(
             _nbytes(t) for t in (self.sink_k, self.sink_v, self.keys, self.values, self.k_offset))
 
     def n_elements(self) -> int:

@@ -17,16 +17,25 @@ curvature (more levels near the centre as a grows; int-sym: a = 0). Codes are th
 level (ties to the lower); scales and zero points are stored in fp16 and the codes are chosen
 against the stored fp16 values.
 
-Layout. A `Page` holds `P` tokens (a multiple of G) of one layer for every batch row and
-KV head. Codes are packed along the head dimension D with `codec.packing.pack`, one row of
-D codes per (b, h, t), so a token's codes are whole int32 words:
+Layout. A layer's pages live in one `PageStore`: one contiguous tensor per plane with a
+capacity of C tokens (a whole number of pages of P tokens, P a multiple of G), batch rows
+and KV heads outermost. Page i is the token range [i P, (i + 1) P) of every plane (its key
+groups: [i P / G, (i + 1) P / G)). Codes are packed along the head dimension D with
+`codec.packing.pack`, one row of D codes per (b, h, t), so a token's codes are whole int32
+words:
 
-    k_codes  (B, H, P, Wk) int32    Wk = packing.packed_words(D, k_bits)
-    k_scale  (B, H, P // G, D) fp16 one scale per (group, channel)
-    k_zero   (B, H, P // G, D) fp16 one zero point per (group, channel), or None
-    v_codes  (B, H, P, Wv) int32    Wv = packing.packed_words(D, v_bits)
-    v_scale  (B, H, P) fp16         one scale per token
-    v_zero   (B, H, P) fp16         one zero point per token, or None
+    k_codes  (B, H, C, Wk) int32    Wk = packing.packed_words(D, k_bits)
+    k_scale  (B, H, C // G, D) fp16 one scale per (group, channel)
+    k_zero   (B, H, C // G, D) fp16 one zero point per (group, channel), or None
+    v_codes  (B, H, C, Wv) int32    Wv = packing.packed_words(D, v_bits)
+    v_scale  (B, H, C) fp16         one scale per token
+    v_zero   (B, H, C) fp16         one zero point per token, or None
+
+    element offsets of page i, row (b, h), in each plane (all tensors contiguous):
+    k_codes[b, h, iP:(i+1)P]    ((b H + h) C + i P) Wk      P Wk consecutive int32 words
+    k_scale[b, h, iP/G:...]     ((b H + h) C/G + i P/G) D   (P/G) D consecutive fp16
+    v_scale[b, h, iP:(i+1)P]    (b H + h) C + i P           P consecutive fp16
+    (k_zero like k_scale, v_codes like k_codes, v_zero like v_scale)
 
     token t of row (b, h), 4-bit codes, D = 64 (Wk = 8 words):
     | word 0: c7..c0 | word 1: c15..c8 | ... | word 7: c63..c56 |    (c0 in bits 0..3)
@@ -34,10 +43,17 @@ D codes per (b, h, t), so a token's codes are whole int32 words:
     read as bytes (little-endian), byte j holds c(2j) in bits 0..3 and c(2j+1) in bits 4..7,
     which `byte_table` decodes with one lookup per byte
 
-A page is written one whole group at a time (`write_groups`); once its P // G groups are
-written it is sealed and its tensors are never written again (only `QINSLayer.crop` may
-reopen the last page, and beam search permutes whole batch rows). Tensors are contiguous,
-so a fused GPU kernel can read one (b, h)'s tokens as P*W consecutive words.
+So a GPU kernel reads page i of (b, h) as one run of P*W words (plus its scale runs) given
+the store's base pointers and C, e.g. through a block table of page indices. Tokens
+0 .. n_tokens - 1 are written, whole groups at a time (`PageStore.write_groups`); a page is
+sealed once its P // G groups are written and its ranges are never written again (only
+`QINSLayer.crop` may give back groups, reopening the last page, and beam search permutes
+whole batch rows). When a write needs more than C tokens the store is reallocated with
+max(needed, C + C / 8) tokens rounded up to whole pages and the written prefix copied (so
+appends cost amortized O(new tokens) and the slack is at most about 1/8 of the capacity
+while decoding; a prefill is allocated exactly). `nbytes` counts the whole capacity, slack
+included. The decode reads the written prefix of each plane, a strided view
+[:, :, :n_tokens], in one op per plane (no concatenation over pages).
 """
 from __future__ import annotations
 
@@ -198,22 +214,45 @@ def page_tokens(page_kb: int, heads: int, head_dim: int, k_bits: int, v_bits: in
     return max(1, (page_kb * 1024) // per_group) * group
 
 
-class Page:
-    """P tokens of one layer, all batch rows and KV heads (fields: see the module docstring;
-    k_zero / v_zero are None for codecs without a zero point)."""
+class PageStore:
+    """The sealed (and open) pages of one layer: one contiguous tensor per plane, grown in
+    whole pages; page i is the token range [i P, (i + 1) P) of every plane (fields and
+    layout: see the module docstring; k_zero / v_zero are None for codecs without a zero
+    point). Tokens 0 .. n_tokens - 1 are written; the capacity beyond them is slack, counted
+    by `nbytes`."""
 
-    __slots__ = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero", "n_groups", "group")
+    PLANES = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+    GROWTH = 8                       # a full store grows by 1/GROWTH of its capacity (at least what is asked)
 
-    def __init__(self, B, H, D, P, group, k_bits, v_bits, device, k_zero=False, v_zero=False):
-        self.group = group
-        f16 = dict(dtype=torch.float16, device=device)
-        self.k_codes = torch.zeros(B, H, P, packed_words(D, k_bits), dtype=torch.int32, device=device)
-        self.k_scale = torch.zeros(B, H, P // group, D, **f16)
-        self.k_zero = torch.zeros(B, H, P // group, D, **f16) if k_zero else None
-        self.v_codes = torch.zeros(B, H, P, packed_words(D, v_bits), dtype=torch.int32, device=device)
-        self.v_scale = torch.zeros(B, H, P, **f16)
-        self.v_zero = torch.zeros(B, H, P, **f16) if v_zero else None
-        self.n_groups = 0
+    def __init__(self, B, H, D, P, group, k_bits, v_bits, device, k_zero=False, v_zero=False, pages: int = 0):
+        if P % group:
+            raise ValueError(f"page tokens ({P}) must be a multiple of the group ({group})")
+        self.group, self.page_tokens, self.n_groups = group, P, 0
+        self.shape = (B, H, D, packed_words(D, k_bits), packed_words(D, v_bits))
+        self.has_zero = (k_zero, v_zero)
+        self.device = device
+        self.k_codes = self.k_scale = self.k_zero = self.v_codes = self.v_scale = self.v_zero = None
+        self._alloc(pages * P)
+
+    def _empty(self, C: int) -> dict:
+        B, H, D, Wk, Wv = self.shape
+        i32, f16 = dict(dtype=torch.int32, device=self.device), dict(dtype=torch.float16, device=self.device)
+        G = C // self.group
+        return dict(k_codes=torch.zeros(B, H, C, Wk, **i32), k_scale=torch.zeros(B, H, G, D, **f16),
+                    k_zero=torch.zeros(B, H, G, D, **f16) if self.has_zero[0] else None,
+                    v_codes=torch.zeros(B, H, C, Wv, **i32), v_scale=torch.zeros(B, H, C, **f16),
+                    v_zero=torch.zeros(B, H, C, **f16) if self.has_zero[1] else None)
+
+    def _alloc(self, C: int) -> None:
+        """Reallocate every plane with capacity C tokens (a multiple of P), keeping what is written."""
+        new = self._empty(C)
+        t, g = self.n_tokens, self.n_groups
+        for name, x in new.items():
+            old = getattr(self, name)
+            if old is not None and x is not None:
+                n = g if name in ("k_scale", "k_zero") else t
+                x[:, :, :n] = old[:, :, :n]
+            setattr(self, name, x)
 
     @property
     def capacity(self) -> int:
@@ -224,24 +263,54 @@ class Page:
         return self.n_groups * self.group
 
     @property
-    def sealed(self) -> bool:
-        return self.n_tokens == self.capacity
+    def n_pages(self) -> int:
+        """Pages holding at least one written group (the last may be open)."""
+        return -(-self.n_tokens // self.page_tokens)
+
+    def page_range(self, i: int) -> tuple[int, int]:
+        """Token range [t0, t1) of page i (its groups: [t0 / G, t1 / G))."""
+        return i * self.page_tokens, (i + 1) * self.page_tokens
+
+    def page_sealed(self, i: int) -> bool:
+        return self.page_range(i)[1] <= self.n_tokens
+
+    def page_tensors(self, i: int) -> tuple[torch.Tensor, ...]:
+        """Views of page i's planes (codes, scales, zero points of K then V; None planes left out)."""
+        t0, t1 = self.page_range(i)
+        G = self.group
+        out = []
+        for name in self.PLANES:
+            x = getattr(self, name)
+            if x is not None:
+                out.append(x[:, :, t0 // G:t1 // G] if name in ("k_scale", "k_zero") else x[:, :, t0:t1])
+        return tuple(out)
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(t for t in (self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero)
-                     if t is not None)
+        return tuple(getattr(self, n) for n in self.PLANES if getattr(self, n) is not None)
 
     def nbytes(self) -> int:
-        """Bytes allocated, slack of an unsealed page included."""
+        """Bytes allocated: every page of the capacity, slack (unwritten tokens) included."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    def planes(self) -> tuple[torch.Tensor | None, ...]:
+        """Written prefix of every plane (views, no copy): k_codes, k_scale, k_zero, v_codes,
+        v_scale, v_zero; (B, H, n_tokens, ...) or (B, H, n_groups, ...)."""
+        t, g = self.n_tokens, self.n_groups
+        return tuple(None if (x := getattr(self, n)) is None else
+                     x[:, :, :g] if n in ("k_scale", "k_zero") else x[:, :, :t] for n in self.PLANES)
+
     def write_groups(self, kc, ks, kz, vc, vs, vz) -> None:
-        """Append whole groups: kc/vc (B, H, g*G, W) int32, ks/kz (B, H, g, D), vs/vz (B, H, g*G)."""
-        if self.sealed:
-            raise RuntimeError("a sealed page is never written again")
+        """Append whole groups after the written tokens (growing the store by whole pages):
+        kc/vc (B, H, g*G, W) int32, ks/kz (B, H, g, D), vs/vz (B, H, g*G). Written tokens
+        are never written again (only `truncate` may give groups back)."""
         t0, g0 = self.n_tokens, self.n_groups
         n = kc.shape[2]
         g = n // self.group
+        need = t0 + n
+        if need > self.capacity:
+            P = self.page_tokens
+            grow = max(need, self.capacity + self.capacity // self.GROWTH)
+            self._alloc(-(-grow // P) * P)
         self.k_codes[:, :, t0:t0 + n] = kc
         self.k_scale[:, :, g0:g0 + g] = ks
         self.v_codes[:, :, t0:t0 + n] = vc
@@ -252,12 +321,59 @@ class Page:
             self.v_zero[:, :, t0:t0 + n] = vz
         self.n_groups += g
 
+    def truncate(self, n_groups: int) -> None:
+        """Keep the first n_groups groups (the capacity is kept: later writes reuse it)."""
+        self.n_groups = min(self.n_groups, max(n_groups, 0))
+
     def map_batch(self, fn) -> None:
-        """Apply a batch-dimension op (index_select, repeat_interleave) to every tensor."""
-        for name in ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero"):
+        """Apply a batch-dimension op (index_select, repeat_interleave, .to) to every plane."""
+        for name in self.PLANES:
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
+        self.shape = (self.k_codes.shape[0],) + self.shape[1:]
+        self.device = self.k_codes.device
+
+
+class PageView:
+    """Page i of a PageStore (read-only views; for inspection and tests)."""
+
+    __slots__ = ("store", "index")
+
+    def __init__(self, store: PageStore, index: int):
+        self.store, self.index = store, index
+
+    @property
+    def capacity(self) -> int:
+        return self.store.page_tokens
+
+    @property
+    def n_tokens(self) -> int:
+        return min(max(self.store.n_tokens - self.index * self.capacity, 0), self.capacity)
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_tokens // self.store.group
+
+    @property
+    def sealed(self) -> bool:
+        return self.store.page_sealed(self.index)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.store.page_tensors(self.index)
+
+    def nbytes(self) -> int:
+        """Bytes of the page's ranges (written or not)."""
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def __getattr__(self, name):
+        if name in PageStore.PLANES:
+            i = PageStore.PLANES.index(name)
+            if getattr(self.store, name) is None:
+                return None
+            j = sum(getattr(self.store, n) is not None for n in PageStore.PLANES[:i])
+            return self.tensors()[j]
+        raise AttributeError(name)
 
 
 # -- fast decode (reference path) --------------------------------------------------------------
@@ -295,11 +411,12 @@ def decode_rows(words: torch.Tensor, codec: Codec, d: int, table: torch.Tensor |
     one uint8 -> int64 pass and one gather of byte_table (alpha, beta = 1, 0). Otherwise
     unpack + table lookup."""
     B, H, T, W = words.shape
-    whole = W * 4 * 8 == d * codec.bits and words.is_contiguous()   # no padding codes in a row
+    # no padding codes in a row; rows may be strided (a prefix of a PageStore plane)
+    whole = W * 4 * 8 == d * codec.bits and words.stride(-1) == 1
     if whole and codec.bits == 8 and affine is not None:
         return words.view(torch.uint8).view(B, H, T, d).float(), affine[0], affine[1]
     if whole and table is not None:
-        idx = words.view(torch.uint8).reshape(-1).long()              # (B*H*T*4W,) bytes
+        idx = words.view(torch.uint8).long().view(-1)                 # (B*H*T*4W,) bytes
         u = table.index_select(0, idx).view(torch.float32)
         return u.view(B, H, T, d), 1.0, 0.0
     codes = unpack_rows(words, codec.bits, d)
