@@ -63,8 +63,9 @@ def quantize_to_budget(
 
     Exactly one of target_bpw (whole-model bits per weight), max_kl (nats per token) and
     max_ppl_increase (percent) is given. `candidates` default to
-    `allocate.default_candidates()`: qins 3b-g64 .. 8b-g128 with GPTQ rounding. `sensitivity`: the output of `measure_sensitivity` for this
-    model, windows and candidates, to share one measurement between several targets.
+    `allocate.default_candidates()`: qins 3b-g64 .. 8b-g128 with GPTQ rounding.
+    `sensitivity`: the output of `measure_sensitivity` for this model, windows and
+    candidates, to share one measurement between several targets.
     """
     given = [x is not None for x in (target_bpw, max_kl, max_ppl_increase)]
     if sum(given) != 1:
