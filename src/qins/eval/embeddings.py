@@ -149,42 +149,17 @@ def input_statistics(model: nn.Module, tok, sentences: list[str], full: bool = F
     Padding positions are masked out. (I,) is `quantize(calibration=...)`'s activation weight;
     (I, I) (`full=True`) is the Hessian of the layer's output error for GPTQ-style rounding.
     """
-    from ..weights.linear import is_linear_like
+    from ..weights.calibration import input_moments
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    keep: list[torch.Tensor] = []             # (B*T,) bool: real tokens of the batch being run
-    batch: dict[int, tuple] = {}              # id(input) -> (input, stat, tokens): q/k/v share one
-    hooks = []
-
-    def make_hook(name):
-        def hook(_mod, args):
-            hit = batch.get(id(args[0]))
-            if hit is None:
-                x = args[0].detach().reshape(-1, args[0].shape[-1])[keep[0]].double()   # (tokens, I)
-                s = x.T @ x if full else (x * x).sum(0)              # fp64 accumulate over batches
-                hit = batch[id(args[0])] = (args[0], s, x.shape[0])   # holding the input keeps its id
-            _, s, n = hit
-            sums[name] = s.clone() if name not in sums else sums[name] + s
-            counts[name] = counts.get(name, 0) + n
-        return hook
-
-    for name, mod in model.named_modules():
-        if is_linear_like(mod):
-            hooks.append(mod.register_forward_pre_hook(make_hook(name)))
     device = next(model.parameters()).device
-    try:
-        for _, enc in tqdm(list(_batches(tok, sentences, max_length, batch_size)), desc="calibration",
-                           disable=not progress, leave=False):
+
+    def batches():
+        for _, enc in _batches(tok, sentences, max_length, batch_size):
             enc = {k: v.to(device) for k, v in enc.items()}
-            keep[:] = [enc["attention_mask"].reshape(-1).bool()]
-            batch.clear()
-            model(**enc)
-    finally:
-        batch.clear()
-        for h in hooks:
-            h.remove()
-    return {n: (sums[n] / counts[n]).float().cpu() for n in sums}
+            yield enc, enc["attention_mask"].reshape(-1).bool()      # real tokens only
+
+    with torch.inference_mode():
+        return input_moments(model, batches(), full=full, progress=progress, desc="calibration")
 
 
 # -- sentences ---------------------------------------------------------------------------
