@@ -276,3 +276,27 @@ def test_argparse_errors_exit_2(capsys):
         main(["compress", "-o", "x", "--bits", "four"])
     assert e.value.code == 2
     assert "invalid int value" in capsys.readouterr().err
+
+
+def test_generate_with_a_calibrated_key_plan(workdir, float_dir, capsys):
+    # --kv-plan auto calibrates on the default corpus (tokenized by the model's tokenizer);
+    # a saved plan file gives the same tokens; the JSON says which plan was used
+    from qins.kv import KVConfig, KeyPlan, calibrate_keys
+    from qins.eval.quality import token_windows
+    from transformers import AutoTokenizer
+    docs = []
+    tok = AutoTokenizer.from_pretrained(float_dir)
+    _, model = qins.load_model(float_dir)
+    plan = calibrate_keys(model, token_windows(tok, qins.default_corpus(), 512, max_windows=8),
+                          KVConfig(k_bits=4, residual=0), progress=False)
+    path = plan.save(workdir / "plan.json")
+    for flag in ("auto", str(path)):
+        js = workdir / "gen_plan.json"
+        assert main(["generate", str(float_dir), "what is a hash table", "--max-new-tokens", "6", "--kv-bits", "4",
+                     "--kv-residual", "0", "--kv-plan", flag, "--json", str(js)]) == 0
+        docs.append(json.loads(js.read_text()))
+    assert docs[0]["tokens"] == docs[1]["tokens"]
+    assert docs[0]["kv"]["key_plan"]["layers"] == len(KeyPlan.load(path).layers)
+    assert main(["generate", str(float_dir), "hi", "--kv-plan", "auto"]) == 2          # needs --kv-bits
+    assert main(["generate", str(float_dir), "hi", "--kv-bits", "4", "--kv-plan", str(workdir / "none.json")]) == 2
+    assert "no such file" in capsys.readouterr().err

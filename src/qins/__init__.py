@@ -28,6 +28,8 @@ _LAZY = {
     "default_corpus": ("qins.models", "default_corpus"),
     "eval": ("qins.eval", None),
     "QINSCache": ("qins.kv.cache", "QINSCache"),
+    "KeyPlan": ("qins.kv.plan", "KeyPlan"),
+    "calibrate_keys": ("qins.kv.plan", "calibrate_keys"),
 }
 
 __all__ = ["WeightConfig", "FORMAT_VERSION", "__version__", *_LAZY]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from pathlib import Path
 import sys
 
 
@@ -42,11 +43,20 @@ def _add_kv(p):
     p.add_argument("--kv-bits", default=None, help="QINSCache bits, K or K,V (2,3,4,5,6,8); default: no KV compression")
     p.add_argument("--kv-residual", type=int, default=None, help="most recent tokens kept full precision (default 128)")
     p.add_argument("--kv-page-kb", type=int, default=None, help="KV page size in KiB, 16..64 (default 32)")
+    p.add_argument("--kv-plan", default=None, metavar="auto|FILE",
+                   help="calibrated key widths per channel (same bits): 'auto' calibrates on the first windows of "
+                        "the corpus, FILE loads a saved KeyPlan (JSON)")
 
 
 def _kv_config(a):
     from .kv.config import from_flags
-    return from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb)
+    kv = from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb)
+    if a.kv_plan is not None:
+        if kv is None:
+            raise ValueError("--kv-plan needs --kv-bits")
+        if a.kv_plan != "auto" and not Path(a.kv_plan).is_file():
+            raise ValueError(f"--kv-plan: no such file {a.kv_plan!r} (or pass 'auto')")
+    return kv
 
 
 def cmd_demo(a):
@@ -127,7 +137,7 @@ def cmd_eval(a):
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
     if kv is not None:
         from .kv.evaluate import measure_dynamic, measure_kv
-        rows += [measure_dynamic(h, model), measure_kv(h, model, kv, match=a.prompts > 0)]
+        rows += [measure_dynamic(h, model), measure_kv(h, model, kv, match=a.prompts > 0, key_plan=a.kv_plan)]
     print_table(rows, title=f"{a.model} vs float {a.reference or 'default model'} — {h.describe()['eval_windows']}")
     _maybe_json(a, {"meta": h.describe(), "rows": rows})
 
@@ -210,7 +220,17 @@ def cmd_generate(a):
     if kv is not None:
         from .kv import QINSCache
         from .kv._compat import cache_kwarg
-        cache = QINSCache(model, config=kv)
+        plan = None
+        if a.kv_plan == "auto":
+            from .eval.quality import token_windows
+            from .kv.plan import calibrate_keys
+            from .models import default_corpus
+            plan = calibrate_keys(model, token_windows(tok, default_corpus(), 512, max_windows=8), kv,
+                                  source="default corpus, windows 0..7")
+        elif a.kv_plan is not None:
+            from .kv.plan import KeyPlan
+            plan = KeyPlan.load(a.kv_plan)
+        cache = QINSCache(model, config=kv, key_plan=plan)
         kw[cache_kwarg(model)] = cache
     if a.sample:
         torch.manual_seed(a.seed)
@@ -225,7 +245,9 @@ def cmd_generate(a):
     doc = {"prompt": a.prompt, "output": answer, "tokens": new.tolist()}
     if cache is not None:
         doc["kv"] = {"config": kv.to_dict(), "nbytes": cache.nbytes(), "bits_per_element": cache.bits_per_element(),
-                     "tokens": cache.get_seq_length()}
+                     "tokens": cache.get_seq_length(),
+                     "key_plan": None if plan is None else {"source": plan.source, "layers": len(plan.layers),
+                                                            "histogram": plan.histogram()}}
         print(f"KV cache ({kv.label}): {cache.nbytes()} bytes for {cache.get_seq_length()} tokens, "
               f"{cache.bits_per_element():.3f} bits/element (all-in)", file=sys.stderr)
     _maybe_json(a, doc)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from qins.codec.packing import pack, unpack
-from qins.kv.pages import (Codec, PageStore, byte_table, decode_levels, dequantize_keys, dequantize_values, pack_rows,
+from qins.kv.pages import (Codec, PageStore, RowLayout, affine_levels, byte_fit, dequantize_keys_mixed,
+                           quantize_keys_mixed, decode_levels, dequantize_keys, dequantize_values, pack_rows,
                            page_tokens, quantize_keys, quantize_values, unpack_rows, zero_point_table)
 
 BITS = (2, 3, 4, 5, 6, 8)
@@ -74,15 +75,17 @@ def test_zero_point_table(bits, a):
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("zero", [False, True])
 @pytest.mark.parametrize("d", [64, 40])
-def test_decode_levels_matches_lut(bits, zero, d):
-    # the byte-table fast path (2, 4, 8 bits, whole words) equals unpack + table lookup
-    codec = Codec.build("qins", bits, 1.0, zero)
+@pytest.mark.parametrize("a", [0.0, 1.0])
+def test_decode_levels_matches_lut(bits, zero, d, a):
+    # the byte-gather decode (affine codes or table lookup) equals unpack + table lookup
+    codec = Codec.build("qins", bits, a, zero)
     codes = torch.randint(0, 2**bits, (2, 3, 7, d), generator=torch.Generator().manual_seed(bits))
     words = pack_rows(codes, bits)
-    want = codec.lut[codes.long()]
-    table = byte_table(codec)
-    assert (table is None) == (bits not in (2, 4, 8))
-    assert torch.equal(decode_levels(words, codec, d, table), want)
+    got, want = decode_levels(words, codec, d), codec.lut[codes.long()]
+    if affine_levels(codec) is None:
+        assert torch.equal(got, want)
+    else:   # uniform levels decode as alpha * code + beta in float32: within 2 ulp of the table
+        torch.testing.assert_close(got, want, rtol=0, atol=2 * torch.finfo(torch.float32).eps)
 
 
 def test_zero_group_decodes_to_zero():
@@ -138,3 +141,73 @@ def test_page_store_grows_by_whole_pages_and_keeps_pages():
     assert st.nbytes() == sum(t.numel() * t.element_size() for t in st.tensors())
     st.truncate(3)
     assert st.n_tokens == 48 and st.n_pages == 2
+
+
+# -- row layouts ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("d", [64, 40, 128])
+def test_uniform_layout_is_pack_rows_bit_for_bit(bits, d):
+    codes = torch.randint(0, 2**bits, (2, 3, 5, d), generator=torch.Generator().manual_seed(d + bits))
+    lay = RowLayout.uniform(3, d, bits)
+    words = lay.pack(codes)
+    assert lay.n_words == words.shape[3] and torch.equal(words, pack_rows(codes, bits))
+    assert torch.equal(lay.unpack(words), codes.to(torch.uint8))
+    store = torch.zeros(2, 3, 9, lay.n_words, dtype=torch.int32)      # a strided prefix, as a PageStore reads
+    store[:, :, :5] = words
+    assert torch.equal(lay.unpack(store[:, :, :5]), codes.to(torch.uint8))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mixed_layout_round_trip(seed):
+    g = torch.Generator().manual_seed(seed)
+    widths = torch.randint(0, 9, (3, 64), generator=g)
+    lay = RowLayout.mixed(widths)
+    codes = (torch.rand(2, 3, 7, 64, generator=g) * (2.0 ** widths).view(1, 3, 1, 64)).floor().to(torch.uint8)
+    assert torch.equal(lay.unpack(lay.pack(codes)), codes)
+    # first-fit decreasing wastes less than one byte per distinct width class in each head
+    assert lay.n_words * 32 < int(widths.sum(1).max()) + 8 * 9 + 32
+
+
+def test_byte_fit_places_disjoint_fields():
+    widths = [8, 6, 5, 3, 3, 2, 2, 4, 4, 0, 1, 7]
+    idx, shift, n = byte_fit(widths)
+    used = {}
+    for w, i, s in zip(widths, idx, shift):
+        if w:
+            assert s + w <= 8
+            bits = set(range(i * 8 + s, i * 8 + s + w))
+            assert not bits & set(used)
+            used.update(dict.fromkeys(bits))
+    assert n == 6                                             # 45 bits: 8 | 7+1 | 6+2 | 5+3 | 4+4 | 3+2
+
+
+@pytest.mark.parametrize("widths", [torch.full((2, 8), 9), torch.full((2, 8), -1), torch.zeros(8)])
+def test_mixed_layout_rejects_bad_widths(widths):
+    with pytest.raises(ValueError, match="widths"):
+        RowLayout.mixed(widths)
+
+
+def test_mixed_keys_at_one_width_equal_the_uniform_codec():
+    # widths all 4 reproduce the 4-bit zero-point codec (same r, m, codes on random data)
+    k = torch.randn(2, 3, 256, 64, generator=torch.Generator().manual_seed(0)) * 2 + 0.5
+    w = torch.full((3, 64), 4)
+    c1, r1, m1 = quantize_keys_mixed(k, w, 128)
+    codec = Codec.build("qins", 4, 0.0, True)
+    c2, r2, m2 = quantize_keys(k, codec, 128)
+    assert torch.equal(c1, c2) and torch.equal(r1, r2) and torch.equal(m1, m2)
+    # decode as base + step * code: fp32 rounding of the fold only
+    torch.testing.assert_close(dequantize_keys_mixed(c1, r1, m1, w, 128, torch.float32),
+                               dequantize_keys(c2, r2, m2, codec, 128, torch.float32), rtol=1e-6, atol=1e-6)
+
+
+def test_mixed_keys_error_falls_with_width_and_zero_width_is_the_mid_range():
+    k = torch.randn(1, 1, 128, 9, generator=torch.Generator().manual_seed(1))
+    w = torch.arange(9).view(1, 9)                            # channel d gets d bits
+    c, r, m = quantize_keys_mixed(k, w, 128)
+    x = dequantize_keys_mixed(c, r, m, w, 128, torch.float32)
+    err = (x - k).pow(2).mean((0, 1, 2))
+    assert torch.equal(c[..., 0], torch.zeros_like(c[..., 0]))
+    torch.testing.assert_close(x[..., 0], m[..., 0].float().expand(1, 1, 128))
+    assert all(err[i + 1] < err[i] for i in range(1, 8))      # each added bit lowers the error
+    lo, hi = k.amin(2), k.amax(2)                             # both ends exact at >= 1 bit (fp16 r, m)
+    assert (x.amax(2)[..., 1:] - hi[..., 1:]).abs().max() < 1e-2 and (x.amin(2)[..., 1:] - lo[..., 1:]).abs().max() < 1e-2

@@ -40,8 +40,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import _compat
 from .config import KVConfig
-from .pages import (Codec, PageStore, PageView, affine_levels, byte_table, decode_rows, fake_quantize_keys,
-                    fake_quantize_values, key_offset, pack_rows, page_tokens, quantize_keys, quantize_values)
+from .pages import (Codec, PageStore, PageView, RowLayout, affine_levels, byte_table, decode_rows, dequantize_keys_mixed,
+                    fake_quantize_keys, fake_quantize_values, key_offset, mixed_key_affine, pack_rows, page_tokens,
+                    quantize_keys, quantize_keys_mixed, quantize_values)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -70,13 +71,24 @@ class QINSLayer(CacheLayerMixin):
 
     def __init__(self, k_bits: int, v_bits: int, *, format: str = "qins", residual: int = 128, sink: int = 0,
                  page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
-                 k_zero: bool = True, v_zero: bool = False,
+                 k_zero: bool = True, v_zero: bool = False, k_widths: torch.Tensor | None = None,
                  expect_heads: int | None = None, expect_head_dim: int | None = None):
         super().__init__()
         if sink >= group:
             raise ValueError(f"sink ({sink}) must be smaller than the key group ({group} tokens)")
         self.k_codec = Codec.build(format, k_bits, k_curvature, k_zero)
         self.v_codec = Codec.build(format, v_bits, v_curvature, v_zero)
+        # per-channel key widths (a KeyPlan): keys on the uniform zero-point grid of each width
+        self.k_widths = None if k_widths is None else torch.as_tensor(k_widths, dtype=torch.int64)
+        self._k_layout_cpu = None
+        if self.k_widths is not None:
+            if not k_zero or k_curvature != 0.0:
+                raise ValueError("per-channel key widths need key zero points and uniform key levels (curvature 0)")
+            self._k_layout_cpu = RowLayout.mixed(self.k_widths)
+            eh, ed = expect_heads, expect_head_dim
+            if (eh is not None and self.k_widths.shape[0] != eh) or (ed is not None and self.k_widths.shape[1] != ed):
+                raise ValueError(f"the key plan has {tuple(self.k_widths.shape)} (heads, channels) for this layer; "
+                                 f"the model has ({eh}, {ed})")
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
         self.expect = (expect_heads, expect_head_dim)
         self.cumulative_length = 0
@@ -86,8 +98,9 @@ class QINSLayer(CacheLayerMixin):
         self.page_tokens = None
 
     def __repr__(self):
+        plan = "" if self.k_widths is None else f", key plan {self.k_widths.float().mean():.2f} bits"
         return (f"QINSLayer(k{self.k_codec.bits}v{self.v_codec.bits}, {self.k_codec.format}, residual={self.residual}, "
-                f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens})")
+                f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens}{plan})")
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -124,12 +137,18 @@ class QINSLayer(CacheLayerMixin):
         self.sink_k, self.sink_v = self.keys, self.values
         self.k_offset = None
         self.store = None
+        if self.k_widths is not None:
+            self.k_layout = self._k_layout_cpu.to(self.device)
+            self._k_widths = self.k_widths.to(self.device)
+        else:
+            self.k_layout = RowLayout.uniform(H, D, self.k_codec.bits).to(self.device)
+        self.v_layout = RowLayout.uniform(H, D, self.v_codec.bits).to(self.device)
         self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group,
-                                       self.k_codec.zero_point, self.v_codec.zero_point)
+                                       self.k_codec.zero_point, self.v_codec.zero_point, self.k_layout.n_words)
         self.k_codec = _on(self.k_codec, self.device)
         self.v_codec = _on(self.v_codec, self.device)
-        self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
         self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
+        self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
         self.is_initialized = True
 
     # -- append --------------------------------------------------------------------------------
@@ -171,13 +190,19 @@ class QINSLayer(CacheLayerMixin):
             self.k_offset = key_offset(k)
         if self.k_offset is not None:
             k = k - self.k_offset.to(k.dtype)
-        kc, ks, kz = quantize_keys(k, self.k_codec, G)                # (B, H, n, D), (B, H, n/G, D) x2
+        if self.k_widths is not None:
+            kc, ks, kz = quantize_keys_mixed(k, self._k_widths, G)
+            kw = self.k_layout.pack(kc)
+        else:
+            kc, ks, kz = quantize_keys(k, self.k_codec, G)            # (B, H, n, D), (B, H, n/G, D) x2
+            kw = pack_rows(kc, self.k_codec.bits)
         vc, vs, vz = quantize_values(v, self.v_codec)                 # (B, H, n, D), (B, H, n) x2
-        kw, vw = pack_rows(kc, self.k_codec.bits), pack_rows(vc, self.v_codec.bits)
+        vw = pack_rows(vc, self.v_codec.bits)
         B, H, _, D = k.shape
         if self.store is None:
             self.store = PageStore(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
-                                   self.device, self.k_codec.zero_point, self.v_codec.zero_point)
+                                   self.device, self.k_codec.zero_point, self.v_codec.zero_point,
+                                   k_words=self.k_layout.n_words)
         self.store.write_groups(kw, ks, kz, vw, vs, vz)
         self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
         self.values = self.values[:, :, n:].clone()
@@ -197,12 +222,17 @@ class QINSLayer(CacheLayerMixin):
         B, H, Q, _ = kw.shape
         # x = m + r * (alpha * u + beta) = (m + r * beta) + (r * alpha) * u: the affine part of
         # the table folds into the (small) scale and zero-point planes
-        u, alpha, beta = decode_rows(kw, self.k_codec, D, self._k_table, self._k_affine)
-        r = ks.unsqueeze(3).float()                                   # (B, H, Q/G, 1, D)
-        m = kz.unsqueeze(3).float() if kz is not None else \
-            self.k_offset.unsqueeze(2).float() if self.k_offset is not None else None
-        _scale_into(out_k[:, :, :Q].view(B, H, Q // G, G, D), u.view(B, H, Q // G, G, D), r, m, alpha, beta)
-        u, alpha, beta = decode_rows(vw, self.v_codec, D, self._v_table, self._v_affine)
+        dst = out_k[:, :, :Q].view(B, H, Q // G, G, D)
+        if self.k_widths is not None:                                 # per-channel widths, per-channel affine
+            base, step = mixed_key_affine(self._k_widths, ks.unsqueeze(3), kz.unsqueeze(3))
+            torch.addcmul(base, self.k_layout.unpack(kw).view(B, H, Q // G, G, D), step, out=dst)
+        else:
+            u, alpha, beta = decode_rows(kw, self.k_codec, D, self.k_layout, self._k_table, self._k_affine)
+            r = ks.unsqueeze(3).float()                               # (B, H, Q/G, 1, D)
+            m = kz.unsqueeze(3).float() if kz is not None else \
+                self.k_offset.unsqueeze(2).float() if self.k_offset is not None else None
+            _scale_into(dst, u.view(B, H, Q // G, G, D), r, m, alpha, beta)
+        u, alpha, beta = decode_rows(vw, self.v_codec, D, self.v_layout, self._v_table, self._v_affine)
         _scale_into(out_v[:, :, :Q], u, vs.unsqueeze(3).float(), None if vz is None else vz.unsqueeze(3).float(),
                     alpha, beta)
 
@@ -237,7 +267,10 @@ class QINSLayer(CacheLayerMixin):
             st = self.keys[:, :, :n_stage]
             if Q == 0:
                 st = self._key_stats_view(st)
-            if self.k_codec.zero_point:
+            if self.k_widths is not None:
+                out_k[:, :, Q:Q + n_stage] = dequantize_keys_mixed(
+                    *quantize_keys_mixed(st, self._k_widths, n_stage), self._k_widths, n_stage, self.dtype)
+            elif self.k_codec.zero_point:
                 out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st, self.k_codec)
             else:
                 m = (self.k_offset if self.k_offset is not None else key_offset(st)).to(self.dtype)
@@ -378,11 +411,13 @@ class QINSCache(Cache):
 
     `model` is a PreTrainedModel or its config. Keyword fields of KVConfig (v_bits, sink,
     group, format, layer_bits, k_curvature, ...) override `config` (default KVConfig()).
-    `bits` sets k_bits (and v_bits unless given).
+    `bits` sets k_bits (and v_bits unless given). `key_plan` (a KeyPlan from
+    `qins.kv.calibrate_keys`) gives the keys of each layer it covers calibrated widths per
+    channel at the same bits per element (plan.py).
     """
 
     def __init__(self, model, bits: int | None = None, residual: int | None = None, page_kb: int | None = None,
-                 *, config: KVConfig | None = None, **fields):
+                 *, config: KVConfig | None = None, key_plan=None, **fields):
         _compat.check_transformers()
         cfg = config or KVConfig()
         changes = dict(fields)
@@ -404,15 +439,19 @@ class QINSCache(Cache):
         for i, _, _ in cfg.layer_bits:
             if i >= n_layers:
                 raise ValueError(f"layer_bits names layer {i}; the model has {n_layers} layers")
+        if key_plan is not None and any(i >= n_layers for i in key_plan.layers):
+            raise ValueError(f"the key plan names layer {max(key_plan.layers)}; the model has {n_layers} layers")
+        self.key_plan = key_plan
         layers = []
         for i, (t, kw) in enumerate(zip(types, kwargs)):
             if t == "full_attention":
                 kb, vb = cfg.bits_for(i)
+                widths = None if key_plan is None else key_plan.widths_for(i, kb, cfg.group_for(kb))
                 layers.append(QINSLayer(kb, vb, format=cfg.format, residual=cfg.residual, sink=cfg.sink,
                                         page_kb=cfg.page_kb, group=cfg.group_for(kb),
                                         k_zero=cfg.zero_for(kb, "k"), v_zero=cfg.zero_for(vb, "v"),
                                         k_curvature=cfg.curvature_for(kb, "k"),
-                                        v_curvature=cfg.curvature_for(vb, "v"),
+                                        v_curvature=cfg.curvature_for(vb, "v"), k_widths=widths,
                                         expect_heads=heads, expect_head_dim=head_dim))
             elif t in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))       # uncompressed, counted

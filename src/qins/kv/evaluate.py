@@ -55,11 +55,12 @@ def generate_with_cache(model, tok, prompts, make_cache, new_tokens: int = 64, b
     return out
 
 
-def bits_per_element_at(model_config, config: KVConfig, context: int = 4096, batch: int = 1) -> tuple[int, float]:
+def bits_per_element_at(model_config, config: KVConfig, context: int = 4096, batch: int = 1,
+                        key_plan=None) -> tuple[int, float]:
     """(nbytes, bits/element) of a QINSCache holding `context` tokens; the accounting depends
     on shapes only, so zeros of the model's K/V shape stand in for real states."""
     from .cache import QINSCache
-    cache = QINSCache(model_config, config=config)
+    cache = QINSCache(model_config, config=config, key_plan=key_plan)
     _, heads, head_dim = cache.shape
     dtype = getattr(model_config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -69,25 +70,47 @@ def bits_per_element_at(model_config, config: KVConfig, context: int = 4096, bat
     return cache.nbytes(), cache.bits_per_element()
 
 
-def measure_kv(harness, model, config: KVConfig, chunk: int = 32, match: bool = True, label: str | None = None) -> dict:
+def resolve_key_plan(key_plan, harness, model, config: KVConfig):
+    """None, a KeyPlan, a path to a saved one, or "auto": calibrate on the harness's
+    calibration windows (the first windows of the corpus, disjoint from evaluation)."""
+    from .plan import KeyPlan, calibrate_keys
+    if key_plan is None or isinstance(key_plan, KeyPlan):
+        return key_plan
+    if key_plan == "auto":
+        w = harness.calibration_windows
+        if w is None or len(w) == 0:
+            raise ValueError("--kv-plan auto needs calibration windows (the protocol has none)")
+        return calibrate_keys(model, w, config, batch_size=harness.protocol.batch_size, progress=harness.progress,
+                              source=f"calibration {harness.describe()['calibration_windows']}")
+    return KeyPlan.load(key_plan)
+
+
+def measure_kv(harness, model, config: KVConfig, chunk: int = 32, match: bool = True, label: str | None = None,
+               key_plan=None) -> dict:
     """One report row for `config`: quality with the cache in the loop, greedy token match
-    against the float model's generations, bits/element at 4k context."""
+    against the float model's generations, bits/element at 4k context. `key_plan`: see
+    resolve_key_plan (calibration time is not counted in `seconds`)."""
     from .cache import QINSCache
     import time
+    plan = resolve_key_plan(key_plan, harness, model, config)
     t0 = time.perf_counter()
-    q = evaluate_cache(model, harness.reference, lambda: QINSCache(model, config=config), chunk,
+    q = evaluate_cache(model, harness.reference, lambda: QINSCache(model, config=config, key_plan=plan), chunk,
                        harness.protocol.batch_size)
     row = {"label": label or config.label, "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
            "ppl_increase_pct": 100 * (q["ppl"] / harness.reference.ppl - 1), "kl": q["kl"], "top1": q["top1"],
            "windows": q["windows"], "tokens": q["tokens"], "chunk": chunk, "kv_config": config.to_dict()}
-    nb, bpe = bits_per_element_at(model.config, config, 4096)
+    if plan is not None:
+        row["key_plan"] = {"source": plan.source, "mean_bits": plan.mean_bits(), "layers": len(plan.layers),
+                           "histogram": plan.histogram()}
+    nb, bpe = bits_per_element_at(model.config, config, 4096, key_plan=plan)
     row.update(bpw=bpe, bpw_all=bpe, kv_bytes_4k=nb)
     if match:
         from ..eval.generation import token_match
         p = harness.protocol
         tm = token_match(harness.reference_generations(),
                          generate_with_cache(model, harness.tok, harness._prompts,
-                                             lambda: QINSCache(model, config=config), p.new_tokens, p.gen_batch_size))
+                                             lambda: QINSCache(model, config=config, key_plan=plan), p.new_tokens,
+                                             p.gen_batch_size))
         row.update(match=tm["match"], identical=tm["identical"], sequences=tm["sequences"],
                    first_divergence=tm["first_divergence_mean"])
     row["seconds"] = time.perf_counter() - t0

@@ -25,12 +25,17 @@ ROWS: list[tuple[str, dict, bool]] = [
     ("int-sym 8 bits, residual 0", dict(k_bits=8, residual=0, format="int-sym"), True),
     ("qins 6 bits, residual 0", dict(k_bits=6, residual=0), False),
     ("qins 4 bits, residual 0", dict(k_bits=4, residual=0), False),
+    ("qins 4 bits, residual 0, key plan", dict(k_bits=4, residual=0, plan=True), False),
+    ("qins 4 bits, residual 0, key plan, value curvature 1", dict(k_bits=4, residual=0, v_curvature=1.0, plan=True),
+     False),
     ("qins 4 bits, residual 0, no sink", dict(k_bits=4, residual=0, sink=0), False),
     ("qins 4 bits, residual 0, value curvature 1", dict(k_bits=4, residual=0, v_curvature=1.0), False),
     ("int-sym 4 bits, residual 0", dict(k_bits=4, residual=0, format="int-sym"), False),
     ("qins 4 bits, residual 0, key group 32 (over budget)", dict(k_bits=4, residual=0, group=32), False),
     ("qins 3 bits, residual 0", dict(k_bits=3, residual=0), False),
+    ("qins 3 bits, residual 0, key plan", dict(k_bits=3, residual=0, plan=True), False),
     ("qins 2 bits, residual 0", dict(k_bits=2, residual=0), False),
+    ("qins 2 bits, residual 0, key plan", dict(k_bits=2, residual=0, plan=True), False),
     ("qins 2 bits, residual 0, key group 128", dict(k_bits=2, residual=0, group=128), False),
     ("qins 8 bits, residual 128 (default)", dict(k_bits=8), False),
     ("qins 4 bits, residual 128 (default)", dict(k_bits=4), False),
@@ -66,7 +71,7 @@ def main(argv=None) -> int:
     command = "OMP_NUM_THREADS=1 python -m qins.kv.report " + " ".join(argv if argv is not None else sys.argv[1:])
     tok, model = qins.load_default_model()
     h = Harness(tok, model, Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens,
-                                     calibration_windows=0), progress=True)
+                                     calibration_windows=8), progress=True)
     rows = []
     jl = open(out.with_suffix(".jsonl"), "w")
 
@@ -80,7 +85,10 @@ def main(argv=None) -> int:
     for label, fields, match in ROWS:
         if a.only and not any(label == s[1:] if s.startswith("=") else s in label for s in a.only):
             continue
-        emit(measure_kv(h, model, KVConfig(**fields), a.chunk, match=match and a.prompts > 0, label=label))
+        fields = dict(fields)
+        plan = "auto" if fields.pop("plan", False) else None          # calibrated on windows 0..7
+        emit(measure_kv(h, model, KVConfig(**fields), a.chunk, match=match and a.prompts > 0, label=label,
+                        key_plan=plan))
     if not a.no_hqq:
         try:
             import hqq  # noqa: F401
@@ -106,6 +114,8 @@ def main(argv=None) -> int:
           f"prefilled {a.chunk} tokens at a time through a fresh cache, so later chunks read earlier tokens "
           f"back from the cache. Reference perplexity (no cache, one pass) {d['ppl_ref']:.4f}. "
           f"Machine: {d['machine']}.", "",
+          f"Key plan rows: per-channel key widths calibrated (qins.kv.calibrate_keys) on "
+          f"{d['calibration_windows']}, disjoint from the evaluation windows, at the same bits per element.", "",
           "bits/element: everything the cache holds at 4096 tokens of context, batch 1 (codes, scales, zero "
           "points, offsets, sink copies, fp regions, page slack), over K and V elements. "
           "Token match: greedy, "
