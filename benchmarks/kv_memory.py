@@ -24,7 +24,9 @@ Caches: dynamic-fp32 (the model's dtype: the latency baseline), dynamic-fp16 (th
 baseline; not timed: a float32 model does not run on fp16 K/V), hqq-Nb =
 QuantizedCache("hqq", nbits=N, residual_length=128) when hqq imports (bytes up to
 --hqq-max-context), qins-Nb =
-QINSCache(bits=N, residual=0) (defaults otherwise: one sink token, 32 KiB pages).
+QINSCache(bits=N, residual=0) (defaults otherwise: one sink token, 32 KiB pages), qins-4b-plan =
+the same at 4 bits with a key plan calibrated on the corpus's first 8 windows (saved beside
+the CSV as kv_memory_key_plan.json).
 Writes benchmarks/results/kv_memory.csv, kv_memory.md and kv_memory.png.
 """
 from __future__ import annotations
@@ -67,7 +69,7 @@ def cache_names(have_hqq: bool) -> list[str]:
     names = ["dynamic-fp32", "dynamic-fp16"]
     if have_hqq:
         names += [f"hqq-{b}b" for b in HQQ_BITS]
-    return names + [f"qins-{b}b" for b in QINS_BITS]
+    return names + [f"qins-{b}b" for b in QINS_BITS] + ["qins-4b-plan"]
 
 
 def make_cache(name: str, config):
@@ -80,7 +82,11 @@ def make_cache(name: str, config):
     bits = int(name.split("-")[1][:-1])
     if name.startswith("hqq"):
         return QuantizedCache("hqq", config, nbits=bits, residual_length=128), torch.float32
-    return QINSCache(config, bits=bits, residual=0), torch.float32
+    plan = None
+    if name.endswith("-plan"):
+        from qins.kv import KeyPlan
+        plan = KeyPlan.load(os.environ["QINS_KEY_PLAN"])
+    return QINSCache(config, bits=bits, residual=0, key_plan=plan), torch.float32
 
 
 def fill(cache, shape, context, dtype, chunk=4096):
@@ -159,6 +165,14 @@ def main():
         have_hqq = False
         print("hqq not installed: QuantizedCache(hqq) rows skipped")
     names = cache_names(have_hqq)
+    # qins-4b-plan: a key plan calibrated on the corpus's first 8 windows (its widths change
+    # which channels get which width, not the bytes; the decode path differs, so it is timed)
+    from qins.eval.quality import token_windows
+    from qins.kv import KVConfig, calibrate_keys
+    plan_path = Path(a.out).with_name("kv_memory_key_plan.json")
+    calibrate_keys(model, token_windows(tok, qins.default_corpus(), 512, max_windows=8),
+                   KVConfig(k_bits=4, residual=0), source="default corpus, windows 0..7").save(plan_path)
+    os.environ["QINS_KEY_PLAN"] = str(plan_path)
     command = "OMP_NUM_THREADS=1 python benchmarks/kv_memory.py " + " ".join(sys.argv[1:])
     meta = dict(date=datetime.date.today().isoformat(), machine=f"{platform.machine()} {platform.processor()}".strip(),
                 threads=torch.get_num_threads(), torch=torch.__version__, command=command)

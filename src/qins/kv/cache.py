@@ -24,6 +24,9 @@ Token order inside one QINSLayer (B, H, T, D):
   outlier keys. They stay in the stream (so pages keep their alignment and the first page is
   an ordinary page), are left out of the first group's ranges, and a full-precision copy
   overlays them when read back.
+- Key plans (plan.py, optional): calibrated widths per key channel at the same bits per
+  element; a planned layer quantizes keys on the zero-point grid of each channel's width
+  and packs them with `RowLayout.mixed`.
 - The reference path (CPU and tests): `update` decodes every page straight into one fresh
   (B, H, T, D) output per tensor, one op per plane over the store's written prefix (one
   table gather per byte of codes and one fused scale/zero-point multiply-add;

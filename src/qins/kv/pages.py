@@ -43,6 +43,13 @@ words:
     read as bytes (little-endian), byte j holds c(2j) in bits 0..3 and c(2j+1) in bits 4..7,
     which `byte_table` decodes with one lookup per byte
 
+    Where each code sits is a `RowLayout`: `RowLayout.uniform` is exactly the layout above
+    (codec.packing's planes: at 3, 5 and 6 bits a code is split over two planes); a layer
+    with a key plan (plan.py) stores keys with `RowLayout.mixed`: channel d of head h has
+    its own width w[h, d] in 0..8, and the fields of a head are packed first-fit-decreasing
+    into whole bytes (no field crosses a byte), so the row keeps Wk = packed_words(D, k_bits)
+    words. A kernel reads those rows with the plan's (byte, shift, mask) per channel.
+
 So a GPU kernel reads page i of (b, h) as one run of P*W words (plus its scale runs) given
 the store's base pointers and C, e.g. through a block table of page indices. Tokens
 0 .. n_tokens - 1 are written, whole groups at a time (`PageStore.write_groups`); a page is

@@ -4,9 +4,9 @@ Why. A key error Δ moves an attention score by q·Δ = Σ_d q_d Δ_d, so with i
 the score error is Σ_d E[q_d²] E[Δ_d²]. Queries put very unequal weight on the channels of a
 head (after RoPE, a few low-frequency channels carry most of q·k), and keys' ranges differ
 per channel too, so a uniform width wastes bits on channels the scores ignore. On the default
-model, at the same 4 bits per key code, widths chosen this way cut the attention-output error
-of 4-bit keys from 7.6e-3 to 3.2e-3 (probe, 2 windows) and the KL of keys-only quantization
-from 0.018 to 0.006 (fake-quantized keys, 4 windows).
+model, 4-bit K and V at residual 0 with the cache in the loop (16 windows,
+benchmarks/results/kv_quality_keyplan_w16.md): KL 0.0223 -> 0.0137 and perplexity +2.04% ->
++1.24% at the same 4.258 bits per element; 3 bits +12.8% -> +7.4%, 2 bits +105% -> +52%.
 
 How. `calibrate_keys` runs the model over calibration windows once and, for every
 full-attention layer whose keys have zero points, measures per (kv head h, channel d)
@@ -232,6 +232,7 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
     if windows.shape[1] < S + G_max:
         raise ValueError(f"calibration windows of {windows.shape[1]} tokens are shorter than one key group "
                          f"({G_max}) after the {S} sink token(s)")
+    seen: set[int] = set()
     q2 = {i: torch.zeros(heads, head_dim, dtype=torch.float64) for i in want}
     err = {i: torch.zeros(heads, head_dim, len(menu), dtype=torch.float64) for i in want}
 
@@ -239,6 +240,7 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
         i = getattr(module, "layer_idx", None)
         if i in want:
             kb, G = want[i]
+            seen.add(i)
             B, H, T, D = k.shape
             if (H, D) != (heads, head_dim):
                 raise ValueError(f"layer {i}: keys of shape {tuple(k.shape)}, expected {heads} heads of dim {head_dim}")
@@ -265,6 +267,10 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
     finally:
         for c, b in zip(configs, before):
             c._attn_implementation = b
+    if seen != set(want):
+        raise ValueError(f"layers {sorted(set(want) - seen)} never called transformers' attention interface, "
+                         f"so their queries could not be read; key plans need a model that dispatches attention "
+                         f"through it (transformers' own Llama, Mistral, Qwen2, Gemma, ... do)")
     layers = {}
     for i, (kb, G) in want.items():
         cost = q2[i].unsqueeze(2) * err[i]                       # (H, D, M)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
 
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = "OMP_NUM_THREADS=1 python -m qins.kv.report " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "OMP_NUM_THREADS=1 python -m qins.kv.report " + shlex.join(argv if argv is not None else sys.argv[1:])
     tok, model = qins.load_default_model()
     h = Harness(tok, model, Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens,
                                      calibration_windows=8), progress=True)
