@@ -313,3 +313,39 @@ def test_other_head_dim_or_batch_is_rejected_and_cache_stays_usable(make_model, 
         cache.reset()                                       # another batch after a reset
         model(token_ids[:1], cache=cache)
     assert cache.get_seq_length() == token_ids.shape[1]
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_older_layer_kwargs_shape_builds_every_layer(make_model, token_ids, arch, monkeypatch):
+    # transformers 5.17 returns one kwargs dict for all layers (measured on the device machine:
+    # the cache came out with 0 layers before _compat spread it); the cache must still hold a
+    # layer per decoder layer and generate as with 5.2x's per-layer lists
+    import transformers.cache_utils as cu
+    model = make_model(arch)
+    want = QINSCache(model, bits=4, residual=0, group=16)
+    real = cu.get_layer_types_and_kwargs
+
+    def shared(config):
+        types, per_layer = real(config)
+        return types, next((k for k in per_layer if k), {})
+    monkeypatch.setattr(cu, "get_layer_types_and_kwargs", shared)
+    got = QINSCache(model, bits=4, residual=0, group=16)
+    assert [type(x) for x in got.layers] == [type(x) for x in want.layers] and len(got.layers) == 2
+    with torch.inference_mode():
+        a = model.generate(input_ids=token_ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache=got)
+        b = model.generate(input_ids=token_ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache=want)
+    assert torch.equal(a, b)
+
+
+def test_layers_without_keys_to_page_stay_transformers_own(make_model, monkeypatch):
+    # a KV-sharing consumer ("dummy") or linear-attention layer is not ours to compress
+    import transformers.cache_utils as cu
+    if "dummy" not in getattr(cu, "DYNAMIC_LAYER_TYPE_MAPPING", {}):
+        pytest.skip("this transformers has no dummy layer type")
+    model = make_model("llama")
+    monkeypatch.setattr(cu, "get_layer_types_and_kwargs", lambda c: (["full_attention", "dummy"], [{}, {}]))
+    cache = QINSCache(model, bits=4)
+    assert isinstance(cache.layers[0], QINSLayer) and type(cache.layers[1]) is cu.DYNAMIC_LAYER_TYPE_MAPPING["dummy"]
+    monkeypatch.setattr(cu, "get_layer_types_and_kwargs", lambda c: (["full_attention", "mystery"], [{}, {}]))
+    with pytest.raises(ValueError, match="'mystery'"):
+        QINSCache(model, bits=4)

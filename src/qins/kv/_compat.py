@@ -41,9 +41,25 @@ def cache_kwarg(model) -> str:
 
 
 def layer_types(config) -> tuple[list[str], list[dict]]:
-    """(layer type, init kwargs) per decoder layer, from transformers' own helper."""
+    """(layer type, init kwargs) per decoder layer, from transformers' own helper.
+
+    transformers 5.2x returns one kwargs dict per layer; earlier 5.x (measured on 5.17)
+    returns one dict shared by all layers (e.g. {} or {"sliding_window": N}), which is
+    spread here over the sliding and chunked layers that take it."""
     from transformers.cache_utils import get_layer_types_and_kwargs
-    return get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    types = list(types)
+    if isinstance(kwargs, dict):
+        kwargs = [dict(kwargs) if t in ("sliding_attention", "chunked_attention") else {} for t in types]
+    return types, list(kwargs)
+
+
+def other_layer(layer_type: str, kwargs: dict):
+    """transformers' own (uncompressed) dynamic layer for a type QINSCache does not compress
+    (linear-attention, hybrid, indexed, dummy KV-sharing layers), or None when unknown."""
+    from transformers import cache_utils
+    cls = getattr(cache_utils, "DYNAMIC_LAYER_TYPE_MAPPING", {}).get(layer_type)
+    return None if cls is None else cls(**kwargs)
 
 
 def kv_shape(config) -> tuple[int, int, int]:

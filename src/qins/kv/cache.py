@@ -34,7 +34,9 @@ Token order inside one QINSLayer (B, H, T, D):
   history is kept between steps.
 
 Sliding-window layers stay uncompressed: they are transformers' DynamicSlidingWindowLayer,
-whose bytes `nbytes` counts.
+whose bytes `nbytes` counts. Layer types with no keys and values to page (linear-attention,
+hybrid, dummy KV-sharing layers of transformers' DYNAMIC_LAYER_TYPE_MAPPING) get
+transformers' own dynamic layer, uncompressed (their keys and values, if any, are counted).
 """
 from __future__ import annotations
 
@@ -458,6 +460,8 @@ class QINSCache(Cache):
                                         expect_heads=heads, expect_head_dim=head_dim))
             elif t in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))       # uncompressed, counted
+            elif (other := _compat.other_layer(t, kw)) is not None:
+                layers.append(other)                                  # transformers' own layer, uncompressed
             else:
                 raise ValueError(f"QINSCache supports full and sliding-window attention layers; layer {i} is {t!r}")
         self.shape = (n_layers, heads, head_dim)
@@ -500,7 +504,10 @@ class QINSCache(Cache):
             if isinstance(layer, QINSLayer):
                 yield layer.nbytes(), layer.n_elements()
             elif getattr(layer, "is_initialized", False):
-                yield _nbytes(layer.keys) + _nbytes(layer.values), layer.keys.numel() + layer.values.numel()
+                k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+                n = sum(t.numel() for t in (k, v) if isinstance(t, torch.Tensor))
+                yield _nbytes(k if isinstance(k, torch.Tensor) else None) + \
+                    _nbytes(v if isinstance(v, torch.Tensor) else None), n
 
     def nbytes(self) -> int:
         """Bytes held by every layer: codes, scales, page slack, sink, staging and residual."""
