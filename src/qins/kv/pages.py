@@ -120,13 +120,10 @@ class Codec:
     # -- group parameters ------------------------------------------------------------------
     def params(self, x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp16 (scale, zero point or None) of groups along `dim` (kept as size 1)."""
+        if self.zero_point:
+            return zero_point_params(x, dim)                          # r = 0: constant group, x = m
         hi = x.amax(dim, keepdim=True)
         lo = x.amin(dim, keepdim=True)
-        if self.zero_point:
-            m = ((hi + lo) * 0.5).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
-            mf = m.float()
-            s = torch.maximum(hi - mf, mf - lo)                      # half-range about the stored m
-            return s.clamp(0, _FP16_MAX).to(torch.float16), m             # s = 0: constant group, x = m
         s = torch.where(hi >= -lo, hi, lo) if self.signed_scale else torch.maximum(hi, -lo)
         s = s.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)        # |x| beyond fp16 saturates
         return torch.where(s == 0, torch.ones_like(s), s), None
@@ -513,8 +510,9 @@ def bytes_needed(widths: list[int]) -> int:
     return byte_fit(widths)[2]
 
 
-def mixed_key_params(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp16 (half-range r, mid-range m) of groups along dim, as Codec.params with a zero point."""
+def zero_point_params(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (half-range r, mid-range m) of groups along dim (kept as size 1): m rounded to
+    fp16 first, r the half-range about the stored m, so both group ends stay within r."""
     hi, lo = x.amax(dim, keepdim=True), x.amin(dim, keepdim=True)
     m = ((hi + lo) * 0.5).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
     mf = m.float()
@@ -531,7 +529,7 @@ def quantize_keys_mixed(k: torch.Tensor, widths: torch.Tensor, group: int):
     exact); w = 0 stores no code and decodes to m."""
     B, H, T, D = k.shape
     x = k.float().view(B, H, T // group, group, D)
-    r, m = mixed_key_params(x, 3)                                     # (B, H, n, 1, D)
+    r, m = zero_point_params(x, 3)                                    # (B, H, n, 1, D)
     top = ((1 << widths.to(torch.int64)) - 1).to(torch.float32).view(1, H, 1, 1, D)
     rf = r.float()
     y = ((x - m.float()) / torch.where(rf == 0, torch.ones_like(rf), rf)).clamp_(-1.0, 1.0)

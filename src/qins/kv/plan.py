@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from .config import KVConfig
-from .pages import bytes_needed, mixed_key_params, packed_words
+from .pages import bytes_needed, dequantize_keys_mixed, packed_words, quantize_keys_mixed
 
 KEY_PLAN_VERSION = 1
 MENU = (0, 2, 3, 4, 5, 6, 8)
@@ -183,20 +183,12 @@ def allocate_widths(cost: torch.Tensor, bits: int, menu=MENU) -> list[int]:
 
 
 def _grid_error(k: torch.Tensor, w: int, group: int) -> torch.Tensor:
-    """(B, H, T, D) keys (T a multiple of group) -> (H, D) sum over B, T of (k̂_w - k)² on the
-    zero-point grid of w bits per (group, channel)."""
+    """(B, H, T, D) keys (T a multiple of group) -> (H, D) sum over B, T of (k̂_w - k)², k̂_w the
+    cache's own quantizer at w bits per channel (pages.quantize_keys_mixed)."""
     B, H, T, D = k.shape
-    x = k.float().view(B, H, T // group, group, D)
-    r, m = mixed_key_params(x, 3)
-    rf, mf = r.float(), m.float()
-    if w == 0:
-        xh = mf.expand_as(x)
-    else:
-        top = 2**w - 1
-        y = ((x - mf) / torch.where(rf == 0, torch.ones_like(rf), rf)).clamp(-1.0, 1.0)
-        c = torch.floor((y + 1.0) * 0.5 * top + 0.5).clamp(0, top)
-        xh = mf + rf * (c * (2.0 / top) - 1.0)
-    return (xh - x).pow(2).sum((0, 2, 3)).double()
+    widths = torch.full((H, D), w, dtype=torch.int64, device=k.device)
+    x = dequantize_keys_mixed(*quantize_keys_mixed(k, widths, group), widths, group, torch.float32)
+    return (x - k.float()).pow(2).sum((0, 2)).double()
 
 
 def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None, *, menu=MENU,
