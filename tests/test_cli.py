@@ -300,3 +300,17 @@ def test_generate_with_a_calibrated_key_plan(workdir, float_dir, capsys):
     assert main(["generate", str(float_dir), "hi", "--kv-plan", "auto"]) == 2          # needs --kv-bits
     assert main(["generate", str(float_dir), "hi", "--kv-bits", "4", "--kv-plan", str(workdir / "none.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_eval_with_a_key_plan_calibrates_on_the_first_windows(workdir, float_dir, text_file):
+    # --kv-plan auto: key widths from windows 0..7, evaluation on the last window; the row says so
+    js = workdir / "eval-kvplan.json"
+    assert main(["eval", str(float_dir), "--reference", str(float_dir), "--text", str(text_file), "--windows", "1",
+                 "--prompts", "0", "--kv-bits", "4", "--kv-residual", "0", "--kv-plan", "auto",
+                 "--json", str(js)]) == 0
+    doc = json.loads(js.read_text())
+    assert doc["meta"]["calibration_windows"].startswith("windows 0..7")
+    row = doc["rows"][-1]
+    assert row["label"] == "kv-qins-4b-r0-keyplan" and "windows 0..7" in row["key_plan"]["source"]
+    # head dim 16: value rows pad 16 codes to 32, so bits/element is not the 4.26 of a 64-dim head
+    assert 4.0 < row["bpw"] < 9.0 and 0.0 < row["kl"] < 1.0

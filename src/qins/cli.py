@@ -9,8 +9,10 @@ import sys
 
 def _protocol(a):
     from .eval.harness import Protocol
-    return Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens,
-                    calibration_windows=getattr(a, "calibration_windows", 0) or 0)
+    cal = getattr(a, "calibration_windows", 0) or 0
+    if getattr(a, "kv_plan", None) == "auto" and not cal:
+        cal = 8                     # --kv-plan auto calibrates key widths on the corpus's first 8 windows
+    return Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens, calibration_windows=cal)
 
 
 def _group(s: str):
@@ -44,8 +46,8 @@ def _add_kv(p):
     p.add_argument("--kv-residual", type=int, default=None, help="most recent tokens kept full precision (default 128)")
     p.add_argument("--kv-page-kb", type=int, default=None, help="KV page size in KiB, 16..64 (default 32)")
     p.add_argument("--kv-plan", default=None, metavar="auto|FILE",
-                   help="calibrated key widths per channel (same bits): 'auto' calibrates on the first windows of "
-                        "the corpus, FILE loads a saved KeyPlan (JSON)")
+                   help="calibrated key widths per channel (same bits): 'auto' calibrates on the first 8 windows "
+                        "of the corpus (disjoint from evaluation), FILE loads a saved KeyPlan (JSON)")
 
 
 def _kv_config(a):

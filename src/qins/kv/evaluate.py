@@ -96,7 +96,7 @@ def measure_kv(harness, model, config: KVConfig, chunk: int = 32, match: bool = 
     t0 = time.perf_counter()
     q = evaluate_cache(model, harness.reference, lambda: QINSCache(model, config=config, key_plan=plan), chunk,
                        harness.protocol.batch_size)
-    row = {"label": label or config.label, "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
+    row = {"label": label or config.label + ("-keyplan" if plan is not None else ""), "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
            "ppl_increase_pct": 100 * (q["ppl"] / harness.reference.ppl - 1), "kl": q["kl"], "top1": q["top1"],
            "windows": q["windows"], "tokens": q["tokens"], "chunk": chunk, "kv_config": config.to_dict()}
     if plan is not None:
