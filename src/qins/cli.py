@@ -222,16 +222,11 @@ def cmd_generate(a):
     if kv is not None:
         from .kv import QINSCache
         from .kv._compat import cache_kwarg
-        plan = None
-        if a.kv_plan == "auto":
-            from .eval.quality import token_windows
-            from .kv.plan import calibrate_keys
-            from .models import default_corpus
-            plan = calibrate_keys(model, token_windows(tok, default_corpus(), 512, max_windows=8), kv,
-                                  source="default corpus, windows 0..7")
-        elif a.kv_plan is not None:
-            from .kv.plan import KeyPlan
-            plan = KeyPlan.load(a.kv_plan)
+        from .eval.quality import token_windows
+        from .kv.plan import resolve_key_plan
+        from .models import default_corpus
+        plan = resolve_key_plan(a.kv_plan, model, kv, lambda: token_windows(tok, default_corpus(), 512, max_windows=8),
+                                "default corpus, windows 0..7")
         cache = QINSCache(model, config=kv, key_plan=plan)
         kw[cache_kwarg(model)] = cache
     if a.sample:

@@ -1,6 +1,7 @@
 """The transformers versions QINSCache supports, and the few names that moved between them."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 
@@ -68,3 +69,21 @@ def kv_shape(config) -> tuple[int, int, int]:
     heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     return c.num_hidden_layers, heads, head_dim
+
+
+@contextlib.contextmanager
+def attention_hook(model, name: str, fn):
+    """Route every attention call of `model` through fn(module, q, k, v, mask, **kw) while
+    inside the block (registered in transformers' AttentionInterface as `name`), restoring
+    each config's implementation after. fn sees q, k, v after RoPE, as a cache does."""
+    from transformers import AttentionInterface
+    AttentionInterface.register(name, fn)
+    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    before = [getattr(c, "_attn_implementation", None) for c in configs]
+    try:
+        for c in configs:
+            c._attn_implementation = name
+        yield
+    finally:
+        for c, b in zip(configs, before):
+            c._attn_implementation = b

@@ -45,9 +45,9 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicSlidingWindo
 
 from . import _compat
 from .config import KVConfig
-from .pages import (Codec, PageStore, PageView, RowLayout, affine_levels, byte_table, decode_rows, dequantize_keys_mixed,
-                    fake_quantize_keys, fake_quantize_values, key_offset, mixed_key_affine, pack_rows, page_tokens,
-                    quantize_keys, quantize_keys_mixed, quantize_values)
+from .pages import (Codec, PageStore, PageView, RowLayout, affine_levels, byte_table, decode_rows,
+                    dequantize_keys_mixed, fake_quantize_keys, fake_quantize_values, key_offset, mixed_key_affine,
+                    pack_rows, page_tokens, quantize_keys, quantize_keys_mixed, quantize_values)
 
 
 def _nbytes(t: torch.Tensor | None) -> int:

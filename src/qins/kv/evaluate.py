@@ -70,33 +70,23 @@ def bits_per_element_at(model_config, config: KVConfig, context: int = 4096, bat
     return cache.nbytes(), cache.bits_per_element()
 
 
-def resolve_key_plan(key_plan, harness, model, config: KVConfig):
-    """None, a KeyPlan, a path to a saved one, or "auto": calibrate on the harness's
-    calibration windows (the first windows of the corpus, disjoint from evaluation)."""
-    from .plan import KeyPlan, calibrate_keys
-    if key_plan is None or isinstance(key_plan, KeyPlan):
-        return key_plan
-    if key_plan == "auto":
-        w = harness.calibration_windows
-        if w is None or len(w) == 0:
-            raise ValueError("--kv-plan auto needs calibration windows (the protocol has none)")
-        return calibrate_keys(model, w, config, batch_size=harness.protocol.batch_size, progress=harness.progress,
-                              source=f"calibration {harness.describe()['calibration_windows']}")
-    return KeyPlan.load(key_plan)
-
-
 def measure_kv(harness, model, config: KVConfig, chunk: int = 32, match: bool = True, label: str | None = None,
                key_plan=None) -> dict:
     """One report row for `config`: quality with the cache in the loop, greedy token match
     against the float model's generations, bits/element at 4k context. `key_plan`: see
-    resolve_key_plan (calibration time is not counted in `seconds`)."""
+    plan.resolve_key_plan; "auto" calibrates on the harness's calibration windows (not
+    counted in `seconds`)."""
     from .cache import QINSCache
     import time
-    plan = resolve_key_plan(key_plan, harness, model, config)
+    from .plan import resolve_key_plan
+    plan = resolve_key_plan(key_plan, model, config, lambda: harness.calibration_windows,
+                            f"calibration {harness.describe()['calibration_windows']}",
+                            harness.protocol.batch_size, harness.progress)
     t0 = time.perf_counter()
     q = evaluate_cache(model, harness.reference, lambda: QINSCache(model, config=config, key_plan=plan), chunk,
                        harness.protocol.batch_size)
-    row = {"label": label or config.label + ("-keyplan" if plan is not None else ""), "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
+    label = label or config.label + ("-keyplan" if plan is not None else "")
+    row = {"label": label, "ppl": q["ppl"], "ppl_ref": harness.reference.ppl,
            "ppl_increase_pct": 100 * (q["ppl"] / harness.reference.ppl - 1), "kl": q["kl"], "top1": q["top1"],
            "windows": q["windows"], "tokens": q["tokens"], "chunk": chunk, "kv_config": config.to_dict()}
     if plan is not None:

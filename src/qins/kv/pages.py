@@ -69,7 +69,7 @@ from dataclasses import dataclass
 import torch
 
 from ..codec.formats import get_format, n_levels, table
-from ..codec.packing import pack, packed_words, unpack
+from ..codec.packing import pack, packed_words, padded_length, unpack
 
 _FP16_MAX = 65504.0
 
@@ -417,11 +417,10 @@ class RowLayout:
             per_word = 32 // w
             bit = (start + ch // per_word) * 32 + (ch % per_word) * w     # bit offset in the row
             segs.append((bit // 8, bit % 8, w, out))
-            start += padded_words(d, w)
+            start += padded_length(d) * w // 32
             out += w
-        return cls._build(torch.full((heads, d), bits, dtype=torch.int64),
-                          [(i.expand(heads, d), s.expand(heads, d), torch.full((heads, d), w), o) for i, s, w, o in segs],
-                          packed_words(d, bits))
+        segs = [(i.expand(heads, d), s.expand(heads, d), torch.full((heads, d), w), o) for i, s, w, o in segs]
+        return cls._build(torch.full((heads, d), bits, dtype=torch.int64), segs, packed_words(d, bits))
 
     @classmethod
     def mixed(cls, widths: torch.Tensor) -> "RowLayout":
@@ -478,11 +477,6 @@ class RowLayout:
                 c.bitwise_left_shift_(o)
             out = c if out is None else out.bitwise_or_(c)
         return out
-
-
-def padded_words(d: int, w: int) -> int:
-    """Words of one plane of width w holding d codes (padded to 32 codes, as codec.packing)."""
-    return -(-d // 32) * 32 * w // 32
 
 
 def byte_fit(widths: list[int]) -> tuple[list[int], list[int], int]:

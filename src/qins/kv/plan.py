@@ -202,7 +202,6 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
     `config.sink` tokens of each window are left out, as the cache keeps them in full precision.
     """
     from tqdm.auto import tqdm
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from . import _compat
@@ -245,20 +244,10 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
                 err[i][:, :, j] += _grid_error(kk, w, G)
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
 
-    name = "qins_key_plan"
-    AttentionInterface.register(name, hook)
-    configs = [m.config for m in model.modules() if hasattr(m, "config")]
-    before = [getattr(c, "_attn_implementation", None) for c in configs]
     device = next(model.parameters()).device
-    try:
-        for c in configs:
-            c._attn_implementation = name
-        with torch.inference_mode():
-            for s in tqdm(range(0, windows.shape[0], batch_size), desc="key plan", disable=not progress):
-                model(input_ids=windows[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        for c, b in zip(configs, before):
-            c._attn_implementation = b
+    with _compat.attention_hook(model, "qins_key_plan", hook), torch.inference_mode():
+        for s in tqdm(range(0, windows.shape[0], batch_size), desc="key plan", disable=not progress):
+            model(input_ids=windows[s:s + batch_size].to(device), use_cache=False)
     if seen != set(want):
         raise ValueError(f"layers {sorted(set(want) - seen)} never called transformers' attention interface, "
                          f"so their queries could not be read; key plans need a model that dispatches attention "
@@ -273,3 +262,17 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
             layers[i] = (kb, G, tuple(tuple(w) for w in widths))
     src = source or f"{windows.shape[0]} windows of {windows.shape[1]} tokens"
     return KeyPlan(layers, src)
+
+
+def resolve_key_plan(key_plan, model, config: KVConfig, windows=None, source: str = "", batch_size: int = 4,
+                     progress: bool = True) -> KeyPlan | None:
+    """None, a KeyPlan, a path to a saved one, or "auto": calibrate `model` on `windows`
+    (a callable returning (N, T) token ids, called only for "auto")."""
+    if key_plan is None or isinstance(key_plan, KeyPlan):
+        return key_plan
+    if key_plan == "auto":
+        w = windows() if windows is not None else None
+        if w is None or len(w) == 0:
+            raise ValueError("--kv-plan auto needs calibration windows (there are none)")
+        return calibrate_keys(model, w, config, batch_size=batch_size, source=source, progress=progress)
+    return KeyPlan.load(key_plan)

@@ -38,25 +38,17 @@ VARIANTS: list[tuple[str, int, dict]] = (
 
 def capture_qkv(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """{layer: (q (B, Hq, T, D), k (B, H, T, D), v)} of one forward pass over ids (B, T)."""
-    from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ._compat import attention_hook
     rec = {}
 
     def hook(module, q, k, v, mask, **kw):
         rec[module.layer_idx] = (q.detach().clone(), k.detach().clone(), v.detach().clone())
         return sdpa_attention_forward(module, q, k, v, mask, **kw)
 
-    AttentionInterface.register("qins_probe", hook)
-    configs = [m.config for m in model.modules() if hasattr(m, "config")]
-    before = [c._attn_implementation for c in configs]
-    try:
-        for c in configs:
-            c._attn_implementation = "qins_probe"
-        with torch.inference_mode():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for c, b in zip(configs, before):
-            c._attn_implementation = b
+    with attention_hook(model, "qins_probe", hook), torch.inference_mode():
+        model(input_ids=ids, use_cache=False)
     return rec
 
 
