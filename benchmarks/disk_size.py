@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import qins
-from qins.eval.memory import memory_report
+from qins.metrics.memory import memory_report
 
 
 def main() -> None:

@@ -102,7 +102,7 @@ def fill(cache, shape, context, dtype, chunk=4096):
 
 
 def kv_bytes(cache) -> int:
-    from qins.kv.evaluate import cache_nbytes
+    from qins.metrics.memory import cache_nbytes
     return cache_nbytes(cache)
 
 
@@ -167,7 +167,7 @@ def main():
     names = cache_names(have_hqq)
     # qins-4b-plan: a key plan calibrated on the corpus's first 8 windows (its widths change
     # which channels get which width, not the bytes; the decode path differs, so it is timed)
-    from qins.eval.quality import token_windows
+    from qins.metrics.quality import token_windows
     from qins.kv import KVConfig, calibrate_keys
     plan_path = Path(a.out).with_name("kv_memory_key_plan.json")
     calibrate_keys(model, token_windows(tok, qins.default_corpus(), 512, max_windows=8),

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from qins.config import WeightConfig
-from qins.eval.embeddings import (DEFAULT_CONFIGS, METHODS, EmbeddingHarness, format_table, gptq_supported,
+from qins.codec.config import WeightConfig
+from qins.eval.embeddings import (DEFAULT_CONFIGS, METHODS, EmbeddingHarness, format_table,
                                   measure_embeddings)
 
 RESULTS = Path(__file__).parent / "results"
@@ -57,7 +57,6 @@ def main() -> None:
                    f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)",
         "date": str(date.today()),
         "seed": a.seed,
-        "gptq_available": gptq_supported(),
         **h.describe(),
     }
     out = Path(a.out)
@@ -81,7 +80,7 @@ def main() -> None:
             f"{pool['mode'].replace('_', ' ')} pooling over the attention mask, "
             f"{'L2 normalised' if pool['normalize'] else 'not normalised'} (the package's modules.json)",
             f"- evaluation: {meta['evaluation']} ({meta['eval_tokens']} tokens); "
-            f"calibration: {meta['calibration']}; corpus = CPython doc topics (qins.models.default_corpus), "
+            f"calibration: {meta['calibration']}; corpus = CPython doc topics (qins.metrics.models.default_corpus), "
             f"split by qins.eval.embeddings.split_sentences (5..60 words, deduplicated), seed {a.seed}{partial}",
             "",
             "Cosine = cosine similarity of each evaluation sentence's embedding to its float embedding; "

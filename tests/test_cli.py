@@ -13,6 +13,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import string
 
 import pytest
@@ -20,6 +21,9 @@ import torch
 
 import qins
 from qins.cli import main
+from qins.eval.harness import Harness, Protocol
+from qins.metrics.quality import token_windows
+from qins.weights.calibration import input_second_moments
 
 SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
@@ -95,12 +99,16 @@ def test_compress_writes_a_loadable_model(compressed, float_dir, capsys, token_i
     assert mem["total_bytes"] > 0 and mem["bpw_all"] > mem["quantized_bpw"]   # norms, embedding in float
     plan = json.loads((out / "qins.json").read_text())["modules"]
     assert len(plan) == 14 and all(e["config"]["format"] == "qins" and e["config"]["bits"] == 4
-                                   for e in plan.values())
-    model = qins.load(out)
-    assert torch.isfinite(model(token_ids).logits).all()
+                                   and e["config"]["group_size"] == 32 for e in plan.values())
+    # the CLI only parses and calls: the same weights as qins.quantize with the same config,
+    # so the saved model's logits are bit-identical to the library's
+    _, want = qins.load_model(float_dir)
+    qins.quantize(want, qins.WeightConfig("qins", 4, 32), progress=False)
+    with torch.inference_mode():
+        assert torch.equal(qins.load(out)(token_ids).logits, want(token_ids).logits)
 
 
-def test_compress_with_calibration_and_options(workdir, float_dir, text_file, capsys):
+def test_compress_with_calibration_and_options(workdir, float_dir, text_file, capsys, token_ids):
     out = workdir / "q-calib"
     rc = main(["compress", str(float_dir), "-o", str(out), "--format", "int-asym", "--bits", "3",
                "--group-size", "none", "--skip", "down_proj", "--include-embeddings",
@@ -112,7 +120,16 @@ def test_compress_with_calibration_and_options(workdir, float_dir, text_file, ca
     assert "model.layers.0.mlp.down_proj" not in plan
     assert plan["model.embed_tokens"]["kind"] == "embedding"
     assert plan["lm_head"] == {"kind": "tied_linear", "tied_to": "model.embed_tokens"}
-    assert plan["model.layers.0.mlp.up_proj"]["config"]["group_size"] is None
+    up = plan["model.layers.0.mlp.up_proj"]["config"]
+    assert (up["format"], up["bits"], up["group_size"]) == ("int-asym", 3, None)
+    # the library with the same options and the activation statistics of the text's first
+    # window: bit-identical logits (without the calibration they differ)
+    tok, want = qins.load_model(float_dir)
+    stats = input_second_moments(want, token_windows(tok, text_file.read_text(), 512, max_windows=1))
+    qins.quantize(want, qins.WeightConfig("int-asym", 3, None), skip=["down_proj"], include_embeddings=True,
+                  calibration=stats, progress=False)
+    with torch.inference_mode():
+        assert torch.equal(qins.load(out)(token_ids).logits, want(token_ids).logits)
 
 
 def test_eval_measures_against_the_float_model(workdir, compressed, float_dir, text_file, capsys):
@@ -130,6 +147,13 @@ def test_eval_measures_against_the_float_model(workdir, compressed, float_dir, t
     # 0.24 nats and top-1 0.48 on this window; bounds only say "measured, not exact, sane"
     assert 0.0 < row["kl"] < 1.0 and 0.2 < row["top1"] < 1.0
     assert "q4" in capsys.readouterr().out
+    # the CLI only parses and calls: the library's Harness on the same windows gives the same row
+    tok, ref = qins.load_model(float_dir)
+    h = Harness(tok, ref, Protocol(windows=1, prompts=2, new_tokens=4, calibration_windows=0),
+                text=text_file.read_text(), progress=False)
+    want = h.measure(qins.load(compressed[0]), "q4")
+    assert doc["meta"]["protocol"] == h.describe()["protocol"]
+    assert {k: v for k, v in row.items() if k != "seconds"} == {k: v for k, v in want.items() if k != "seconds"}
 
 
 def test_eval_of_the_float_model_itself_is_exact(workdir, float_dir, text_file):
@@ -162,13 +186,28 @@ def test_generate_greedy_matches_the_library(workdir, compressed, capsys):
 
 
 def test_generate_sampling_is_seeded(workdir, compressed):
+    from transformers import AutoTokenizer
     docs = []
     for i in range(2):
         js = workdir / f"sample{i}.json"
-        assert main(["generate", str(compressed[0]), "a b c", "--max-new-tokens", "4", "--sample",
+        assert main(["generate", str(compressed[0]), "a b c", "--max-new-tokens", "8", "--sample",
                      "--seed", "7", "--json", str(js)]) == 0
         docs.append(json.loads(js.read_text()))
     assert docs[0]["tokens"] == docs[1]["tokens"]
+    # the library sampling with the CLI's defaults (temperature 0.7, top-p 0.9) from seed 7
+    tok = AutoTokenizer.from_pretrained(compressed[0])
+    model = qins.load(compressed[0])
+    text = tok.apply_chat_template([{"role": "user", "content": "a b c"}], add_generation_prompt=True, tokenize=False)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    n = ids["input_ids"].shape[1]
+    with torch.inference_mode():
+        torch.manual_seed(7)
+        sampled = model.generate(**ids, max_new_tokens=8, do_sample=True, temperature=0.7, top_p=0.9,
+                                 pad_token_id=tok.pad_token_id)[0, n:].tolist()
+        greedy = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)[0, n:].tolist()
+    assert docs[0]["tokens"] == sampled
+    # --sample does sample: these 8 tokens differ from the greedy ones (measured: all 8 positions)
+    assert sampled != greedy
 
 
 def test_compare_writes_report_json_and_plots(workdir, float_dir, text_file, capsys):
@@ -205,7 +244,7 @@ def test_compress_to_a_budget_prints_and_saves_the_plan(workdir, float_dir, text
     assert bits == {4, 8}                                                # a mix of both candidates
     assert all(e["config"]["rounding"] == "gptq" for e in doc["modules"].values() if "config" in e)
     assert doc["modules"]["model.embed_tokens"]["kind"] == "embedding"  # embeddings counted and quantized
-    from qins.eval.memory import memory_report
+    from qins.metrics.memory import memory_report
     assert memory_report(qins.load(out))["bpw_all"] == pytest.approx(doc["allocation"]["bpw_all"])
 
 
@@ -240,6 +279,28 @@ def test_synthetic_prints_the_lloyd_max_table(tmp_path, capsys):
     assert all(r["lloyd_db"] == pytest.approx(20.22, abs=0.01) for r in rows if r["density"] == "gaussian")
 
 
+def error_line(capsys, verb: str) -> str:
+    """The one line `qins VERB: error: ...` on stderr, and no other (no traceback); a progress
+    bar of model loading may precede it."""
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
+    assert len(lines) == 1 and lines[0].startswith(f"qins {verb}: error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Argument errors come before any model or tokenizer is loaded: loading one fails the test
+    (AssertionError, which main() does not turn into an exit code)."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the argument error")
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModel, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", refuse)
+
+
 @pytest.mark.parametrize("argv,message", [
     (["compress", "{float}", "-o", "{tmp}/x", "--target-bpw", "4", "--max-kl", "0.1"], "at most one"),
     (["compress", "{float}", "-o", "{tmp}/x", "--target-bpw", "0.5"], "target_bpw"),
@@ -255,12 +316,87 @@ def test_synthetic_prints_the_lloyd_max_table(tmp_path, capsys):
 def test_bad_input_is_exit_code_2_with_one_line(tmp_path, float_dir, capsys, argv, message):
     argv = [a.format(float=float_dir, tmp=tmp_path) for a in argv]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    # one line, and the only one: no traceback (a progress bar of model loading may precede it)
-    lines = [ln for ln in err.splitlines() if ln.strip() and "it/s]" not in ln]
-    assert len(lines) == 1 and lines[0].startswith(f"qins {argv[0]}: error: "), err
-    assert re.search(message, lines[0]), err
+    assert re.search(message, error_line(capsys, argv[0]))
     assert not (tmp_path / "x").exists()
+
+
+# -- the CLI as the lead is changing it (these expect that change) -------------------------
+@pytest.mark.parametrize("argv,flag,form", [
+    (["compare", "{float}", "--configs", "qins:4"], "--configs", "FORMAT:BITS:GROUP"),
+    (["compare", "{float}", "--configs", "qins:4:64", "qins:four:64"], "--configs", "FORMAT:BITS:GROUP"),
+    (["compare", "{float}", "--configs", "qins-4-64"], "--configs", "FORMAT:BITS:GROUP"),
+    (["embeddings", "--configs", "qins:4:64:1"], "--configs", "FORMAT:BITS:GROUP"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--target-bpw", "5", "--candidates", "4-32"], "--candidates",
+     "BITS:GROUP"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--max-kl", "0.1", "--candidates", "4:32", "4:32:1"], "--candidates",
+     "BITS:GROUP"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--target-bpw", "5", "--candidates", "four:32"], "--candidates",
+     "BITS:GROUP"),
+])
+def test_malformed_config_lists_name_the_flag_and_the_form(tmp_path, float_dir, capsys, no_model_load,
+                                                            argv, flag, form):
+    argv = [a.format(float=float_dir, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    line = error_line(capsys, argv[0])
+    assert flag in line and form in line, line
+    assert not (tmp_path / "x").exists()
+
+
+BUDGETS = [["--target-bpw", "5"], ["--max-kl", "0.1"], ["--max-ppl-increase", "5"]]
+IGNORED = [["--bits", "3"], ["--group-size", "32"], ["--rounding", "gptq"], ["--curvature", "channel"],
+           ["--no-clip-search"], ["--include-embeddings"]]
+
+
+@pytest.mark.parametrize("i,flag", list(enumerate(IGNORED)), ids=[f[0] for f in IGNORED])
+def test_budget_mode_refuses_the_flags_it_ignores(tmp_path, float_dir, capsys, no_model_load, i, flag):
+    # the allocator picks bits and group size from --candidates, always rounds with GPTQ and
+    # counts the embeddings (--no-embeddings keeps them float): these flags would do nothing
+    budget = BUDGETS[i % len(BUDGETS)]
+    assert main(["compress", str(float_dir), "-o", str(tmp_path / "x"), *budget, *flag]) == 2
+    assert flag[0] in error_line(capsys, "compress")
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["eval", "{float}", "--windows", "1"]], ids=["no-model", "float-dir"])
+def test_eval_refuses_without_a_reference(float_dir, capsys, no_model_load, argv):
+    # no argument names nothing to measure, and a float directory records no source model:
+    # nothing to compare against, so no silent fallback to the embedded default model
+    argv = [a.format(float=float_dir) for a in argv]
+    assert main(argv) == 2
+    line = error_line(capsys, "eval")
+    if len(argv) > 1:
+        assert "--reference" in line, line
+
+
+def test_eval_uses_the_source_recorded_by_compress(workdir, float_dir, text_file, capsys, make_model):
+    # compress records where the float model came from and a hash of its content; eval measures
+    # against it without --reference, and refuses once that source has changed
+    src, out = workdir / "float-src", workdir / "q4-src"
+    shutil.copytree(float_dir, src)
+    assert main(["compress", str(src), "-o", str(out), "--bits", "4", "--group-size", "32"]) == 0
+    rows = []
+    for extra in ([], ["--reference", str(float_dir)]):
+        js = workdir / "eval-src.json"
+        assert main(["eval", str(out), *extra, "--text", str(text_file), "--windows", "1", "--prompts", "0",
+                     "--json", str(js)]) == 0
+        (row,) = json.loads(js.read_text())["rows"]
+        rows.append({k: row[k] for k in ("kl", "top1", "ppl", "ppl_ref")})
+    assert rows[0] == rows[1] and rows[0]["kl"] > 0
+    capsys.readouterr()
+    make_model("llama", seed=1).save_pretrained(src)                 # other weights at the same path
+    assert main(["eval", str(out), "--text", str(text_file), "--windows", "1", "--prompts", "0"]) == 2
+    assert "--reference" in error_line(capsys, "eval")
+    # an explicit reference still works
+    assert main(["eval", str(out), "--reference", str(float_dir), "--text", str(text_file), "--windows", "1",
+                 "--prompts", "0"]) == 0
+
+
+def test_transport_is_not_a_cli_verb(capsys):
+    # Pattern B lives in experiments/transport, outside the library and its CLI
+    with pytest.raises(SystemExit) as e:
+        main(["transport", "--error-only"])
+    assert e.value.code == 2
+    assert "invalid choice: 'transport'" in capsys.readouterr().err
 
 
 def test_too_short_text_is_a_clear_error(tmp_path, float_dir, capsys):
@@ -282,7 +418,7 @@ def test_generate_with_a_calibrated_key_plan(workdir, float_dir, capsys):
     # --kv-plan auto calibrates on the default corpus (tokenized by the model's tokenizer);
     # a saved plan file gives the same tokens; the JSON says which plan was used
     from qins.kv import KVConfig, KeyPlan, calibrate_keys
-    from qins.eval.quality import token_windows
+    from qins.metrics.quality import token_windows
     from transformers import AutoTokenizer
     docs = []
     tok = AutoTokenizer.from_pretrained(float_dir)

@@ -2,21 +2,20 @@
 the same decoded K/V at every width, with and without a key plan, and a tiny random Llama
 must generate through the cache on the GPU (residual 1000: identical to DynamicCache).
 
-    python3 benchmarks/gpu/kv_cuda_check.py        # on a CUDA machine, from the repo root
+    PYTHONPATH=src python3 benchmarks/gpu/kv_cuda_check.py   # on a CUDA machine, from the repo root
 
 Writes $OUT/gpu_kv_check.json (benchmarks/results/kv_cuda_check.json holds a copy with the
 date, card and transformers version) and prints a table.
 """
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, "src")
-from qins.kv.cache import QINSCache, QINSLayer  # noqa: E402
-from qins.kv.config import KVConfig  # noqa: E402
-from qins.kv.plan import MENU, allocate_widths  # noqa: E402
+from qins.kv.cache import QINSCache
+from qins.kv.config import KVConfig
+from qins.kv.layer import QINSLayer
+from qins.kv.plan import MENU, allocate_widths
 
 assert torch.cuda.is_available()
 rows = []

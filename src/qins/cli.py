@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from pathlib import Path
 import sys
+from pathlib import Path
 
 
 def _protocol(a):
@@ -16,11 +16,50 @@ def _protocol(a):
 
 
 def _group(s: str):
-    return None if s.lower() in ("none", "ch", "channel") else int(s)
+    if s.lower() in ("none", "ch", "channel"):
+        return None
+    try:
+        return int(s)
+    except ValueError:
+        raise ValueError(f"group size {s!r} is not an integer or 'none'") from None
+
+
+def _parse_configs(items, flag: str):
+    """FORMAT:BITS:GROUP strings -> WeightConfigs, with the flag named in any error."""
+    from .codec.config import WeightConfig
+    out = []
+    for c in items:
+        parts = c.split(":")
+        if len(parts) != 3:
+            raise ValueError(f"{flag} {c!r}: expected FORMAT:BITS:GROUP, e.g. qins:4:64 or int-asym:8:none")
+        f, b, g = parts
+        form = "FORMAT:BITS:GROUP (BITS an integer, GROUP an integer or 'none')"
+        if not b.strip().isdigit():
+            raise ValueError(f"{flag} {c!r}: BITS {b!r} is not an integer; expected {form}")
+        try:
+            group = _group(g)
+        except ValueError as e:
+            raise ValueError(f"{flag} {c!r}: {e}; expected {form}") from None
+        try:
+            out.append(WeightConfig(f, int(b), group))
+        except ValueError as e:
+            raise ValueError(f"{flag} {c!r}: {e}") from None
+    return out
+
+
+def _parse_menu(items, flag: str = "--candidates"):
+    """BITS:GROUP strings -> [(bits, group)], with the flag named in any error."""
+    out = []
+    for c in items:
+        parts = c.split(":")
+        if len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            raise ValueError(f"{flag} {c!r}: expected BITS:GROUP with integers, e.g. 4:64")
+        out.append((int(parts[0]), int(parts[1])))
+    return out
 
 
 def _weight_config(a):
-    from .config import WeightConfig
+    from .codec.config import WeightConfig
     return WeightConfig(format=a.format, bits=a.bits, group_size=_group(a.group_size),
                         curvature=a.curvature, clip_search=not a.no_clip_search,
                         rounding=getattr(a, "rounding", "nearest"))
@@ -67,15 +106,33 @@ def cmd_demo(a):
     _maybe_json(a, res)
 
 
+# flags a mixed-precision plan (--target-bpw / --max-kl / --max-ppl-increase) decides itself
+_BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", "nearest"),
+                   ("curvature", "--curvature", "tensor"), ("no_clip_search", "--no-clip-search", False),
+                   ("include_embeddings", "--include-embeddings", False))
+
+
 def cmd_compress(a):
     from . import load_model, quantize, save
-    from .eval.quality import token_windows
-    from .models import read_corpus
+    from .metrics.quality import token_windows
+    from .metrics.models import read_corpus
 
-    config = _weight_config(a)                 # bad options fail before the model loads
     modes = [x for x in (a.target_bpw, a.max_kl, a.max_ppl_increase) if x is not None]
     if len(modes) > 1:
         raise ValueError("give at most one of --target-bpw, --max-kl, --max-ppl-increase")
+    if modes:
+        given = [flag for attr, flag, default in _BUDGET_IGNORES if getattr(a, attr) != default]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with a mixed-precision plan (--target-bpw, "
+                             f"--max-kl, --max-ppl-increase): the plan picks bits and groups per tensor from "
+                             f"--candidates, with GPTQ rounding, and covers embeddings unless --no-embeddings")
+        menu = _parse_menu(a.candidates) if a.candidates else None
+    elif a.candidates is not None or a.no_embeddings:
+        raise ValueError("--candidates and --no-embeddings apply to a mixed-precision plan only "
+                         "(--target-bpw, --max-kl or --max-ppl-increase)")
+    config = _weight_config(a)                 # bad options fail before the model loads
+    if a.calibration_windows is not None and a.calibration_windows < 1:
+        raise ValueError(f"--calibration-windows must be at least 1, got {a.calibration_windows}")
     calibrate = bool(a.calibration_text is not None or a.calibration_windows or modes or config.rounding == "gptq")
     text = read_corpus(a.calibration_text or None) if calibrate else None
     tok, model = load_model(a.model)
@@ -88,7 +145,6 @@ def cmd_compress(a):
     if modes:
         from .weights.allocate import default_candidates
         from .weights.budget import plan_table, quantize_to_budget
-        menu = [tuple(int(x) for x in c.split(":")) for c in a.candidates] if a.candidates else None
         cands = default_candidates(a.format, **({"menu": menu} if menu else {}))
         rep = quantize_to_budget(model, wins, target_bpw=a.target_bpw, max_kl=a.max_kl,
                                  max_ppl_increase=a.max_ppl_increase, candidates=cands,
@@ -105,7 +161,7 @@ def cmd_compress(a):
                 stats = input_second_moments(model, wins)
         quantize(model, config, skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
     path = save(model, a.output, tokenizer=tok)
-    from .eval.memory import memory_report, format_bytes
+    from .metrics.memory import memory_report, format_bytes
     mem = memory_report(model)
     print(f"wrote {path}: {format_bytes(mem['total_bytes'])} held, quantized layers {mem['quantized_bpw']:.3f} bpw, "
           f"whole model {mem['bpw_all']:.3f} bpw")
@@ -113,51 +169,108 @@ def cmd_compress(a):
 
 
 def _load_any(src):
-    """(tok, model, reference source) for a saved qins dir or a float model."""
-    from pathlib import Path
+    """(tok, model, qins.json doc or None) for a saved qins dir or a float model."""
     from . import load, load_model
-    p = Path(src) if src else None
-    if p is not None and (p / "qins.json").is_file():
+    from .weights.plan import read_plan
+    p = Path(src)
+    if _is_qins_dir(p):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(p)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return tok, load(p)
-    return load_model(src)
+        return tok, load(p), read_plan(p)
+    tok, model = load_model(src)
+    return tok, model, None
+
+
+def _is_qins_dir(p: Path) -> bool:
+    return (p / "qins.json").is_file() or (p.is_dir() and _is_qins_hf_dir(p))
+
+
+def _is_qins_hf_dir(p: Path) -> bool:
+    import json
+    cfg = p / "config.json"
+    try:
+        qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return False
+    return isinstance(qc, dict) and qc.get("quant_method") == "qins"
+
+
+def _reference_for(model_arg: str | None, doc: dict | None, reference: str | None, kv: bool = False) -> str | None:
+    """The float model to compare a model against: --reference, else the source recorded in
+    the saved qins.json, checked by content hash; a float model measured for its KV cache
+    (--kv-bits) is its own reference (None: the embedded model). Refuses where none is sound."""
+    from .metrics.models import fingerprint
+    if doc is None and reference is None and kv:
+        return model_arg
+    source = (doc or {}).get("source")
+    if reference is not None:
+        if source and source.get("sha256") and Path(reference).exists() \
+                and fingerprint(reference) != source["sha256"]:
+            raise ValueError(f"--reference {reference} is not the checkpoint {model_arg} was made from "
+                             f"(recorded: {source['path']}, sha256 {source['sha256'][:12]}...); "
+                             f"compare against the model it was made from")
+        return reference
+    if doc is None:
+        raise ValueError(f"{model_arg or 'the embedded model'} is a float model: give --reference (the model to "
+                         f"compare it against) or --kv-bits (to measure a compressed KV cache against its own "
+                         f"float cache); without either it would be compared with itself")
+    if not source:
+        raise ValueError(f"{model_arg}/qins.json records no source model (saved by an older qins or from a model "
+                         f"built in memory): give --reference")
+    if not Path(source["path"]).exists():
+        raise ValueError(f"{model_arg} was made from {source['path']}, which no longer exists: give --reference")
+    if source.get("sha256") and fingerprint(source["path"]) != source["sha256"]:
+        raise ValueError(f"{source['path']} changed since {model_arg} was made from it (content hash differs): "
+                         f"give --reference")
+    return source["path"]
 
 
 def cmd_eval(a):
     from .eval.harness import Harness
-    from .eval.report import print_table, write_markdown
-    from .models import load_model, read_corpus
+    from .metrics.models import load_model, read_corpus
+    from .metrics.render import print_table
 
     text = read_corpus(a.text) if a.text else None      # a missing file fails before the models load
     kv = _kv_config(a)                                  # bad KV flags fail before the models load
-    tok, model = _load_any(a.model)
-    _, ref_model = load_model(a.reference)
+    if a.model is not None and not Path(a.model).exists():
+        raise FileNotFoundError(f"model not found: {a.model}")
+    if a.model is None and kv is None:
+        raise ValueError("give the model to evaluate (a qins-saved dir, or a float model with --reference), "
+                         "or --kv-bits to measure a compressed KV cache on the embedded model")
+    if a.model is None and a.reference is not None:
+        raise ValueError("--reference needs the model to evaluate")
+    doc = None
+    if a.model is not None and _is_qins_dir(Path(a.model)):
+        from .weights.plan import read_plan
+        doc = read_plan(a.model)
+    ref_source = _reference_for(a.model, doc, a.reference, kv=kv is not None)   # refusals come before loading
+    tok, model, _ = _load_any(a.model) if a.model is not None else (*load_model(None), None)
+    _, ref_model = load_model(ref_source)
     h = Harness(tok, ref_model, _protocol(a), text=text)
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
     if kv is not None:
-        from .kv.evaluate import measure_dynamic, measure_kv
+        from .eval.kv import measure_dynamic, measure_kv
         rows += [measure_dynamic(h, model), measure_kv(h, model, kv, match=a.prompts > 0, key_plan=a.kv_plan)]
-    print_table(rows, title=f"{a.model} vs float {a.reference or 'default model'} — {h.describe()['eval_windows']}")
-    _maybe_json(a, {"meta": h.describe(), "rows": rows})
+    ref_name = ref_source or "the embedded model"
+    print_table(rows, title=f"{a.model or 'the embedded model'} vs float {ref_name} — {h.describe()['eval_windows']}")
+    _maybe_json(a, {"meta": dict(h.describe(), reference=ref_name), "rows": rows})
 
 
 def cmd_compare(a):
     from .eval.compare import grid, run_compare
     from .eval.harness import Harness
-    from .eval.report import plot_frontier, print_table, write_json, write_markdown
-    from .models import load_model, read_corpus
+    from .metrics.render import plot_frontier, print_table, write_json, write_markdown
+    from .metrics.models import load_model, read_corpus
 
-    tok, model = load_model(a.model)
-    text = read_corpus(a.text) if a.text else None
-    h = Harness(tok, model, _protocol(a), text=text)
-    if a.configs:
-        from .config import WeightConfig
-        configs = [WeightConfig(f, int(b), _group(g)) for f, b, g in (c.split(":") for c in a.configs)]
+    if a.configs:                       # bad options fail before the model loads
+        configs = _parse_configs(a.configs, "--configs")
     else:
         configs = grid(a.formats, a.bits_list, [_group(g) for g in a.groups])
+    text = read_corpus(a.text) if a.text else None
+    tok, model = load_model(a.model)
+    h = Harness(tok, model, _protocol(a), text=text)
     meta = h.describe()
     meta["model"] = a.model or "SmolLM2-135M-Instruct (embedded)"
 
@@ -192,7 +305,6 @@ def cmd_compare(a):
 
 
 def cmd_synthetic(a):
-    from .eval.report import write_json
     from .eval.synthetic import markdown_table, synthetic_report
     rows = synthetic_report(bits=tuple(a.bits_list), shape=(a.rows, a.cols),
                             group_sizes=tuple(_group(g) for g in a.groups), formats=tuple(a.formats), seed=a.seed)
@@ -201,10 +313,8 @@ def cmd_synthetic(a):
 
 
 def cmd_embeddings(a):
-    from .config import WeightConfig
     from .eval.embeddings import DEFAULT_CONFIGS, compare_embeddings, format_table
-    configs = ([WeightConfig(f, int(b), _group(g)) for f, b, g in (c.split(":") for c in a.configs)]
-               if a.configs else DEFAULT_CONFIGS)
+    configs = _parse_configs(a.configs, "--configs") if a.configs else DEFAULT_CONFIGS
     res = compare_embeddings(configs, methods=tuple(a.methods), path=a.model, n_eval=a.sentences)
     print(format_table(res["rows"]))
     _maybe_json(a, dict(res, command=a.command))
@@ -213,7 +323,7 @@ def cmd_embeddings(a):
 def cmd_generate(a):
     import torch
     kv = _kv_config(a)                                  # bad KV flags fail before the model loads
-    tok, model = _load_any(a.model)
+    tok, model, _ = _load_any(a.model)
     msgs = [{"role": "user", "content": a.prompt}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if tok.chat_template else a.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False)
@@ -221,10 +331,10 @@ def cmd_generate(a):
     cache = None
     if kv is not None:
         from .kv import QINSCache
-        from .kv._compat import cache_kwarg
-        from .eval.quality import token_windows
+        from ._compat import cache_kwarg
+        from .metrics.quality import token_windows
         from .kv.plan import resolve_key_plan
-        from .models import default_corpus
+        from .metrics.models import default_corpus
         plan = resolve_key_plan(a.kv_plan, model, kv, lambda: token_windows(tok, default_corpus(), 512, max_windows=8),
                                 "default corpus, windows 0..7")
         cache = QINSCache(model, config=kv, key_plan=plan)
@@ -250,28 +360,9 @@ def cmd_generate(a):
     _maybe_json(a, doc)
 
 
-def cmd_transport(a):
-    from .eval.harness import Protocol
-    from .eval.report import write_json
-    from .models import load_model, read_corpus
-    from .transport import print_gate_table, run_gates
-
-    text = read_corpus(a.text) if a.text else None
-    tok, model = load_model(a.model)
-    protocol = Protocol(windows=a.windows, prompts=a.prompts, new_tokens=a.new_tokens,
-                        calibration_windows=a.calibration_windows)
-    flush = (lambda rows: write_json(a.json, {"meta": {"command": a.command}, "rows": rows})) if a.json else None
-    doc = run_gates(tok, model, protocol, stages=a.stage, variants=a.variant, alphas=a.alpha, signs=a.signs,
-                    layer=a.layer, text=text, error_only=a.error_only, on_row=flush)
-    doc["meta"].update(command=a.command, model=a.model or "SmolLM2-135M-Instruct (embedded)")
-    print_gate_table(doc["rows"], title=f"qins transport (Pattern B, experimental) — alpha {a.alpha}, "
-                                        f"Pattern A decode ops {doc['meta']['pattern_a']['decode_ops']}")
-    _maybe_json(a, doc)
-
-
 def _maybe_json(a, doc):
     if getattr(a, "json", None):
-        from .eval.report import write_json
+        from .metrics.render import write_json
         write_json(a.json, doc)
 
 
@@ -296,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-embeddings", action="store_true", help="also quantize embeddings / lm_head")
     p.add_argument("--calibration-text", nargs="*", default=None,
                    help="text file(s) for calibration (no files: the default corpus's first windows)")
-    p.add_argument("--calibration-windows", type=int, default=0, help="512-token calibration windows (default 8)")
+    p.add_argument("--calibration-windows", type=int, default=None,
+                   help="512-token calibration windows from the start of the text (default 8 when calibrating)")
     g = p.add_argument_group("mixed precision (every tensor counted, embeddings included; --format sets the codebook)")
     g.add_argument("--target-bpw", type=float, default=None, help="best quality within this whole-model bpw")
     g.add_argument("--max-kl", type=float, default=None, help="fewest bits with KL <= this (nats/token)")
@@ -306,8 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="quality + memory vs the uncompressed model")
-    p.add_argument("model", nargs="?", default=None, help="a qins-saved dir, or a float model")
-    p.add_argument("--reference", default=None, help="the float model (default: embedded model)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a qins-saved dir, or a float model (with --reference, or --kv-bits); "
+                        "with --kv-bits alone: the embedded model")
+    p.add_argument("--reference", default=None,
+                   help="the float model to compare against (default: the source recorded in DIR/qins.json, "
+                        "checked by content hash)")
     p.add_argument("--label", default=None)
     _add_protocol(p)
     _add_kv(p)
@@ -367,20 +463,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_kv(p)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("transport", help="Pattern B (Jacobian transport) experiments and their gate verdicts")
-    p.add_argument("model", nargs="?", default=None, help="local HF dir or .gguf (default: embedded model)")
-    p.add_argument("--stage", nargs="+", default=["v-one", "v-all", "down", "gate-up", "mlp", "all"],
-                   choices=["v-one", "v-all", "down", "gate-up", "mlp", "all"])
-    p.add_argument("--variant", nargs="+", default=["seed", "first-order"], choices=["seed", "first-order"])
-    p.add_argument("--signs", default="carry", choices=["carry", "ignore"], help="first-order: sign handling")
-    p.add_argument("--alpha", nargs="+", type=float, default=[1.0], help="QINS alpha (the seed's: 1)")
-    p.add_argument("--layer", type=int, default=None, help="v-one's layer (default: the middle one)")
-    p.add_argument("--calibration-windows", type=int, default=3,
-                   help="first windows: all but the last set operating points, the last is held out")
-    p.add_argument("--error-only", action="store_true", help="layer errors and decode ops only (fast)")
-    _add_protocol(p, windows=4)
-    p.set_defaults(fn=cmd_transport)
-
     for sp in sub.choices.values():
         sp.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     return ap
@@ -392,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
     a.command = "qins " + " ".join(shlex.quote(x) for x in argv)
     try:
         a.fn(a)
-    except (ValueError, FileNotFoundError, TypeError) as e:
+    except (ValueError, FileNotFoundError) as e:     # bad input; anything else is a bug: traceback
         print(f"qins {a.cmd}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from qins.config import FORMAT_VERSION, WeightConfig
+from qins.codec.config import FORMAT_VERSION, WeightConfig
 
 CONFIGS = [
     WeightConfig(),

@@ -121,7 +121,18 @@ def test_nf4_table():
     assert t[0].item() == -1.0 and t[-1].item() == 1.0 and t[7].item() == 0.0
     assert torch.unique(t).numel() == 16
     assert (t[1:] > t[:-1]).all()
-    # QLoRA's published NF4 code book (bitsandbytes), to float32
+    # QLoRA's construction (bitsandbytes create_normal_map, offset 0.9677083): 8 positive
+    # quantiles of N(0, 1) at linspace(offset, 0.5, 9)[:-1], 7 negative at
+    # linspace(offset, 0.5, 8)[:-1], and 0; divided by the largest. The published code book
+    # was rounded through float32 on the way: measured max difference 4.3e-8 with the float32
+    # linspace used here; atol 1e-7 (the table's entries are >= 0.08 apart)
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9)[:-1].double())
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8)[:-1].double())
+    ref = torch.cat([neg, torch.zeros(1, dtype=torch.float64), pos]).sort().values
+    ref = ref / ref.abs().max()
+    torch.testing.assert_close(t.double(), ref, rtol=0, atol=1e-7)
+    # and two entries of the published code book, to the last float32 bit
     assert t[8].item() == pytest.approx(0.07958029955625534, rel=0, abs=0)
     assert t[1].item() == pytest.approx(-0.6961928009986877, rel=0, abs=0)
 

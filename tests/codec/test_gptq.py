@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qins.codec import calibrate
+from qins.codec import calibrate, grid
 from qins.codec.formats import get_format, n_levels, table
 from qins.codec.gptq import gptq_codes
 from qins.codec.tensor import QuantizedWeight
-from qins.config import WeightConfig
+from qins.codec.config import WeightConfig
 
 
 def _correlated(I: int, N: int = 2048, seed: int = 0) -> torch.Tensor:
@@ -29,8 +29,8 @@ def _levels_and_cols(w, fmt_name, bits, g):
     n = n_levels(fmt, bits)
     levels = table(fmt, bits, 1.5)[0, :n] if fmt.curved else table(fmt, bits)[0, :n]
     p = calibrate.group_params(w, g, fmt, bits, 1.0)
-    s = calibrate.expand_groups(p.scale, g, w.shape[1])
-    m = calibrate.expand_groups(p.offset, g, w.shape[1]) if p.offset is not None else None
+    s = grid.expand_groups(p.scale, g, w.shape[1])
+    m = grid.expand_groups(p.offset, g, w.shape[1]) if p.offset is not None else None
     return levels, s, m
 
 
@@ -42,7 +42,7 @@ def test_diagonal_hessian_gives_nearest_rounding_exactly(fmt, bits):
     levels, s, m = _levels_and_cols(w, fmt, bits, 32)
     H = torch.diag(torch.rand(96) + 0.1)
     y = (w - m) / s if m is not None else w / s
-    assert torch.equal(gptq_codes(w, H, levels, s, m), calibrate.nearest_codes(y, levels))
+    assert torch.equal(gptq_codes(w, H, levels, s, m), grid.nearest_codes(y, levels))
 
 
 @pytest.mark.parametrize("fmt,bits,floor", [
@@ -76,15 +76,50 @@ def test_per_row_tables_and_ragged_groups():
     assert _out_err(w, gq.dequantize(), H) < _out_err(w, near.dequantize(), H)
 
 
-def test_dead_inputs_and_singular_hessian():
-    # channel 0 never fires (H row/col zero) and H has rank < I: damping keeps it solvable
-    torch.manual_seed(3)
-    X = torch.randn(16, 64)
+def test_singular_hessian_is_damped_and_still_compensates():
+    # 16 samples of 64 channels, channel 0 never fires: H has rank 15. Damping keeps it
+    # solvable, and GPTQ pushes the rounding error into H's null space: output error relative
+    # to nearest rounding measured 0.058..0.098 on seeds 0..5 (4-bit uniform grid, row max
+    # scale); bound 0.25
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(16, 64, generator=g)
     X[:, 0] = 0
     H = X.T @ X / 16
-    w = torch.randn(8, 64)
-    codes = gptq_codes(w, H, torch.linspace(-1, 1, 16), torch.full((8, 64), 0.5))
+    w = torch.randn(8, 64, generator=g)
+    levels = torch.linspace(-1, 1, 16)
+    s = w.abs().amax(1, keepdim=True).expand(8, 64)
+    codes = gptq_codes(w, H, levels, s)
     assert codes.shape == (8, 64) and int(codes.min()) >= 0 and int(codes.max()) <= 15
+    near = grid.nearest_codes(w / s, levels)
+    assert _out_err(w, levels[codes] * s, H) < 0.25 * _out_err(w, levels[near] * s, H)
+
+
+@pytest.mark.parametrize("fmt,bits", [("qins", 4), ("int-sym", 3), ("nf4", 4), ("fp8", 8)])
+def test_dead_input_columns_decode_to_zero(fmt, bits):
+    # A column whose input never fires (H[j, :] = H[:, j] = 0) has its weights set to 0
+    # before rounding, as in the original GPTQ (W[:, dead] = 0): on these formats zero is a
+    # level, so every row decodes it to exactly 0. The live columns are decoupled from the
+    # dead ones in H, so their codes are those of the same weight with the dead columns
+    # zeroed beforehand.
+    g = torch.Generator().manual_seed(4)
+    O, I = 24, 128
+    X = torch.randn(256, I, generator=g)
+    dead = [0, 37, 127]                                              # first, a middle and the last group
+    X[:, dead] = 0
+    H = X.T @ X / 256
+    assert (H[dead] == 0).all() and (H[:, dead] == 0).all()
+    w = torch.randn(O, I, generator=g) * 0.02
+    qw = QuantizedWeight.from_float(w, WeightConfig(fmt, bits, 32, rounding="gptq"), importance=H)
+    deq = qw.dequantize()
+    assert (deq[:, dead] == 0).all()
+    assert (deq[:, [1, 36, 126]] != 0).any()                         # live neighbours are not
+    # the same through gptq_codes directly, against rounding the pre-zeroed weight
+    levels, s, m = _levels_and_cols(w, fmt, bits, 32)
+    w0 = w.clone()
+    w0[:, dead] = 0
+    codes = gptq_codes(w, H, levels, s, m)
+    assert torch.equal(codes, gptq_codes(w0, H, levels, s, m))
+    assert (levels[codes[:, dead]] == 0).all()
 
 
 def test_bad_hessians_are_errors():

@@ -7,13 +7,21 @@ import torch
 from transformers import DynamicCache
 
 from qins.kv import KVConfig
-from qins.kv.cache import QINSCache, QINSLayer
+from qins._compat import cache_kwarg
+from qins.kv.cache import QINSCache
+from qins.kv.layer import QINSLayer
+
+
+def cache_kw(model, cache) -> dict:
+    """The cache as the keyword the installed transformers takes ('cache' on 5.2x,
+    'past_key_values' on 5.17), so the tests run on every supported version."""
+    return {cache_kwarg(model): cache}
 
 
 def _gen(model, ids, cache=None, **kw):
     mask = torch.ones_like(ids)
     mask[1, :5] = 0                                      # row 1 left-padded by 5 tokens
-    extra = {} if cache is None else {"cache": cache}
+    extra = {} if cache is None else cache_kw(model, cache)
     with torch.inference_mode():
         return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, pad_token_id=0,
                               **extra, **kw)
@@ -40,9 +48,9 @@ def test_assisted_decoding_crops(make_model, arch):
     kw = dict(max_new_tokens=16, do_sample=False, prompt_lookup_num_tokens=4, pad_token_id=0)
     with torch.inference_mode():
         ref = model.generate(ids, **kw)
-        assert torch.equal(model.generate(ids, cache=QINSCache(model, bits=8, residual=1000), **kw), ref)
+        assert torch.equal(model.generate(ids, **cache_kw(model, QINSCache(model, bits=8, residual=1000)), **kw), ref)
         cache = QINSCache(model, bits=8, residual=0, group=16)  # crops reach into the pages
-        out = model.generate(ids, cache=cache, **kw)
+        out = model.generate(ids, **cache_kw(model, cache), **kw)
     assert out.shape == ref.shape and cache.get_seq_length() == out.shape[1] - 1
 
 
@@ -65,7 +73,7 @@ def test_residual0_error_falls_with_bits(make_model, token_ids, arch):
         ref = model(token_ids, use_cache=False).logits
         for bits in (8, 4, 2):
             cache = QINSCache(model, bits=bits, residual=0, group=16)
-            outs = [model(token_ids[:, i:i + 8], cache=cache).logits for i in range(0, 24, 8)]
+            outs = [model(token_ids[:, i:i + 8], **cache_kw(model, cache)).logits for i in range(0, 24, 8)]
             errs[bits] = float((torch.cat(outs, 1) - ref).abs().max())
             assert cache.get_seq_length() == 24
     # measured on llama (logit std 1.6; these random models amplify perturbations):
@@ -193,7 +201,7 @@ def test_cache_bad_input_leaves_cache_usable(make_model, token_ids):
     model = make_model("llama")
     cache = QINSCache(model, bits=4, residual=0, group=16)
     with torch.inference_mode():
-        model(token_ids, cache=cache)
+        model(token_ids, **cache_kw(model, cache))
         H, D = cache.shape[1], cache.shape[2]
         with pytest.raises(ValueError, match="built for one model"):
             cache.update(torch.randn(2, H + 1, 1, D), torch.randn(2, H + 1, 1, D), 0)
@@ -204,10 +212,10 @@ def test_cache_bad_input_leaves_cache_usable(make_model, token_ids):
         with pytest.raises(ValueError, match="cannot crop"):
             cache.crop(-1000)
         assert cache.get_seq_length() == 24
-        out = model(token_ids[:, :1], cache=cache)
+        out = model(token_ids[:, :1], **cache_kw(model, cache))
     assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 25
     other = make_model("gpt2")
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="built for one model"):      # 4 heads of 16, given 1 of 8
         QINSCache(other.config, bits=4).update(torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8), 0)
 
 
@@ -234,7 +242,7 @@ def test_sliding_layers_stay_uncompressed(make_model, token_ids):
     kinds = [type(layer) for layer in cache.layers]
     assert QINSLayer in kinds and DynamicSlidingWindowLayer in kinds
     with torch.inference_mode():
-        model(token_ids, cache=cache)
+        model(token_ids, **cache_kw(model, cache))
     assert cache.nbytes() > sum(layer.nbytes() for layer in cache.layers if isinstance(layer, QINSLayer))
 
 
@@ -243,7 +251,8 @@ def test_sliding_layers_stay_uncompressed(make_model, token_ids):
 def test_fast_decode_equals_reference_dequantize(bits, k_zero, v_zero):
     # the read path (byte tables, affine 8-bit shortcut, fused scale) decodes exactly what the
     # reference dequantize_* functions decode from the same stored codes and scales
-    from qins.kv.pages import dequantize_keys, dequantize_values, unpack_rows
+    from qins.kv.codec import dequantize_keys, dequantize_values
+    from qins.kv.layout import unpack_rows
     layer = QINSLayer(bits, bits, residual=0, group=16, page_kb=16, sink=0, k_zero=k_zero, v_zero=v_zero,
                       k_curvature=0.0, v_curvature=1.0)
     g = torch.Generator().manual_seed(bits)
@@ -301,17 +310,17 @@ def test_other_head_dim_or_batch_is_rejected_and_cache_stays_usable(make_model, 
     model = make_model("llama")
     cache = QINSCache(model, bits=4, residual=0)
     with torch.inference_mode():
-        model(token_ids, cache=cache)
+        model(token_ids, **cache_kw(model, cache))
         H, D = cache.shape[1], cache.shape[2]
         with pytest.raises(ValueError, match="built for one model"):
             cache.update(torch.randn(2, H, 1, D * 2), torch.randn(2, H, 1, D * 2), 0)
         with pytest.raises(ValueError, match="batch rows"):
             cache.update(torch.randn(3, H, 1, D), torch.randn(3, H, 1, D), 0)
         assert cache.get_seq_length() == 24
-        out = model(token_ids[:, :1], cache=cache)
+        out = model(token_ids[:, :1], **cache_kw(model, cache))
         assert torch.isfinite(out.logits).all() and cache.get_seq_length() == 25
         cache.reset()                                       # another batch after a reset
-        model(token_ids[:1], cache=cache)
+        model(token_ids[:1], **cache_kw(model, cache))
     assert cache.get_seq_length() == token_ids.shape[1]
 
 
@@ -327,13 +336,17 @@ def test_older_layer_kwargs_shape_builds_every_layer(make_model, token_ids, arch
 
     def shared(config):
         types, per_layer = real(config)
+        if isinstance(per_layer, dict):                  # already the shared shape (5.17 itself)
+            return types, per_layer
         return types, next((k for k in per_layer if k), {})
     monkeypatch.setattr(cu, "get_layer_types_and_kwargs", shared)
     got = QINSCache(model, bits=4, residual=0, group=16)
     assert [type(x) for x in got.layers] == [type(x) for x in want.layers] and len(got.layers) == 2
     with torch.inference_mode():
-        a = model.generate(input_ids=token_ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache=got)
-        b = model.generate(input_ids=token_ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache=want)
+        a = model.generate(input_ids=token_ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           **cache_kw(model, got))
+        b = model.generate(input_ids=token_ids, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                           **cache_kw(model, want))
     assert torch.equal(a, b)
 
 
@@ -349,3 +362,19 @@ def test_layers_without_keys_to_page_stay_transformers_own(make_model, monkeypat
     monkeypatch.setattr(cu, "get_layer_types_and_kwargs", lambda c: (["full_attention", "mystery"], [{}, {}]))
     with pytest.raises(ValueError, match="'mystery'"):
         QINSCache(model, bits=4)
+
+
+def test_cache_crop_takes_what_transformers_passes(make_model, token_ids):
+    # transformers 5.17's assisted decoding crops with a 0-d int tensor (tensor(-4)), 5.2x with
+    # an int; both remove the same tokens. Floats, bools and positive counts are refused.
+    model = make_model("llama")
+    caches = [QINSCache(model, bits=8, residual=0, group=16) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            model(token_ids, **cache_kw(model, c))
+    caches[0].crop(-4)
+    caches[1].crop(torch.tensor(-4))
+    assert caches[0].get_seq_length() == caches[1].get_seq_length() == token_ids.shape[1] - 4
+    for bad in (torch.tensor(-4.0), True, 3, -4.0):
+        with pytest.raises(ValueError, match="crop takes a negative int"):
+            caches[0].crop(bad)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from transformers.quantizers.auto import AutoQuantizationConfig
 
 import qins
+from qins.codec.config import WeightConfig
 from qins.weights.hf import QINSHfQuantizer, QINSQuantizationConfig
 from qins.weights.linear import QINSEmbedding, QINSLinear
 
@@ -172,23 +173,53 @@ def _run(code: str) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
-def test_import_qins_registers_lazily_after_transformers():
+def test_import_qins_does_no_work_and_registration_is_explicit():
     r = _run("""
         import sys
         import qins
         assert "transformers" not in sys.modules and "torch" not in sys.modules, "import qins did work"
-        from transformers import AutoModelForCausalLM
         from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING
+        assert "qins" not in AUTO_QUANTIZER_MAPPING, "registered by an import"
+        qins.register_transformers()
+        qins.register_transformers()                                    # idempotent
         assert AUTO_QUANTIZER_MAPPING["qins"].__name__ == "QINSHfQuantizer"
         assert AUTO_QUANTIZATION_CONFIG_MAPPING["qins"].__name__ == "QINSQuantizationConfig"
-        assert not any(type(f).__name__ == "_AfterImport" for f in sys.meta_path)
+        assert not any("qins" in type(f).__module__ for f in sys.meta_path), "an import hook is installed"
         print("ok")
     """)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
-def test_failed_registration_warns_instead_of_raising(monkeypatch):
-    # the hook runs inside transformers' own import: a failure there must only warn
-    monkeypatch.setitem(sys.modules, "qins.weights.hf", None)       # importing the adapter fails
-    with pytest.warns(RuntimeWarning, match="could not register its transformers integration"):
-        qins._register_with_transformers()
+def test_from_pretrained_in_a_fresh_process(tmp_path, make_model, token_ids):
+    """A new process reads a qins checkpoint with from_pretrained once it has registered, and
+    gets the logits of the model that was saved. Without registering, transformers 5.24 only
+    warns about the unknown quant_method and builds the float model with random weights (its
+    own behaviour, shown here so the README's "register first" stays true)."""
+    model = make_model("llama", tie=False)
+    qins.quantize(model, WeightConfig("qins", 4, 32), progress=False)
+    qins.save(model, tmp_path / "q")
+    with torch.inference_mode():
+        torch.save(model(token_ids).logits, tmp_path / "logits.pt")
+    torch.save(token_ids, tmp_path / "ids.pt")
+    code = f"""
+        import torch
+        import qins
+        from transformers import AutoModelForCausalLM
+        path = {str(tmp_path)!r}
+        ids, want = torch.load(path + "/ids.pt"), torch.load(path + "/logits.pt")
+        try:
+            m = AutoModelForCausalLM.from_pretrained(path + "/q").eval()
+            with torch.inference_mode():
+                print("unregistered", "same" if torch.equal(m(ids).logits, want) else "different")
+        except Exception as e:
+            print("unregistered refused:", type(e).__name__)
+        qins.register_transformers()
+        m = AutoModelForCausalLM.from_pretrained(path + "/q").eval()
+        with torch.inference_mode():
+            same = torch.equal(m(ids).logits, want)
+        print("same" if same else "different")
+    """
+    r = _run(code)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] in ("unregistered different", "unregistered refused: ValueError") and lines[-1] == "same", r.stdout

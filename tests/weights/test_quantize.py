@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import qins
-from qins.config import FORMAT_VERSION, WeightConfig
+from qins.codec.config import FORMAT_VERSION, WeightConfig
 from qins.weights.calibration import input_second_moments
 from qins.weights.linear import QINSEmbedding, QINSLinear, is_linear_like
 from qins.weights.quantize import decoded_weights, quantized_modules

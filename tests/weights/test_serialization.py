@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import qins
-from qins.config import FORMAT_VERSION, WeightConfig
+from qins.codec.config import FORMAT_VERSION, WeightConfig
 from qins.weights import serialization
 from qins.weights.linear import QINSEmbedding, QINSLinear
 

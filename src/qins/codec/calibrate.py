@@ -4,9 +4,7 @@ Error of a group = sum_j h_j (x_j - q_j)^2, with h = 1 (weight MSE, no data) or
 h_j = E[x_j^2] of the layer's input channel j (activation-weighted, from calibration text;
 the diagonal of the layer's Hessian).
 
-Groups run along the input dimension: G = max(1, I // g) groups per row, each of g columns
-except the last, which also takes the remainder I mod g (so g <= last < 2g). The stored
-overhead per weight therefore never exceeds the nominal 16/g bits.
+Groups run along the input dimension (codec/grid.py).
 """
 from __future__ import annotations
 
@@ -15,6 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Format, n_levels, table
+from .gptq import gptq_codes
+from .grid import expand_groups, group_reduce, lookup, nearest_codes
 
 # Candidate curvatures: 0 (uniform INT) then geometric; refined around the best point.
 CURVATURE_GRID = (0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 9.0, 13.0, 20.0)
@@ -39,33 +39,6 @@ def _round_scale(s: torch.Tensor) -> torch.Tensor:
     return s16.float()
 
 
-def n_groups(in_features: int, group_size: int) -> int:
-    return max(1, in_features // group_size)
-
-
-def group_sizes(in_features: int, group_size: int) -> list[int]:
-    G = n_groups(in_features, group_size)
-    return [group_size] * (G - 1) + [in_features - (G - 1) * group_size]
-
-
-def group_reduce(t: torch.Tensor, group_size: int, op: str) -> torch.Tensor:
-    """(R, I) -> (R, G) with op in 'amax', 'amin', 'sum' over each group's columns."""
-    R, I = t.shape
-    G = n_groups(I, group_size)
-    cut = (G - 1) * group_size
-    fn = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}[op]
-    last = fn(t[:, cut:], dim=1, keepdim=True)
-    if G == 1:
-        return last
-    return torch.cat([fn(t[:, :cut].reshape(R, G - 1, group_size), dim=2), last], dim=1)
-
-
-def expand_groups(p: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
-    """(R, G) per-group values -> (R, I) per-column values."""
-    counts = torch.tensor(group_sizes(in_features, group_size), device=p.device)
-    return torch.repeat_interleave(p, counts, dim=1)
-
-
 @dataclass
 class GroupParams:
     scale: torch.Tensor              # (O, G) float32, fp16-representable
@@ -86,18 +59,6 @@ def group_params(x: torch.Tensor, g: int, fmt: Format, bits: int, clip) -> Group
         return GroupParams(torch.where(s != 0, s, torch.ones_like(s)), None)
     s = _round_scale(group_reduce(x.abs(), g, "amax") * clip)
     return GroupParams(torch.where(s > 0, s, torch.ones_like(s)), None)
-
-
-def nearest_codes(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level (ties to the lower); y (R, I), levels (n,) or (R, n)."""
-    mids = (levels[..., 1:] + levels[..., :-1]) * 0.5
-    if mids.dim() == 1:
-        return torch.bucketize(y, mids)
-    return torch.searchsorted(mids.contiguous(), y.contiguous())
-
-
-def lookup(levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    return levels[codes] if levels.dim() == 1 else torch.gather(levels, 1, codes)
 
 
 def _encode_decode(x, g, fmt, bits, levels, clip):
@@ -174,7 +135,6 @@ def fit(
     _, best_clip = _best_clip_error(x, h, group_size, fmt, bits, levels, clips)
     codes, _, p = _encode_decode(x, group_size, fmt, bits, levels, best_clip)
     if rounding == "gptq" and hessian is not None:
-        from .gptq import gptq_codes
         s = expand_groups(p.scale, group_size, I)
         m = expand_groups(p.offset, group_size, I) if p.offset is not None else None
         codes = gptq_codes(x, hessian.float(), levels, s, m)

@@ -11,14 +11,14 @@ calibration chose, so every format gets the same treatment and comparisons stay 
     codes = gptq_codes(w, H, levels, scale_cols, offset_cols)
 
 Columns are visited in decreasing H_jj ("act order"); scales are fixed beforehand ("static
-groups"), so the order does not change the stored layout. Dead inputs (H_jj = 0) get
-whatever nearest rounding gives: their weights never meet a nonzero input.
+groups"), so the order does not change the stored layout. Dead inputs (H_jj = 0) have their
+weights zeroed before rounding, as in the original: they never meet a nonzero input.
 """
 from __future__ import annotations
 
 import torch
 
-from .calibrate import lookup, nearest_codes
+from .grid import lookup, nearest_codes
 
 DAMP = 0.01           # fraction of mean(diag H) added to the diagonal: keeps H invertible
 BLOCK = 128           # columns updated lazily together (same result, fewer big matmuls)
@@ -27,7 +27,6 @@ BLOCK = 128           # columns updated lazily together (same result, fewer big 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1 (I, I), after damping; float64 for stability."""
     H = H.double().clone()
-    I = H.shape[0]
     d = torch.diagonal(H)
     d.add_(damp * float(d.mean()) + 1e-12)
     for attempt in range(6):
@@ -66,6 +65,9 @@ def gptq_codes(
     H = hessian.double()
     dead = torch.diagonal(H) <= 0
     if dead.any():
+        # an input that never fires: its weights meet only zeros, so store them as 0 (the
+        # nearest code to 0) and give H a unit diagonal there so it stays invertible
+        W[:, dead] = 0.0
         H = H.clone()
         H[dead, dead] = 1.0
     perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(I)

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import WeightConfig
-from . import calibrate, packing
+from .config import WeightConfig
+from . import calibrate, grid, packing
 from .formats import get_format, table
 from .qins import seed_encode
 
@@ -99,10 +99,10 @@ class QuantizedWeight:
             return vals.to(dtype)
         g, I = self.group_size, self.shape[1]
         s = self.scales if rows is None else self.scales[rows]
-        x = vals * calibrate.expand_groups(s.float(), g, I)           # fp32 math, then cast
+        x = vals * grid.expand_groups(s.float(), g, I)           # fp32 math, then cast
         if self.offsets is not None:
             m = self.offsets if rows is None else self.offsets[rows]
-            x = x + calibrate.expand_groups(m.float(), g, I)
+            x = x + grid.expand_groups(m.float(), g, I)
         return x.to(dtype)
 
     @property

@@ -8,9 +8,9 @@
 """
 from __future__ import annotations
 
-from .generation import greedy_generate, load_prompts, token_match
-from .memory import format_bytes, memory_report
-from .quality import Reference, evaluate, token_windows
+from ..metrics.generation import greedy_generate, load_prompts, token_match
+from ..metrics.memory import format_bytes, memory_report
+from ..metrics.quality import Reference, evaluate, token_windows
 
 __all__ = [
     "token_windows", "Reference", "evaluate",

@@ -6,7 +6,7 @@ import itertools
 
 from tqdm.auto import tqdm
 
-from ..config import WeightConfig
+from ..codec.config import WeightConfig
 from . import peers
 from .harness import Harness
 

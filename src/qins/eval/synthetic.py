@@ -41,6 +41,9 @@ from functools import lru_cache
 
 import torch
 
+from ..metrics import render
+from ..metrics.render import Column
+
 DENSITIES = ("gaussian", "laplacian")
 DB_PER_BIT = 20.0 * math.log10(2.0)                  # 6.0206 dB
 LAPLACE_SLB_DB = 10.0 * math.log10(math.pi / math.e)  # 0.6276 dB
@@ -270,7 +273,7 @@ def synthetic_report(bits=DEFAULT_BITS, shape: tuple[int, int] = (1024, 4096),
     from tqdm.auto import tqdm
 
     from ..codec.formats import get_format
-    from ..config import WeightConfig
+    from ..codec.config import WeightConfig
 
     jobs = []
     for d in densities:
@@ -291,16 +294,20 @@ def synthetic_report(bits=DEFAULT_BITS, shape: tuple[int, int] = (1024, 4096),
     return rows
 
 
+def _group(r: dict) -> str:
+    return "ch" if r["group_size"] is None else str(r["group_size"])
+
+
+COLUMNS = (
+    Column("density", "density", left=True), Column("format", "format", left=True), Column("bits", "bits"),
+    Column("group_size", "group", _group), Column("levels", "levels"), Column("bpw", "bpw", "{:.4f}"),
+    Column("sqnr_db", "SQNR dB", "{:.2f}"), Column("lloyd_db", "Lloyd-Max dB (2^bits)", "{:.2f}"),
+    Column("gap_lloyd_db", "gap to Lloyd-Max dB", "{:+.2f}"),
+    Column("lloyd_same_rate_db", "Lloyd-Max dB (floor 2^bpw levels)",
+           lambda r: f"{r['lloyd_same_rate_db']:.2f} ({r['lloyd_same_rate_levels']})"),
+    Column("bound_db", "R-D bound dB at bpw", "{:.2f}"), Column("from_bound_db", "from bound dB", "{:.2f}"),
+)
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| density | format | bits | group | levels | bpw | SQNR dB | Lloyd-Max dB (2^bits) "
-            "| gap to Lloyd-Max dB | Lloyd-Max dB (floor 2^bpw levels) | R-D bound dB at bpw "
-            "| from bound dB |")
-    out = [head, "|" + "---|" * 12]
-    for r in rows:
-        g = "ch" if r["group_size"] is None else str(r["group_size"])
-        out.append(
-            f"| {r['density']} | {r['format']} | {r['bits']} | {g} | {r['levels']} | {r['bpw']:.4f} "
-            f"| {r['sqnr_db']:.2f} | {r['lloyd_db']:.2f} | {r['gap_lloyd_db']:+.2f} "
-            f"| {r['lloyd_same_rate_db']:.2f} ({r['lloyd_same_rate_levels']}) "
-            f"| {r['bound_db']:.2f} | {r['from_bound_db']:.2f} |")
-    return "\n".join(out)
+    return render.markdown_table(rows, COLUMNS)

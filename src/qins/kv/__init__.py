@@ -1,13 +1,22 @@
-"""kv: QINSCache, a paged, bit-packed KV cache for transformers (see cache.py, pages.py, plan.py)."""
+"""kv: QINSCache, a paged, bit-packed KV cache for transformers.
+
+    config.py  KVConfig            codec.py   the KV quantizer (keys per channel, values per token)
+    layout.py  packed token rows   store.py   the page store of one layer
+    layer.py   QINSLayer (state)   cache.py   QINSCache (the transformers adapter)
+    plan.py    key plans (calibrated per-channel key widths)
+"""
 from .config import KVConfig, parse_kv_bits
 
 __all__ = ["KVConfig", "KeyPlan", "QINSCache", "QINSLayer", "calibrate_keys", "parse_kv_bits"]
 
 
 def __getattr__(name):
-    if name in ("QINSCache", "QINSLayer"):
-        from . import cache
-        return getattr(cache, name)
+    if name == "QINSCache":
+        from .cache import QINSCache
+        return QINSCache
+    if name == "QINSLayer":
+        from .layer import QINSLayer
+        return QINSLayer
     if name in ("KeyPlan", "calibrate_keys"):
         from . import plan
         return getattr(plan, name)

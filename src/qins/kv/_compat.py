@@ -1,44 +1,8 @@
-"""The transformers versions QINSCache supports, and the few names that moved between them."""
+"""The few transformers names QINSCache needs that moved between the supported versions
+(`qins._compat.SUPPORTED_TRANSFORMERS`)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
-import warnings
-
-SUPPORTED_TRANSFORMERS = ("5.0", "6.0")      # [lower, upper): tested on 5.24
-_checked = False
-
-
-def _version_tuple(v: str) -> tuple[int, ...]:
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
-def check_transformers() -> None:
-    """Warn once when the installed transformers is outside the supported range."""
-    global _checked
-    if _checked:
-        return
-    import transformers
-    lo, hi = SUPPORTED_TRANSFORMERS
-    v = _version_tuple(transformers.__version__)
-    if not _version_tuple(lo) <= v < _version_tuple(hi):
-        warnings.warn(f"QINSCache supports transformers >= {lo}, < {hi}; found {transformers.__version__}",
-                      RuntimeWarning, stacklevel=3)
-    _checked = True
-
-
-def cache_kwarg(model) -> str:
-    """Keyword under which `model.generate`/`forward` take a cache: 'cache' (5.2x) or
-    'past_key_values' (older; still accepted with a deprecation warning by 5.2x)."""
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in params else "past_key_values"
 
 
 def layer_types(config) -> tuple[list[str], list[dict]]:

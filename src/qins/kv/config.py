@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import JsonConfig
+from ..codec.config import JsonConfig
 
 KV_FORMAT_VERSION = 1
 KV_FORMATS = ("qins", "int-sym")          # both are a decode table times one scale per group

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.tensor import QuantizedWeight
-from ..config import WeightConfig
+from ..codec.config import WeightConfig
 from .linear import _linear_weight, is_linear_like
 
 # (bits, group): 3.25, 4.125, 4.25, 5.25, 6.25 and 8.125 bits per weight with fp16 scales.

@@ -20,28 +20,27 @@ import math
 import torch
 from torch import nn
 
-from ..config import WeightConfig
+from ..codec.config import WeightConfig
 from . import allocate as alloc
 from .calibration import input_hessians
-from .quantize import quantize
+from ..metrics.memory import memory_report
+from ..metrics.quality import Reference, evaluate
+from ..metrics.rows import quality_row
+from .plan import PLAN_ATTR
+from .quantize import decoded_weights, quantize, record_plan
 
 
 def _float_bits(model: nn.Module, tensors: list[alloc.Tensor]) -> tuple[float, int]:
     """(stored bits of everything that stays float, weight elements of the whole model)."""
-    from ..eval.memory import memory_report
     mem = memory_report(model)
     quantizable = sum(8 * model.get_submodule(t.name).weight.untyped_storage().nbytes() for t in tensors)
     return 8 * mem["total_bytes"] - quantizable, mem["params"]
 
 
 def _measure(model_f: nn.Module, model_q: nn.Module, windows: torch.Tensor) -> dict:
-    from ..eval.quality import Reference, evaluate
-    from .quantize import decoded_weights
     ref = Reference.build(model_f, windows, progress=False)
     with decoded_weights(model_q):
-        q = evaluate(model_q, ref, progress=False)
-    return {"kl": q["kl"], "ppl": q["ppl"], "ppl_ref": q["ppl_ref"],
-            "ppl_increase_pct": 100 * (q["ppl"] / q["ppl_ref"] - 1)}
+        return quality_row("check", evaluate(model_q, ref, progress=False))
 
 
 def quantize_to_budget(
@@ -140,7 +139,6 @@ def quantize_to_budget(
                      "bits": t.bits[i], "bpw": t.bits[i] / t.numel, "estimated_kl": t.loss[i]}
                     for t, i in zip(tensors, choice)],
     }
-    from .quantize import PLAN_ATTR, record_plan
     record_plan(model, getattr(model, PLAN_ATTR)["modules"], allocation=report)
     return report
 

@@ -1,11 +1,11 @@
-"""Calibration statistics: mean squared input per channel of every linear layer."""
+"""Calibration statistics: the second moments of every linear layer's input, one collector
+(`input_moments`) for the diagonal (activation-weighted error) and the full matrix (GPTQ)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models import forward_windows
 from .linear import is_linear_like
 
 
@@ -17,24 +17,15 @@ def input_second_moments(model: nn.Module, windows: torch.Tensor, batch_size: in
     These are the diagonal of each layer's Hessian of the output error, the weights of the
     activation-weighted calibration error. Use text disjoint from any evaluation windows.
     """
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    hooks = []
-
-    def make_hook(name):
-        def hook(_mod, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            sums[name] = sums.get(name, 0) + (x * x).sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return hook
-
-    for name, mod in model.named_modules():
-        if is_linear_like(mod):
-            hooks.append(mod.register_forward_pre_hook(make_hook(name)))
-    forward_windows(model, windows, batch_size, "calibration", progress, handles=hooks)
-    return {n: (sums[n] / counts[n]).cpu() for n in sums}
+    return input_moments(model, _window_batches(model, windows, batch_size), full=False,
+                         total=-(-windows.shape[0] // batch_size), progress=progress)
 
 
+def _window_batches(model: nn.Module, windows: torch.Tensor, batch_size: int):
+    """(forward kwargs, keep=None) per batch of `windows`, on the model's device, no KV cache."""
+    device = next(model.parameters()).device
+    return ((dict(input_ids=windows[i:i + batch_size].to(device), use_cache=False), None)
+            for i in range(0, windows.shape[0], batch_size))
 
 
 @torch.inference_mode()
@@ -46,10 +37,7 @@ def input_hessians(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
     its output error, which rounding="gptq" uses and whose diagonal is `input_second_moments`.
     Layers fed the same tensor (q/k/v, gate/up) share one matrix. Summed in float64.
     """
-    device = next(model.parameters()).device
-    batches = ((dict(input_ids=windows[i:i + batch_size].to(device), use_cache=False), None)
-               for i in range(0, windows.shape[0], batch_size))
-    return input_moments(model, batches, full=True, names=names,
+    return input_moments(model, _window_batches(model, windows, batch_size), full=True, names=names,
                          total=-(-windows.shape[0] // batch_size), progress=progress)
 
 

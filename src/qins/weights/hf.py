@@ -1,18 +1,19 @@
 """transformers integration: `from_pretrained` and `save_pretrained` of qins checkpoints.
 
-A thin adapter over `qins.weights.serialization`, registered with transformers' own hooks
-(`register_quantization_config("qins")`, `register_quantizer("qins")`) when this module is
-imported. `import qins` imports it right after transformers' quantizer registry
-(`transformers.quantizers.auto`) is imported, so `AutoModelForCausalLM.from_pretrained(dir)`
-reads a directory written by `qins.save` or by `model.save_pretrained` once `qins` is imported.
+A thin adapter over the plan (`weights/plan.py`) and the module swap (`weights/swap.py`),
+registered with transformers' own hooks (`register_quantization_config("qins")`,
+`register_quantizer("qins")`) by an explicit call:
 
-Supported transformers: >=5.0,<6 (the pin in pyproject.toml; written against 5.24, whose
+    import qins
+    qins.register_transformers()
+    model = AutoModelForCausalLM.from_pretrained(dir)    # a dir written by qins.save or save_pretrained
+
+qins.load, qins.save and qins.quantize of a transformers model register too.
+
+Supported transformers: qins._compat.SUPPORTED_TRANSFORMERS (the pin in pyproject.toml; written against 5.24, whose
 loader builds the model on the meta device, lets the quantizer swap modules, then loads every
 checkpoint tensor by name). Pre-quantized checkpoints only: nothing is quantized on the fly
 (`qins.quantize` does that), and the quantized modules are not trainable.
-
-Must not import `transformers.modeling_utils` at import time: this module is imported while
-modeling_utils itself is being imported (it imports the quantizer registry at its top).
 """
 from __future__ import annotations
 
@@ -29,22 +30,10 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..config import FORMAT_VERSION, WeightConfig
-from .quantize import PLAN_ATTR
-from .serialization import check_version, replace_modules
-
-QUANT_METHOD = "qins"
-SUPPORTED_TRANSFORMERS = (5, 6)       # major versions [5, 6): keep in step with pyproject.toml
-_KINDS = ("linear", "embedding", "tied_linear")
-
-
-def _check_transformers_version() -> None:
-    import transformers                 # already imported: this module is imported from within it
-
-    major = int(transformers.__version__.split(".")[0])
-    if not SUPPORTED_TRANSFORMERS[0] <= major < SUPPORTED_TRANSFORMERS[1]:
-        raise ImportError(f"qins supports transformers >={SUPPORTED_TRANSFORMERS[0]},<{SUPPORTED_TRANSFORMERS[1]}, "
-                          f"found {transformers.__version__}")
+from .._compat import check_transformers
+from ..codec.config import FORMAT_VERSION
+from .plan import PLAN_ATTR, QUANT_METHOD, check_modules, check_version
+from .swap import modules_from_plan
 
 
 class QINSQuantizationConfig(QuantizationConfigMixin):
@@ -74,18 +63,7 @@ class QINSQuantizationConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every module entry now, so a bad plan fails before any model is built."""
-        for name, entry in self.modules.items():
-            kind = entry.get("kind") if isinstance(entry, dict) else None
-            if kind not in _KINDS:
-                raise ValueError(f"qins quantization_config: module {name!r} has kind {kind!r}, "
-                                 f"expected one of {_KINDS}")
-            if kind == "tied_linear":
-                tied_to = entry.get("tied_to")
-                if self.modules.get(tied_to, {}).get("kind") != "embedding":
-                    raise ValueError(f"qins quantization_config: {name!r} is tied to {tied_to!r}, "
-                                     f"which is not a quantized embedding of the plan")
-            else:
-                WeightConfig.from_dict(entry.get("config", {}))    # raises on a bad or newer config
+        check_modules(self.modules, "qins quantization_config")
 
     @classmethod
     def from_plan(cls, plan: dict) -> "QINSQuantizationConfig":
@@ -110,7 +88,7 @@ class QINSHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         modules = self.quantization_config.modules
-        replace_modules(model, modules)
+        modules_from_plan(model, modules)
         drop_quantized_ties(model, modules)
         _skip_init_of_parents(model, modules)
         _check_checkpoint(checkpoint_files)
@@ -210,6 +188,7 @@ def attach(model: nn.Module, plan: dict) -> None:
     """Mark a model quantized in memory by `qins.quantize` as transformers would after loading
     it, so `model.save_pretrained(dir)` writes a qins checkpoint (config.json's
     quantization_config + the buffers) that `from_pretrained` and `qins.load` read back."""
+    register()
     qc = QINSQuantizationConfig.from_plan(plan)
     drop_quantized_ties(model, qc.modules)
     model.config.quantization_config = qc
@@ -219,14 +198,14 @@ def attach(model: nn.Module, plan: dict) -> None:
 
 
 def register() -> None:
-    """Register the config and the quantizer with transformers (idempotent)."""
-    _check_transformers_version()
+    """Register the config and the quantizer with transformers (idempotent).
+
+    Called explicitly: by `qins.register_transformers()`, and by qins.load / qins.save /
+    qins.quantize of a transformers model, which need it; importing qins registers nothing."""
+    check_transformers()
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not QINSQuantizationConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)    # a reloaded qins replaces its classes
         register_quantization_config(QUANT_METHOD)(QINSQuantizationConfig)
     if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not QINSHfQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
         register_quantizer(QUANT_METHOD)(QINSHfQuantizer)
-
-
-register()

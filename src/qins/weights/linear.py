@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..codec import calibrate
+from ..codec import grid
 from ..codec.formats import get_format
 from ..codec.packing import packed_words
 from ..codec.tensor import QuantizedWeight
-from ..config import WeightConfig
+from ..codec.config import WeightConfig
 
 
 class _QuantizedWeightMixin:
@@ -26,7 +26,7 @@ class _QuantizedWeightMixin:
         self.config = config
         self.weight_shape = (rows, cols)
         self.register_buffer("qweight", torch.zeros(rows, packed_words(cols, config.bits), dtype=torch.int32))
-        G = calibrate.n_groups(cols, cols if config.group_size is None else config.group_size)
+        G = grid.n_groups(cols, cols if config.group_size is None else config.group_size)
         self.register_buffer("scales", torch.ones(rows, G, dtype=torch.float16) if fmt.scaled else None)
         self.register_buffer("offsets", torch.zeros(rows, G, dtype=torch.float16) if fmt.asymmetric else None)
         A = rows if config.curvature == "channel" else 1

@@ -10,10 +10,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import FORMAT_VERSION, WeightConfig
+from ..codec.config import WeightConfig
+from ..codec.tensor import QuantizedWeight
 from .linear import QINSEmbedding, QINSLinear, is_linear_like
-
-PLAN_ATTR = "_qins_plan"
+from .plan import PLAN_ATTR, plan_doc
+from .swap import replace_module
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -25,15 +26,6 @@ def _resolve(name: str, config: WeightConfig, overrides: Mapping[str, WeightConf
         if _matches(name, pattern):
             return cfg if isinstance(cfg, WeightConfig) else config.replace(**cfg)
     return config
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at dotted path `name`; returns the module it replaced."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
 
 
 def _embedding_name(model: nn.Module, getter: str) -> str | None:
@@ -53,7 +45,7 @@ def quantize(
     include_embeddings: bool = False,
     calibration: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
-    prequantized: Mapping[str, "QuantizedWeight"] | None = None,
+    prequantized: Mapping[str, QuantizedWeight] | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it.
 
@@ -165,7 +157,7 @@ def record_plan(model: nn.Module, plan: dict, allocation: dict | None = None) ->
     A transformers model also gets the qins quantizer attached (`qins.weights.hf.attach`), as
     `from_pretrained` would, so its own `save_pretrained` writes a loadable qins checkpoint.
     """
-    doc = {"quant_method": "qins", "format_version": FORMAT_VERSION, "modules": plan}
+    doc = plan_doc(plan)
     allocation = allocation or getattr(model, PLAN_ATTR, {}).get("allocation")
     # how a mixed plan was chosen rides on the model and in qins.json, not in config.json
     setattr(model, PLAN_ATTR, dict(doc, allocation=allocation) if allocation else doc)

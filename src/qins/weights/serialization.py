@@ -6,7 +6,9 @@ A saved directory holds
                         each storage once; tied float parameters are listed in qins.json
     config.json         the HF model config, with quantization_config = the qins plan, so
                         transformers' from_pretrained finds the qins quantizer
-    qins.json           {"format_version", "qins_version", "modules": plan, "tied": {...}}
+    qins.json           {"format_version", "qins_version", "modules": plan, "tied": {...},
+                         "source": {"path", "sha256"} of the float checkpoint it was made from
+                         (metrics.models.fingerprint), or null for a model built in memory}
     tokenizer files     when a tokenizer is given
 
 `load` also reads a directory written by transformers' `save_pretrained` of a qins model
@@ -20,18 +22,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..config import FORMAT_VERSION, WeightConfig
-from .linear import QINSEmbedding, QINSLinear
-from .quantize import PLAN_ATTR, record_plan, replace_module
+from .._version import __version__
+from .._files import atomic_write, replace_dir, temp_dir_beside
+from ..codec.config import FORMAT_VERSION
+from ..metrics.models import SOURCE_ATTR, model_source
+from .plan import PLAN_ATTR, PLAN_NAME, read_plan
+from .quantize import record_plan
+from .swap import modules_from_plan
 
 WEIGHTS_NAME = "model.safetensors"
-PLAN_NAME = "qins.json"
 
 
 def _state_dict_once(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -50,14 +54,12 @@ def _state_dict_once(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
 def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
     """Save a (quantized) model to directory `path`, atomically."""
     from safetensors.torch import save_file
-    from .. import __version__
 
     path = Path(path)
     plan = getattr(model, PLAN_ATTR, None)
     if plan is None:
         raise ValueError("model has no qins plan: call qins.quantize(model, ...) before qins.save")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = temp_dir_beside(path)
     try:
         tensors, tied = _state_dict_once(model)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
@@ -71,13 +73,13 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
         if gen is not None:
             gen.save_pretrained(tmp)
         doc = {"format_version": FORMAT_VERSION, "qins_version": __version__,
-               "modules": plan["modules"], "tied": tied}
+               "modules": plan["modules"], "tied": tied, "source": model_source(model)}
         if plan.get("allocation"):
             doc["allocation"] = plan["allocation"]
-        (tmp / PLAN_NAME).write_text(json.dumps(doc, indent=1, sort_keys=True))
+        atomic_write(tmp / PLAN_NAME, json.dumps(doc, indent=1, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -86,98 +88,6 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-
-
-def _replace_dir(new: Path, dest: Path) -> None:
-    """Move a complete directory into place; the old one is removed only after the swap."""
-    if dest.exists() and not dest.is_dir():
-        raise FileExistsError(f"{dest} exists and is not a directory")
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-    try:
-        os.replace(new, dest)
-    except BaseException:
-        if old is not None:
-            os.replace(old, dest)                      # put the previous save back
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def read_plan(path: str | os.PathLike) -> dict:
-    """The qins.json of a saved directory, version-checked."""
-    path = Path(path)
-    f = path / PLAN_NAME
-    if not path.is_dir():
-        raise FileNotFoundError(f"no saved qins model at {path} (not a directory)")
-    if not f.is_file():
-        return _plan_from_hf_config(path)
-    try:
-        doc = json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{f} is not valid JSON ({e}); the save is corrupt") from e
-    check_version(doc.get("format_version"), str(f))
-    return doc
-
-
-def _plan_from_hf_config(path: Path) -> dict:
-    """The plan of a directory written by transformers' save_pretrained of a qins model."""
-    cfg_file = path / "config.json"
-    qc = None
-    if cfg_file.is_file():
-        try:
-            qc = json.loads(cfg_file.read_text()).get("quantization_config")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON ({e}); the save is corrupt") from e
-    if not (isinstance(qc, dict) and qc.get("quant_method") == "qins"):
-        raise FileNotFoundError(f"{path / PLAN_NAME} is missing and {cfg_file} has no qins "
-                                f"quantization_config: not a directory written by qins")
-    check_version(qc.get("format_version"), f"{cfg_file} (quantization_config)")
-    return {"format_version": qc["format_version"], "modules": qc.get("modules", {}), "tied": None}
-
-
-def check_version(version, where: str) -> None:
-    if not isinstance(version, int):
-        raise ValueError(f"{where}: missing or invalid format_version")
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"{where} uses qins format version {version}; this qins reads up to "
-            f"{FORMAT_VERSION}. Upgrade qins to load it.")
-
-
-def replace_modules(model: nn.Module, modules: dict) -> None:
-    """Swap in empty QINS modules following a saved plan (before loading the tensors)."""
-    embeddings: dict[str, QINSEmbedding] = {}
-    order = sorted(modules.items(), key=lambda kv: kv[1]["kind"] == "tied_linear")
-    for name, entry in order:
-        try:
-            mod = model.get_submodule(name)
-        except AttributeError as e:
-            raise ValueError(f"saved plan names module {name!r}, which this model does not have") from e
-        kind = entry["kind"]
-        if kind == "embedding":
-            new = QINSEmbedding(mod.num_embeddings, mod.embedding_dim, WeightConfig.from_dict(entry["config"]),
-                                padding_idx=getattr(mod, "padding_idx", None), dtype=mod.weight.dtype)
-            # scalar_embed_scale: Gemma's python float; embed_scale may be a buffer on the meta
-            # device while from_pretrained builds the model
-            embed_scale = getattr(mod, "scalar_embed_scale", getattr(mod, "embed_scale", None))
-            if embed_scale is not None:
-                new.scale_output = float(embed_scale)
-            embeddings[name] = new
-        elif kind in ("linear", "tied_linear"):
-            w = mod.weight
-            conv1d = type(mod).__name__ == "Conv1D"
-            out_f, in_f = (w.shape[1], w.shape[0]) if conv1d else (w.shape[0], w.shape[1])
-            bias = getattr(mod, "bias", None) is not None
-            if kind == "tied_linear":
-                new = QINSLinear(in_f, out_f, bias, None, tied_to=embeddings[entry["tied_to"]], dtype=w.dtype)
-            else:
-                new = QINSLinear(in_f, out_f, bias, WeightConfig.from_dict(entry["config"]), dtype=w.dtype)
-        else:
-            raise ValueError(f"unknown module kind {kind!r} for {name} in the saved plan")
-        replace_module(model, name, new)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -194,7 +104,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     if hasattr(config, "quantization_config"):
         del config.quantization_config                 # build the float skeleton, then swap
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    replace_modules(model, doc["modules"])
+    modules_from_plan(model, doc["modules"])
     try:
         state = load_file(str(wfile))
     except Exception as e:                             # safetensors raises its own error types
@@ -220,6 +130,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
     record_plan(model, doc["modules"])                 # first: forgets ties of quantized modules
     if tied and hasattr(model, "tie_weights"):
         model.tie_weights()
+    setattr(model, SOURCE_ATTR, doc.get("source"))    # a re-save keeps the original source
     model.to(device)
     model.eval()
     return model

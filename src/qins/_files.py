@@ -1,0 +1,55 @@
+"""Atomic writes: a file or a directory appears complete or not at all.
+
+A leaf utility below every layer (imports nothing of qins). Every file qins writes (saved
+models, key plans, reports, JSON) goes through here.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary sibling and os.replace; an interrupted
+    write leaves the previous file (or none) in place. Parent folders are created."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A fresh temporary directory next to `path` (same file system, so a rename is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move a complete directory `new` to `dest`; an existing `dest` is removed only after the
+    swap, and put back if the swap fails."""
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} exists and is not a directory")
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+        os.replace(dest, old)
+    try:
+        os.replace(new, dest)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dest)                      # put the previous save back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

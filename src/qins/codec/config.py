@@ -1,0 +1,102 @@
+"""WeightConfig: the one config of `qins.quantize`, frozen and round-tripping through JSON.
+
+JsonConfig (the JSON round trip) is shared with kv.KVConfig; FORMAT_VERSION is the version of
+the saved layout. Both live in codec, the lowest layer, so every layer above can use them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_VERSION = 1          # version of the saved layout this library writes and reads
+
+
+class JsonConfig:
+    """JSON round trip for the frozen config dataclasses; unknown fields are an error."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def _from_plain(cls, d: dict[str, Any]) -> dict[str, Any]:
+        """Turn JSON lists back into the field types (tuples); override where needed."""
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+        return cls(**cls._from_plain(dict(d)))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str):
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class WeightConfig(JsonConfig):
+    """How to quantize a weight tensor.
+
+    format        "qins", "qins-seed", "int-sym", "int-asym", "nf4", "fp8"
+    bits          2, 3, 4, 5, 6 or 8 (nf4: 4; fp8 and qins-seed: 8)
+    group_size    weights per scale along the input dimension (a multiple of 32); None = one
+                  per output channel. Where it does not divide the input dimension, the last
+                  group of each row takes the remainder.
+    curvature     qins only: "tensor" (one a per tensor) or "channel" (one a per output row)
+    curvature_value  qins only: fix a instead of calibrating it
+    clip_search   search a clip of each group's scale (largest |x| then may not be exact)
+    scale_dtype   storage of scales and offsets: "float16" (16 bits each)
+    rounding      how codes are chosen: "nearest" level, or "gptq" (error-compensating, needs
+                  calibration text; codec/gptq.py). Decoding is the same either way.
+    """
+
+    format: str = "qins"
+    bits: int = 4
+    group_size: int | None = 64
+    curvature: str = "tensor"
+    curvature_value: float | None = None
+    clip_search: bool = True
+    scale_dtype: str = "float16"
+    rounding: str = "nearest"
+    version: int = field(default=FORMAT_VERSION)
+
+    def __post_init__(self) -> None:
+        from .formats import get_format             # torch: imported on first use, not by `import qins`
+        fmt = get_format(self.format)
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool):
+            raise ValueError(f"bits must be an int, got {self.bits!r}")
+        fmt.check_bits(self.bits)
+        if self.group_size is not None and (
+                not isinstance(self.group_size, int) or self.group_size <= 0 or self.group_size % 32):
+            raise ValueError(
+                f"group_size must be a positive multiple of 32 (each group fills whole 32-bit "
+                f"words of codes) or None for per channel, got {self.group_size!r}")
+        if self.curvature not in ("tensor", "channel"):
+            raise ValueError(f"curvature must be 'tensor' or 'channel', got {self.curvature!r}")
+        if self.curvature_value is not None and self.curvature_value < 0:
+            raise ValueError("curvature_value must be >= 0")
+        if self.scale_dtype != "float16":
+            raise ValueError(f"scale_dtype {self.scale_dtype!r} is not supported (float16 only)")
+        if self.rounding not in ("nearest", "gptq"):
+            raise ValueError(f"rounding must be 'nearest' or 'gptq', got {self.rounding!r}")
+        if self.rounding == "gptq" and fmt.seed_rounding:
+            raise ValueError(f"format {self.format!r} has a fixed encoder; rounding='gptq' does not apply")
+        if self.version > FORMAT_VERSION:
+            raise ValueError(
+                f"config format version {self.version} is newer than this qins reads "
+                f"({FORMAT_VERSION}); upgrade qins")
+
+    @property
+    def label(self) -> str:
+        g = "ch" if self.group_size is None else f"g{self.group_size}"
+        return f"{self.format}-{self.bits}b-{g}" + ("-gptq" if self.rounding == "gptq" else "")
+

@@ -1,0 +1,48 @@
+"""The code grid: groups along the input dimension, nearest levels, table lookup.
+
+A leaf below calibration, GPTQ and decoding. A row of I columns is cut into
+G = max(1, I // g) groups of g columns; the last group also takes the remainder I mod g
+(so g <= last < 2g), and the stored overhead per weight never exceeds the nominal 16/g bits.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return max(1, in_features // group_size)
+
+
+def group_sizes(in_features: int, group_size: int) -> list[int]:
+    G = n_groups(in_features, group_size)
+    return [group_size] * (G - 1) + [in_features - (G - 1) * group_size]
+
+
+def group_reduce(t: torch.Tensor, group_size: int, op: str) -> torch.Tensor:
+    """(R, I) -> (R, G) with op in 'amax', 'amin', 'sum' over each group's columns."""
+    R, I = t.shape
+    G = n_groups(I, group_size)
+    cut = (G - 1) * group_size
+    fn = {"amax": torch.amax, "amin": torch.amin, "sum": torch.sum}[op]
+    last = fn(t[:, cut:], dim=1, keepdim=True)
+    if G == 1:
+        return last
+    return torch.cat([fn(t[:, :cut].reshape(R, G - 1, group_size), dim=2), last], dim=1)
+
+
+def expand_groups(p: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
+    """(R, G) per-group values -> (R, I) per-column values."""
+    counts = torch.tensor(group_sizes(in_features, group_size), device=p.device)
+    return torch.repeat_interleave(p, counts, dim=1)
+
+
+def nearest_codes(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest level (ties to the lower); y (R, I), levels (n,) or (R, n)."""
+    mids = (levels[..., 1:] + levels[..., :-1]) * 0.5
+    if mids.dim() == 1:
+        return torch.bucketize(y, mids)
+    return torch.searchsorted(mids.contiguous(), y.contiguous())
+
+
+def lookup(levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return levels[codes] if levels.dim() == 1 else torch.gather(levels, 1, codes)

