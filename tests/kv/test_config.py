@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
 from qins.kv import KVConfig, parse_kv_bits
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "kv_defaults.json"
 
 
 def test_json_round_trip():
@@ -14,9 +19,20 @@ def test_json_round_trip():
     c = KVConfig(k_bits=4, v_bits=8)
     assert (c.group_for(4), c.zero_for(4, "k"), c.zero_for(8, "v")) == (128, True, False)
     assert (c.group_for(8), c.zero_for(8, "k")) == (64, False)
-    assert (c.curvature_for(8, "v"), c.curvature_for(4, "v"), c.curvature_for(3, "v")) == (0.0, 0.0, 1.0)
+    assert c.curvature_for(8, "v") == 0.0 and c.curvature_for(4, "k") == 0.0
     assert KVConfig(format="int-sym").curvature_for(4, "v") == 0.0
     assert KVConfig(group=32, k_zero=False).group_for(4) == 32 and not KVConfig(k_zero=False).zero_for(4, "k")
+
+
+def test_defaults_are_the_ones_chosen_on_calibration_windows():
+    """The per-width value curvature and key group are what benchmarks/kv_defaults.py chose on
+    the corpus's first windows (never the evaluation windows); changing a default means
+    rerunning that selection."""
+    choice = json.loads(RESULTS.read_text())["choice"]
+    assert sorted(int(b) for b in choice) == [2, 3, 4, 5, 6]
+    for bits, c in choice.items():
+        cfg = KVConfig(k_bits=int(bits))
+        assert (cfg.curvature_for(int(bits), "v"), cfg.group_for(int(bits))) == (c["v_curvature"], c["group"]), bits
 
 
 @pytest.mark.parametrize("bad", [dict(k_bits=7), dict(v_bits=1), dict(page_kb=8), dict(page_kb=128),
