@@ -1,22 +1,9 @@
 """KV row layout: where each channel's code sits in the packed words of one token row, and
 the decode of whole rows.
 
-Codes are packed along the head dimension D with
-`codec.packing.pack`, one row of D codes per (b, h, t), so a token's codes are whole int32
-words:
-
-    k_codes  (B, H, C, Wk) int32    Wk = packing.packed_words(D, k_bits)
-    k_scale  (B, H, C // G, D) fp16 one scale per (group, channel)
-    k_zero   (B, H, C // G, D) fp16 one zero point per (group, channel), or None
-    v_codes  (B, H, C, Wv) int32    Wv = packing.packed_words(D, v_bits)
-    v_scale  (B, H, C) fp16         one scale per token
-    v_zero   (B, H, C) fp16         one zero point per token, or None
-
-    element offsets of page i, row (b, h), in each plane (all tensors contiguous):
-    k_codes[b, h, iP:(i+1)P]    ((b H + h) C + i P) Wk      P Wk consecutive int32 words
-    k_scale[b, h, iP/G:...]     ((b H + h) C/G + i P/G) D   (P/G) D consecutive fp16
-    v_scale[b, h, iP:(i+1)P]    (b H + h) C + i P           P consecutive fp16
-    (k_zero like k_scale, v_codes like k_codes, v_zero like v_scale)
+Codes are packed along the head dimension D with `codec.packing.pack`, one row of D codes
+per (b, h, t), so a token's codes are whole int32 words (Wk = packing.packed_words(D, k_bits)
+per key row; the planes that hold the rows are in store.py):
 
     token t of row (b, h), 4-bit codes, D = 64 (Wk = 8 words):
     | word 0: c7..c0 | word 1: c15..c8 | ... | word 7: c63..c56 |    (c0 in bits 0..3)
