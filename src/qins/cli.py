@@ -197,36 +197,6 @@ def _is_qins_hf_dir(p: Path) -> bool:
     return isinstance(qc, dict) and qc.get("quant_method") == "qins"
 
 
-def _reference_for(model_arg: str | None, doc: dict | None, reference: str | None, kv: bool = False) -> str | None:
-    """The float model to compare a model against: --reference, else the source recorded in
-    the saved qins.json, checked by content hash; a float model measured for its KV cache
-    (--kv-bits) is its own reference (None: the embedded model). Refuses where none is sound."""
-    from .metrics.models import fingerprint
-    if doc is None and reference is None and kv:
-        return model_arg
-    source = (doc or {}).get("source")
-    if reference is not None:
-        if source and source.get("sha256") and Path(reference).exists() \
-                and fingerprint(reference) != source["sha256"]:
-            raise ValueError(f"--reference {reference} is not the checkpoint {model_arg} was made from "
-                             f"(recorded: {source['path']}, sha256 {source['sha256'][:12]}...); "
-                             f"compare against the model it was made from")
-        return reference
-    if doc is None:
-        raise ValueError(f"{model_arg or 'the embedded model'} is a float model: give --reference (the model to "
-                         f"compare it against) or --kv-bits (to measure a compressed KV cache against its own "
-                         f"float cache); without either it would be compared with itself")
-    if not source:
-        raise ValueError(f"{model_arg}/qins.json records no source model (saved by an older qins or from a model "
-                         f"built in memory): give --reference")
-    if not Path(source["path"]).exists():
-        raise ValueError(f"{model_arg} was made from {source['path']}, which no longer exists: give --reference")
-    if source.get("sha256") and fingerprint(source["path"]) != source["sha256"]:
-        raise ValueError(f"{source['path']} changed since {model_arg} was made from it (content hash differs): "
-                         f"give --reference")
-    return source["path"]
-
-
 def cmd_eval(a):
     from .eval.harness import Harness
     from .metrics.models import load_model, read_corpus
@@ -241,11 +211,16 @@ def cmd_eval(a):
                          "or --kv-bits to measure a compressed KV cache on the embedded model")
     if a.model is None and a.reference is not None:
         raise ValueError("--reference needs the model to evaluate")
-    doc = None
+    # the float model to compare against; refusals come before anything loads
     if a.model is not None and _is_qins_dir(Path(a.model)):
-        from .weights.plan import read_plan
-        doc = read_plan(a.model)
-    ref_source = _reference_for(a.model, doc, a.reference, kv=kv is not None)   # refusals come before loading
+        from .weights.serialization import reference_checkpoint
+        ref_source = reference_checkpoint(a.model, a.reference)
+    elif a.reference is not None or kv is not None:
+        ref_source = a.reference if a.reference is not None else a.model     # KV rows: the model itself
+    else:
+        raise ValueError(f"{a.model} is a float model: give --reference (the model to compare it against) or "
+                         f"--kv-bits (to measure a compressed KV cache against its own float cache); without "
+                         f"either it would be compared with itself")
     tok, model, _ = _load_any(a.model) if a.model is not None else (*load_model(None), None)
     _, ref_model = load_model(ref_source)
     h = Harness(tok, ref_model, _protocol(a), text=text)

@@ -30,7 +30,7 @@ from torch import nn
 from .._version import __version__
 from .._files import atomic_write, replace_dir, temp_dir_beside
 from ..codec.config import FORMAT_VERSION
-from ..metrics.models import SOURCE_ATTR, model_source
+from ..metrics.models import SOURCE_ATTR, fingerprint, model_source
 from .plan import PLAN_ATTR, PLAN_NAME, read_plan
 from .quantize import record_plan
 from .swap import modules_from_plan
@@ -84,6 +84,33 @@ def save(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def reference_checkpoint(path: str | os.PathLike, reference: str | os.PathLike | None = None) -> str:
+    """The float checkpoint to compare the model saved at `path` against.
+
+    Without `reference`: the source recorded in its qins.json, if it still exists with the
+    recorded content (sha256 of its config and weight files). With one: `reference`, unless
+    the recorded source's hash says it is another checkpoint. Raises ValueError otherwise, so
+    a model is never measured against a model it was not made from (models that share a
+    vocabulary give a plausible KL that means nothing).
+    """
+    source = read_plan(path).get("source")
+    if reference is not None:
+        if source and source.get("sha256") and Path(reference).exists() \
+                and fingerprint(reference) != source["sha256"]:
+            raise ValueError(f"--reference {reference} is not the checkpoint {path} was made from (recorded: "
+                             f"{source['path']}, sha256 {source['sha256'][:12]}...); compare against that one")
+        return str(reference)
+    if not source:
+        raise ValueError(f"{path}/qins.json records no source model (saved by an older qins or from a model "
+                         f"built in memory): give --reference")
+    if not Path(source["path"]).exists():
+        raise ValueError(f"{path} was made from {source['path']}, which no longer exists: give --reference")
+    if source.get("sha256") and fingerprint(source["path"]) != source["sha256"]:
+        raise ValueError(f"{source['path']} changed since {path} was made from it (content hash differs): "
+                         f"give --reference")
+    return source["path"]
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
