@@ -13,24 +13,15 @@ SUPPORTED_TRANSFORMERS = ("5.17", "6.0")      # [lower, upper); the test suite r
 _checked = False
 
 
-def version_tuple(v: str) -> tuple[int, ...]:
-    """'5.24.0.dev0' -> (5, 24, 0): the numeric part of the first three fields."""
-    out = []
-    for part in v.split(".")[:3]:
-        digits = "".join(ch for ch in part if ch.isdigit())
-        out.append(int(digits) if digits else 0)
-    return tuple(out)
-
-
 def check_transformers() -> None:
     """Warn once when the installed transformers is outside the supported range."""
     global _checked
     if _checked:
         return
     import transformers
+    from packaging.version import Version
     lo, hi = SUPPORTED_TRANSFORMERS
-    v = version_tuple(transformers.__version__)
-    if not version_tuple(lo) <= v < version_tuple(hi):
+    if not Version(lo) <= Version(Version(transformers.__version__).base_version) < Version(hi):
         warnings.warn(f"qins supports transformers >= {lo}, < {hi}; found {transformers.__version__}",
                       RuntimeWarning, stacklevel=3)
     _checked = True

@@ -169,32 +169,16 @@ def cmd_compress(a):
 
 
 def _load_any(src):
-    """(tok, model, qins.json doc or None) for a saved qins dir or a float model."""
+    """(tok, model) for a saved qins dir or a float model."""
     from . import load, load_model
-    from .weights.plan import read_plan
-    p = Path(src)
-    if _is_qins_dir(p):
+    from .weights.plan import is_saved_model
+    if is_saved_model(src):
         from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(p)
+        tok = AutoTokenizer.from_pretrained(src)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return tok, load(p), read_plan(p)
-    tok, model = load_model(src)
-    return tok, model, None
-
-
-def _is_qins_dir(p: Path) -> bool:
-    return (p / "qins.json").is_file() or (p.is_dir() and _is_qins_hf_dir(p))
-
-
-def _is_qins_hf_dir(p: Path) -> bool:
-    import json
-    cfg = p / "config.json"
-    try:
-        qc = json.loads(cfg.read_text()).get("quantization_config") if cfg.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return False
-    return isinstance(qc, dict) and qc.get("quant_method") == "qins"
+        return tok, load(src)
+    return load_model(src)
 
 
 def cmd_eval(a):
@@ -212,7 +196,8 @@ def cmd_eval(a):
     if a.model is None and a.reference is not None:
         raise ValueError("--reference needs the model to evaluate")
     # the float model to compare against; refusals come before anything loads
-    if a.model is not None and _is_qins_dir(Path(a.model)):
+    from .weights.plan import is_saved_model
+    if a.model is not None and is_saved_model(a.model):
         from .weights.serialization import reference_checkpoint
         ref_source = reference_checkpoint(a.model, a.reference)
     elif a.reference is not None or kv is not None:
@@ -221,7 +206,7 @@ def cmd_eval(a):
         raise ValueError(f"{a.model} is a float model: give --reference (the model to compare it against) or "
                          f"--kv-bits (to measure a compressed KV cache against its own float cache); without "
                          f"either it would be compared with itself")
-    tok, model, _ = _load_any(a.model) if a.model is not None else (*load_model(None), None)
+    tok, model = _load_any(a.model) if a.model is not None else load_model(None)
     _, ref_model = load_model(ref_source)
     h = Harness(tok, ref_model, _protocol(a), text=text)
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
@@ -298,7 +283,7 @@ def cmd_embeddings(a):
 def cmd_generate(a):
     import torch
     kv = _kv_config(a)                                  # bad KV flags fail before the model loads
-    tok, model, _ = _load_any(a.model)
+    tok, model = _load_any(a.model)
     msgs = [{"role": "user", "content": a.prompt}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if tok.chat_template else a.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False)

@@ -4,22 +4,13 @@ from __future__ import annotations
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from qins.eval import greedy_generate, load_prompts, token_match
 from qins.metrics.generation import _render
 
 VOCAB = 128
 PROMPTS = ["w1 w2 w3", "w5", "w7 w8 w9 w10 w11", "w20 w21"]
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    # initializer_range 0.2: at the default 0.02 the tied head just repeats its input token
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -32,8 +23,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = tiny_llama()
+def model(make_model):
+    m = make_model("llama")
     m.generation_config.eos_token_id = None       # tests below choose their own EOS
     return m
 
@@ -70,11 +61,11 @@ def test_new_tokens_only_and_same_as_plain_generate(model):
     assert out == [full[0, ids.shape[1]:].tolist()]
 
 
-def test_cut_after_first_eos(model):
+def test_cut_after_first_eos(model, make_model):
     tok = tiny_tokenizer()
     free = greedy_generate(model, tok, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
     eos = free[0][2]
-    m = tiny_llama()
+    m = make_model("llama")
     m.generation_config.eos_token_id = eos
     cut = greedy_generate(m, tok, PROMPTS, max_new_tokens=10, batch_size=4, progress=False)
     for f, c in zip(free, cut):

@@ -7,20 +7,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from qins.eval import Reference, evaluate, token_windows
 
 VOCAB = 128
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    # initializer_range 0.2: at the default 0.02 the tied head just predicts its input token
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      initializer_range=0.2)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def random_windows(n: int, t: int, seed: int = 1) -> torch.Tensor:
@@ -89,8 +79,8 @@ def perturbed(model, scale: float, seed: int = 2):
     return m
 
 
-def test_reference_shapes_and_ppl():
-    model, windows = tiny_llama(), random_windows(5, 16)
+def test_reference_shapes_and_ppl(make_model):
+    model, windows = make_model("llama"), random_windows(5, 16)
     ref = Reference.build(model, windows, batch_size=2, progress=False)
     assert [lp.shape for lp in ref.logprobs] == [(2, 15, VOCAB), (2, 15, VOCAB), (1, 15, VOCAB)]
     assert all(lp.dtype == torch.float32 for lp in ref.logprobs)
@@ -101,8 +91,8 @@ def test_reference_shapes_and_ppl():
     assert ref.ppl == pytest.approx(math.exp(ref.nll), rel=1e-12)
 
 
-def test_model_against_itself():
-    model, windows = tiny_llama(), random_windows(4, 16)
+def test_model_against_itself(make_model):
+    model, windows = make_model("llama"), random_windows(4, 16)
     ref = Reference.build(model, windows, batch_size=2, progress=False)
     r = evaluate(model, ref, batch_size=2, progress=False)
     # same batches, same kernels: bit-identical log-probs
@@ -112,8 +102,8 @@ def test_model_against_itself():
     assert r["windows"] == 4 and r["tokens"] == 4 * 15
 
 
-def test_evaluate_batches_need_not_match_reference_batches():
-    model, windows = tiny_llama(), random_windows(5, 16)
+def test_evaluate_batches_need_not_match_reference_batches(make_model):
+    model, windows = make_model("llama"), random_windows(5, 16)
     ref = Reference.build(model, windows, batch_size=2, progress=False)
     r = evaluate(model, ref, batch_size=3, progress=False)          # slices cross stored batches
     # other batch shapes may round differently in float32 (measured: kl exactly 0 on this CPU)
@@ -122,8 +112,8 @@ def test_evaluate_batches_need_not_match_reference_batches():
     assert r["ppl"] == pytest.approx(r["ppl_ref"], rel=1e-6)
 
 
-def test_perturbed_model_matches_float64_sums():
-    model, windows = tiny_llama(), random_windows(3, 12)
+def test_perturbed_model_matches_float64_sums(make_model):
+    model, windows = make_model("llama"), random_windows(3, 12)
     test = perturbed(model, 0.1)
     ref = Reference.build(model, windows, batch_size=2, progress=False)
     r = evaluate(test, ref, batch_size=2, progress=False)
@@ -138,8 +128,8 @@ def test_perturbed_model_matches_float64_sums():
     assert r["top1"] < 1.0                                          # measured 0.33
 
 
-def test_kl_grows_with_the_perturbation():
-    model, windows = tiny_llama(), random_windows(2, 16)
+def test_kl_grows_with_the_perturbation(make_model):
+    model, windows = make_model("llama"), random_windows(2, 16)
     ref = Reference.build(model, windows, progress=False)
     kls = [evaluate(perturbed(model, s), ref, progress=False)["kl"] for s in (0.05, 0.2, 0.8)]
     assert 0 < kls[0] < kls[1] < kls[2]                             # measured 0.09, 0.89, 2.4

@@ -72,17 +72,36 @@ def read_plan(path: str | os.PathLike) -> dict:
     return doc
 
 
+def _hf_qins_config(path: Path) -> dict | None:
+    """config.json's quantization_config when it is a qins plan (save_pretrained of a qins
+    model), else None; a config.json that is not JSON is a ValueError."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        return None
+    try:
+        qc = json.loads(cfg_file.read_text()).get("quantization_config")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_file} is not valid JSON ({e}); the save is corrupt") from e
+    return qc if isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD else None
+
+
+def is_saved_model(path: str | os.PathLike) -> bool:
+    """Whether `path` is a directory written by qins.save or by save_pretrained of a qins model
+    (a float checkpoint, or anything unreadable, is not)."""
+    path = Path(path)
+    if (path / PLAN_NAME).is_file():
+        return True
+    try:
+        return path.is_dir() and _hf_qins_config(path) is not None
+    except ValueError:
+        return False
+
+
 def _plan_from_hf_config(path: Path) -> dict:
     """The plan of a directory written by transformers' save_pretrained of a qins model."""
-    cfg_file = path / "config.json"
-    qc = None
-    if cfg_file.is_file():
-        try:
-            qc = json.loads(cfg_file.read_text()).get("quantization_config")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_file} is not valid JSON ({e}); the save is corrupt") from e
-    if not (isinstance(qc, dict) and qc.get("quant_method") == "qins"):
-        raise FileNotFoundError(f"{path / PLAN_NAME} is missing and {cfg_file} has no qins "
+    qc = _hf_qins_config(path)
+    if qc is None:
+        raise FileNotFoundError(f"{path / PLAN_NAME} is missing and {path / 'config.json'} has no qins "
                                 f"quantization_config: not a directory written by qins")
-    check_version(qc.get("format_version"), f"{cfg_file} (quantization_config)")
+    check_version(qc.get("format_version"), f"{path / 'config.json'} (quantization_config)")
     return {"format_version": qc["format_version"], "modules": qc.get("modules", {}), "tied": None}
