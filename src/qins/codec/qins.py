@@ -50,7 +50,7 @@ def magnitude_levels(bits: int, curvature: float | torch.Tensor) -> torch.Tensor
     """|x|/s of levels k = 0..K, K = 2^(bits-1) - 1; shape (..., K+1) for curvature (...)."""
     k_max = 2 ** (bits - 1) - 1
     a = torch.as_tensor(curvature, dtype=torch.float64).unsqueeze(-1)
-    t = torch.arange(k_max + 1, dtype=torch.float64) / k_max
+    t = torch.arange(k_max + 1, dtype=torch.float64, device=a.device) / k_max
     return t / (1.0 + a * (1.0 - t))
 
 
@@ -63,15 +63,17 @@ def qins_table(bits: int, curvature: float | torch.Tensor, symmetric: bool = Fal
 
     symmetric=False: 2^b levels sign(j) v(|j|/N), j = -(N-1)..N, N = 2^(b-1).
     symmetric=True:  2^b - 1 levels sign(k) v(|k|/K), K = N - 1, then the spare code -> 0.
+    Built on the curvature's device in float64 (IEEE ops: the same bits on CPU and GPU), no
+    host round trip.
     """
     a = torch.as_tensor(curvature, dtype=torch.float64).unsqueeze(-1)
     n = 2 ** (bits - 1)
     if symmetric:
         mag = magnitude_levels(bits, curvature)                        # (..., N)
         signed = torch.cat([-mag.flip(-1)[..., :-1], mag], dim=-1)     # (..., 2N-1)
-        spare = torch.zeros(*signed.shape[:-1], 1, dtype=signed.dtype)
+        spare = torch.zeros(*signed.shape[:-1], 1, dtype=signed.dtype, device=a.device)
         return torch.cat([signed, spare], dim=-1).to(torch.float32)
-    j = torch.arange(-(n - 1), n + 1, dtype=torch.float64)
+    j = torch.arange(-(n - 1), n + 1, dtype=torch.float64, device=a.device)
     return (torch.sign(j) * _v(j.abs() / n, a)).to(torch.float32)
 
 

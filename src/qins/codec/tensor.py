@@ -21,6 +21,9 @@ class QuantizedWeight:
     curvature  (A,) float32 or None                      a per tensor (A=1) or row (A=O); qins only
     config     the WeightConfig it was made with (format, bits, group_size)
     shape      (O, I)
+    table      (1, 2^bits) float32 decode table on the codes' device, or None: then rebuilt
+               from the curvature on each decode (on its device, no host round trip). Derived,
+               never stored; the modules hold the per-tensor table and move it with `.to()`.
 
     G = max(1, I // group_size); the last group of a row also takes the remainder I mod g.
     """
@@ -31,6 +34,7 @@ class QuantizedWeight:
     curvature: torch.Tensor | None
     config: WeightConfig
     shape: tuple[int, int]
+    table: torch.Tensor | None = None
 
     @classmethod
     def from_float(cls, w: torch.Tensor, config: WeightConfig, importance: torch.Tensor | None = None,
@@ -77,9 +81,10 @@ class QuantizedWeight:
 
     # -- decoding ------------------------------------------------------------------------
     def decode_table(self) -> torch.Tensor:
-        """(A, 2^bits) float32 on the codes' device; rebuilt from the curvature, never stored."""
-        t = table(self.config.format, self.config.bits, self.curvature.cpu() if self.curvature is not None else None)
-        return t.to(self.qweight.device)
+        """(A, 2^bits) float32 on the codes' device: the held table, else rebuilt from the curvature."""
+        if self.table is not None:
+            return self.table
+        return build_table(self.config, self.curvature).to(self.qweight.device)
 
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """(O, I) or (len(rows), I) uint8 codes."""
@@ -88,22 +93,12 @@ class QuantizedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Reference decode: table lookup times scale (plus offset) -> (O, I) or (len(rows), I)."""
-        codes = self.codes(rows).long()                              # (R, I)
+        def pick(t):
+            return t if t is None or rows is None else t[rows]
         tab = self.decode_table()
-        if tab.shape[0] == 1:
-            vals = tab[0][codes]
-        else:
-            row_tab = tab if rows is None else tab[rows]
-            vals = torch.gather(row_tab, 1, codes)
-        if self.scales is None:
-            return vals.to(dtype)
-        g, I = self.group_size, self.shape[1]
-        s = self.scales if rows is None else self.scales[rows]
-        x = vals * grid.expand_groups(s.float(), g, I)           # fp32 math, then cast
-        if self.offsets is not None:
-            m = self.offsets if rows is None else self.offsets[rows]
-            x = x + grid.expand_groups(m.float(), g, I)
-        return x.to(dtype)
+        return decode(pick(self.qweight), pick(self.scales), pick(self.offsets),
+                      tab if tab.shape[0] == 1 else pick(tab),
+                      self.config.bits, self.group_size, self.shape[1], dtype)
 
     @property
     def group_size(self) -> int:
@@ -124,3 +119,31 @@ class QuantizedWeight:
 
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])
+
+
+def build_table(config: WeightConfig, curvature: torch.Tensor | None) -> torch.Tensor:
+    """(A, 2^bits) float32 decode table of `config`, on the curvature's device (qins, no host
+    round trip) or the CPU (fixed tables)."""
+    return table(config.format, config.bits, curvature.detach() if curvature is not None else None)
+
+
+def decode(qweight: torch.Tensor, scales: torch.Tensor | None, offsets: torch.Tensor | None,
+           tab: torch.Tensor, bits: int, group_size: int, in_features: int,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The reference decode of packed rows: tab[code] * s (+ m), fp32 math, then cast.
+
+    qweight (R, W) int32, scales/offsets (R, G) or None, tab (1 or R, 2^bits) float32
+    -> (R, in_features). Indexes with int32 and makes no host round trip.
+    """
+    codes = packing.unpack(qweight, bits, in_features).int()        # (R, I)
+    if tab.shape[0] == 1:
+        vals = tab[0][codes]
+    else:
+        start = torch.arange(tab.shape[0], dtype=torch.int32, device=codes.device) * tab.shape[1]
+        vals = tab.reshape(-1)[codes + start[:, None]]
+    if scales is None:
+        return vals.to(dtype)
+    x = vals * grid.expand_groups(scales.float(), group_size, in_features)
+    if offsets is not None:
+        x = x + grid.expand_groups(offsets.float(), group_size, in_features)
+    return x.to(dtype)

@@ -1,8 +1,115 @@
-"""Kernel dispatch: one entry point per operation; a torch reference behind every kernel.
+"""Kernel dispatch: one entry point per operation, a torch reference behind every kernel.
 
-The reference path (pure PyTorch, any device) is the only one so far; fused Triton kernels
-register here later. `QINS_KERNELS=reference` forces the reference path.
+    qlinear(x, qw, bias)   y = x W^T + b, W decoded from qw's codes
+    dequantize(qw, dtype)  W (or selected rows) as floats
+
+Backends, chosen per call by `QINS_KERNELS` (read on every call):
+    auto (default)  CUDA tensors -> Triton (kernels/triton_qlinear.py through the torch.library
+                    ops in kernels/ops.py); CPU tensors, or no Triton -> the reference
+    reference       the pure-PyTorch reference everywhere (kernels/reference.py)
+    triton          Triton, or a clear error where it cannot run; on the CPU this needs
+                    TRITON_INTERPRET=1 (how the tests check the kernels without a GPU)
 """
-from .reference import dequantize, qlinear
+from __future__ import annotations
 
-__all__ = ["dequantize", "qlinear"]
+import functools
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..codec.formats import get_format
+from ..codec.tensor import QuantizedWeight
+from . import reference
+
+BACKENDS = ("auto", "reference", "triton")
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+
+def backend() -> str:
+    b = os.environ.get("QINS_KERNELS", "auto").strip().lower() or "auto"
+    if b not in BACKENDS:
+        raise ValueError(f"QINS_KERNELS={b!r}: choose one of {BACKENDS}")
+    return b
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+
+
+def _use_triton(x: torch.Tensor, qw: QuantizedWeight) -> bool:
+    b = backend()
+    if b == "reference":
+        return False
+    why = None
+    if not triton_available():
+        why = "Triton is not installed"
+    elif not (x.is_cuda or (b == "triton" and _interpreting())):
+        why = f"x is on {x.device} (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
+    elif x.device != qw.qweight.device:
+        why = f"x is on {x.device} and the codes on {qw.qweight.device}"
+    elif x.dtype not in DTYPES:
+        why = f"x has dtype {x.dtype}; the kernels take {DTYPES}"
+    elif x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {qw.shape[1]}")
+    if why is None:
+        return True
+    if b == "triton":
+        raise RuntimeError(f"QINS_KERNELS=triton: cannot run the Triton kernel: {why}")
+    return False
+
+
+def _args(qw: QuantizedWeight):
+    """(qweight, scales, offsets, table, curvature) for the ops. A per-channel curvature passes
+    no table (the kernels decode it in closed form; an (O, 2^bits) table is never built)."""
+    curv = qw.curvature if get_format(qw.config.format).curved else None
+    per_row = curv is not None and curv.numel() > 1
+    tab = curv.reshape(1, -1) if per_row else qw.decode_table()
+    return (qw.qweight, qw.scales, qw.offsets, tab, curv)
+
+
+def _mode(qw: QuantizedWeight) -> str:
+    """"closed" where no table is passed (per-channel curvature), else "auto": the op picks
+    per batch and width (ops.choose, from benchmarks/gpu/qlinear.py)."""
+    curv = qw.curvature
+    if qw.config.format == "qins" and curv is not None and curv.numel() > 1:
+        return "closed"
+    return "auto-qins" if qw.config.format == "qins" else "auto"
+
+
+def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + b with W decoded from codes (or the given pre-decoded `weight`)."""
+    if weight is not None:
+        return F.linear(x, weight.to(x.dtype), bias)
+    if not _use_triton(x, qw):
+        return reference.qlinear(x, qw, bias)
+    from . import ops
+    if x.is_cuda:
+        return torch.ops.qins.qlinear(x, *_args(qw), bias, qw.config.bits, qw.group_size,
+                                      qw.shape[1], _mode(qw))
+    return ops.triton_linear(x, *_args(qw), bias, qw.config.bits, qw.group_size, qw.shape[1],
+                             _mode(qw))
+
+
+def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """(O, I) weight, or the selected rows, decoded as table[code] * s (+ m)."""
+    if rows is None and qw.qweight.is_cuda and backend() != "reference" and triton_available():
+        from . import ops  # noqa: F401  (registers the op)
+        mode = _mode(qw)
+        return torch.ops.qins.dequantize(*_args(qw), qw.config.bits, qw.group_size, qw.shape[1],
+                                         "table" if mode.startswith("auto") else mode, dtype)
+    return reference.dequantize(qw, dtype, rows)
+
+
+__all__ = ["backend", "dequantize", "qlinear", "triton_available", "BACKENDS"]

@@ -8,7 +8,7 @@ from .. import kernels
 from ..codec import grid
 from ..codec.formats import get_format
 from ..codec.packing import packed_words
-from ..codec.tensor import QuantizedWeight
+from ..codec.tensor import QuantizedWeight, build_table
 from ..codec.config import WeightConfig
 
 
@@ -19,6 +19,12 @@ class _QuantizedWeightMixin:
     scales     (O, G) float16            absent for qins-seed
     offsets    (O, G) float16            int-asym only
     curvature  (A,) float32              qins only (A = 1 per tensor, O per channel)
+
+    Derived, not a buffer (not saved, not counted as stored bytes): `_table`, the (1, 2^bits)
+    float32 decode table of a per-tensor curvature or a fixed format (at most 1 KB). It moves
+    with `.to()`, so a forward makes no host round trip, and it is rebuilt when the curvature
+    changes (a copy, a load, an assignment). Per-channel curvatures build theirs per decode,
+    on their device, or the kernels decode them in closed form.
     """
 
     def _init_buffers(self, rows: int, cols: int, config: WeightConfig) -> None:
@@ -31,28 +37,59 @@ class _QuantizedWeightMixin:
         self.register_buffer("offsets", torch.zeros(rows, G, dtype=torch.float16) if fmt.asymmetric else None)
         A = rows if config.curvature == "channel" else 1
         self.register_buffer("curvature", torch.zeros(A, dtype=torch.float32) if fmt.curved else None)
+        self._table: torch.Tensor | None = None
+        self._table_key: tuple | None = None
         self._decoded: torch.Tensor | None = None
+        self._refresh_table()
+
+    def _curvature_key(self) -> tuple | None:
+        c = self.curvature
+        return None if c is None else (c.data_ptr(), c._version, c.device)
+
+    def _refresh_table(self) -> None:
+        """Rebuild the decode table from the curvature (one host round trip, not per forward)."""
+        c = self.curvature
+        device = self.qweight.device
+        if c is not None and c.numel() > 1:
+            self._table = None                           # per channel: built per decode
+        elif device.type == "meta":
+            self._table = torch.empty(1, 2 ** self.config.bits, device=device)
+        else:
+            self._table = build_table(self.config, c).to(device)
+        self._table_key = self._curvature_key()
+
+    def _current_table(self) -> torch.Tensor | None:
+        if not torch.compiler.is_compiling() and self._table_key != self._curvature_key():
+            self._refresh_table()
+        return self._table
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() / .float() convert every float buffer; the stored
         # scales (float16) and curvature (float32) are part of the format (bf16 scales moved the
         # decoded 8-bit weights by ~0.4 step), so they keep their dtype and only change device
         stored = {id(b) for b in self._buffers.values() if b is not None}
+        fresh = "qweight" in self._buffers and self._table_key == self._curvature_key()
 
         def keep_dtype(t):
             out = fn(t)
             return t.to(out.device) if id(t) in stored and out.dtype != t.dtype else out
 
-        return super()._apply(keep_dtype, recurse)
+        out = super()._apply(keep_dtype, recurse)
+        if getattr(self, "_table", None) is not None:   # the table moves with its codes
+            self._table = self._table.to(self.qweight.device)
+        if fresh:
+            self._table_key = self._curvature_key()
+        return out
 
     def _set_quantized(self, qw: QuantizedWeight) -> None:
         for k, v in qw.tensors().items():
             getattr(self, k).copy_(v)
+        self._refresh_table()
 
     @property
     def quantized(self) -> QuantizedWeight:
         return QuantizedWeight(self.qweight, self.scales, self.offsets, self.curvature,
-                               self.config, self.weight_shape)
+                               self.config, self.weight_shape, table=self._current_table())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize(self.quantized, dtype)

@@ -1,0 +1,140 @@
+"""torch.library custom ops over the Triton kernels, with fakes so torch.compile and CUDA graphs
+capture them. The CUDA registration runs Triton; every other device runs the reference.
+
+    qins::qlinear(x, qweight, scales?, offsets?, table, curvature?, bias?, bits, group_size,
+                  in_features, mode) -> y (..., N)        x (..., K) in bf16, fp16 or fp32
+    qins::dequantize(qweight, scales?, offsets?, table, curvature?, bits, group_size,
+                     in_features, mode, dtype) -> (N, K)
+"""
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..codec.packing import planes
+
+from ..codec.qins import qins_table
+from ..codec.tensor import decode
+from .prmt import registers_table, table_registers
+
+# batch (rows of x) up to which the skinny kernels run; above it the weight is decoded once
+# into x's dtype and cuBLAS multiplies: at batch 512 the fused tl.dot tiles measured 0.05-0.09x
+# cuBLAS bf16 against 0.28-0.67x for decode-then-cuBLAS (H200, benchmarks/results/gpu_qlinear.md)
+GEMV_MAX_BATCH = 16
+
+_REGISTERS: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+
+
+def choose(mode: str, bits: int, m: int, dtype: torch.dtype) -> tuple[str, str]:
+    """(route, decode mode) for a batch of m rows. `mode`: "auto" (any table), "auto-qins"
+    (the closed form is allowed) or an explicit mode. Picked by measurement on the H200
+    (benchmarks/results/gpu_qlinear.md, batch 1 / 16, ratio to cuBLAS bf16):
+        4 bits   register table (prmt) 0.48-0.68 / 0.20-0.25, table read 0.39-0.45 / 0.10-0.12
+        8 bits   closed form 0.46-0.55 / 0.17-0.26, table read 0.29-0.39 / 0.09-0.12
+        3, 5, 6  table read at batch 1 (0.37-0.66), closed form at 2-16 (0.24-0.30; table 0.08)
+    route: "words" (one plane: 2, 4, 8 bits), "gemv" (two planes), "unfused" (m > 16).
+    """
+    if m > GEMV_MAX_BATCH:
+        route = "unfused"
+    else:
+        route = "words" if len(planes(bits)) == 1 else "gemv"
+    if not mode.startswith("auto"):
+        return route, mode
+    qins = mode == "auto-qins"
+    if route == "unfused":
+        return route, "table"
+    if bits == 4 and dtype != torch.float32 and not _interpreting():   # bf16-rounded table
+        return route, "prmt"
+    if qins and (bits == 8 or (m > 1 and route == "gemv")):
+        return route, "closed"
+    return route, "table"
+
+
+def _interpreting() -> bool:
+    """The Triton interpreter (CPU tests) runs no inline PTX, so no prmt mode there."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _registers(table: Tensor) -> Tensor:
+    """The prmt mode's (1, 8) register table, made once per table (and per change of it)."""
+    hit = _REGISTERS.get(table)
+    if hit is None or hit[0] != table._version:
+        hit = (table._version, table_registers(table))
+        _REGISTERS[table] = hit
+    return hit[1]
+
+
+@torch.library.custom_op("qins::dequantize", mutates_args=())
+def dequantize(qweight: Tensor, scales: Tensor | None, offsets: Tensor | None, table: Tensor,
+               curvature: Tensor | None, bits: int, group_size: int, in_features: int,
+               mode: str, dtype: torch.dtype) -> Tensor:
+    return decode(qweight, scales, offsets, _table(table, curvature, bits, mode), bits, group_size,
+                  in_features, dtype)
+
+
+def _table(table: Tensor, curvature: Tensor | None, bits: int, mode: str) -> Tensor:
+    """The reference's table: mode "closed" passes none (qins: built from the curvature),
+    mode "prmt" may pass its (1, 8) int32 register form (kernels/prmt.py)."""
+    if mode == "closed":
+        return qins_table(bits, curvature)
+    if table.dtype == torch.int32:
+        return registers_table(table)
+    return table
+
+
+@dequantize.register_fake
+def _(qweight, scales, offsets, table, curvature, bits, group_size, in_features, mode, dtype):
+    return qweight.new_empty(qweight.shape[0], in_features, dtype=dtype)
+
+
+@dequantize.register_kernel("cuda")
+def _(qweight, scales, offsets, table, curvature, bits, group_size, in_features, mode, dtype):
+    from . import triton_qlinear
+    return triton_qlinear.dequantize(qweight, scales, offsets, table, curvature, bits, group_size,
+                                     in_features, dtype, mode=mode)
+
+
+@torch.library.custom_op("qins::qlinear", mutates_args=())
+def qlinear(x: Tensor, qweight: Tensor, scales: Tensor | None, offsets: Tensor | None,
+            table: Tensor, curvature: Tensor | None, bias: Tensor | None, bits: int,
+            group_size: int, in_features: int, mode: str) -> Tensor:
+    w = decode(qweight, scales, offsets, _table(table, curvature, bits, mode), bits, group_size,
+               in_features, x.dtype)
+    return F.linear(x, w, bias)
+
+
+@qlinear.register_fake
+def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features, mode):
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
+
+
+@qlinear.register_kernel("cuda")
+def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features, mode):
+    return triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, group_size,
+                         in_features, mode)
+
+
+def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, group_size,
+                  in_features, mode):
+    """The Triton path on any device Triton runs on (CUDA; the CPU under TRITON_INTERPRET=1)."""
+    from . import triton_qlinear as tq
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
+        x2 = x2.contiguous()
+    route, mode = choose(mode, bits, x2.shape[0], x.dtype)
+    if mode == "prmt":
+        table = _registers(table)
+    args = (qweight, scales, offsets, table, curvature)
+    if route == "words":
+        y = tq.qmm_words(x2, *args, bias, bits, group_size, in_features, mode=mode)
+    elif route == "gemv":
+        y = tq.qgemv(x2, *args, bias, bits, group_size, in_features, mode=mode)
+    else:
+        w = tq.dequantize(*args, bits, group_size, in_features, x.dtype, mode=mode)
+        y = F.linear(x2, w, bias)
+    return y.reshape(*lead, qweight.shape[0])
