@@ -320,6 +320,36 @@ def test_bad_input_is_exit_code_2_with_one_line(tmp_path, float_dir, capsys, arg
     assert not (tmp_path / "x").exists()
 
 
+DEVICE_VERBS = [["generate", "{float}", "hi"], ["eval", "{float}", "--reference", "{float}"],
+                ["compress", "{float}", "-o", "{tmp}/x"]]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error of a machine without CUDA")
+@pytest.mark.parametrize("argv", DEVICE_VERBS, ids=[a[0] for a in DEVICE_VERBS])
+def test_device_cuda_without_cuda_is_a_clear_error(tmp_path, float_dir, capsys, no_model_load, argv):
+    argv = [a.format(float=float_dir, tmp=tmp_path) for a in argv] + ["--device", "cuda"]
+    assert main(argv) == 2
+    line = error_line(capsys, argv[0])
+    assert "--device" in line and "CUDA is not available" in line, line
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta"])
+@pytest.mark.parametrize("argv", DEVICE_VERBS, ids=[a[0] for a in DEVICE_VERBS])
+def test_device_names_are_checked_before_loading(tmp_path, float_dir, capsys, no_model_load, argv, device):
+    argv = [a.format(float=float_dir, tmp=tmp_path) for a in argv] + ["--device", device]
+    assert main(argv) == 2
+    assert "--device" in error_line(capsys, argv[0])
+
+
+def test_device_cpu_is_the_default(workdir, compressed, capsys):
+    # --device cpu spelled out gives what the default gives
+    assert main(["generate", str(compressed[0]), "hello", "--max-new-tokens", "4"]) == 0
+    default = capsys.readouterr().out
+    assert main(["generate", str(compressed[0]), "hello", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == default
+
+
 # -- the CLI as the lead is changing it (these expect that change) -------------------------
 @pytest.mark.parametrize("argv,flag,form", [
     (["compare", "{float}", "--configs", "qins:4"], "--configs", "FORMAT:BITS:GROUP"),

@@ -58,6 +58,19 @@ def _parse_menu(items, flag: str = "--candidates"):
     return out
 
 
+def _add_device(p, what="the model runs"):
+    p.add_argument("--device", default="cpu", help=f"where {what}: cpu (default), cuda or cuda:N")
+
+
+def _device(a):
+    """The --device as a torch.device; a clear error (before anything loads) where it is absent."""
+    from .metrics.models import resolve_device
+    try:
+        return resolve_device(a.device)
+    except ValueError as e:
+        raise ValueError(f"--device: {e}") from None
+
+
 def _weight_config(a):
     from .codec.config import WeightConfig
     return WeightConfig(format=a.format, bits=a.bits, group_size=_group(a.group_size),
@@ -131,11 +144,12 @@ def cmd_compress(a):
         raise ValueError("--candidates and --no-embeddings apply to a mixed-precision plan only "
                          "(--target-bpw, --max-kl or --max-ppl-increase)")
     config = _weight_config(a)                 # bad options fail before the model loads
+    device = _device(a)
     if a.calibration_windows is not None and a.calibration_windows < 1:
         raise ValueError(f"--calibration-windows must be at least 1, got {a.calibration_windows}")
     calibrate = bool(a.calibration_text is not None or a.calibration_windows or modes or config.rounding == "gptq")
     text = read_corpus(a.calibration_text or None) if calibrate else None
-    tok, model = load_model(a.model)
+    tok, model = load_model(a.model, device=device)   # calibration and quantization run there
     stats = wins = None
     where = "the default corpus" if not a.calibration_text else " ".join(a.calibration_text)
     if calibrate:
@@ -168,8 +182,8 @@ def cmd_compress(a):
     _maybe_json(a, {"path": str(path), "memory": mem})
 
 
-def _load_any(src):
-    """(tok, model) for a saved qins dir or a float model."""
+def _load_any(src, device=None):
+    """(tok, model) for a saved qins dir or a float model, on `device`."""
     from . import load, load_model
     from .weights.plan import is_saved_model
     if is_saved_model(src):
@@ -177,8 +191,8 @@ def _load_any(src):
         tok = AutoTokenizer.from_pretrained(src)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return tok, load(src)
-    return load_model(src)
+        return tok, load(src, device=device)
+    return load_model(src, device=device)
 
 
 def cmd_eval(a):
@@ -188,6 +202,7 @@ def cmd_eval(a):
 
     text = read_corpus(a.text) if a.text else None      # a missing file fails before the models load
     kv = _kv_config(a)                                  # bad KV flags fail before the models load
+    device = _device(a)
     if a.model is not None and not Path(a.model).exists():
         raise FileNotFoundError(f"model not found: {a.model}")
     if a.model is None and kv is None:
@@ -206,8 +221,8 @@ def cmd_eval(a):
         raise ValueError(f"{a.model} is a float model: give --reference (the model to compare it against) or "
                          f"--kv-bits (to measure a compressed KV cache against its own float cache); without "
                          f"either it would be compared with itself")
-    tok, model = _load_any(a.model) if a.model is not None else load_model(None)
-    _, ref_model = load_model(ref_source)
+    tok, model = _load_any(a.model, device) if a.model is not None else load_model(None, device=device)
+    _, ref_model = load_model(ref_source, device=device)
     h = Harness(tok, ref_model, _protocol(a), text=text)
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
     if kv is not None:
@@ -283,10 +298,11 @@ def cmd_embeddings(a):
 def cmd_generate(a):
     import torch
     kv = _kv_config(a)                                  # bad KV flags fail before the model loads
-    tok, model = _load_any(a.model)
+    device = _device(a)
+    tok, model = _load_any(a.model, device)
     msgs = [{"role": "user", "content": a.prompt}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if tok.chat_template else a.prompt
-    ids = tok(text, return_tensors="pt", add_special_tokens=False)
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
     kw = dict(max_new_tokens=a.max_new_tokens, pad_token_id=tok.pad_token_id)
     cache = None
     if kv is not None:
@@ -355,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-ppl-increase", type=float, default=None, help="fewest bits with ppl <= +this percent")
     g.add_argument("--candidates", nargs="*", default=None, help="BITS:GROUP choices (default 3:64 4:128 4:64 5:64 6:64 8:128)")
     g.add_argument("--no-embeddings", action="store_true", help="keep embeddings / lm_head in float in a mixed plan")
+    _add_device(p, "the model, its calibration and the quantization run (the saved files are the same)")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="quality + memory vs the uncompressed model")
@@ -367,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None)
     _add_protocol(p)
     _add_kv(p)
+    _add_device(p, "both models run")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("compare", help="QINS vs INT/NF4/FP8 at several bit widths, report + plots")
@@ -421,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     _add_kv(p)
+    _add_device(p)
     p.set_defaults(fn=cmd_generate)
 
     for sp in sub.choices.values():

@@ -13,12 +13,15 @@ calibration chose, so every format gets the same treatment and comparisons stay 
 Columns are visited in decreasing H_jj ("act order"); scales are fixed beforehand ("static
 groups"), so the order does not change the stored layout. Dead inputs (H_jj = 0) have their
 weights zeroed before rounding, as in the original: they never meet a nonzero input.
+
+Everything runs on the device of `w` (the Hessian is moved there). The column loop is
+inherent to the method: about ten small kernels per column, no host sync inside it.
 """
 from __future__ import annotations
 
 import torch
 
-from .grid import lookup, nearest_codes
+from .grid import lookup, midpoints, nearest_codes
 
 DAMP = 0.01           # fraction of mean(diag H) added to the diagonal: keeps H invertible
 BLOCK = 128           # columns updated lazily together (same result, fewer big matmuls)
@@ -61,8 +64,9 @@ def gptq_codes(
         raise ValueError(f"Hessian must have shape ({I}, {I}), got {tuple(hessian.shape)}")
     if not torch.isfinite(hessian).all():
         raise ValueError("Hessian has NaN/Inf entries")
+    dev = w.device
     W = w.float().clone()                                           # fp32 updates, fp64 inverse
-    H = hessian.double()
+    H = hessian.to(dev).double()
     dead = torch.diagonal(H) <= 0
     if dead.any():
         # an input that never fires: its weights meet only zeros, so store them as 0 (the
@@ -70,14 +74,16 @@ def gptq_codes(
         W[:, dead] = 0.0
         H = H.clone()
         H[dead, dead] = 1.0
-    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(I)
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(I, device=dev)
     W = W[:, perm]
     H = H[perm][:, perm]
-    S = scale_cols.float()[:, perm]
-    M = None if offset_cols is None else offset_cols.float()[:, perm]
+    S = scale_cols.to(dev).float()[:, perm]
+    M = None if offset_cols is None else offset_cols.to(dev).float()[:, perm]
     U = _inverse_cholesky(H, damp).float()                          # (I, I) upper
-    lev = levels.float()
-    codes = torch.empty(O, I, dtype=torch.long)
+    del H
+    lev = levels.to(dev).float()
+    mids = midpoints(lev)                                           # once, not per column
+    codes = torch.empty(O, I, dtype=torch.long, device=dev)
 
     for b0 in range(0, I, block):
         b1 = min(b0 + block, I)
@@ -88,9 +94,13 @@ def gptq_codes(
             col = b0 + j
             x = Wb[:, j]
             s = S[:, col]
-            m = M[:, col] if M is not None else 0.0
-            c = nearest_codes(((x - m) / s).unsqueeze(1), lev).squeeze(1)
-            q = lookup(lev, c.unsqueeze(1)).squeeze(1) * s + m
+            if M is None:                       # no "- 0.0" / "+ 0.0": two kernels fewer, same codes
+                c = nearest_codes((x / s).unsqueeze(1), lev, mids).squeeze(1)
+                q = lookup(lev, c.unsqueeze(1)).squeeze(1) * s
+            else:
+                m = M[:, col]
+                c = nearest_codes(((x - m) / s).unsqueeze(1), lev, mids).squeeze(1)
+                q = lookup(lev, c.unsqueeze(1)).squeeze(1) * s + m
             codes[:, col] = c
             e = (x - q) / Ub[j, j]
             Wb[:, j:] -= e.unsqueeze(1) * Ub[j, j:].unsqueeze(0)

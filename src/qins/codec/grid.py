@@ -38,9 +38,17 @@ def expand_groups(p: torch.Tensor, group_size: int, in_features: int) -> torch.T
     return torch.cat([head, last], dim=1)
 
 
-def nearest_codes(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
-    """Index of the nearest level (ties to the lower); y (R, I), levels (n,) or (R, n)."""
-    mids = (levels[..., 1:] + levels[..., :-1]) * 0.5
+def midpoints(levels: torch.Tensor) -> torch.Tensor:
+    """(n-1,) or (R, n-1) decision boundaries between sorted levels (n,) or (R, n)."""
+    return (levels[..., 1:] + levels[..., :-1]) * 0.5
+
+
+def nearest_codes(y: torch.Tensor, levels: torch.Tensor, mids: torch.Tensor | None = None) -> torch.Tensor:
+    """Index of the nearest level (ties to the lower); y (R, I), levels (n,) or (R, n).
+
+    mids: `midpoints(levels)` when the caller has them (GPTQ calls this once per column)."""
+    if mids is None:
+        mids = midpoints(levels)
     if mids.dim() == 1:
         return torch.bucketize(y, mids)
     return torch.searchsorted(mids.contiguous(), y.contiguous())

@@ -39,11 +39,12 @@ class QuantizedWeight:
     @classmethod
     def from_float(cls, w: torch.Tensor, config: WeightConfig, importance: torch.Tensor | None = None,
                    name: str = "weight") -> "QuantizedWeight":
-        """Calibrate and encode `w` (O, I).
+        """Calibrate and encode `w` (O, I) on its device; the stored tensors end there too.
 
         importance  (I,) error weight per input channel (mean squared input), or (I, I) the
                     input's second-moment matrix E[x x^T]: its diagonal weights the error and
                     config.rounding="gptq" compensates rounding with it (codec/gptq.py).
+                    Moved to w's device if it sits elsewhere.
         """
         if w.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
@@ -61,12 +62,12 @@ class QuantizedWeight:
         fmt = get_format(config.format)
         O, I = w.shape
         if fmt.seed_rounding:
-            codes = seed_encode(w.detach().cpu())
+            codes = seed_encode(w.detach())
             qweight = packing.pack(codes, config.bits)
             return cls(qweight, None, None, None, config, (O, I))
         g = I if config.group_size is None else config.group_size
         codes, scale, offset, a = calibrate.fit(
-            w.detach().cpu().float(), fmt, config.bits, g,
+            w.detach().float(), fmt, config.bits, g,
             importance=None if hessian is not None else importance, hessian=hessian,
             curvature=config.curvature, curvature_value=config.curvature_value,
             clip_search=config.clip_search, rounding=config.rounding)

@@ -37,14 +37,42 @@ def _strip_gguf_quant_config(model) -> None:
             model.is_quantized = False
 
 
-def load_model(source: str | os.PathLike | None = None, dtype: str = "float32"):
+def resolve_device(spec=None):
+    """torch.device for a device name ("cpu", "cuda", "cuda:1"; None = "cpu").
+
+    Raises ValueError, saying why, for a name that is not a device or a CUDA device that is
+    not there (torch built without CUDA, no GPU visible, or an index past the last GPU).
+    """
+    import torch
+
+    try:
+        dev = torch.device("cpu" if spec is None else spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {spec!r} is not a device name (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {spec!r}: qins runs on cpu or cuda, not {dev.type}")
+    if not torch.cuda.is_available():
+        why = ("this torch is built without CUDA" if torch.version.cuda is None
+               else "no CUDA GPU is visible (driver, CUDA_VISIBLE_DEVICES)")
+        raise ValueError(f"device {spec!r} asked for, but CUDA is not available: {why} (torch {torch.__version__})")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise ValueError(f"device {spec!r}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})")
+    return dev
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", device=None):
     """(tokenizer, model) in eval mode from a local HF directory, a .gguf file, or the default.
 
     No hub access: `source` must exist on disk (None = the embedded default model).
+    device: where the model is put ("cpu" by default; see `resolve_device`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = resolve_device(device)
     torch_dtype = getattr(torch, dtype)
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
@@ -63,6 +91,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: str = "float32"):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kw)
     _strip_gguf_quant_config(model)
     setattr(model, SOURCE_ATTR, {"path": str(path.resolve()), "sha256": None})   # hashed on save
+    model.to(device)
     model.eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -123,9 +152,9 @@ def model_source(model) -> dict | None:
     return dict(src)
 
 
-def load_default_model(dtype: str = "float32"):
+def load_default_model(dtype: str = "float32", device=None):
     """(tokenizer, model) for SmolLM2-135M-Instruct in float32, eval mode."""
-    return load_model(None, dtype=dtype)
+    return load_model(None, dtype=dtype, device=device)
 
 
 def default_corpus() -> str:

@@ -68,7 +68,7 @@ def fisher(model: nn.Module, windows: torch.Tensor, embedding: str | None = None
             nonlocal emb_gain
             g2 = g.detach().float().pow(2).reshape(-1, g.shape[-1])
             if emb_gain is None:
-                emb_gain = torch.zeros(mod.num_embeddings, g.shape[-1])
+                emb_gain = torch.zeros(mod.num_embeddings, g.shape[-1], device=g.device)
             emb_gain.index_add_(0, ids_now[0].reshape(-1), g2)
         out.register_hook(grad)
         return out
@@ -78,13 +78,14 @@ def fisher(model: nn.Module, windows: torch.Tensor, embedding: str | None = None
     for name, mod in model.named_modules():
         if is_linear_like(mod):
             handles.append(mod.register_forward_hook(out_hook(name)))
-    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)         # samples depend on the device
     requires = [p.requires_grad for p in model.parameters()]
     try:
         for p in model.parameters():
             p.requires_grad_(False)
         for i in tqdm(range(windows.shape[0]), desc="sensitivity (Fisher)", disable=not progress, leave=False):
-            ids = windows[i:i + 1]
+            ids = windows[i:i + 1].to(device)
             ids_now[:] = [ids]
             with torch.enable_grad():
                 logits = model(input_ids=ids, use_cache=False).logits.float()      # (1, T, V)

@@ -130,7 +130,8 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
         out_f, in_f = w.shape
         bias = getattr(linear, "bias", None)
         qw = _given_or_new(w, config, importance, name, quantized)
-        mod = cls(in_f, out_f, bias is not None, qw.config, dtype=w.dtype)
+        with torch.device(w.device):                           # buffers made where the codes are
+            mod = cls(in_f, out_f, bias is not None, qw.config, dtype=w.dtype)
         mod._set_quantized(qw)
         if bias is not None:
             mod.bias.data.copy_(bias.detach())
@@ -173,7 +174,8 @@ class QINSEmbedding(_QuantizedWeightMixin, nn.Module):
         """`importance`: the tied lm_head's input statistics ((D,) or (D, D)), if any."""
         w = emb.weight.detach()
         qw = _given_or_new(w, config, importance, name, quantized)
-        mod = cls(w.shape[0], w.shape[1], qw.config, padding_idx=emb.padding_idx, dtype=w.dtype)
+        with torch.device(w.device):
+            mod = cls(w.shape[0], w.shape[1], qw.config, padding_idx=emb.padding_idx, dtype=w.dtype)
         mod._set_quantized(qw)
         embed_scale = getattr(emb, "embed_scale", None)        # scaled embedding subclasses
         if embed_scale is not None:

@@ -30,7 +30,7 @@ from torch import nn
 from .._version import __version__
 from .._files import atomic_write, replace_dir, temp_dir_beside
 from ..codec.config import FORMAT_VERSION
-from ..metrics.models import SOURCE_ATTR, fingerprint, model_source
+from ..metrics.models import SOURCE_ATTR, fingerprint, model_source, resolve_device
 from .plan import PLAN_ATTR, PLAN_NAME, read_plan
 from .quantize import record_plan
 from .swap import modules_from_plan
@@ -118,10 +118,11 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a directory written by `qins.save` (no pickle; version-checked)."""
+    """Load a directory written by `qins.save` (no pickle; version-checked) onto `device`."""
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    device = resolve_device(device)
     path = Path(path)
     doc = read_plan(path)
     wfile = path / WEIGHTS_NAME
