@@ -234,10 +234,12 @@ def _dequant_kernel(qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, out_ptr,
         vals = vals * _group_params(s_ptr, rows, row_ok, blocks, blk_ok, G, GS)[:, :, None, None]
         if HAS_OFFSET:
             vals = vals + _group_params(m_ptr, rows, row_ok, blocks, blk_ok, G, GS)[:, :, None, None]
-    k_in = tl.arange(0, R1)[:, None] * R2 + tl.arange(0, R2)[None, :]
-    cols = blocks[:, None, None] * 32 + k_in[None, :, :]                      # (NB, R1, R2)
-    ok = row_ok[:, None, None, None] & (cols < K)[None]
-    tl.store(out_ptr + rows[:, None, None, None] * K + cols[None], vals.to(out_ptr.dtype.element_ty), mask=ok)
+    # stored as (BN, NB * 32) rows: one-plane tiles kept as (BN, NB, w, 32 / w) stored 2.1x
+    # slower than two-plane ones (benchmarks/results/gpu_qlinear.md, 4 vs 3 bits, unfused)
+    vals = tl.reshape(vals, (BN, NB * 32))
+    cols = tl.program_id(1) * NB * 32 + tl.arange(0, NB * 32)
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    tl.store(out_ptr + rows[:, None] * K + cols[None, :], vals.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
