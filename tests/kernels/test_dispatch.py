@@ -107,3 +107,16 @@ def test_custom_ops_pass_torch_library_checks():
     torch.testing.assert_close(out, torch.nn.functional.linear(x, qw.dequantize(), layer.bias))
     dq = (qw.qweight, qw.scales, None, qw.decode_table(), qw.curvature, 4, 64, 100, "table", torch.bfloat16)
     torch.library.opcheck(torch.ops.qins.dequantize.default, dq, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_table_refreshed_by_load_state_dict_under_inference_mode():
+    # inference tensors keep no version counter: the in-place copies of load_state_dict must
+    # still rebuild the table (this broke `qins.load` inside torch.inference_mode once)
+    src = _layer(curvature="tensor")
+    src.curvature.fill_(1.5)
+    x = torch.randn(3, 100).to(DEVICE)
+    with torch.inference_mode():
+        dst = QINSLinear(100, 37, True, src.config).to(DEVICE)
+        dst(x)                                                   # table built from curvature 0
+        dst.load_state_dict(src.state_dict())
+        torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)

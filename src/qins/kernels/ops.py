@@ -61,9 +61,10 @@ def _interpreting() -> bool:
 
 def _registers(table: Tensor) -> Tensor:
     """The prmt mode's (1, 8) register table, made once per table (and per change of it)."""
+    version = None if table.is_inference() else table._version
     hit = _REGISTERS.get(table)
-    if hit is None or hit[0] != table._version:
-        hit = (table._version, table_registers(table))
+    if hit is None or hit[0] != version:
+        hit = (version, table_registers(table))
         _REGISTERS[table] = hit
     return hit[1]
 

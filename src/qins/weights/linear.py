@@ -44,7 +44,10 @@ class _QuantizedWeightMixin:
 
     def _curvature_key(self) -> tuple | None:
         c = self.curvature
-        return None if c is None else (c.data_ptr(), c._version, c.device)
+        if c is None:
+            return None
+        # inference tensors keep no version counter: a new tensor still changes the key
+        return (c.data_ptr(), None if c.is_inference() else c._version, c.device)
 
     def _refresh_table(self) -> None:
         """Rebuild the decode table from the curvature (one host round trip, not per forward)."""
@@ -80,6 +83,11 @@ class _QuantizedWeightMixin:
         if fresh:
             self._table_key = self._curvature_key()
         return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        if "qweight" in self._buffers:              # copies in place: inference tensors (made
+            self._refresh_table()                   # under inference_mode) keep no version
 
     def _set_quantized(self, qw: QuantizedWeight) -> None:
         for k, v in qw.tensors().items():
