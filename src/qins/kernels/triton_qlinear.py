@@ -73,14 +73,13 @@ def _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS: tl.constexpr, MODE: tl.cons
 
 
 @triton.jit
-def _prmt_decode(words, tab_ptr):
-    """words (BN, NB, 4) int32 -> 8 float32 tensors (BN, NB, 4): code i of every word."""
+def _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7):
+    """words (BN, NB, 4) int32 -> 8 float32 tensors (BN, NB, 4): code i of every word.
+    r0..r7: the table's registers (L0..L3 H0..H3), loaded once per program."""
     z = tl.zeros(words.shape, dtype=tl.int32)
     o0, o1, o2, o3, o4, o5, o6, o7 = tl.inline_asm_elementwise(
         _PRMT_ASM, _PRMT_CONSTRAINTS,
-        [words, tl.load(tab_ptr) + z, tl.load(tab_ptr + 1) + z, tl.load(tab_ptr + 2) + z,
-         tl.load(tab_ptr + 3) + z, tl.load(tab_ptr + 4) + z, tl.load(tab_ptr + 5) + z,
-         tl.load(tab_ptr + 6) + z, tl.load(tab_ptr + 7) + z],
+        [words, r0 + z, r1 + z, r2 + z, r3 + z, r4 + z, r5 + z, r6 + z, r7 + z],
         dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
         is_pure=True, pack=1)
     return (o0.to(tl.float32, bitcast=True), o1.to(tl.float32, bitcast=True),
@@ -90,12 +89,19 @@ def _prmt_decode(words, tab_ptr):
 
 
 @triton.jit
+def _prmt_regs(tab_ptr):
+    return (tl.load(tab_ptr), tl.load(tab_ptr + 1), tl.load(tab_ptr + 2), tl.load(tab_ptr + 3),
+            tl.load(tab_ptr + 4), tl.load(tab_ptr + 5), tl.load(tab_ptr + 6), tl.load(tab_ptr + 7))
+
+
+@triton.jit
 def _prmt_tile(qw_ptr, tab_ptr, rows, row_ok, blocks, blk_ok, W):
     """(BN, NB, 4, 8) float32 values of 4-bit codes through the register table (for tl.dot)."""
     j = tl.arange(0, 4)
     words = tl.load(qw_ptr + rows[:, None, None] * W + blocks[None, :, None] * 4 + j[None, None, :],
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, tab_ptr)
+    r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
     # joins add a last axis: innermost picks bit 2 of the code, outermost bit 0
     t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
     return tl.reshape(t, (words.shape[0], words.shape[1], 4, 8))
@@ -107,7 +113,8 @@ def _prmt_dot1(qw_ptr, tab_ptr, x_ptr, rows, row_ok, blocks, blk_ok, W, K):
     j = tl.arange(0, 4)
     words = tl.load(qw_ptr + rows[:, None, None] * W + blocks[None, :, None] * 4 + j[None, None, :],
                     mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, tab_ptr)
+    r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)
+    v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
     c = blocks[:, None] * 32 + j[None, :] * 8                                 # (NB, 4) first column
     ok = blk_ok[:, None]
     part = v0 * tl.load(x_ptr + c, mask=ok & (c < K), other=0.0).to(tl.float32)[None]
@@ -264,7 +271,8 @@ def _word_values(words, i: tl.constexpr, tab_ptr, a_ptr, rows, row_ok, W0: tl.co
 
 @triton.jit
 def _fma_word(part, v, x_ptr, cols, ok):
-    """part (BN, BKW) += v * x[cols] for batch 1."""
+    """part (BN, BKW) += v * x[cols] for batch 1. (x read as a (1, BKW) tile instead made Triton
+    lay the whole tile out along x and move every decoded value through shared memory.)"""
     return part + v * tl.load(x_ptr + cols, mask=ok, other=0.0).to(tl.float32)[None, :]
 
 
@@ -299,6 +307,8 @@ def _qmm_words_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_p
         acc = tl.zeros((BN, BKW), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    if MODE == 2:
+        r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)               # once per program
     for w0 in range(w_start, w_start + WORDS_PER_SPLIT, BKW):
         wi = w0 + tl.arange(0, BKW)
         w_ok = wi < W
@@ -313,7 +323,7 @@ def _qmm_words_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_p
         if BLOCK_M == 1:
             part = tl.zeros((BN, BKW), dtype=tl.float32)
             if MODE == 2:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, tab_ptr)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
                 part = _fma_word(part, v0, x_ptr, col0, w_ok & (col0 < K))
                 part = _fma_word(part, v1, x_ptr, col0 + 1, w_ok & (col0 + 1 < K))
                 part = _fma_word(part, v2, x_ptr, col0 + 2, w_ok & (col0 + 2 < K))
@@ -336,7 +346,7 @@ def _qmm_words_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_p
             acc += part
         else:
             if MODE == 2:
-                v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, tab_ptr)
+                v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
                 if HAS_SCALE:
                     v0, v1, v2, v3 = v0 * s, v1 * s, v2 * s, v3 * s
                     v4, v5, v6, v7 = v4 * s, v5 * s, v6 * s, v7 * s
