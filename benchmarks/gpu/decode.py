@@ -190,11 +190,41 @@ def model_bytes(model) -> dict:
             "bpw_all": rep["bpw_all"]}
 
 
+def kernels_vs_reference(model, prompt) -> dict:
+    """Prefill logits of the prompt through the kernels (QINS_KERNELS=auto) and through the torch
+    reference (QINS_KERNELS=reference): KL(reference || kernels) per token, mean and max."""
+    before = os.environ.get("QINS_KERNELS")
+    out = {}
+    try:
+        with torch.inference_mode():
+            for backend in ("auto", "reference"):
+                os.environ["QINS_KERNELS"] = backend
+                out[backend] = model(prompt).logits.float().log_softmax(-1)
+    finally:
+        if before is None:
+            os.environ.pop("QINS_KERNELS", None)
+        else:
+            os.environ["QINS_KERNELS"] = before
+    p_ref, p_k = out["reference"], out["auto"]
+    kl = (p_ref.exp() * (p_ref - p_k)).sum(-1)                        # (B, T) nats
+    return {"kernel_vs_reference_kl_mean": float(kl.mean()), "kernel_vs_reference_kl_max": float(kl.max()),
+            "kernel_vs_reference_top1": float((p_ref.argmax(-1) == p_k.argmax(-1)).float().mean())}
+
+
 def run_variant(label, model, prompt, args, refs: dict, quant_s, log) -> list[dict]:
     from qins.metrics.decode import greedy_decode
 
     rows = []
     mem = model_bytes(model)
+    check = {}
+    if label != "bf16":
+        try:
+            check = kernels_vs_reference(model, prompt)
+            log(f"{label}: kernels vs reference, prefill KL mean {check['kernel_vs_reference_kl_mean']:.2e}"
+                f" max {check['kernel_vs_reference_kl_max']:.2e}, top-1 {check['kernel_vs_reference_top1']:.4f}")
+        except Exception as e:                                        # noqa: BLE001 - reported
+            check = {"kernel_vs_reference_error": f"{type(e).__name__}: {str(e)[:200]}"}
+    mem.update(check)
     for B in args.batch:
         row = {"variant": label, "batch": B, "quant_seconds": quant_s, **mem}
         try:
@@ -267,7 +297,10 @@ def table(rows: list[dict]) -> str:
             Column("match", "token match %", pct("match")),
             Column("match_before_divergence", "before 1st div. %", pct("match_before_divergence")),
             Column("first_logit_max_abs_diff", "max Δlogit, 1st token", "{:.3g}"),
-            Column("graph_matches_eager", "graph = eager %", pct("graph_matches_eager")))
+            Column("graph_matches_eager", "graph = eager %", pct("graph_matches_eager")),
+            Column("kernel_vs_reference_kl_mean", "KL kernels vs reference",
+                   lambda r: "–" if r.get("kernel_vs_reference_kl_mean") is None
+                   else f"{r['kernel_vs_reference_kl_mean']:.1e}"))
     return markdown_table(rows, cols)
 
 
