@@ -68,7 +68,7 @@ def test_forced_triton_says_why_it_cannot_run(monkeypatch):
     layer = _layer()
     monkeypatch.setenv("QINS_KERNELS", "triton")
     with pytest.raises(RuntimeError, match="dtype torch.float64"):
-        layer.double()(torch.randn(2, 100, dtype=torch.float64))
+        layer.double()(torch.randn(2, 100, dtype=torch.float64).to(DEVICE))
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not CUDA:
         with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
@@ -120,3 +120,13 @@ def test_table_refreshed_by_load_state_dict_under_inference_mode():
         dst(x)                                                   # table built from curvature 0
         dst.load_state_dict(src.state_dict())
         torch.testing.assert_close(dst(x), src(x), rtol=0, atol=0)
+
+
+def test_prmt_registers_cached_per_table():
+    from qins.kernels.ops import _registers
+    t = torch.randn(1, 16)
+    a = _registers(t)
+    assert _registers(t) is a                                  # a hit compares no tensors
+    t.mul_(2.0)                                                # in place: rebuilt
+    b = _registers(t)
+    assert b is not a and not torch.equal(a, b)

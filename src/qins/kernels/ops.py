@@ -21,22 +21,24 @@ from ..codec.qins import qins_table
 from ..codec.tensor import decode
 from .prmt import registers_table, table_registers
 
-# batch (rows of x) up to which the skinny kernels run; above it the weight is decoded once
-# into x's dtype and cuBLAS multiplies: at batch 512 the fused tl.dot tiles measured 0.05-0.09x
-# cuBLAS bf16 against 0.28-0.67x for decode-then-cuBLAS (H200, benchmarks/results/gpu_qlinear.md)
-GEMV_MAX_BATCH = 16
+# rows of x up to which the skinny kernels run; above, the weight is decoded once into x's
+# dtype and cuBLAS multiplies. Measured on the H200 at 4096 x 14336 (benchmarks/results/
+# gpu_qlinear.md, x cuBLAS bf16), batch 16: decode-then-cuBLAS 0.31-0.38x at every width
+# against 0.11-0.26x for the tl.dot kernels; batch 512: 0.61-0.69x against 0.05-0.09x.
+GEMV_MAX_BATCH = 1
 
-_REGISTERS: "weakref.WeakKeyDictionary[torch.Tensor, tuple]" = weakref.WeakKeyDictionary()
+_REGISTERS: dict[int, tuple] = {}
 
 
 def choose(mode: str, bits: int, m: int, dtype: torch.dtype) -> tuple[str, str]:
     """(route, decode mode) for a batch of m rows. `mode`: "auto" (any table), "auto-qins"
     (the closed form is allowed) or an explicit mode. Picked by measurement on the H200
-    (benchmarks/results/gpu_qlinear.md, batch 1 / 16, ratio to cuBLAS bf16):
-        4 bits   register table (prmt) 0.48-0.68 / 0.20-0.25, table read 0.39-0.45 / 0.10-0.12
-        8 bits   closed form 0.46-0.55 / 0.17-0.26, table read 0.29-0.39 / 0.09-0.12
-        3, 5, 6  table read at batch 1 (0.37-0.66), closed form at 2-16 (0.24-0.30; table 0.08)
-    route: "words" (one plane: 2, 4, 8 bits), "gemv" (two planes), "unfused" (m > 16).
+    (benchmarks/results/gpu_qlinear.md, batch 1, x cuBLAS bf16):
+        4 bits   register table (prmt) 0.48-0.68, table read 0.39-0.45
+        8 bits   closed form 0.46-0.55, table read 0.29-0.39
+        2 bits   table read 0.49 (one-plane kernel)
+        3, 5, 6  table read 0.37-0.66, closed form 0.28-0.40
+    route: "words" (one plane: 2, 4, 8 bits), "gemv" (two planes), "unfused" (m > 1).
     """
     if m > GEMV_MAX_BATCH:
         route = "unfused"
@@ -44,12 +46,11 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype) -> tuple[str, str]:
         route = "words" if len(planes(bits)) == 1 else "gemv"
     if not mode.startswith("auto"):
         return route, mode
-    qins = mode == "auto-qins"
     if route == "unfused":
         return route, "table"
     if bits == 4 and dtype != torch.float32 and not _interpreting():   # bf16-rounded table
         return route, "prmt"
-    if qins and (bits == 8 or (m > 1 and route == "gemv")):
+    if mode == "auto-qins" and bits == 8:
         return route, "closed"
     return route, "table"
 
@@ -60,13 +61,16 @@ def _interpreting() -> bool:
 
 
 def _registers(table: Tensor) -> Tensor:
-    """The prmt mode's (1, 8) register table, made once per table (and per change of it)."""
+    """The prmt mode's (1, 8) register table, made once per table (and per change of it).
+    Keyed by id with a weak reference to check it (a WeakKeyDictionary compares tensors with
+    ==, which is elementwise)."""
     version = None if table.is_inference() else table._version
-    hit = _REGISTERS.get(table)
-    if hit is None or hit[0] != version:
-        hit = (version, table_registers(table))
-        _REGISTERS[table] = hit
-    return hit[1]
+    hit = _REGISTERS.get(id(table))
+    if hit is None or hit[0]() is not table or hit[1] != version:
+        hit = (weakref.ref(table), version, table_registers(table))
+        _REGISTERS[id(table)] = hit
+        weakref.finalize(table, _REGISTERS.pop, id(table), None)
+    return hit[2]
 
 
 @torch.library.custom_op("qins::dequantize", mutates_args=())

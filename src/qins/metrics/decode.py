@@ -152,7 +152,9 @@ class StaticDecoder:
                 self.step()
             finally:
                 torch.cuda.set_sync_debug_mode(before)
-        msgs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        # torch also warns that the debug mode itself "is a prototype feature": not a sync
+        msgs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()
+                and "prototype feature" not in str(w.message)]
         return msgs[0].splitlines()[0] if msgs else None
 
     def capture(self) -> torch.cuda.CUDAGraph:
