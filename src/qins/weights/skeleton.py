@@ -37,7 +37,11 @@ class _EmptyOnMeta(TorchFunctionMode):
 
 @contextlib.contextmanager
 def params_on_meta():
-    """Modules built inside hold their parameters on the meta device; buffers stay real."""
+    """Modules built inside hold their parameters on the meta device; buffers stay real.
+
+    It patches `nn.Module.register_parameter` for the whole process while active (as accelerate's
+    `init_empty_weights` does): modules built meanwhile by another thread get meta parameters.
+    """
     register = nn.Module.register_parameter
 
     def register_on_meta(module, name, param):
