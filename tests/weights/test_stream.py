@@ -43,10 +43,10 @@ def llama_dir(tmp_path_factory):
     return d
 
 
-def in_memory(src, out, **kw):
-    # as load_model(src, dtype="bfloat16"), which also wants a tokenizer these checkpoints lack
+def in_memory(src, out, dtype="auto", **kw):
+    # as load_model(src, dtype="auto"), which also wants a tokenizer these checkpoints lack
     from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype, dtype)).eval()
     setattr(model, SOURCE_ATTR, {"path": str(Path(src).resolve()), "sha256": None})
     qins.quantize(model, CFG, progress=False, **kw)
     return qins.save(model, out)
@@ -89,13 +89,25 @@ def _non_default(raw: bytes) -> dict:
             if getattr(default, k, object()) != v and not (k.startswith("output_") and v is False)}
 
 
-@pytest.mark.parametrize("case", ["phi3", "llama", "llama-embeddings", "phi3-skip"])
-def test_stream_matches_quantize_then_save(case, phi3_dir, llama_dir, tmp_path):
-    src = phi3_dir if case.startswith("phi3") else llama_dir
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A tiny GPT-2 (Conv1D layers, weights stored (in, out)) in float32."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=2, n_head=4)
+    d = tmp_path_factory.mktemp("gpt2") / "src"
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("case", ["phi3", "llama", "llama-embeddings", "phi3-skip", "gpt2", "gpt2-bf16"])
+def test_stream_matches_quantize_then_save(case, phi3_dir, llama_dir, gpt2_dir, tmp_path):
+    src = {"phi3": phi3_dir, "llama": llama_dir, "gpt2": gpt2_dir}[case.split("-")[0]]
     kw = {"include_embeddings": True} if case == "llama-embeddings" else \
         {"skip": ["model.layers.1.mlp.*"]} if case == "phi3-skip" else {}
-    ref = in_memory(src, tmp_path / "mem", **kw)
-    out = compress_checkpoint(src, tmp_path / "stream", CFG, shard_bytes=60_000, progress=False, **kw)
+    dtype = "bfloat16" if case == "gpt2-bf16" else None          # a float32 checkpoint cast on the way
+    ref = in_memory(src, tmp_path / "mem", dtype=dtype or "auto", **kw)
+    out = compress_checkpoint(src, tmp_path / "stream", CFG, shard_bytes=60_000, progress=False, dtype=dtype, **kw)
     assert_same_save(ref, out)
     assert torch.equal(logits(out), logits(ref))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no work dir left
@@ -190,3 +202,25 @@ def test_cli_stream(phi3_dir, tmp_path, capsys):
     assert files(out) == files(ref)
     assert main(["compress", str(phi3_dir), "-o", str(out), "--stream", "--rounding", "gptq"]) == 2
     assert "cannot be combined with --stream" in capsys.readouterr().err
+
+
+def test_resume_after_sigkill(phi3_dir, tmp_path):
+    """A process killed (SIGKILL) right after its second shard is recorded resumes from there."""
+    import os
+    import subprocess
+    import sys
+    out = tmp_path / "out"
+    code = ("import os, signal, sys\n"
+            "from qins.codec.config import WeightConfig\n"
+            "from qins.weights.stream import compress_checkpoint\n"
+            "kill = lambda i: i == 1 and os.kill(os.getpid(), signal.SIGKILL)\n"
+            "compress_checkpoint(sys.argv[1], sys.argv[2], WeightConfig('qins', 4, 64), shard_bytes=60_000,\n"
+            "                    progress=False, _after_shard=kill)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.run([sys.executable, "-c", code, str(phi3_dir), str(out)], env=env, timeout=300)
+    assert proc.returncode == -9 and not out.exists()
+    redone = []
+    compress_checkpoint(phi3_dir, out, CFG, shard_bytes=60_000, progress=False, _after_shard=redone.append)
+    assert redone[0] == 2
+    whole = compress_checkpoint(phi3_dir, tmp_path / "whole", CFG, shard_bytes=60_000, progress=False)
+    assert files(out) == files(whole)

@@ -199,10 +199,12 @@ class _Output:
     source: str            # source checkpoint tensor name
     module: str | None     # quantized module whose field this is, or None for a float tensor
     field: str | None      # qweight / scales / offsets / curvature, or None
+    transpose: bool = False  # transformers Conv1D: the source weight is stored (in, out)
 
 
 def _outputs(model: nn.Module, modules: dict, dtype: torch.dtype) -> tuple[list[_Output], dict[str, str]]:
     """The saved tensors (state-dict order, each storage once) and {dropped: kept} float ties."""
+    conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
     with torch.device("meta"):                         # shapes only: no buffer is allocated
         modules_from_plan(model, modules)
     qnames = {n for n, e in modules.items() if e["kind"] != "tied_linear"}
@@ -214,7 +216,8 @@ def _outputs(model: nn.Module, modules: dict, dtype: torch.dtype) -> tuple[list[
         seen[id(t)] = name
         mod, _, field = name.rpartition(".")
         if mod in qnames and field in ("qweight", "scales", "offsets", "curvature"):
-            outs.append(_Output(TensorSpec(name, t.dtype, tuple(t.shape)), f"{mod}.weight", mod, field))
+            outs.append(_Output(TensorSpec(name, t.dtype, tuple(t.shape)), f"{mod}.weight", mod, field,
+                                mod in conv1d))
         else:
             out_dtype = dtype if t.is_floating_point() else t.dtype
             outs.append(_Output(TensorSpec(name, out_dtype, tuple(t.shape)), name, None, None))
@@ -331,8 +334,11 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                     held[o.spec.name] = read(o.source).to(o.spec.dtype)
                 elif o.spec.name not in held:
                     entry = modules[o.module]
-                    qw = QuantizedWeight.from_float(read(o.source), WeightConfig.from_dict(entry["config"]),
-                                                    name=o.module)
+                    w = read(o.source).to(dtype)          # as the model loaded in `dtype` holds it
+                    if o.transpose:
+                        w = w.t().contiguous()              # (O, I)
+                    qw = QuantizedWeight.from_float(w, WeightConfig.from_dict(entry["config"]), name=o.module)
+                    del w
                     for field, t in qw.tensors().items():
                         held[f"{o.module}.{field}"] = t
                 bar.update(o.spec.nbytes)
