@@ -126,6 +126,10 @@ _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), 
 
 
 def cmd_compress(a):
+    if a.stream:
+        return _compress_stream(a)
+    if a.dtype is not None or a.shard_gb != 1.0:
+        raise ValueError("--dtype and --shard-gb apply to --stream only (the loaded model is float32)")
     from . import load_model, quantize, save
     from .metrics.quality import token_windows
     from .metrics.models import read_corpus
@@ -180,6 +184,28 @@ def cmd_compress(a):
     print(f"wrote {path}: {format_bytes(mem['total_bytes'])} held, quantized layers {mem['quantized_bpw']:.3f} bpw, "
           f"whole model {mem['bpw_all']:.3f} bpw")
     _maybe_json(a, {"path": str(path), "memory": mem})
+
+
+def _compress_stream(a):
+    """qins compress --stream: tensor by tensor from the safetensors files, resumable."""
+    from .weights.stream import compress_checkpoint
+    if a.model is None:
+        raise ValueError("--stream reads a local safetensors checkpoint directory: give MODEL")
+    given = [flag for flag, on in (("--target-bpw", a.target_bpw is not None), ("--max-kl", a.max_kl is not None),
+                                   ("--max-ppl-increase", a.max_ppl_increase is not None),
+                                   ("--calibration-text", a.calibration_text is not None),
+                                   ("--calibration-windows", a.calibration_windows is not None),
+                                   ("--candidates", a.candidates is not None), ("--no-embeddings", a.no_embeddings),
+                                   ("--rounding gptq", a.rounding == "gptq"), ("--device", a.device != "cpu")) if on]
+    if given:
+        raise ValueError(f"{', '.join(given)} cannot be combined with --stream: streaming compression is data-free "
+                         f"(nearest rounding, no calibration) and runs on the CPU")
+    path = compress_checkpoint(a.model, a.output, _weight_config(a), skip=a.skip,
+                               include_embeddings=a.include_embeddings, dtype=a.dtype,
+                               shard_bytes=int(a.shard_gb * 2**30))
+    size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    print(f"wrote {path}: {size / 1e9:.3f} GB on disk")
+    _maybe_json(a, {"path": str(path), "bytes_on_disk": size})
 
 
 def _load_any(src, device=None):
@@ -372,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--candidates", nargs="*", default=None, help="BITS:GROUP choices (default 3:64 4:128 4:64 5:64 6:64 8:128)")
     g.add_argument("--no-embeddings", action="store_true", help="keep embeddings / lm_head in float in a mixed plan")
     _add_device(p, "the model, its calibration and the quantization run (the saved files are the same)")
+    g = p.add_argument_group("streaming (bounded memory: one tensor plus one output shard; data-free)")
+    g.add_argument("--stream", action="store_true",
+                   help="read MODEL's safetensors tensor by tensor, never the whole model; resumable: rerun the "
+                        "same command after an interruption")
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the float tensors kept (norms, embeddings) with --stream (default: the checkpoint's)")
+    g.add_argument("--shard-gb", type=float, default=1.0, help="output GiB held in memory and recorded at a time")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="quality + memory vs the uncompressed model")

@@ -1,0 +1,424 @@
+"""Streaming compression: a checkpoint on disk to a qins save, one tensor at a time.
+
+`compress_checkpoint(src_dir, out_dir, config)` never builds the float model. It reads the
+source safetensors tensor by tensor (`safe_open`), quantizes the weights `qins.quantize`
+would quantize (same include/skip rules, decided on a skeleton built on the meta device),
+and writes what `qins.save` writes: the same tensor names, dtypes and bytes in one
+`model.safetensors`, the same config.json and qins.json. Memory: one source tensor plus one
+output shard (`shard_bytes`).
+
+Resumable. Work happens in a fixed temporary directory beside the output,
+
+    .{out.name}.stream-partial/
+        progress.json          {"key": what is being made, "shards": {file: {"sha256", "bytes"}}}
+        shard-00001.safetensors ...   output tensors in state-dict order, cut at shard_bytes
+
+A shard is recorded (atomically) only after its file is complete; a rerun with the same
+source, config and options verifies each recorded shard (size, sha256) and redoes the ones
+that do not match. At the end the shards are concatenated into model.safetensors (the
+safetensors layout: 8-byte little-endian header length, JSON header padded with spaces to a
+multiple of 8, tensors sorted by dtype alignment then name) and the directory replaces
+`out_dir` in one rename.
+
+Data-free rounding only: rounding="gptq" needs every layer's inputs, so sequential GPTQ
+over a streamed model is later work.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from .._files import atomic_write, replace_dir, temp_dir_beside
+from .._version import __version__
+from ..codec.config import FORMAT_VERSION, WeightConfig
+from ..codec.tensor import QuantizedWeight
+from ..metrics.models import fingerprint
+from .linear import is_linear_like
+from .plan import PLAN_NAME, plan_doc
+from .quantize import _embedding_name, _matches, _resolve
+from .swap import modules_from_plan
+
+WEIGHTS_NAME = "model.safetensors"
+PROGRESS_NAME = "progress.json"
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+              torch.uint8: "U8", torch.bool: "BOOL"}
+# safetensors' Dtype enum order; files list tensors by it, descending, then by name
+_ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
+             "F32", "F64", "I64", "U64")
+_COPY_CHUNK = 1 << 24                                  # bytes per read when concatenating
+
+
+# ---------------------------------------------------------------- safetensors, written by stream
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written: name, torch dtype, shape."""
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def st_dtype(self) -> str:
+        return _ST_DTYPES[self.dtype]
+
+
+def safetensors_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """The order safetensors' save_file lays tensors out in: dtype descending, then name."""
+    return sorted(specs, key=lambda s: (-_ST_ORDER.index(s.st_dtype), s.name))
+
+
+def _header(entries: list[tuple[str, str, tuple, int]], metadata: Mapping[str, str] | None) -> bytes:
+    """8-byte length + compact JSON header padded with spaces to a multiple of 8 (as save_file)."""
+    doc: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    off = 0
+    for name, dt, shape, n in entries:
+        doc[name] = {"dtype": dt, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    js = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    js += b" " * (-len(js) % 8)
+    return struct.pack("<Q", len(js)) + js
+
+
+def write_safetensors(path: str | os.PathLike, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor],
+                      metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a safetensors file holding one produced tensor at a time, in safetensors' order.
+
+    `produce(name)` returns the tensor for `specs`' entry `name` (its dtype and shape are
+    checked). The file appears complete (temporary sibling + fsync + rename) or not at all.
+    """
+    path = Path(path)
+    specs = safetensors_order(specs)
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        f.write(_header([(s.name, s.st_dtype, s.shape, s.nbytes) for s in specs], metadata))
+        for s in specs:
+            t = produce(s.name)
+            if t.dtype != s.dtype or tuple(t.shape) != tuple(s.shape):
+                raise ValueError(f"{s.name}: produced {tuple(t.shape)} {t.dtype}, expected {s.shape} {s.dtype}")
+            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict, int]:
+    """(JSON header, byte offset where the data starts) of a safetensors file."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        js = f.read(n)
+    if len(js) != n:
+        raise ValueError(f"{path}: truncated safetensors header")
+    return json.loads(js), 8 + n
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_COPY_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- what the output holds
+
+def _skeleton(src: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(src)
+    if hasattr(config, "quantization_config"):
+        raise ValueError(f"{src} is already quantized ({config.quantization_config.get('quant_method', '?')})"
+                         if isinstance(config.quantization_config, dict) else f"{src} is already quantized")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return config, model
+
+
+def _source_dtype(config) -> torch.dtype:
+    dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dt) if isinstance(dt, str) else dt
+
+
+def plan_modules(model: nn.Module, config: WeightConfig, skip=(), overrides=None,
+                 include_embeddings: bool = False) -> dict:
+    """The plan `qins.quantize` would record for `model` (a skeleton, e.g. on the meta device)."""
+    out_name = _embedding_name(model, "get_output_embeddings")
+    in_name = _embedding_name(model, "get_input_embeddings")
+    tied = (in_name is not None and out_name is not None
+            and model.get_submodule(in_name).weight is model.get_submodule(out_name).weight)
+    plan, targets = {}, []
+    for name, mod in model.named_modules():
+        if any(_matches(name, p) for p in skip):
+            continue
+        if is_linear_like(mod) and (name != out_name or include_embeddings):
+            targets.append((name, mod))
+        elif include_embeddings and name == in_name and isinstance(mod, nn.Embedding):
+            targets.append((name, mod))
+    names = [n for n, _ in targets]
+    targets.sort(key=lambda t: t[0] != in_name)
+    for name, mod in targets:
+        cfg = _resolve(name, config, overrides)
+        if cfg.rounding == "gptq":
+            raise ValueError(f"{name}: streaming compression rounds to nearest only; rounding='gptq' needs "
+                             f"every layer's input statistics (sequential GPTQ over a streamed model is not "
+                             f"implemented): load the model and use qins.quantize with calibration")
+        if isinstance(mod, nn.Embedding):
+            plan[name] = {"kind": "embedding", "config": cfg.to_dict()}
+        elif name == out_name and tied and in_name in names:
+            plan[name] = {"kind": "tied_linear", "tied_to": in_name}
+        else:
+            plan[name] = {"kind": "linear", "config": cfg.to_dict()}
+    return plan
+
+
+@dataclass(frozen=True)
+class _Output:
+    """One tensor of the saved state dict and where it comes from."""
+    spec: TensorSpec
+    source: str            # source checkpoint tensor name
+    module: str | None     # quantized module whose field this is, or None for a float tensor
+    field: str | None      # qweight / scales / offsets / curvature, or None
+    transpose: bool = False  # transformers Conv1D: the source weight is stored (in, out)
+
+
+def _outputs(model: nn.Module, modules: dict, dtype: torch.dtype) -> tuple[list[_Output], dict[str, str]]:
+    """The saved tensors (state-dict order, each storage once) and {dropped: kept} float ties."""
+    conv1d = {n for n, m in model.named_modules() if type(m).__name__ == "Conv1D"}
+    with torch.device("meta"):                         # shapes only: no buffer is allocated
+        modules_from_plan(model, modules)
+    qnames = {n for n, e in modules.items() if e["kind"] != "tied_linear"}
+    outs, tied, seen = [], {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            tied[name] = seen[id(t)]
+            continue
+        seen[id(t)] = name
+        mod, _, field = name.rpartition(".")
+        if mod in qnames and field in ("qweight", "scales", "offsets", "curvature"):
+            outs.append(_Output(TensorSpec(name, t.dtype, tuple(t.shape)), f"{mod}.weight", mod, field,
+                                mod in conv1d))
+        else:
+            out_dtype = dtype if t.is_floating_point() else t.dtype
+            outs.append(_Output(TensorSpec(name, out_dtype, tuple(t.shape)), name, None, None))
+    return outs, tied
+
+
+def _shards(outs: list[_Output], shard_bytes: int) -> list[list[_Output]]:
+    """Consecutive groups of outputs; a quantized module's fields stay in one shard."""
+    groups: list[list[_Output]] = []
+    for o in outs:
+        if groups and o.module is not None and groups[-1][-1].module == o.module:
+            groups[-1].append(o)
+        else:
+            groups.append([o])
+    shards, cur, size = [], [], 0
+    for g in groups:
+        n = sum(o.spec.nbytes for o in g)
+        if cur and size + n > shard_bytes:
+            shards.append(cur)
+            cur, size = [], 0
+        cur += g
+        size += n
+    if cur:
+        shards.append(cur)
+    return shards
+
+
+# ---------------------------------------------------------------- the verb
+
+def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, config: WeightConfig | None = None,
+                        skip: list[str] | tuple[str, ...] | None = None,
+                        overrides: Mapping[str, WeightConfig | dict] | None = None,
+                        include_embeddings: bool = False, dtype: torch.dtype | str | None = None,
+                        shard_bytes: int = 1 << 30, progress: bool = True,
+                        _after_shard: Callable[[int], None] | None = None) -> Path:
+    """Quantize the safetensors checkpoint `src_dir` into a qins save at `out_dir`, streaming.
+
+    The result is what `qins.save(qins.quantize(model, config, skip, overrides,
+    include_embeddings), out_dir)` writes for `model` loaded from `src_dir` in `dtype`
+    (default: the checkpoint's dtype), without the model ever in memory; `qins.load` reads it.
+    skip, overrides, include_embeddings: as `qins.quantize`. shard_bytes: output bytes held in
+    memory (and recorded for resuming) at a time. An interrupted run resumes where the last
+    recorded shard ended when called again with the same arguments.
+    """
+    from safetensors import safe_open
+    from tqdm.auto import tqdm
+
+    config = config or WeightConfig()
+    src, out = Path(src_dir), Path(out_dir)
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (src / WEIGHTS_NAME).is_file():
+        with safe_open(str(src / WEIGHTS_NAME), "pt") as f:
+            weight_map = {k: WEIGHTS_NAME for k in f.keys()}
+    else:
+        raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json "
+                                f"(streaming reads safetensors checkpoints only)")
+    hf_config, model = _skeleton(src)
+    dtype = _source_dtype(hf_config) if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+    modules = plan_modules(model, config, tuple(skip or ()), overrides, include_embeddings)
+    outs, tied = _outputs(model, modules, dtype)
+    missing = sorted({o.source for o in outs} - set(weight_map))
+    if missing:
+        raise ValueError(f"{src}: the checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]} "
+                         f"(its names must match the transformers model's state dict)")
+    shards = _shards(outs, shard_bytes)
+    source = {"path": str(src.resolve()), "sha256": fingerprint(src, progress=progress)}
+    key = hashlib.sha256(json.dumps(
+        {"source": source["sha256"], "modules": modules, "dtype": str(dtype), "qins": __version__,
+         "shards": [[o.spec.name for o in s] for s in shards]}, sort_keys=True).encode()).hexdigest()
+
+    work = out.parent / f".{out.name}.stream-partial"
+    work.mkdir(parents=True, exist_ok=True)
+    prog_file = work / PROGRESS_NAME
+    done: dict = {}
+    if prog_file.is_file():
+        try:
+            prog = json.loads(prog_file.read_text())
+        except json.JSONDecodeError:
+            prog = {}
+        if prog.get("key") == key:
+            done = prog.get("shards", {})
+    for fname, rec in list(done.items()):                   # verify what a previous run finished
+        f = work / fname
+        if not f.is_file() or f.stat().st_size != rec["bytes"] or _sha256(f) != rec["sha256"]:
+            del done[fname]
+    if not done:                                            # stale files of another plan
+        for f in work.glob("shard-*.safetensors"):
+            f.unlink()
+
+    files = {o.source: weight_map[o.source] for o in outs}
+    total = sum(o.spec.nbytes for o in outs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"stream {config.label}", disable=not progress)
+    handles: dict = {}
+
+    def read(name: str) -> torch.Tensor:
+        fname = files[name]
+        if fname not in handles:
+            handles.clear()                                 # one source file open at a time
+            handles[fname] = safe_open(str(src / fname), "pt")
+        return handles[fname].get_tensor(name)
+
+    try:
+        for i, shard in enumerate(shards):
+            fname = f"shard-{i + 1:05d}.safetensors"
+            size = sum(o.spec.nbytes for o in shard)
+            if fname in done:
+                bar.update(size)
+                continue
+            held: dict[str, torch.Tensor] = {}
+            for o in shard:                                 # quantize: one source tensor at a time
+                if o.module is None:
+                    held[o.spec.name] = read(o.source).to(o.spec.dtype)
+                elif o.spec.name not in held:
+                    entry = modules[o.module]
+                    w = read(o.source).to(dtype)          # as the model loaded in `dtype` holds it
+                    if o.transpose:
+                        w = w.t().contiguous()              # (O, I)
+                    qw = QuantizedWeight.from_float(w, WeightConfig.from_dict(entry["config"]), name=o.module)
+                    del w
+                    for field, t in qw.tensors().items():
+                        held[f"{o.module}.{field}"] = t
+                bar.update(o.spec.nbytes)
+            specs = [o.spec for o in shard]
+            write_safetensors(work / fname, specs, held.__getitem__)
+            del held
+            done[fname] = {"bytes": (work / fname).stat().st_size, "sha256": _sha256(work / fname)}
+            atomic_write(prog_file, json.dumps({"key": key, "shards": done}, indent=1, sort_keys=True))
+            if _after_shard is not None:
+                _after_shard(i)
+    finally:
+        handles.clear()
+        bar.close()
+
+    tmp = temp_dir_beside(out)
+    try:
+        _concatenate(work, [f"shard-{i + 1:05d}.safetensors" for i in range(len(shards))], tmp / WEIGHTS_NAME,
+                     {"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
+        _write_configs(src, tmp, hf_config, getattr(model, "generation_config", None), modules, dtype)
+        doc = {"format_version": FORMAT_VERSION, "qins_version": __version__, "modules": modules,
+               "tied": tied, "source": source}
+        atomic_write(tmp / PLAN_NAME, json.dumps(doc, indent=1, sort_keys=True))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mapping[str, str]) -> None:
+    """One safetensors file from the shards, copying bytes in chunks (safetensors' order)."""
+    where = {}
+    for fname in shard_files:
+        head, start = read_header(work / fname)
+        for name, e in head.items():
+            if name != "__metadata__":
+                where[name] = (fname, start + e["data_offsets"][0], e)
+    names = sorted(where, key=lambda n: (-_ST_ORDER.index(where[n][2]["dtype"]), n))
+    entries = [(n, where[n][2]["dtype"], tuple(where[n][2]["shape"]),
+                where[n][2]["data_offsets"][1] - where[n][2]["data_offsets"][0]) for n in names]
+    tmp = dest.with_name(f".{dest.name}.partial")
+    handles = {}
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_header(entries, metadata))
+            for n, _, _, size in entries:
+                fname, off, _ = where[n]
+                if fname not in handles:
+                    handles[fname] = open(work / fname, "rb")
+                src = handles[fname]
+                src.seek(off)
+                while size:
+                    chunk = src.read(min(size, _COPY_CHUNK))
+                    if not chunk:
+                        raise ValueError(f"{work / fname}: truncated while copying {n}")
+                    f.write(chunk)
+                    size -= len(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for h in handles.values():
+            h.close()
+    os.replace(tmp, dest)
+
+
+def _write_configs(src: Path, dest: Path, hf_config, generation_config, modules: dict, dtype: torch.dtype) -> None:
+    """config.json (quantization_config = the plan), generation config and tokenizer files, as qins.save."""
+    from transformers import GenerationConfig
+
+    from .hf import QINSQuantizationConfig, register
+    register()
+    hf_config.quantization_config = QINSQuantizationConfig.from_plan(plan_doc(modules))
+    hf_config.dtype = dtype
+    hf_config.save_pretrained(dest)
+    # as from_pretrained: the checkpoint's generation_config.json, else the model's default
+    gen = GenerationConfig.from_pretrained(src) if (src / "generation_config.json").is_file() else generation_config
+    if gen is not None:
+        gen.save_pretrained(dest)
+    for f in src.iterdir():                               # the tokenizer travels with the weights
+        if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens_map", "vocab", "merges",
+                                                "added_tokens", "chat_template")) or f.suffix == ".model"):
+            shutil.copy2(f, dest / f.name)
