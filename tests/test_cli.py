@@ -564,3 +564,15 @@ def test_source_dtype_of_a_gguf_is_bfloat16_and_of_a_dir_its_config(tmp_path, fl
     assert resolve_dtype("float16", float_dir) == torch.float16
     with pytest.raises(ValueError, match="dtype"):
         resolve_dtype("float64", float_dir)
+
+
+def test_eval_dtype_runs_both_models_in_it(workdir, compressed, float_dir, text_file):
+    # eval computes in float32 by default; --dtype bfloat16 runs both models in bfloat16
+    docs = {}
+    for dtype in ("float32", "bfloat16"):
+        js = workdir / f"eval-{dtype}.json"
+        assert main(["eval", str(compressed[0]), "--reference", str(float_dir), "--text", str(text_file),
+                     "--windows", "1", "--prompts", "0", "--dtype", dtype, "--json", str(js)]) == 0
+        docs[dtype] = json.loads(js.read_text())["rows"][0]
+    assert docs["float32"]["ppl_ref"] != docs["bfloat16"]["ppl_ref"]       # the reference ran in bfloat16
+    assert all(0 < d["kl"] < 1 for d in docs.values())
