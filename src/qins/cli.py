@@ -130,7 +130,7 @@ _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), 
                    ("curvature", "--curvature", "tensor"), ("no_clip_search", "--no-clip-search", False),
                    ("embeddings", "--embeddings", None))
 DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on the corpus's first windows
-DEFAULT_EMBEDDINGS = "8:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
+DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
 
 
 def _embedding_config(a, config):
