@@ -79,10 +79,12 @@ def text_file(workdir):
 
 @pytest.fixture(scope="module")
 def compressed(workdir, float_dir):
-    """(dir, --json doc) of `qins compress` at qins 4-bit g32."""
+    """(dir, --json doc) of `qins compress` at qins 4-bit g32, nearest rounding, float embeddings."""
     out, js = workdir / "q4", workdir / "compress.json"
+    # --rounding nearest --no-embeddings: the defaults before issue 13 (now GPTQ and 8-bit
+    # embeddings, tested in test_compress_defaults_*), kept here as the data-free path
     rc = main(["compress", str(float_dir), "-o", str(out), "--format", "qins", "--bits", "4",
-               "--group-size", "32", "--json", str(js)])
+               "--group-size", "32", "--rounding", "nearest", "--no-embeddings", "--json", str(js)])
     assert rc == 0
     return out, json.loads(js.read_text())
 
@@ -110,8 +112,11 @@ def test_compress_writes_a_loadable_model(compressed, float_dir, capsys, token_i
 
 def test_compress_with_calibration_and_options(workdir, float_dir, text_file, capsys, token_ids):
     out = workdir / "q-calib"
+    # --rounding nearest: activation-weighted error (GPTQ is the default since issue 13);
+    # --embeddings 3:none: the embeddings take --format and the linears' bits and group, as
+    # --include-embeddings gave before
     rc = main(["compress", str(float_dir), "-o", str(out), "--format", "int-asym", "--bits", "3",
-               "--group-size", "none", "--skip", "down_proj", "--include-embeddings",
+               "--group-size", "none", "--skip", "down_proj", "--embeddings", "3:none", "--rounding", "nearest",
                "--calibration-text", str(text_file), "--calibration-windows", "1"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -374,13 +379,14 @@ def test_malformed_config_lists_name_the_flag_and_the_form(tmp_path, float_dir, 
 
 BUDGETS = [["--target-bpw", "5"], ["--max-kl", "0.1"], ["--max-ppl-increase", "5"]]
 IGNORED = [["--bits", "3"], ["--group-size", "32"], ["--rounding", "gptq"], ["--curvature", "channel"],
-           ["--no-clip-search"], ["--include-embeddings"]]
+           ["--no-clip-search"], ["--embeddings", "8:128"]]
 
 
 @pytest.mark.parametrize("i,flag", list(enumerate(IGNORED)), ids=[f[0] for f in IGNORED])
 def test_budget_mode_refuses_the_flags_it_ignores(tmp_path, float_dir, capsys, no_model_load, i, flag):
-    # the allocator picks bits and group size from --candidates, always rounds with GPTQ and
-    # counts the embeddings (--no-embeddings keeps them float): these flags would do nothing
+    # the allocator picks bits and group size from --candidates (embeddings' too), always rounds
+    # with GPTQ and counts the embeddings (--no-embeddings keeps them float): these flags would
+    # do nothing
     budget = BUDGETS[i % len(BUDGETS)]
     assert main(["compress", str(float_dir), "-o", str(tmp_path / "x"), *budget, *flag]) == 2
     assert flag[0] in error_line(capsys, "compress")
@@ -480,3 +486,94 @@ def test_eval_with_a_key_plan_calibrates_on_the_first_windows(workdir, float_dir
     assert row["label"] == "kv-qins-4b-r0-keyplan" and "windows 0..7" in row["key_plan"]["source"]
     # head dim 16: value rows pad 16 codes to 32, so bits/element is not the 4.26 of a 64-dim head
     assert 4.0 < row["bpw"] < 9.0 and 0.0 < row["kl"] < 1.0
+
+
+# -- defaults a user keeps (issue 13) -------------------------------------------------------
+def test_compress_defaults_gptq_and_6bit_embeddings(workdir, float_dir, capsys, token_ids):
+    # no flags: linears qins 4-bit g64 with GPTQ rounding on the default corpus's first 8
+    # windows, embeddings (and the tied lm_head, sharing their codes) qins 6-bit g128 with GPTQ
+    # (on the embedded model: 4.649 bpw all-in, ppl +5.03%; benchmarks/results/compress_defaults.md), float
+    # tensors in the source's dtype (float32 here)
+    out = workdir / "q-defaults"
+    assert main(["compress", str(float_dir), "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "calibration: first 8 windows x 512 tokens of the default corpus" in printed
+    plan = json.loads((out / "qins.json").read_text())["modules"]
+    emb = plan["model.embed_tokens"]
+    assert emb["kind"] == "embedding"
+    assert (emb["config"]["format"], emb["config"]["bits"], emb["config"]["group_size"]) == ("qins", 6, 128)
+    assert plan["lm_head"] == {"kind": "tied_linear", "tied_to": "model.embed_tokens"}
+    up = plan["model.layers.0.mlp.up_proj"]["config"]
+    assert (up["format"], up["bits"], up["group_size"], up["rounding"]) == ("qins", 4, 64, "gptq")
+    # the same as the library with the same names
+    from qins.metrics.models import default_corpus
+    from qins.weights.calibration import input_hessians
+    tok, want = qins.load_model(float_dir)
+    hess = input_hessians(want, token_windows(tok, default_corpus(), 512, max_windows=8), progress=False)
+    qins.quantize(want, qins.WeightConfig("qins", 4, 64, rounding="gptq"), calibration=hess, progress=False,
+                  embeddings=qins.WeightConfig("qins", 6, 128, rounding="gptq"))
+    with torch.inference_mode():
+        assert torch.equal(qins.load(out)(token_ids).logits, want(token_ids).logits)
+
+
+def test_no_embeddings_is_one_flag_in_every_mode(workdir, float_dir, text_file):
+    fixed, plan_dir = workdir / "q-noemb", workdir / "q-noemb-plan"
+    assert main(["compress", str(float_dir), "-o", str(fixed), "--no-embeddings", "--rounding", "nearest"]) == 0
+    assert main(["compress", str(float_dir), "-o", str(plan_dir), "--no-embeddings", "--target-bpw", "9",
+                 "--candidates", "4:32", "8:32", "--calibration-text", str(text_file),
+                 "--calibration-windows", "2"]) == 0
+    for d in (fixed, plan_dir):
+        modules = json.loads((d / "qins.json").read_text())["modules"]
+        assert "model.embed_tokens" not in modules and "lm_head" not in modules, d
+
+
+def test_include_embeddings_is_a_deprecated_no_op(workdir, float_dir, capsys):
+    out = workdir / "q-include"
+    assert main(["compress", str(float_dir), "-o", str(out), "--include-embeddings", "--rounding", "nearest"]) == 0
+    err = capsys.readouterr().err
+    assert "--include-embeddings is deprecated and does nothing" in err and "--no-embeddings" in err
+    assert json.loads((out / "qins.json").read_text())["modules"]["model.embed_tokens"]["config"]["bits"] == 6
+
+
+def test_embeddings_and_no_embeddings_contradict(tmp_path, float_dir, capsys, no_model_load):
+    assert main(["compress", str(float_dir), "-o", str(tmp_path / "x"), "--embeddings", "6:128",
+                 "--no-embeddings"]) == 2
+    assert "contradict" in error_line(capsys, "compress")
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_compress_stores_float_tensors_in_the_dtype(workdir, float_dir, token_ids, dtype):
+    # auto: the source's dtype (this float_dir is float32); never wider than asked
+    from safetensors import safe_open
+    out = workdir / f"q-dtype-{dtype}"
+    assert main(["compress", str(float_dir), "-o", str(out), "--rounding", "nearest", "--dtype", dtype]) == 0
+    want = torch.float32 if dtype == "auto" else torch.bfloat16
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        norm = f.get_tensor("model.norm.weight")
+        scales = f.get_tensor("model.layers.0.mlp.up_proj.scales")
+    assert norm.dtype == want and scales.dtype == torch.float16       # stored formats keep theirs
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(want).replace("torch.", "")
+    # generate --dtype auto runs it in that dtype
+    assert main(["generate", str(out), "hello", "--max-new-tokens", "2"]) == 0
+
+
+def test_source_dtype_of_a_gguf_is_bfloat16_and_of_a_dir_its_config(tmp_path, float_dir):
+    from qins.metrics.models import resolve_dtype, source_dtype
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert source_dtype(tmp_path / "m.gguf") == "bfloat16"
+    assert source_dtype(float_dir) == "float32"
+    assert resolve_dtype("float16", float_dir) == torch.float16
+    with pytest.raises(ValueError, match="dtype"):
+        resolve_dtype("float64", float_dir)
+
+
+def test_eval_dtype_runs_both_models_in_it(workdir, compressed, float_dir, text_file):
+    # eval computes in float32 by default; --dtype bfloat16 runs both models in bfloat16
+    docs = {}
+    for dtype in ("float32", "bfloat16"):
+        js = workdir / f"eval-{dtype}.json"
+        assert main(["eval", str(compressed[0]), "--reference", str(float_dir), "--text", str(text_file),
+                     "--windows", "1", "--prompts", "0", "--dtype", dtype, "--json", str(js)]) == 0
+        docs[dtype] = json.loads(js.read_text())["rows"][0]
+    assert docs["float32"]["ppl_ref"] != docs["bfloat16"]["ppl_ref"]       # the reference ran in bfloat16
+    assert all(0 < d["kl"] < 1 for d in docs.values())

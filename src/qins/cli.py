@@ -62,6 +62,12 @@ def _add_device(p, what="the model runs"):
     p.add_argument("--device", default="cpu", help=f"where {what}: cpu (default), cuda or cuda:N")
 
 
+def _add_dtype(p, default, what):
+    p.add_argument("--dtype", default=default, choices=("auto", "float32", "bfloat16", "float16"),
+                   help=f"{what} (default {default}; auto: the dtype the checkpoint is stored in, "
+                        f"bfloat16 for a .gguf)")
+
+
 def _device(a):
     """The --device as a torch.device; a clear error (before anything loads) where it is absent."""
     from .metrics.models import resolve_device
@@ -120,20 +126,38 @@ def cmd_demo(a):
 
 
 # flags a mixed-precision plan (--target-bpw / --max-kl / --max-ppl-increase) decides itself
-_BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", "nearest"),
+_BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", None),
                    ("curvature", "--curvature", "tensor"), ("no_clip_search", "--no-clip-search", False),
-                   ("include_embeddings", "--include-embeddings", False))
+                   ("embeddings", "--embeddings", None))
+DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on the corpus's first windows
+DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
+
+
+def _embedding_config(a, config):
+    """The WeightConfig of the embeddings / lm_head in a fixed-config compress, or None (float)."""
+    if a.no_embeddings:
+        if a.embeddings is not None:
+            raise ValueError("--embeddings and --no-embeddings contradict each other")
+        return None
+    spec = a.embeddings or DEFAULT_EMBEDDINGS
+    if spec.count(":") == 1:
+        spec = f"{config.format}:{spec}"
+    (cfg,) = _parse_configs([spec], "--embeddings")
+    return cfg.replace(rounding=config.rounding, curvature=config.curvature, clip_search=config.clip_search)
 
 
 def cmd_compress(a):
     if a.stream:
         return _compress_stream(a)
-    if a.dtype is not None or a.shard_gb != 1.0:
-        raise ValueError("--dtype and --shard-gb apply to --stream only (the loaded model is float32)")
+    if a.shard_gb != 1.0:
+        raise ValueError("--shard-gb applies to --stream only")
     from . import load_model, quantize, save
     from .metrics.quality import token_windows
-    from .metrics.models import read_corpus
+    from .metrics.models import read_corpus, resolve_dtype
 
+    if a.include_embeddings:
+        print("qins compress: note: --include-embeddings is deprecated and does nothing: embeddings and "
+              "lm_head are now quantized by default (--no-embeddings keeps them in float)", file=sys.stderr)
     modes = [x for x in (a.target_bpw, a.max_kl, a.max_ppl_increase) if x is not None]
     if len(modes) > 1:
         raise ValueError("give at most one of --target-bpw, --max-kl, --max-ppl-increase")
@@ -144,16 +168,26 @@ def cmd_compress(a):
                              f"--max-kl, --max-ppl-increase): the plan picks bits and groups per tensor from "
                              f"--candidates, with GPTQ rounding, and covers embeddings unless --no-embeddings")
         menu = _parse_menu(a.candidates) if a.candidates else None
-    elif a.candidates is not None or a.no_embeddings:
-        raise ValueError("--candidates and --no-embeddings apply to a mixed-precision plan only "
+    elif a.candidates is not None:
+        raise ValueError("--candidates applies to a mixed-precision plan only "
                          "(--target-bpw, --max-kl or --max-ppl-increase)")
+    a.rounding = a.rounding or DEFAULT_ROUNDING
     config = _weight_config(a)                 # bad options fail before the model loads
+    emb_config = None if modes else _embedding_config(a, config)
     device = _device(a)
     if a.calibration_windows is not None and a.calibration_windows < 1:
         raise ValueError(f"--calibration-windows must be at least 1, got {a.calibration_windows}")
+    if a.model is not None and not Path(a.model).exists():
+        raise FileNotFoundError(f"model not found: {a.model}")
+    try:
+        store_dtype = resolve_dtype(a.dtype, a.model)
+    except ValueError as e:
+        raise ValueError(f"--dtype: {e}") from None
     calibrate = bool(a.calibration_text is not None or a.calibration_windows or modes or config.rounding == "gptq")
     text = read_corpus(a.calibration_text or None) if calibrate else None
-    tok, model = load_model(a.model, device=device)   # calibration and quantization run there
+    # calibration and quantization run in float32 (exact for a bfloat16/float16 source); the
+    # float tensors that stay float are stored in --dtype
+    tok, model = load_model(a.model, dtype="float32", device=device)
     stats = wins = None
     where = "the default corpus" if not a.calibration_text else " ".join(a.calibration_text)
     if calibrate:
@@ -177,12 +211,17 @@ def cmd_compress(a):
             else:
                 from .weights.calibration import input_second_moments
                 stats = input_second_moments(model, wins)
-        quantize(model, config, skip=a.skip, include_embeddings=a.include_embeddings, calibration=stats)
+        quantize(model, config, skip=a.skip, embeddings=emb_config, calibration=stats)
+    model.to(store_dtype)                      # codes, scales and curvatures keep their own dtypes
+    if getattr(model, "config", None) is not None:
+        model.config.dtype = store_dtype       # what `--dtype auto` and from_pretrained(dtype="auto") read
     path = save(model, a.output, tokenizer=tok)
     from .metrics.memory import memory_report, format_bytes
     mem = memory_report(model)
+    emb = ("float" if a.no_embeddings else "per the plan") if modes or emb_config is None else emb_config.label
     print(f"wrote {path}: {format_bytes(mem['total_bytes'])} held, quantized layers {mem['quantized_bpw']:.3f} bpw, "
-          f"whole model {mem['bpw_all']:.3f} bpw")
+          f"whole model {mem['bpw_all']:.3f} bpw (linears {config.label if not modes else 'per the plan'}, "
+          f"embeddings {emb}, float tensors {str(store_dtype).replace('torch.', '')})")
     _maybe_json(a, {"path": str(path), "memory": mem})
 
 
@@ -195,30 +234,45 @@ def _compress_stream(a):
                                    ("--max-ppl-increase", a.max_ppl_increase is not None),
                                    ("--calibration-text", a.calibration_text is not None),
                                    ("--calibration-windows", a.calibration_windows is not None),
-                                   ("--candidates", a.candidates is not None), ("--no-embeddings", a.no_embeddings),
+                                   ("--candidates", a.candidates is not None),
                                    ("--rounding gptq", a.rounding == "gptq"), ("--device", a.device != "cpu")) if on]
     if given:
         raise ValueError(f"{', '.join(given)} cannot be combined with --stream: streaming compression is data-free "
                          f"(nearest rounding, no calibration) and runs on the CPU")
-    path = compress_checkpoint(a.model, a.output, _weight_config(a), skip=a.skip,
-                               include_embeddings=a.include_embeddings, dtype=a.dtype,
+    a.rounding = a.rounding or "nearest"       # streaming is data-free: no calibration, no GPTQ
+    config = _weight_config(a)
+    emb = _embedding_config(a, config)
+    path = compress_checkpoint(a.model, a.output, config, skip=a.skip, embeddings=emb,
+                               dtype=None if a.dtype == "auto" else a.dtype,
                                shard_bytes=int(a.shard_gb * 2**30))
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     print(f"wrote {path}: {size / 1e9:.3f} GB on disk")
     _maybe_json(a, {"path": str(path), "bytes_on_disk": size})
 
 
-def _load_any(src, device=None):
-    """(tok, model) for a saved qins dir or a float model, on `device`."""
+def _dtype(a, source):
+    """The --dtype as a torch dtype for `source` ("auto": the dtype it is stored in)."""
+    from .metrics.models import resolve_dtype
+    try:
+        return resolve_dtype(a.dtype, source)
+    except ValueError as e:
+        raise ValueError(f"--dtype: {e}") from None
+
+
+def _load_any(src, device=None, dtype=None):
+    """(tok, model) for a saved qins dir or a float model, on `device`, its float tensors in
+    `dtype` (a torch dtype; None: float32)."""
+    import torch
     from . import load, load_model
     from .weights.plan import is_saved_model
+    dtype = dtype or torch.float32
     if is_saved_model(src):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained(src)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
-        return tok, load(src, device=device)
-    return load_model(src, device=device)
+        return tok, load(src, device=device, dtype=dtype)
+    return load_model(src, dtype=dtype, device=device)
 
 
 def cmd_eval(a):
@@ -247,8 +301,9 @@ def cmd_eval(a):
         raise ValueError(f"{a.model} is a float model: give --reference (the model to compare it against) or "
                          f"--kv-bits (to measure a compressed KV cache against its own float cache); without "
                          f"either it would be compared with itself")
-    tok, model = _load_any(a.model, device) if a.model is not None else load_model(None, device=device)
-    _, ref_model = load_model(ref_source, device=device)
+    dtype = _dtype(a, a.model)
+    tok, model = _load_any(a.model, device, dtype) if a.model is not None else load_model(None, dtype, device)
+    _, ref_model = load_model(ref_source, dtype=_dtype(a, ref_source), device=device)
     h = Harness(tok, ref_model, _protocol(a), text=text)
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
     if kv is not None:
@@ -325,7 +380,9 @@ def cmd_generate(a):
     import torch
     kv = _kv_config(a)                                  # bad KV flags fail before the model loads
     device = _device(a)
-    tok, model = _load_any(a.model, device)
+    if not Path(a.model).exists():
+        raise FileNotFoundError(f"model not found: {a.model}")
+    tok, model = _load_any(a.model, device, _dtype(a, a.model))
     msgs = [{"role": "user", "content": a.prompt}]
     text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) if tok.chat_template else a.prompt
     ids = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
@@ -383,10 +440,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=None, help="local HF dir or .gguf (default: embedded model)")
     p.add_argument("-o", "--output", required=True)
     _add_weight(p)
-    p.add_argument("--rounding", default="nearest", choices=("nearest", "gptq"),
-                   help="gptq: error-compensating rounding from calibration text (implies calibration)")
+    p.add_argument("--rounding", default=None, choices=("nearest", "gptq"),
+                   help="gptq (default): error-compensating rounding calibrated on the first windows of the "
+                        "corpus (or --calibration-text); nearest: no data")
     p.add_argument("--skip", nargs="*", default=None, help="module name patterns kept in float")
-    p.add_argument("--include-embeddings", action="store_true", help="also quantize embeddings / lm_head")
+    p.add_argument("--embeddings", default=None, metavar="[FORMAT:]BITS:GROUP",
+                   help=f"embeddings / lm_head config (default {DEFAULT_EMBEDDINGS}, format from --format; "
+                        f"a tied lm_head shares the embedding's codes)")
+    p.add_argument("--no-embeddings", action="store_true",
+                   help="keep embeddings / lm_head in float (fixed config and mixed plan alike)")
+    p.add_argument("--include-embeddings", action="store_true",
+                   help="deprecated, does nothing: embeddings are quantized by default")
     p.add_argument("--calibration-text", nargs="*", default=None,
                    help="text file(s) for calibration (no files: the default corpus's first windows)")
     p.add_argument("--calibration-windows", type=int, default=None,
@@ -396,14 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-kl", type=float, default=None, help="fewest bits with KL <= this (nats/token)")
     g.add_argument("--max-ppl-increase", type=float, default=None, help="fewest bits with ppl <= +this percent")
     g.add_argument("--candidates", nargs="*", default=None, help="BITS:GROUP choices (default 3:64 4:128 4:64 5:64 6:64 8:128)")
-    g.add_argument("--no-embeddings", action="store_true", help="keep embeddings / lm_head in float in a mixed plan")
     _add_device(p, "the model, its calibration and the quantization run (the saved files are the same)")
+    _add_dtype(p, "auto", "dtype of the tensors stored in float (norms, biases, float embeddings); "
+                          "calibration and quantization compute in float32")
     g = p.add_argument_group("streaming (bounded memory: one tensor plus one output shard; data-free)")
     g.add_argument("--stream", action="store_true",
                    help="read MODEL's safetensors tensor by tensor, never the whole model; resumable: rerun the "
                         "same command after an interruption")
-    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
-                   help="dtype of the float tensors kept (norms, embeddings) with --stream (default: the checkpoint's)")
     g.add_argument("--shard-gb", type=float, default=1.0, help="output GiB held in memory and recorded at a time")
     p.set_defaults(fn=cmd_compress)
 
@@ -418,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_protocol(p)
     _add_kv(p)
     _add_device(p, "both models run")
+    _add_dtype(p, "float32", "dtype both models compute in, so the comparison measures quantization alone")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("compare", help="QINS vs INT/NF4/FP8 at several bit widths, report + plots")
@@ -473,6 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_kv(p)
     _add_device(p)
+    _add_dtype(p, "auto", "dtype the model's float tensors compute in")
     p.set_defaults(fn=cmd_generate)
 
     for sp in sub.choices.values():

@@ -107,6 +107,28 @@ def test_include_embeddings_untied_head_gets_its_own_codes(make_model, token_ids
     assert not torch.equal(sd["lm_head.qweight"], sd["model.embed_tokens.qweight"])
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_embeddings_get_their_own_config(make_model, tie):
+    # quantize(embeddings=...) quantizes the input embedding and lm_head with that config (the
+    # linears keep `config`); a tied head shares the embedding's codes, an untied one has its own
+    model = make_model("llama", tie=tie)
+    emb_cfg = WeightConfig("int-sym", 8, 64)
+    qins.quantize(model, FAST, embeddings=emb_cfg, progress=False)
+    plan = model._qins_plan["modules"]
+    assert isinstance(model.model.embed_tokens, QINSEmbedding)
+    assert plan["model.embed_tokens"]["config"] == emb_cfg.to_dict()
+    if tie:
+        assert plan[HEAD] == {"kind": "tied_linear", "tied_to": "model.embed_tokens"}
+    else:
+        assert plan[HEAD]["config"] == emb_cfg.to_dict()
+    assert plan["model.layers.0.mlp.up_proj"]["config"] == FAST.to_dict()
+    # an override naming the embedding still wins over `embeddings`
+    model = make_model("llama", tie=tie)
+    qins.quantize(model, FAST, embeddings=emb_cfg, overrides={"embed_tokens": WeightConfig("int-sym", 6, 32)},
+                  progress=False)
+    assert model._qins_plan["modules"]["model.embed_tokens"]["config"]["bits"] == 6
+
+
 def test_skip_patterns_stay_float(make_model):
     model = make_model("llama")
     qins.quantize(model, FAST, skip=["down_proj", "model.layers.0.self_attn.*"], progress=False)

@@ -198,8 +198,14 @@ def test_cli_stream(phi3_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["compress", str(phi3_dir), "-o", str(out), "--stream", "--bits", "4", "--group-size", "64"]) == 0
     assert "GB on disk" in capsys.readouterr().out
-    ref = compress_checkpoint(phi3_dir, tmp_path / "lib", CFG, progress=False)
+    # the CLI's defaults: embeddings and lm_head quantized too (6-bit g128, nearest when streaming)
+    ref = compress_checkpoint(phi3_dir, tmp_path / "lib", CFG, progress=False,
+                              embeddings=CFG.replace(bits=6, group_size=128))
     assert files(out) == files(ref)
+    out2 = tmp_path / "q2"
+    assert main(["compress", str(phi3_dir), "-o", str(out2), "--stream", "--bits", "4", "--group-size", "64",
+                 "--no-embeddings"]) == 0
+    assert files(out2) == files(compress_checkpoint(phi3_dir, tmp_path / "lib2", CFG, progress=False))
     assert main(["compress", str(phi3_dir), "-o", str(out), "--stream", "--rounding", "gptq"]) == 2
     assert "cannot be combined with --stream" in capsys.readouterr().err
 

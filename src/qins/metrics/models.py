@@ -63,20 +63,61 @@ def resolve_device(spec=None):
     return dev
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+GGUF_DTYPE = "bfloat16"     # a .gguf's float tensors are F32 norms beside Q4/Q8 blocks: no one float dtype
+
+
+def source_dtype(source: str | os.PathLike | None = None) -> str:
+    """The float dtype a checkpoint is stored in: "float32", "bfloat16" or "float16".
+
+    A HF directory: its config.json `dtype` (or `torch_dtype`), float32 where it names none.
+    A .gguf file (the embedded default model included): bfloat16. GGUF weights are integer
+    blocks dequantized on load (Q4_1: 4-bit codes with a float16 scale and minimum) beside
+    float32 norms, so there is no single source dtype; bfloat16 keeps float32's range and
+    stores the float tensors that stay (norms, biases) at half the size.
+    """
+    import json
+
+    path = default_model_path() if source is None else Path(source)
+    if path.is_file():
+        return GGUF_DTYPE
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return "float32"
+    doc = json.loads(cfg.read_text())
+    name = str(doc.get("dtype") or doc.get("torch_dtype") or "float32").replace("torch.", "")
+    return name if name in DTYPES[1:] else "float32"
+
+
+def resolve_dtype(spec: str | None, source: str | os.PathLike | None = None):
+    """torch dtype for a --dtype value: "auto" (or None) = `source_dtype(source)`; else the name.
+
+    Raises ValueError for a name other than auto, float32, bfloat16, float16.
+    """
+    import torch
+
+    spec = "auto" if spec is None else str(spec).replace("torch.", "")
+    if spec not in DTYPES:
+        raise ValueError(f"dtype {spec!r}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, source_dtype(source) if spec == "auto" else spec)
+
+
 def load_model(source: str | os.PathLike | None = None, dtype: str = "float32", device=None):
     """(tokenizer, model) in eval mode from a local HF directory, a .gguf file, or the default.
 
     No hub access: `source` must exist on disk (None = the embedded default model).
+    dtype: "float32" (default), "bfloat16", "float16", or "auto" = the checkpoint's own
+    (`source_dtype`).
     device: where the model is put ("cpu" by default; see `resolve_device`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = resolve_device(device)
-    torch_dtype = getattr(torch, dtype)
     path = default_model_path() if source is None else Path(source)
     if not path.exists():
         raise FileNotFoundError(f"model not found: {path} (a local HF directory or .gguf file)")
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, path)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: expected a directory or a .gguf file")

@@ -46,6 +46,7 @@ def quantize(
     calibration: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
     prequantized: Mapping[str, QuantizedWeight] | None = None,
+    embeddings: WeightConfig | None = None,
 ) -> nn.Module:
     """Quantize `model` in place and return it.
 
@@ -62,9 +63,13 @@ def quantize(
                  lm_head's entry; an untied input embedding has none and rounds to nearest.
     prequantized {module name: QuantizedWeight} codes already made from that module's weight
                  (the bit allocator's choice); its config wins over `config` and `overrides`
+    embeddings   the config of the input embedding and lm_head (implies include_embeddings),
+                 e.g. WeightConfig("qins", 8, 128) beside a 4-bit `config`; an `overrides`
+                 pattern that names them still wins. None: they take `config`.
     """
     prequantized = dict(prequantized or {})
     config = config or WeightConfig()
+    include_embeddings = include_embeddings or embeddings is not None
     skip = list(skip or [])
     for pattern in overrides or {}:
         # a pattern that reaches quantizable layers may also cover other leaves ("mlp.*" covers
@@ -101,8 +106,13 @@ def quantize(
                              f"(the model is left unchanged)")
 
     tied = _tied_output(model, in_name, out_name)
+    base = {n: embeddings for n in (in_name, out_name) if n is not None and embeddings is not None}
+
+    def config_of(name: str) -> WeightConfig:
+        return _resolve(name, base.get(name, config), overrides)
+
     for name, mod in targets:
-        cfg = _resolve(name, config, overrides)
+        cfg = config_of(name)
         if name in prequantized or (name == out_name and tied and in_name in [n for n, _ in targets]):
             continue                              # given codes, or the embedding's (tied) codes
         if cfg.rounding == "gptq" and not isinstance(mod, nn.Embedding) and (
@@ -113,7 +123,7 @@ def quantize(
     replacements: list[tuple[str, nn.Module]] = []
     for name, mod in tqdm(targets, desc=f"quantize {config.label}", disable=not progress, leave=False):
         pre = prequantized.get(name)
-        cfg = pre.config if pre is not None else _resolve(name, config, overrides)
+        cfg = pre.config if pre is not None else config_of(name)
         if isinstance(mod, nn.Embedding):
             stat = calibration.get(out_name) if (calibration is not None and tied and out_name) else None
             if stat is None and cfg.rounding == "gptq":

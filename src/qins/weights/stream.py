@@ -161,8 +161,9 @@ def _source_dtype(config) -> torch.dtype:
 
 
 def plan_modules(model: nn.Module, config: WeightConfig, skip=(), overrides=None,
-                 include_embeddings: bool = False) -> dict:
+                 include_embeddings: bool = False, embeddings: WeightConfig | None = None) -> dict:
     """The plan `qins.quantize` would record for `model` (a skeleton, e.g. on the meta device)."""
+    include_embeddings = include_embeddings or embeddings is not None
     out_name = _embedding_name(model, "get_output_embeddings")
     in_name = _embedding_name(model, "get_input_embeddings")
     tied = (in_name is not None and out_name is not None
@@ -177,8 +178,9 @@ def plan_modules(model: nn.Module, config: WeightConfig, skip=(), overrides=None
             targets.append((name, mod))
     names = [n for n, _ in targets]
     targets.sort(key=lambda t: t[0] != in_name)
+    base = {n: embeddings for n in (in_name, out_name) if n is not None and embeddings is not None}
     for name, mod in targets:
-        cfg = _resolve(name, config, overrides)
+        cfg = _resolve(name, base.get(name, config), overrides)
         if cfg.rounding == "gptq":
             raise ValueError(f"{name}: streaming compression rounds to nearest only; rounding='gptq' needs "
                              f"every layer's input statistics (sequential GPTQ over a streamed model is not "
@@ -251,6 +253,7 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                         skip: list[str] | tuple[str, ...] | None = None,
                         overrides: Mapping[str, WeightConfig | dict] | None = None,
                         include_embeddings: bool = False, dtype: torch.dtype | str | None = None,
+                        embeddings: WeightConfig | None = None,
                         shard_bytes: int = 1 << 30, progress: bool = True,
                         _after_shard: Callable[[int], None] | None = None) -> Path:
     """Quantize the safetensors checkpoint `src_dir` into a qins save at `out_dir`, streaming.
@@ -258,7 +261,7 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     The result is what `qins.save(qins.quantize(model, config, skip, overrides,
     include_embeddings), out_dir)` writes for `model` loaded from `src_dir` in `dtype`
     (default: the checkpoint's dtype), without the model ever in memory; `qins.load` reads it.
-    skip, overrides, include_embeddings: as `qins.quantize`. shard_bytes: output bytes held in
+    skip, overrides, include_embeddings, embeddings: as `qins.quantize`. shard_bytes: output bytes held in
     memory (and recorded for resuming) at a time. An interrupted run resumes where the last
     recorded shard ended when called again with the same arguments.
     """
@@ -278,7 +281,7 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                                 f"(streaming reads safetensors checkpoints only)")
     hf_config, model = _skeleton(src)
     dtype = _source_dtype(hf_config) if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
-    modules = plan_modules(model, config, tuple(skip or ()), overrides, include_embeddings)
+    modules = plan_modules(model, config, tuple(skip or ()), overrides, include_embeddings, embeddings)
     outs, tied = _outputs(model, modules, dtype)
     missing = sorted({o.source for o in outs} - set(weight_map))
     if missing:
