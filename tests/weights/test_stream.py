@@ -16,7 +16,6 @@ import qins
 from qins.codec.config import WeightConfig
 from qins.eval.synthetic_checkpoint import phi35_mini_config, write_checkpoint
 from qins.metrics.models import SOURCE_ATTR
-from qins.weights import stream
 from qins.weights.stream import TensorSpec, compress_checkpoint, write_safetensors
 
 CFG = WeightConfig("qins", 4, 64)
