@@ -8,7 +8,6 @@ capture them. The CUDA registration runs Triton; every other device runs the ref
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -19,7 +18,8 @@ from ..codec.packing import planes
 
 from ..codec.qins import qins_table
 from ..codec.tensor import decode
-from .prmt import registers_table, table_registers
+from . import _interpreting
+from .prmt import table_registers
 
 # rows of x up to which the skinny kernels run; above, the weight is decoded once into x's
 # dtype and cuBLAS multiplies. Measured on the H200 at 4096 x 14336 (benchmarks/results/
@@ -48,16 +48,12 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype) -> tuple[str, str]:
         return route, mode
     if route == "unfused":
         return route, "table"
-    if bits == 4 and dtype != torch.float32 and not _interpreting():   # bf16-rounded table
+    # prmt: a bf16-rounded table, and inline PTX, which the interpreter (CPU tests) does not run
+    if bits == 4 and dtype != torch.float32 and not _interpreting():
         return route, "prmt"
     if mode == "auto-qins" and bits == 8:
         return route, "closed"
     return route, "table"
-
-
-def _interpreting() -> bool:
-    """The Triton interpreter (CPU tests) runs no inline PTX, so no prmt mode there."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _registers(table: Tensor) -> Tensor:
@@ -82,13 +78,8 @@ def dequantize(qweight: Tensor, scales: Tensor | None, offsets: Tensor | None, t
 
 
 def _table(table: Tensor, curvature: Tensor | None, bits: int, mode: str) -> Tensor:
-    """The reference's table: mode "closed" passes none (qins: built from the curvature),
-    mode "prmt" may pass its (1, 8) int32 register form (kernels/prmt.py)."""
-    if mode == "closed":
-        return qins_table(bits, curvature)
-    if table.dtype == torch.int32:
-        return registers_table(table)
-    return table
+    """The reference's table: mode "closed" passes none (qins: built from the curvature)."""
+    return qins_table(bits, curvature) if mode == "closed" else table
 
 
 @dequantize.register_fake

@@ -17,9 +17,9 @@ Decode modes (`mode`), chosen per format and width by measurement (benchmarks/gp
     "table"   tl.load(table + code): any format, per-tensor or per-row tables.
     "closed"  qins only: level j = code - (N-1) decodes to j / (N (1 + a) - a |j|), one fast
               division and no memory read (qins.py's closed form, N = 2^(bits-1)).
-    "prmt"    4 bits, one table per tensor: the table lives in 8 registers and byte permutes
-              look codes up 4 at a time (kernels/prmt.py); values are the table's bf16
-              rounding. CUDA only: the interpreter runs no inline PTX.
+    "prmt"    4 bits, one table per tensor, one-plane kernel only: the table lives in 8
+              registers and byte permutes look codes up 4 at a time (kernels/prmt.py); values
+              are the table's bf16 rounding. CUDA only: the interpreter runs no inline PTX.
 """
 from __future__ import annotations
 
@@ -95,40 +95,6 @@ def _prmt_regs(tab_ptr):
 
 
 @triton.jit
-def _prmt_tile(qw_ptr, tab_ptr, rows, row_ok, blocks, blk_ok, W):
-    """(BN, NB, 4, 8) float32 values of 4-bit codes through the register table (for tl.dot)."""
-    j = tl.arange(0, 4)
-    words = tl.load(qw_ptr + rows[:, None, None] * W + blocks[None, :, None] * 4 + j[None, None, :],
-                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)
-    v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
-    # joins add a last axis: innermost picks bit 2 of the code, outermost bit 0
-    t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
-    return tl.reshape(t, (words.shape[0], words.shape[1], 4, 8))
-
-
-@triton.jit
-def _prmt_dot1(qw_ptr, tab_ptr, x_ptr, rows, row_ok, blocks, blk_ok, W, K):
-    """(BN, NB, 4) sums over each word's 8 codes of value * x, for batch 1 (no layout shuffles)."""
-    j = tl.arange(0, 4)
-    words = tl.load(qw_ptr + rows[:, None, None] * W + blocks[None, :, None] * 4 + j[None, None, :],
-                    mask=row_ok[:, None, None] & blk_ok[None, :, None], other=0)
-    r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)
-    v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
-    c = blocks[:, None] * 32 + j[None, :] * 8                                 # (NB, 4) first column
-    ok = blk_ok[:, None]
-    part = v0 * tl.load(x_ptr + c, mask=ok & (c < K), other=0.0).to(tl.float32)[None]
-    part += v1 * tl.load(x_ptr + c + 1, mask=ok & (c + 1 < K), other=0.0).to(tl.float32)[None]
-    part += v2 * tl.load(x_ptr + c + 2, mask=ok & (c + 2 < K), other=0.0).to(tl.float32)[None]
-    part += v3 * tl.load(x_ptr + c + 3, mask=ok & (c + 3 < K), other=0.0).to(tl.float32)[None]
-    part += v4 * tl.load(x_ptr + c + 4, mask=ok & (c + 4 < K), other=0.0).to(tl.float32)[None]
-    part += v5 * tl.load(x_ptr + c + 5, mask=ok & (c + 5 < K), other=0.0).to(tl.float32)[None]
-    part += v6 * tl.load(x_ptr + c + 6, mask=ok & (c + 6 < K), other=0.0).to(tl.float32)[None]
-    part += v7 * tl.load(x_ptr + c + 7, mask=ok & (c + 7 < K), other=0.0).to(tl.float32)[None]
-    return part
-
-
-@triton.jit
 def _group_params(p_ptr, rows, row_ok, blocks, blk_ok, G, GS):
     """(BN, NB) float32 per-group parameter of each 32-code block (the last group takes the rest)."""
     g = tl.minimum(blocks * 32 // GS, G - 1)
@@ -154,8 +120,6 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
     if DOT:
         ms = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
-    elif MODE == 2:
-        acc3 = tl.zeros((BN, NB, 4), dtype=tl.float32)
     else:
         acc4 = tl.zeros((BN, NB, R1, R2), dtype=tl.float32)
     for b0 in range(b_start, b_start + BLK_PER_SPLIT, NB):
@@ -167,48 +131,31 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
                 m = _group_params(m_ptr, rows, row_ok, blocks, blk_ok, G, GS)
         cols = blocks[:, None, None] * 32 + k_in[None, :, :]                  # (NB, R1, R2)
         col_ok = (cols < K) & blk_ok[:, None, None]
-        if MODE == 2 and not DOT:
-            # sum_i value_i x_i per word, then the group's scale: one multiply per 8 codes
-            part = _prmt_dot1(qw_ptr, tab_ptr, x_ptr, rows, row_ok, blocks, blk_ok, W, K)
-            if HAS_SCALE:
-                part = part * s[:, :, None]
-                if HAS_OFFSET:
-                    xs = tl.sum(tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32), axis=2)
-                    part += m[:, :, None] * xs[None]
-            acc3 += part
+        codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1, W0, W1, R1, R2)
+        vals = _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS, MODE, TAB_PER_ROW)
+        if HAS_SCALE:
+            vals = vals * s[:, :, None, None]
+            if HAS_OFFSET:
+                vals = vals + m[:, :, None, None]
+        if DOT:
+            xt = tl.load(x_ptr + ms[:, None, None, None] * stride_xm + cols[None],
+                         mask=(ms[:, None, None, None] < M) & col_ok[None], other=0.0)
+            xt = tl.reshape(xt, (BLOCK_M, NB * 32))
+            wt = tl.reshape(vals, (BN, NB * 32)).to(xt.dtype)             # rounded like the reference
+            if IEEE:
+                acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
+            else:
+                acc += tl.dot(xt, tl.trans(wt))
         else:
-            if MODE == 2:
-                vals = _prmt_tile(qw_ptr, tab_ptr, rows, row_ok, blocks, blk_ok, W)
-            else:
-                codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1, W0, W1, R1, R2)
-                vals = _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS, MODE, TAB_PER_ROW)
-            if HAS_SCALE:
-                vals = vals * s[:, :, None, None]
-                if HAS_OFFSET:
-                    vals = vals + m[:, :, None, None]
-            if DOT:
-                xt = tl.load(x_ptr + ms[:, None, None, None] * stride_xm + cols[None],
-                             mask=(ms[:, None, None, None] < M) & col_ok[None], other=0.0)
-                xt = tl.reshape(xt, (BLOCK_M, NB * 32))
-                wt = tl.reshape(vals, (BN, NB * 32)).to(xt.dtype)             # rounded like the reference
-                if IEEE:
-                    acc += tl.dot(xt, tl.trans(wt), input_precision="ieee")
-                else:
-                    acc += tl.dot(xt, tl.trans(wt))
-            else:
-                xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-                acc4 += vals * xv[None]
+            xv = tl.load(x_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+            acc4 += vals * xv[None]
     if DOT:
         out = acc
         out_rows = ms[:, None]
         ok = (ms[:, None] < M) & row_ok[None, :]
         cols_out = rows[None, :]
     else:
-        if MODE == 2:
-            out = tl.sum(tl.sum(acc3, axis=2), axis=1)[None, :]               # (1, BN)
-        else:
-            out = tl.sum(tl.sum(tl.sum(acc4, axis=3), axis=2), axis=1)[None, :]
-
+        out = tl.sum(tl.sum(tl.sum(acc4, axis=3), axis=2), axis=1)[None, :]   # (1, BN)
         out_rows = tl.zeros((1, 1), dtype=tl.int32)
         ok = row_ok[None, :]
         cols_out = rows[None, :]
@@ -232,11 +179,8 @@ def _dequant_kernel(qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, out_ptr,
     row_ok = rows < N
     blocks = tl.program_id(1) * NB + tl.arange(0, NB)
     blk_ok = blocks < NBLK
-    if MODE == 2:
-        vals = _prmt_tile(qw_ptr, tab_ptr, rows, row_ok, blocks, blk_ok, W)
-    else:
-        codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1, W0, W1, R1, R2)
-        vals = _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS, MODE, TAB_PER_ROW)
+    codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1, W0, W1, R1, R2)
+    vals = _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS, MODE, TAB_PER_ROW)
     if HAS_SCALE:
         vals = vals * _group_params(s_ptr, rows, row_ok, blocks, blk_ok, G, GS)[:, :, None, None]
         if HAS_OFFSET:
@@ -436,6 +380,8 @@ def gemv_config(m: int, n: int, k: int, bits: int, sms: int = 132) -> dict:
 def qgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features,
           mode="table", config: dict | None = None) -> torch.Tensor:
     """(M, K) x (M <= 16) times the decoded (N, K) weight -> (M, N) in x's dtype."""
+    if mode == "prmt":
+        raise ValueError("mode='prmt' runs in the one-plane kernel (qmm_words) only")
     M, K = x2.shape
     N = qweight.shape[0]
     cfg = dict(config or gemv_config(M, N, K, bits))
@@ -468,6 +414,8 @@ def qgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
 def dequantize(qweight, scales, offsets, table, curvature, bits, group_size, in_features,
                dtype: torch.dtype, mode="table", bn: int = 32, nb: int = 8) -> torch.Tensor:
     """(N, K) weight decoded into `dtype` in one pass over the codes."""
+    if mode == "prmt":
+        raise ValueError("mode='prmt' runs in the one-plane kernel (qmm_words) only")
     N = qweight.shape[0]
     out = torch.empty(N, in_features, device=qweight.device, dtype=dtype)
     args = _common(qweight, scales, offsets, table, curvature, bits, group_size, in_features, mode)

@@ -82,19 +82,7 @@ def quantize(
                 raise TypeError(f"override {pattern!r} matches {name} of type {type(mod).__name__}, "
                                 f"which qins cannot quantize (nn.Linear, Conv1D, nn.Embedding)")
     plan: dict = dict(getattr(model, PLAN_ATTR, {}).get("modules", {}))
-    out_name = _embedding_name(model, "get_output_embeddings")
-    in_name = _embedding_name(model, "get_input_embeddings")
-
-    targets: list[tuple[str, nn.Module]] = []
-    for name, mod in model.named_modules():
-        if any(_matches(name, p) for p in skip):
-            continue
-        if is_linear_like(mod) and (name != out_name or include_embeddings):
-            targets.append((name, mod))
-        elif include_embeddings and name == in_name and isinstance(mod, nn.Embedding):
-            targets.append((name, mod))
-    # the input embedding goes first so a tied lm_head can point at it
-    targets.sort(key=lambda t: t[0] != in_name)
+    targets, in_name, out_name = select_targets(model, skip, include_embeddings)
 
     # bad input must lose nothing: check every target before the (slow) fits, and swap the
     # new modules in only once all of them are built, so an error leaves the model as it was
@@ -153,12 +141,31 @@ def _quantizable(mod: nn.Module) -> bool:
     return is_linear_like(mod) or isinstance(mod, (nn.Embedding, QINSLinear, QINSEmbedding))
 
 
+def select_targets(model: nn.Module, skip=(), include_embeddings: bool = False
+                   ) -> tuple[list[tuple[str, nn.Module]], str | None, str | None]:
+    """(targets, input embedding name, output embedding name): the modules `quantize` replaces,
+    the input embedding first so that a tied lm_head can point at it. Works on a meta skeleton."""
+    out_name = _embedding_name(model, "get_output_embeddings")
+    in_name = _embedding_name(model, "get_input_embeddings")
+    targets: list[tuple[str, nn.Module]] = []
+    for name, mod in model.named_modules():
+        if any(_matches(name, p) for p in skip):
+            continue
+        if is_linear_like(mod) and (name != out_name or include_embeddings):
+            targets.append((name, mod))
+        elif include_embeddings and name == in_name and isinstance(mod, nn.Embedding):
+            targets.append((name, mod))
+    targets.sort(key=lambda t: t[0] != in_name)
+    return targets, in_name, out_name
+
+
 def _tied_output(model: nn.Module, in_name: str | None, out_name: str | None) -> bool:
     if in_name is None or out_name is None:
         return False
     a = model.get_submodule(in_name).weight
     b = model.get_submodule(out_name).weight
-    return a is b or a.data_ptr() == b.data_ptr()
+    # meta tensors (a skeleton) all have data_ptr 0: only identity says they are tied
+    return a is b or (not a.is_meta and a.data_ptr() == b.data_ptr())
 
 
 def record_plan(model: nn.Module, plan: dict, allocation: dict | None = None) -> None:

@@ -42,9 +42,8 @@ from .._version import __version__
 from ..codec.config import FORMAT_VERSION, WeightConfig
 from ..codec.tensor import QuantizedWeight
 from ..metrics.models import fingerprint
-from .linear import is_linear_like
 from .plan import PLAN_NAME, plan_doc
-from .quantize import _embedding_name, _matches, _resolve
+from .quantize import _resolve, _tied_output, select_targets
 from .swap import modules_from_plan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -164,20 +163,10 @@ def plan_modules(model: nn.Module, config: WeightConfig, skip=(), overrides=None
                  include_embeddings: bool = False, embeddings: WeightConfig | None = None) -> dict:
     """The plan `qins.quantize` would record for `model` (a skeleton, e.g. on the meta device)."""
     include_embeddings = include_embeddings or embeddings is not None
-    out_name = _embedding_name(model, "get_output_embeddings")
-    in_name = _embedding_name(model, "get_input_embeddings")
-    tied = (in_name is not None and out_name is not None
-            and model.get_submodule(in_name).weight is model.get_submodule(out_name).weight)
-    plan, targets = {}, []
-    for name, mod in model.named_modules():
-        if any(_matches(name, p) for p in skip):
-            continue
-        if is_linear_like(mod) and (name != out_name or include_embeddings):
-            targets.append((name, mod))
-        elif include_embeddings and name == in_name and isinstance(mod, nn.Embedding):
-            targets.append((name, mod))
+    targets, in_name, out_name = select_targets(model, skip, include_embeddings)
+    tied = _tied_output(model, in_name, out_name)
+    plan = {}
     names = [n for n, _ in targets]
-    targets.sort(key=lambda t: t[0] != in_name)
     base = {n: embeddings for n in (in_name, out_name) if n is not None and embeddings is not None}
     for name, mod in targets:
         cfg = _resolve(name, base.get(name, config), overrides)
