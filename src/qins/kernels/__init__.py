@@ -68,22 +68,15 @@ def _use_triton(x: torch.Tensor, qw: QuantizedWeight) -> bool:
     return False
 
 
-def _args(qw: QuantizedWeight):
-    """(qweight, scales, offsets, table, curvature) for the ops. A per-channel curvature passes
-    no table (the kernels decode it in closed form; an (O, 2^bits) table is never built)."""
+def _op_args(qw: QuantizedWeight) -> tuple[tuple, str]:
+    """((qweight, scales, offsets, table, curvature), mode) for the ops. A per-channel curvature
+    passes no table and mode "closed" (an (O, 2^bits) table is never built); otherwise "auto"
+    ("auto-qins": the closed form is allowed), and the op picks per batch and width (ops.choose)."""
     curv = qw.curvature if get_format(qw.config.format).curved else None
-    per_row = curv is not None and curv.numel() > 1
-    tab = curv.reshape(1, -1) if per_row else qw.decode_table()
-    return (qw.qweight, qw.scales, qw.offsets, tab, curv)
-
-
-def _mode(qw: QuantizedWeight) -> str:
-    """"closed" where no table is passed (per-channel curvature), else "auto": the op picks
-    per batch and width (ops.choose, from benchmarks/gpu/qlinear.py)."""
-    curv = qw.curvature
-    if qw.config.format == "qins" and curv is not None and curv.numel() > 1:
-        return "closed"
-    return "auto-qins" if qw.config.format == "qins" else "auto"
+    if curv is not None and curv.numel() > 1:
+        return (qw.qweight, qw.scales, qw.offsets, curv.reshape(1, -1), curv), "closed"
+    mode = "auto-qins" if curv is not None else "auto"
+    return (qw.qweight, qw.scales, qw.offsets, qw.decode_table(), curv), mode
 
 
 def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
@@ -94,11 +87,9 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     if not _use_triton(x, qw):
         return reference.qlinear(x, qw, bias)
     from . import ops
-    if x.is_cuda:
-        return torch.ops.qins.qlinear(x, *_args(qw), bias, qw.config.bits, qw.group_size,
-                                      qw.shape[1], _mode(qw))
-    return ops.triton_linear(x, *_args(qw), bias, qw.config.bits, qw.group_size, qw.shape[1],
-                             _mode(qw))
+    args, mode = _op_args(qw)
+    op = torch.ops.qins.qlinear if x.is_cuda else ops.triton_linear
+    return op(x, *args, bias, qw.config.bits, qw.group_size, qw.shape[1], mode)
 
 
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
@@ -106,8 +97,8 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
     """(O, I) weight, or the selected rows, decoded as table[code] * s (+ m)."""
     if rows is None and qw.qweight.is_cuda and backend() != "reference" and triton_available():
         from . import ops  # noqa: F401  (registers the op)
-        mode = _mode(qw)
-        return torch.ops.qins.dequantize(*_args(qw), qw.config.bits, qw.group_size, qw.shape[1],
+        args, mode = _op_args(qw)
+        return torch.ops.qins.dequantize(*args, qw.config.bits, qw.group_size, qw.shape[1],
                                          "table" if mode.startswith("auto") else mode, dtype)
     return reference.dequantize(qw, dtype, rows)
 
