@@ -61,15 +61,24 @@ CASES = [("qins", b, g, c) for b, g in ((2, 96), (3, 32), (4, 64), (5, 64), (6, 
                                   ("fp8", 8, 32, None), ("qins-seed", 8, None, None)]
 
 
+def _kmajor_args(qw, mode):
+    from qins.kernels import kmajor
+    q, s, m, tab, a = _args(qw, mode)                 # as modules store them (tables stay)
+    return (kmajor(q), s if s is None else kmajor(s), m if m is None else kmajor(m), tab, a)
+
+
 @pytest.mark.parametrize("fmt,bits,group,curv", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_dequantize_kernel_matches_reference(fmt, bits, group, curv, shape):
+@pytest.mark.parametrize("order", ["row", "k"])
+def test_dequantize_kernel_matches_reference(fmt, bits, group, curv, shape, order):
+    """Either storage order of the codes and group parameters (K-major: modules on CUDA)."""
     from qins.kernels import triton_qlinear as tq
     qw = _quantized(fmt, bits, group, curv or "tensor", shape)
     modes = ["table"] + (["closed"] if fmt == "qins" else [])
     ref = qw.dequantize(torch.float32)
+    args = _args if order == "row" else _kmajor_args
     for mode in modes:
-        out = tq.dequantize(*_args(qw, mode), bits, qw.group_size, shape[1], torch.float32, mode=mode)
+        out = tq.dequantize(*args(qw, mode), bits, qw.group_size, shape[1], torch.float32, mode=mode)
         if mode == "table":
             assert torch.equal(out, ref)                           # the same fp32 ops: bit-exact
         else:                                                      # a fast division: ~1 ulp
@@ -78,7 +87,8 @@ def test_dequantize_kernel_matches_reference(fmt, bits, group, curv, shape):
 
 @pytest.mark.parametrize("fmt,bits,group,curv", CASES)
 @pytest.mark.parametrize("m", [1, 3, 16])
-def test_skinny_kernels_match_float64(fmt, bits, group, curv, m):
+@pytest.mark.parametrize("order", ["row", "k"])
+def test_skinny_kernels_match_float64(fmt, bits, group, curv, m, order):
     from qins.kernels import triton_qlinear as tq
     shape = SHAPES[0]
     qw = _quantized(fmt, bits, group, curv or "tensor", shape)
@@ -88,14 +98,17 @@ def test_skinny_kernels_match_float64(fmt, bits, group, curv, m):
     ref = _ref64(qw, x) + b.double()
     one_plane = bits in (2, 4, 8)
     modes = ["closed"] if curv == "channel" else ["table"] + (["closed"] if fmt == "qins" else [])
+    if order == "k" and m != 1:
+        pytest.skip("K-major codes go to the K-major kernel (test_kmajor.py); one batch shows the strides")
+    args = _args if order == "row" else _kmajor_args
     for mode in modes:
         for split in (1, 3):
             if one_plane:
                 cfg = dict(BLOCK_M=1 if m == 1 else 16, BN=16, BKW=16, SPLIT_K=split, num_warps=4)
-                y = tq.qmm_words(x, *_args(qw, mode), b, bits, qw.group_size, shape[1], mode=mode, config=cfg)
+                y = tq.qmm_words(x, *args(qw, mode), b, bits, qw.group_size, shape[1], mode=mode, config=cfg)
             else:
                 cfg = dict(BN=16, NB=2, SPLIT_K=split, num_warps=4)
-                y = tq.qgemv(x, *_args(qw, mode), b, bits, qw.group_size, shape[1], mode=mode, config=cfg)
+                y = tq.qgemv(x, *args(qw, mode), b, bits, qw.group_size, shape[1], mode=mode, config=cfg)
             assert y.shape == (m, shape[0]) and y.dtype == x.dtype
             assert _err(y, ref) < TOL[torch.float32], (mode, split)
 

@@ -28,6 +28,17 @@ DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 
+def is_kmajor(t: torch.Tensor) -> bool:
+    """An (N, W) tensor stored K-major: the transpose of a contiguous (W, N) one."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 1
+
+
+def kmajor(t: torch.Tensor) -> torch.Tensor:
+    """The same (N, W) values stored K-major, the order the CUDA kernels read codes and group
+    scales in (each code row is one coalesced run across the outputs; kernels/triton_kmajor.py)."""
+    return t if is_kmajor(t) else t.t().contiguous().t()
+
+
 def backend() -> str:
     b = os.environ.get("QINS_KERNELS", "auto").strip().lower() or "auto"
     if b not in BACKENDS:
@@ -103,4 +114,4 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
     return reference.dequantize(qw, dtype, rows)
 
 
-__all__ = ["backend", "dequantize", "qlinear", "triton_available", "BACKENDS"]
+__all__ = ["backend", "dequantize", "is_kmajor", "kmajor", "qlinear", "triton_available", "BACKENDS"]

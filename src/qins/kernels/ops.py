@@ -18,28 +18,47 @@ from ..codec.packing import planes
 
 from ..codec.qins import qins_table
 from ..codec.tensor import decode
-from . import _interpreting
+from . import _interpreting, is_kmajor
 from .prmt import table_registers
 
 # rows of x up to which the skinny kernels run; above, the weight is decoded once into x's
-# dtype and cuBLAS multiplies. Measured on the H200 at 4096 x 14336 (benchmarks/results/
-# gpu_qlinear.md, x cuBLAS bf16), batch 16: decode-then-cuBLAS 0.31-0.38x at every width
-# against 0.11-0.26x for the tl.dot kernels; batch 512: 0.61-0.69x against 0.05-0.09x.
+# dtype and cuBLAS multiplies. Measured on the H200, x cuBLAS bf16 (benchmarks/results/
+# gpu_kmajor.md): K-major codes, batch 16, closed form 0.49-0.58x against 0.30-0.41x for
+# decode-then-cuBLAS; a table read feeding tl.dot 0.05-0.10x. Row-major codes (a tensor that
+# is not a module's, or a tied head): batch 1 only (gpu_qlinear.md).
+SKINNY_MAX_BATCH = 16
 GEMV_MAX_BATCH = 1
 
 _REGISTERS: dict[int, tuple] = {}
 
 
-def choose(mode: str, bits: int, m: int, dtype: torch.dtype) -> tuple[str, str]:
+def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = False,
+           per_tensor: bool = True) -> tuple[str, str]:
     """(route, decode mode) for a batch of m rows. `mode`: "auto" (any table), "auto-qins"
-    (the closed form is allowed) or an explicit mode. Picked by measurement on the H200
-    (benchmarks/results/gpu_qlinear.md, batch 1, x cuBLAS bf16):
-        4 bits   register table (prmt) 0.48-0.68, table read 0.39-0.45
-        8 bits   closed form 0.46-0.55, table read 0.29-0.39
-        2 bits   table read 0.49 (one-plane kernel)
-        3, 5, 6  table read 0.37-0.66, closed form 0.28-0.40
-    route: "words" (one plane: 2, 4, 8 bits), "gemv" (two planes), "unfused" (m > 1).
+    (the closed form is allowed) or an explicit mode.
+
+    K-major codes (benchmarks/results/gpu_kmajor.md, H200, x cuBLAS bf16 at batch 1):
+        4 bits, one table: register table (prmt) over (words, outputs) tiles 1.24-1.37
+        qins, any width:   closed form 0.44-0.64 at batch 1, 0.34-0.58 at batch 16
+        other tables:      table read 0.27-0.51 at batch 1; batch > 1 decodes then cuBLAS
+    Row-major codes (gpu_qlinear.md): 4 bits prmt 0.48-0.84, 8 bits closed 0.43-0.55, 2 bits
+    table 0.37-0.49, 3/5/6 bits table 0.33-0.66.
+    route: "kprmt", "kgemv" (K-major), "words" (row-major one plane: 2, 4, 8 bits), "gemv"
+    (row-major two planes), "unfused".
     """
+    prmt_ok = bits == 4 and dtype != torch.float32 and not _interpreting() and per_tensor
+    if kmajor:
+        if not mode.startswith("auto"):
+            if m > SKINNY_MAX_BATCH or mode == "table" and m > 1:
+                return "unfused", mode if mode != "prmt" else "table"
+            return ("kprmt" if mode == "prmt" and m == 1 else "kgemv"), mode
+        if m == 1 and prmt_ok:
+            return "kprmt", "prmt"
+        if m <= SKINNY_MAX_BATCH and (mode == "auto-qins" or not per_tensor):
+            return "kgemv", "closed"
+        if m == 1:
+            return "kgemv", "table"
+        return "unfused", "table"
     if m > GEMV_MAX_BATCH:
         route = "unfused"
     else:
@@ -49,7 +68,7 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype) -> tuple[str, str]:
     if route == "unfused":
         return route, "table"
     # prmt: a bf16-rounded table, and inline PTX, which the interpreter (CPU tests) does not run
-    if bits == 4 and dtype != torch.float32 and not _interpreting():
+    if prmt_ok:
         return route, "prmt"
     if mode == "auto-qins" and bits == 8:
         return route, "closed"
@@ -122,11 +141,19 @@ def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, gro
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
         x2 = x2.contiguous()
-    route, mode = choose(mode, bits, x2.shape[0], x.dtype)
+    route, mode = choose(mode, bits, x2.shape[0], x.dtype, kmajor=is_kmajor(qweight),
+                         per_tensor=table.shape[0] == 1 and (curvature is None or curvature.numel() == 1)
+                         and scales is not None)
     if mode == "prmt":
         table = _registers(table)
     args = (qweight, scales, offsets, table, curvature)
-    if route == "words":
+    if route == "kprmt":
+        from . import triton_kmajor as km
+        y = km.kprmt(x2, qweight, scales, offsets, table, bias, group_size, in_features)
+    elif route == "kgemv":
+        from . import triton_kmajor as km
+        y = km.kgemv(x2, *args, bias, bits, group_size, in_features, mode=mode)
+    elif route == "words":
         y = tq.qmm_words(x2, *args, bias, bits, group_size, in_features, mode=mode)
     elif route == "gemv":
         y = tq.qgemv(x2, *args, bias, bits, group_size, in_features, mode=mode)

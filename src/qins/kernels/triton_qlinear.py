@@ -36,18 +36,20 @@ _PRMT_CONSTRAINTS = tl.constexpr(_prmt.CONSTRAINTS)
 
 
 @triton.jit
-def _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1,
+def _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, sq_r, sq_w, PLANE1,
                 W0: tl.constexpr, W1: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr):
-    """(BN, NB, R1, R2) int32 codes of `rows` x 32-code `blocks`."""
-    base = qw_ptr + rows[:, None, None] * W                                  # (BN, 1, 1)
+    """(BN, NB, R1, R2) int32 codes of `rows` x 32-code `blocks` (word j of row r at
+    r * sq_r + j * sq_w: row-major or K-major storage)."""
+    base = qw_ptr + rows[:, None, None] * sq_r                               # (BN, 1, 1)
     ok = row_ok[:, None, None] & blk_ok[None, :, None]
     j0 = tl.arange(0, W0)
-    words0 = tl.load(base + blocks[None, :, None] * W0 + j0[None, None, :], mask=ok, other=0)
+    words0 = tl.load(base + (blocks[None, :, None] * W0 + j0[None, None, :]) * sq_w, mask=ok, other=0)
     sh0 = tl.arange(0, 32 // W0) * W0
     c0 = (words0[:, :, :, None] >> sh0[None, None, None, :]) & ((1 << W0) - 1)  # (BN, NB, W0, 32/W0)
     if W1 != 0:
         j1 = tl.arange(0, W1)
-        words1 = tl.load(base + PLANE1 + blocks[None, :, None] * W1 + j1[None, None, :], mask=ok, other=0)
+        words1 = tl.load(base + (PLANE1 + blocks[None, :, None] * W1 + j1[None, None, :]) * sq_w,
+                         mask=ok, other=0)
         sh1 = tl.arange(0, 32 // W1) * W1
         c1 = (words1[:, :, :, None] >> sh1[None, None, None, :]) & ((1 << W1) - 1)
         c0 = tl.reshape(c0, (c0.shape[0], c0.shape[1], R1, R2)) | (
@@ -95,16 +97,17 @@ def _prmt_regs(tab_ptr):
 
 
 @triton.jit
-def _group_params(p_ptr, rows, row_ok, blocks, blk_ok, G, GS):
+def _group_params(p_ptr, rows, row_ok, blocks, blk_ok, G, GS, ss_r, ss_g):
     """(BN, NB) float32 per-group parameter of each 32-code block (the last group takes the rest)."""
     g = tl.minimum(blocks * 32 // GS, G - 1)
-    return tl.load(p_ptr + rows[:, None] * G + g[None, :],
+    return tl.load(p_ptr + rows[:, None] * ss_r + g[None, :] * ss_g,
                    mask=row_ok[:, None] & blk_ok[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
                   M, N, K, W, PLANE1, G, GS, NBLK, BLK_PER_SPLIT, stride_xm, stride_ym,
+                  sq_r, sq_w, ss_r, ss_g,
                   W0: tl.constexpr, W1: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
                   TS: tl.constexpr, MODE: tl.constexpr, TAB_PER_ROW: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -126,12 +129,12 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
         blocks = b0 + tl.arange(0, NB)
         blk_ok = blocks < NBLK
         if HAS_SCALE:
-            s = _group_params(s_ptr, rows, row_ok, blocks, blk_ok, G, GS)     # (BN, NB)
+            s = _group_params(s_ptr, rows, row_ok, blocks, blk_ok, G, GS, ss_r, ss_g)  # (BN, NB)
             if HAS_OFFSET:
-                m = _group_params(m_ptr, rows, row_ok, blocks, blk_ok, G, GS)
+                m = _group_params(m_ptr, rows, row_ok, blocks, blk_ok, G, GS, ss_r, ss_g)
         cols = blocks[:, None, None] * 32 + k_in[None, :, :]                  # (NB, R1, R2)
         col_ok = (cols < K) & blk_ok[:, None, None]
-        codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1, W0, W1, R1, R2)
+        codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, sq_r, sq_w, PLANE1, W0, W1, R1, R2)
         vals = _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS, MODE, TAB_PER_ROW)
         if HAS_SCALE:
             vals = vals * s[:, :, None, None]
@@ -170,7 +173,7 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
 
 @triton.jit
 def _dequant_kernel(qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, out_ptr,
-                    N, K, W, PLANE1, G, GS, NBLK,
+                    N, K, W, PLANE1, G, GS, NBLK, sq_r, sq_w, ss_r, ss_g,
                     W0: tl.constexpr, W1: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
                     TS: tl.constexpr, MODE: tl.constexpr, TAB_PER_ROW: tl.constexpr,
                     HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr,
@@ -179,12 +182,12 @@ def _dequant_kernel(qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, out_ptr,
     row_ok = rows < N
     blocks = tl.program_id(1) * NB + tl.arange(0, NB)
     blk_ok = blocks < NBLK
-    codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, W, PLANE1, W0, W1, R1, R2)
+    codes = _load_codes(qw_ptr, rows, row_ok, blocks, blk_ok, sq_r, sq_w, PLANE1, W0, W1, R1, R2)
     vals = _decode(codes, tab_ptr, a_ptr, rows, row_ok, TS, MODE, TAB_PER_ROW)
     if HAS_SCALE:
-        vals = vals * _group_params(s_ptr, rows, row_ok, blocks, blk_ok, G, GS)[:, :, None, None]
+        vals = vals * _group_params(s_ptr, rows, row_ok, blocks, blk_ok, G, GS, ss_r, ss_g)[:, :, None, None]
         if HAS_OFFSET:
-            vals = vals + _group_params(m_ptr, rows, row_ok, blocks, blk_ok, G, GS)[:, :, None, None]
+            vals = vals + _group_params(m_ptr, rows, row_ok, blocks, blk_ok, G, GS, ss_r, ss_g)[:, :, None, None]
     # stored as (BN, NB * 32) rows: one-plane tiles kept as (BN, NB, w, 32 / w) stored 2.1x
     # slower than two-plane ones (benchmarks/results/gpu_qlinear.md, 4 vs 3 bits, unfused)
     vals = tl.reshape(vals, (BN, NB * 32))
@@ -233,7 +236,7 @@ def _dot_word(acc, v, x_ptr, ms, m_ok, stride_xm, cols, ok, IEEE: tl.constexpr):
 @triton.jit
 def _qmm_words_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
                       M, N, K, W, G, GS, WORDS_PER_SPLIT, stride_xm, stride_ym,
-                      W0: tl.constexpr, TS: tl.constexpr, MODE: tl.constexpr,
+                      sq_r, sq_w, ss_r, ss_g, W0: tl.constexpr, TS: tl.constexpr, MODE: tl.constexpr,
                       TAB_PER_ROW: tl.constexpr, HAS_SCALE: tl.constexpr,
                       HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BN: tl.constexpr, BKW: tl.constexpr,
@@ -257,12 +260,13 @@ def _qmm_words_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_p
         wi = w0 + tl.arange(0, BKW)
         w_ok = wi < W
         tile_ok = row_ok[:, None] & w_ok[None, :]
-        words = tl.load(qw_ptr + rows[:, None] * W + wi[None, :], mask=tile_ok, other=0)
+        words = tl.load(qw_ptr + rows[:, None] * sq_r + wi[None, :] * sq_w, mask=tile_ok, other=0)
         if HAS_SCALE:
             g = tl.minimum(wi * PW // GS, G - 1)
-            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+            s = tl.load(s_ptr + rows[:, None] * ss_r + g[None, :] * ss_g, mask=tile_ok, other=0.0).to(tl.float32)
             if HAS_OFFSET:
-                m = tl.load(m_ptr + rows[:, None] * G + g[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+                m = tl.load(m_ptr + rows[:, None] * ss_r + g[None, :] * ss_g, mask=tile_ok,
+                            other=0.0).to(tl.float32)
         col0 = wi * PW
         if BLOCK_M == 1:
             part = tl.zeros((BN, BKW), dtype=tl.float32)
@@ -352,7 +356,11 @@ def _common(qweight, scales, offsets, table, curvature, bits, group_size, in_fea
     per_row = (table.shape[0] > 1) if mode == "table" else (curvature.numel() > 1)
     G = 1 if scales is None else scales.shape[1]
     dummy = qweight                                          # never read: its flag is off
+    if offsets is not None and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must share one storage order")
     return dict(
+        sq_r=qweight.stride(0), sq_w=qweight.stride(1),
+        ss_r=0 if scales is None else scales.stride(0), ss_g=0 if scales is None else scales.stride(1),
         s_ptr=dummy if scales is None else scales,
         m_ptr=dummy if offsets is None else offsets,
         tab_ptr=table, a_ptr=dummy if curvature is None else curvature,
@@ -401,6 +409,7 @@ def qgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
         bias if bias is not None else qweight, y,
         M, N, args.pop("K"), args.pop("W"), args.pop("PLANE1"), args.pop("G"), args.pop("GS"),
         args.pop("NBLK"), per_split, x2.stride(0), y.stride(0),
+        args.pop("sq_r"), args.pop("sq_w"), args.pop("ss_r"), args.pop("ss_g"),
         **args, HAS_BIAS=bias is not None,
         BLOCK_M=16 if dot else 1, BN=bn, NB=nb, SPLIT_K=split, DOT=dot,
         IEEE=x2.dtype == torch.float32, **cfg)
@@ -422,7 +431,8 @@ def dequantize(qweight, scales, offsets, table, curvature, bits, group_size, in_
     grid = (triton.cdiv(N, bn), triton.cdiv(args["NBLK"], nb))
     _dequant_kernel[grid](qweight, args.pop("s_ptr"), args.pop("m_ptr"), args.pop("tab_ptr"),
                           args.pop("a_ptr"), out, N, args.pop("K"), args.pop("W"), args.pop("PLANE1"),
-                          args.pop("G"), args.pop("GS"), args.pop("NBLK"), **args, BN=bn, NB=nb)
+                          args.pop("G"), args.pop("GS"), args.pop("NBLK"), args.pop("sq_r"),
+                          args.pop("sq_w"), args.pop("ss_r"), args.pop("ss_g"), **args, BN=bn, NB=nb)
     return out
 
 
@@ -464,7 +474,7 @@ def qmm_words(x2, qweight, scales, offsets, table, curvature, bias, bits, group_
     _qmm_words_kernel[grid](
         x2, qweight, args["s_ptr"], args["m_ptr"], args["tab_ptr"], args["a_ptr"],
         bias if bias is not None else qweight, y, M, N, K, W, args["G"], group_size, per_split,
-        x2.stride(0), y.stride(0), W0=bits, TS=2 ** bits, MODE=args["MODE"],
+        x2.stride(0), y.stride(0), args["sq_r"], args["sq_w"], args["ss_r"], args["ss_g"], W0=bits, TS=2 ** bits, MODE=args["MODE"],
         TAB_PER_ROW=args["TAB_PER_ROW"], HAS_SCALE=args["HAS_SCALE"], HAS_OFFSET=args["HAS_OFFSET"],
         HAS_BIAS=bias is not None, BLOCK_M=bm, BN=bn, BKW=bkw, SPLIT_K=split,
         IEEE=x2.dtype == torch.float32, **cfg)

@@ -156,6 +156,26 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return kernels.dequantize(self.quantized, dtype)
 
+    def _kmajor_on_cuda(self) -> None:
+        """On CUDA, codes and group parameters are stored K-major (the same values; saving
+        writes them row-major), the order the fused kernels read (kernels/triton_kmajor.py)."""
+        q = self._buffers.get("qweight")
+        if q is None or not q.is_cuda:
+            return
+        for name in ("qweight", "scales", "offsets"):
+            t = self._buffers.get(name)
+            if t is not None and not kernels.is_kmajor(t):
+                self._buffers[name] = kernels.kmajor(t)
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._kmajor_on_cuda()
+        return out
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._kmajor_on_cuda()                       # assign=True straight onto a GPU
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self.tied_to if self.tied_to is not None else self
         return kernels.qlinear(x, self.quantized, self.bias, weight=src._decoded)

@@ -1,0 +1,296 @@
+"""Skinny y = x W^T (+ b) over codes read along K: tiles of (BK codes, BN outputs).
+
+Any width, either storage order of the packed (N, W) codes (codec/packing.py): the kernel
+takes the strides, so a row-major tensor works and a K-major one (the same words, stored as
+the transpose of an (W, N) contiguous tensor, weights/linear.py does this on CUDA) reads
+each code row as one coalesced run of BN words across the threads. Element (k, n) of a tile
+is code k of output n: plane 0 holds bits [0, W0) in word k // (32 / W0) at bit
+(k mod 32 / W0) * W0; plane 1 (two-plane widths) the bits above, from word PLANE1 + ....
+x is indexed by k only, so it broadcasts over the outputs with no layout change.
+
+Each step covers BK codes of one group: the tile's values (table[code] or the QINS closed
+form) meet x, and the group's scale (and offset times sum x) multiply the step's partial
+sum once. BLOCK_M == 1 reduces on the CUDA cores; BLOCK_M == 16 (batch 2..16) feeds one
+tl.dot per step with the decoded tile in x's dtype. Split-K programs add fp32 partials with
+atomics.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..codec.packing import padded_length, planes
+from .triton_qlinear import _prmt_decode, _prmt_regs
+
+
+@triton.jit
+def _codes(qw_ptr, kk, cols, ok, stride_qn, stride_qw, PLANE1,
+           W0: tl.constexpr, W1: tl.constexpr):
+    """(BK, BN) int32 codes k of outputs `cols`."""
+    P0: tl.constexpr = 32 // W0
+    base = qw_ptr + cols[None, :] * stride_qn
+    w = tl.load(base + (kk // P0)[:, None] * stride_qw, mask=ok, other=0)
+    c = (w >> ((kk % P0) * W0)[:, None]) & ((1 << W0) - 1)
+    if W1 != 0:
+        P1: tl.constexpr = 32 // W1
+        w1 = tl.load(base + (PLANE1 + kk // P1)[:, None] * stride_qw, mask=ok, other=0)
+        c = c | (((w1 >> ((kk % P1) * W1)[:, None]) & ((1 << W1) - 1)) << W0)
+    return c
+
+
+@triton.jit
+def _values(c, tab_ptr, a_ptr, cols, col_ok, TS: tl.constexpr, MODE: tl.constexpr,
+            PER_ROW: tl.constexpr):
+    """(BK, BN) float32 normalized values (before the group scale)."""
+    if MODE == 0:                                                   # table[code]
+        if PER_ROW:
+            return tl.load(tab_ptr + cols[None, :] * TS + c)
+        return tl.load(tab_ptr + c)
+    # QINS closed form: j = code - (N - 1), value j / (N (1 + a) - a |j|), N = TS / 2
+    if PER_ROW:
+        a = tl.load(a_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    else:
+        a = tl.load(a_ptr)
+    # code -> float by the exponent trick (2^23 + c as a float's bits, less 2^23): no I2F
+    j = (c | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + (TS // 2 - 1))
+    return tl.fdiv(j, (TS // 2) * (1.0 + a) - a * tl.abs(j))
+
+
+@triton.jit
+def _kgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
+                  M, N, K, PLANE1, G, GS, STEPS, stride_xm, stride_ym,
+                  stride_qn, stride_qw, stride_sn, stride_sg,
+                  W0: tl.constexpr, W1: tl.constexpr, TS: tl.constexpr, MODE: tl.constexpr,
+                  PER_ROW: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_OFFSET: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr,
+                  BN: tl.constexpr, SPLIT_K: tl.constexpr, IEEE: tl.constexpr,
+                  ACC2D: tl.constexpr = False):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    ks = tl.arange(0, BK)
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    if BLOCK_M == 1 and ACC2D:
+        acc2 = tl.zeros((BK, BN), dtype=tl.float32)
+        acc = tl.zeros((BN,), dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.zeros((BN,), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    if BLOCK_M == 1 and ACC2D and not HAS_OFFSET:
+        # no reduction per step: (BK, BN) partial products, reduced once after the loop
+        for step in range(STEPS):
+            k0 = (pid_k * STEPS + step) * BK
+            kk = k0 + ks
+            k_ok = kk < K
+            c = _codes(qw_ptr, kk, cols, k_ok[:, None] & col_ok[None, :], stride_qn, stride_qw,
+                       PLANE1, W0, W1)
+            v = _values(c, tab_ptr, a_ptr, cols, col_ok, TS, MODE, PER_ROW)
+            xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+            prod = xv[:, None] * v
+            if HAS_SCALE:
+                g = tl.minimum(k0 // GS, G - 1)
+                s = tl.load(s_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+                prod = prod * s.to(tl.float32)[None, :]
+            acc2 += prod
+    else:
+        for step in range(STEPS):
+            k0 = (pid_k * STEPS + step) * BK
+            kk = k0 + ks
+            k_ok = kk < K
+            c = _codes(qw_ptr, kk, cols, k_ok[:, None] & col_ok[None, :], stride_qn, stride_qw,
+                       PLANE1, W0, W1)
+            v = _values(c, tab_ptr, a_ptr, cols, col_ok, TS, MODE, PER_ROW)
+            if BLOCK_M == 1:
+                xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
+                part = tl.sum(xv[:, None] * v, axis=0)                        # (BN,)
+                if HAS_OFFSET:
+                    xs = tl.sum(xv, axis=0)
+            else:
+                xt = tl.load(x_ptr + ms[:, None] * stride_xm + kk[None, :],
+                             mask=m_ok[:, None] & k_ok[None, :], other=0.0)    # (BLOCK_M, BK)
+                if IEEE:
+                    part = tl.dot(xt, v.to(xt.dtype), input_precision="ieee")
+                else:
+                    part = tl.dot(xt, v.to(xt.dtype))                         # (BLOCK_M, BN)
+                if HAS_OFFSET:
+                    xs = tl.sum(xt.to(tl.float32), axis=1)[:, None]
+            if HAS_SCALE:
+                g = tl.minimum(k0 // GS, G - 1)
+                s = tl.load(s_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+                if BLOCK_M == 1:
+                    part = part * s.to(tl.float32)
+                else:
+                    part = part * s.to(tl.float32)[None, :]
+                if HAS_OFFSET:
+                    m = tl.load(m_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+                    if BLOCK_M == 1:
+                        part += xs * m.to(tl.float32)
+                    else:
+                        part += xs * m.to(tl.float32)[None, :]
+            acc += part
+    if BLOCK_M == 1 and ACC2D and not HAS_OFFSET:
+        acc += tl.sum(acc2, axis=0)
+    if BLOCK_M == 1:
+        out = acc[None, :]
+        ok = col_ok[None, :]
+        y_ptrs = y_ptr + cols[None, :]
+    else:
+        out = acc
+        ok = m_ok[:, None] & col_ok[None, :]
+        y_ptrs = y_ptr + ms[:, None] * stride_ym + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptrs, out, mask=ok)
+
+
+@triton.jit
+def _kprmt_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, bias_ptr, y_ptr, N, K, G, GS, STEPS,
+                  stride_qn, stride_qw, stride_sn, stride_sg, HAS_OFFSET: tl.constexpr,
+                  HAS_BIAS: tl.constexpr, BKW: tl.constexpr, BN: tl.constexpr,
+                  SPLIT_K: tl.constexpr):
+    """Batch 1, 4-bit codes with one table per tensor: a (BKW words, BN outputs) tile decoded
+    by byte permutes against the table held in 8 registers (kernels/prmt.py), 8 codes per
+    word; code i of word w meets x[8 w + i]."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    wi0 = tl.arange(0, BKW)
+    r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)
+    acc2 = tl.zeros((BKW, BN), dtype=tl.float32)
+    for step in range(STEPS):
+        w0 = (pid_k * STEPS + step) * BKW
+        wi = w0 + wi0
+        k8 = wi * 8
+        w_ok = k8 < K
+        words = tl.load(qw_ptr + wi[:, None] * stride_qw + cols[None, :] * stride_qn,
+                        mask=w_ok[:, None] & col_ok[None, :], other=0)
+        v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
+        x0 = tl.load(x_ptr + k8, mask=w_ok, other=0.0).to(tl.float32)
+        x1 = tl.load(x_ptr + k8 + 1, mask=k8 + 1 < K, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + k8 + 2, mask=k8 + 2 < K, other=0.0).to(tl.float32)
+        x3 = tl.load(x_ptr + k8 + 3, mask=k8 + 3 < K, other=0.0).to(tl.float32)
+        x4 = tl.load(x_ptr + k8 + 4, mask=k8 + 4 < K, other=0.0).to(tl.float32)
+        x5 = tl.load(x_ptr + k8 + 5, mask=k8 + 5 < K, other=0.0).to(tl.float32)
+        x6 = tl.load(x_ptr + k8 + 6, mask=k8 + 6 < K, other=0.0).to(tl.float32)
+        x7 = tl.load(x_ptr + k8 + 7, mask=k8 + 7 < K, other=0.0).to(tl.float32)
+        part = v0 * x0[:, None] + v1 * x1[:, None] + v2 * x2[:, None] + v3 * x3[:, None]
+        part += v4 * x4[:, None] + v5 * x5[:, None] + v6 * x6[:, None] + v7 * x7[:, None]
+        g = tl.minimum(w0 * 8 // GS, G - 1)
+        s = tl.load(s_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+        acc2 += part * s.to(tl.float32)[None, :]
+        if HAS_OFFSET:                                      # + m * (sum of the word's 8 x)
+            m = tl.load(m_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+            xw = x0 + x1 + x2 + x3 + x4 + x5 + x6 + x7
+            acc2 += xw[:, None] * m.to(tl.float32)[None, :]
+    out = tl.sum(acc2, axis=0)[None, :]
+    ok = col_ok[None, :]
+    y_ptrs = y_ptr + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptrs, out, mask=ok)
+
+
+def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
+          config: dict | None = None) -> torch.Tensor:
+    """Batch 1, 4 bits, scaled codes, one table per tensor given as its (1, 8) registers."""
+    if x2.shape[0] != 1 or scales is None or regs.dtype != torch.int32:
+        raise ValueError("kprmt takes one row of x, 4-bit scaled codes and the table's registers")
+    if offsets is not None and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must share one storage order")
+    K = in_features
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    gs = group_size if G > 1 else padded_length(K)
+    cfg = dict(config or dict(BK=64, BN=128, SPLIT_K=kgemv_config(1, N, K, 4, gs)["SPLIT_K"],
+                              num_warps=4))
+    bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
+    cfg.pop("ACC2D", None)
+    if gs % bk or bk % 8:
+        raise ValueError(f"BK={bk} must be a multiple of 8 dividing the group size {gs}")
+    steps_total = triton.cdiv(K, bk)
+    steps = triton.cdiv(steps_total, split)
+    split = triton.cdiv(steps_total, steps)
+    y = (torch.empty(1, N, device=x2.device, dtype=x2.dtype) if split == 1 else
+         torch.zeros(1, N, device=x2.device, dtype=torch.float32))
+    _kprmt_kernel[(triton.cdiv(N, bn), split)](
+        x2, qweight, scales, scales if offsets is None else offsets, regs,
+        bias if bias is not None else qweight, y, N, K, G, gs, steps,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None, BKW=bk // 8, BN=bn, SPLIT_K=split, **cfg)
+    if split == 1:
+        return y
+    if bias is not None:
+        y += bias.float()
+    return y.to(x2.dtype)
+
+
+def kgemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
+    """Tile and split of the K-major kernel; BK divides the group (one scale per step)."""
+    bk = min(64 if m == 1 else 32, group_size)
+    bn = 128 if m == 1 else 64
+    steps_total = triton.cdiv(k, bk)
+    split = 1
+    while triton.cdiv(n, bn) * split < 4 * sms and steps_total // (split * 2) >= 2:
+        split *= 2
+    return dict(BK=bk, BN=bn, SPLIT_K=split, num_warps=4)
+
+
+def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features,
+          mode="table", config: dict | None = None) -> torch.Tensor:
+    """(M, K) x (M <= 16) times the decoded (N, K) weight -> (M, N) in x's dtype. `qweight`
+    may be row-major or K-major (see the module docstring); scales and offsets likewise."""
+    if mode not in ("table", "closed"):
+        raise ValueError(f"the K-major kernel decodes by 'table' or 'closed', not {mode!r}")
+    if mode == "closed" and curvature is None:
+        raise ValueError("mode='closed' needs the qins curvature")
+    M, K = x2.shape
+    if M > 16:
+        raise ValueError(f"the skinny kernel takes at most 16 rows of x, got {M}")
+    N = qweight.shape[0]
+    widths = planes(bits)
+    w0, w1 = widths[0], (widths[1] if len(widths) > 1 else 0)
+    G = 1 if scales is None else scales.shape[1]
+    gs = group_size if scales is not None and G > 1 else padded_length(in_features)
+    cfg = dict(config or kgemv_config(M, N, K, bits, gs))
+    bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
+    if gs % bk:
+        raise ValueError(f"BK={bk} must divide the group size {gs}")
+    steps_total = triton.cdiv(K, bk)
+    steps = triton.cdiv(steps_total, split)
+    split = triton.cdiv(steps_total, steps)
+    per_row = (table.shape[0] > 1) if mode == "table" else (curvature.numel() > 1)
+    if split == 1:
+        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    else:
+        y = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    dummy = qweight
+    sref = scales if scales is not None else None
+    stride_sn, stride_sg = (sref.stride(0), sref.stride(1)) if sref is not None else (0, 0)
+    if offsets is not None and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must share one storage order")
+    grid = (triton.cdiv(N, bn), split)
+    _kgemv_kernel[grid](
+        x2, qweight, dummy if scales is None else scales, dummy if offsets is None else offsets,
+        table, dummy if curvature is None else curvature, bias if bias is not None else dummy, y,
+        M, N, K, padded_length(in_features) * w0 // 32, G, gs, steps, x2.stride(0), y.stride(0),
+        qweight.stride(0), qweight.stride(1), stride_sn, stride_sg,
+        W0=w0, W1=w1, TS=2 ** bits, MODE=0 if mode == "table" else 1, PER_ROW=per_row,
+        HAS_SCALE=scales is not None, HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None,
+        BLOCK_M=1 if M == 1 else 16, BK=bk, BN=bn, SPLIT_K=split,
+        IEEE=x2.dtype == torch.float32, **cfg)
+    if split == 1:
+        return y
+    if bias is not None:
+        y += bias.float()
+    return y.to(x2.dtype)

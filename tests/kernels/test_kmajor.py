@@ -1,0 +1,139 @@
+"""The K-major skinny kernel (kernels/triton_kmajor.py) against a float64 product over the same
+codes, with the codes stored row-major and K-major (the CUDA modules' order).
+
+Tolerances as in test_qlinear.py: fp32 x 1e-5 (fp32 accumulation); fp16/bf16 x 4e-3 (the
+output rounded to half precision, and tl.dot tiles round the decoded weights to x's dtype).
+"""
+import pytest
+import torch
+
+from qins.kernels import kmajor
+from qins.kernels.triton_kmajor import kgemv
+
+from .conftest import CUDA, DEVICE, needs_triton
+from .test_qlinear import CASES, HALF, SHAPES, TOL, _args, _err, _kmajor_args, _quantized, _ref64
+
+pytestmark = needs_triton
+
+
+def _stored(qw, order):
+    if order == "row":
+        return _args
+    return _kmajor_args
+
+
+@pytest.mark.parametrize("fmt,bits,group,curv", CASES)
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("order", ["row", "k"])
+def test_kmajor_kernel_matches_float64(fmt, bits, group, curv, m, order):
+    if order == "row" and m != 1:
+        pytest.skip("row-major codes: batch 1 shows the strides (CI time)")
+    shape = SHAPES[0]
+    qw = _quantized(fmt, bits, group, curv or "tensor", shape)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, shape[1], generator=g).to(DEVICE)
+    b = torch.randn(shape[0], generator=g).to(DEVICE)
+    ref = _ref64(qw, x) + b.double()
+    args = _stored(qw, order)
+    modes = ["closed"] if curv == "channel" else ["table"] + (["closed"] if fmt == "qins" else [])
+    gs = qw.group_size or 32
+    for mode in modes:
+        for split, acc2d in ((1, False), (3, False), (3, True)):
+            cfg = dict(BK=min(32, gs), BN=16, SPLIT_K=split, num_warps=4, ACC2D=acc2d)
+            y = kgemv(x, *args(qw, mode), b, bits, qw.group_size, shape[1], mode=mode, config=cfg)
+            assert y.shape == (m, shape[0]) and y.dtype == x.dtype
+            assert _err(y, ref) < TOL[torch.float32], (mode, split, acc2d)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("bits,group", [(4, 64), (8, 128), (3, 64)])
+@pytest.mark.parametrize("m", [1, 7])
+def test_kmajor_in_half_precision(dtype, bits, group, m):
+    shape = SHAPES[-1]
+    qw = _quantized("qins", bits, group, "tensor", shape)
+    x = torch.randn(m, shape[1]).to(DEVICE, dtype)
+    y = kgemv(x, *_stored(qw, "k")(qw, "table"), None, bits, qw.group_size, shape[1])
+    assert y.dtype == dtype
+    assert _err(y, _ref64(qw, x)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("fmt,bits,group", [("qins", 4, 64), ("qins", 3, 32), ("nf4", 4, 64),
+                                             ("int-asym", 8, 128)])
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_op_routes_kmajor_codes(fmt, bits, group, m):
+    """The op's whole route over K-major codes: skinny kernels up to 16 rows (closed form for
+    qins, a table read at batch 1 otherwise), decode-then-matmul above and for other tables."""
+    from qins.kernels.ops import choose, triton_linear
+    shape = SHAPES[0]
+    qw = _quantized(fmt, bits, group, "tensor", shape)
+    x = torch.randn(m, shape[1]).to(DEVICE)
+    args = _stored(qw, "k")(qw, "table")
+    mode = "auto-qins" if fmt == "qins" else "auto"
+    y = triton_linear(x, *args, None, bits, qw.group_size, shape[1], mode)
+    assert _err(y, _ref64(qw, x)) < TOL[torch.float32]
+    route, _ = choose(mode, bits, m, x.dtype, kmajor=True, per_tensor=True)
+    assert route == ("kgemv" if m == 1 or (m <= 16 and fmt == "qins") else "unfused")
+
+
+def test_choose_routes():
+    from qins.kernels.ops import choose
+    bf = torch.bfloat16
+    assert choose("auto-qins", 8, 1, bf, kmajor=True) == ("kgemv", "closed")
+    assert choose("auto-qins", 4, 16, bf, kmajor=True) == ("kgemv", "closed")
+    assert choose("auto", 4, 16, bf, kmajor=True) == ("unfused", "table")
+    assert choose("auto-qins", 4, 17, bf, kmajor=True) == ("unfused", "table")
+    assert choose("closed", 4, 17, bf, kmajor=True) == ("unfused", "closed")
+    assert choose("auto", 8, 1, bf, kmajor=True) == ("kgemv", "table")
+    assert choose("auto-qins", 4, 1, bf, kmajor=False)[0] == "words"
+    assert choose("auto-qins", 4, 2, bf, kmajor=False)[0] == "unfused"
+
+
+def test_kmajor_refuses_what_it_cannot_run():
+    qw = _quantized("qins", 4, 64)
+    x = torch.randn(17, 171).to(DEVICE)
+    with pytest.raises(ValueError, match="at most 16"):
+        kgemv(x, *_args(qw, "table"), None, 4, 64, 171)
+    with pytest.raises(ValueError, match="prmt"):
+        kgemv(x[:1], *_args(qw, "table"), None, 4, 64, 171, mode="prmt")
+    with pytest.raises(ValueError, match="divide the group"):
+        kgemv(x[:1], *_args(qw, "table"), None, 4, 64, 171, config=dict(BK=128, BN=16, SPLIT_K=1))
+
+
+@pytest.mark.skipif(not CUDA, reason="inline PTX (prmt) runs on a GPU only")
+@pytest.mark.parametrize("order", ["row", "k"])
+@pytest.mark.parametrize("fmt", ["qins", "nf4", "int-asym"])
+def test_kprmt_on_gpu(order, fmt):
+    from qins.kernels.prmt import table_registers
+    from qins.kernels.triton_kmajor import kprmt
+    qw = _quantized(fmt, 4, 64, "tensor", (4096, 4160))
+    x = torch.randn(1, 4160, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(4096, device="cuda")
+    qweight, scales = (qw.qweight, qw.scales) if order == "row" else (kmajor(qw.qweight), kmajor(qw.scales))
+    offsets = None if qw.offsets is None else (qw.offsets if order == "row" else kmajor(qw.offsets))
+    for split in (1, 4):
+        y = kprmt(x, qweight, scales, offsets, table_registers(qw.decode_table()), b, 64, 4160,
+                  config=dict(BK=64, BN=128, SPLIT_K=split, num_warps=4))
+        assert _err(y, _ref64(qw, x) + b.double()) < TOL[torch.bfloat16]
+
+
+@pytest.mark.skipif(not CUDA, reason="modules store K-major codes on CUDA only")
+def test_module_on_cuda_stores_kmajor_and_saves_row_major(tmp_path):
+    from qins.kernels import is_kmajor
+    from qins.weights.linear import QINSLinear
+    from qins.codec.config import WeightConfig
+    lin = torch.nn.Linear(4160, 4096, bias=True)
+    q = QINSLinear.from_float(lin, WeightConfig("qins", 4, 64))
+    ref_state = {k: v.clone() for k, v in q.state_dict().items()}
+    x = torch.randn(1, 4160)
+    y_cpu = q(x)
+    q = q.cuda()
+    assert is_kmajor(q.qweight) and is_kmajor(q.scales)
+    for m in (1, 16, 40):
+        xm = torch.randn(m, 4160)
+        y = q(xm.cuda().bfloat16()).float().cpu()
+        ref = QINSLinear.from_float(lin, WeightConfig("qins", 4, 64))(xm)
+        assert float((y - ref).norm() / ref.norm()) < TOL[torch.bfloat16]
+    torch.testing.assert_close(q(x.cuda()).cpu(), y_cpu, rtol=1e-5, atol=1e-5)
+    back = q.cpu().state_dict()
+    for k, v in ref_state.items():
+        assert torch.equal(back[k], v)
