@@ -150,3 +150,19 @@ def test_two_process_tensor_parallel_matches_one_process(tmp_path):
             # one-process matmul; measured max |diff| 4.2e-7 (llama 4-bit), 3.9e-7 (phi3 8-bit)
             torch.testing.assert_close(out["logits"], refs[i], atol=1e-5, rtol=1e-5, msg=d)
             assert out["bytes"] <= 0.55 * full_bytes[i], (d, rank, out["bytes"], full_bytes[i])
+
+
+def test_world_size_must_divide_the_heads():
+    from qins.weights.hf import shard_for_tp
+
+    class Mesh:                                  # what shard_for_tp reads of transformers' TP mesh
+        def get_local_rank(self):
+            return 0
+
+        def size(self):
+            return 3
+
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**TINY), dtype=torch.float32)
+    model._mesh_manager = type("M", (), {"get_mesh": lambda self, dim: Mesh()})()
+    with pytest.raises(ValueError, match="num_attention_heads = 4 is not divisible by 3"):
+        shard_for_tp(model)
