@@ -11,6 +11,16 @@ import os
 from datetime import timedelta
 
 
+def cached_step(model, ids):
+    """Logits of one decode step after a prefill into a QINSCache that reads every token back
+    from its 4-bit pages (residual 0): the cache's heads follow the rank's attention."""
+    import qins
+
+    cache = qins.QINSCache(model, bits=4, residual=0)
+    first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1]
+    return model(first.argmax(-1, keepdim=True), past_key_values=cache, use_cache=True).logits[:, -1]
+
+
 def run(rank: int, world: int, port: int, model_dirs: list[str], out_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -31,8 +41,10 @@ def run(rank: int, world: int, port: int, model_dirs: list[str], out_dir: str) -
         for i, d in enumerate(model_dirs):
             model = AutoModelForCausalLM.from_pretrained(
                 d, distributed_config=DistributedConfig(tp_plan="auto"), dtype=torch.float32)
+            out = {"bytes": stored_bytes(model)}
             with torch.no_grad():
-                logits = model(ids).logits
-            torch.save({"logits": logits, "bytes": stored_bytes(model)}, os.path.join(out_dir, f"rank{rank}_{i}.pt"))
+                out["logits"] = model(ids).logits
+                out["cached"] = cached_step(model, ids)
+            torch.save(out, os.path.join(out_dir, f"rank{rank}_{i}.pt"))
     finally:
         dist.destroy_process_group()
