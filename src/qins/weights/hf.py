@@ -130,7 +130,7 @@ def shard_for_tp(model: nn.Module) -> list[str]:
         n = getattr(cfg, what, None)
         if n is not None and n % world:
             raise ValueError(f"tensor parallelism over {world} ranks: {what} = {n} is not divisible by {world}")
-    return shard_qins_modules(model, dict(model.tp_plan), rank, world)
+    return shard_qins_modules(model, dict(model.tp_plan), rank, world, group=mesh.get_group(), forward=True)
 
 
 def drop_quantized_ties(model: nn.Module, modules: dict) -> None:

@@ -133,6 +133,52 @@ def shard_module(module: nn.Module, name: str, style: str, rank: int, world: int
     module._kmajor_on_cuda()          # the slices are row-major copies; CUDA kernels read K-major
 
 
+def install_forward(module: QINSLinear, style: str, rank: int, world: int, group=None) -> None:
+    """Run a sharded QINS module with plain torch.distributed collectives (no DTensor):
+
+        colwise, packed_colwise        the local output features, as transformers' local path
+        colwise_gather_output/_rep     all_gather of the local outputs along the last dim
+        rowwise                        input already split; partial product, all_reduce, + bias
+        rowwise_split_input/_rep       this rank's slice of the replicated input first
+
+    It replaces the forward transformers' TP hook installed on the module (DTensor wrapping,
+    redistribute and a Python-side Partial for every call), so a decode step is kernels and
+    collectives only.
+    """
+    import torch.distributed as dist
+
+    from .. import kernels
+
+    if _is_dtensor(module.bias):               # transformers' placeholder: keep the local shard
+        module.bias = nn.Parameter(module.bias.to_local(), requires_grad=False)
+
+    def local(x, bias=True):
+        return kernels.qlinear(x, module.quantized, module.bias if bias else None, weight=module._decoded)
+
+    if style in ("colwise", "packed_colwise"):
+        def forward(x, *args, **kwargs):
+            return local(x)
+    elif style in ("colwise_gather_output", "colwise_rep"):
+        def forward(x, *args, **kwargs):
+            y = local(x).contiguous()
+            parts = [torch.empty_like(y) for _ in range(world)]
+            dist.all_gather(parts, y, group=group)
+            return torch.cat(parts, dim=-1)
+    elif style in ROWWISE:
+        split = style != "rowwise"
+        per = module.weight_shape[1]
+
+        def forward(x, *args, **kwargs):
+            if split:
+                x = x[..., rank * per:(rank + 1) * per].contiguous()
+            y = local(x, bias=False)
+            dist.all_reduce(y, group=group)
+            return y if module.bias is None else y + module.bias
+    else:
+        return
+    module.forward = forward
+
+
 def plan_matches(plan: dict[str, str], name: str) -> str | None:
     """The style of the most specific plan key that names module `name` ("*" = a layer number)."""
     best = None
@@ -143,11 +189,13 @@ def plan_matches(plan: dict[str, str], name: str) -> str | None:
     return None if best is None else best[1]
 
 
-def shard_qins_modules(model: nn.Module, plan: dict[str, str], rank: int, world: int) -> list[str]:
+def shard_qins_modules(model: nn.Module, plan: dict[str, str], rank: int, world: int,
+                       group=None, forward: bool = False) -> list[str]:
     """Cut every QINS module the plan names to this rank's shard; returns their names.
 
     `plan` uses full module names (transformers' `model.tp_plan`, which prefixes the base
-    model's plan). QINS modules the plan does not name stay whole (replicated)."""
+    model's plan). QINS modules the plan does not name stay whole (replicated). `forward`:
+    also install_forward on each, with collectives over `group`."""
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is outside the world size {world}")
     done = []
@@ -158,6 +206,8 @@ def shard_qins_modules(model: nn.Module, plan: dict[str, str], rank: int, world:
         if style is None:
             continue
         shard_module(m, name, style, rank, world)
+        if forward and world > 1 and style not in REPLICATE:
+            install_forward(m, style, rank, world, group)
         done.append(name)
     return done
 
