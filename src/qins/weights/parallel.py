@@ -1,8 +1,9 @@
 """Tensor parallelism for QINS modules: each rank keeps only its shard of the packed codes.
 
 The styles are transformers' tensor-parallel plan names (`config.base_model_tp_plan`, the
-model class's `_tp_plan`); transformers' own forward hooks (distributed/tensor_parallel.py)
-move the activations, qins only cuts the stored tensors:
+model class's `_tp_plan`). transformers shards and hooks the float modules; qins cuts the
+stored tensors of QINS modules (shard_module) and runs them with plain collectives
+(install_forward):
 
     colwise, colwise_rep, colwise_gather_output     output rows [r*O/W, (r+1)*O/W):
         qweight (O, words) -> (O/W, words); scales, offsets (O, G) -> (O/W, G);
