@@ -19,6 +19,25 @@ from .config import KVConfig
 from .layer import QINSLayer, _nbytes
 
 
+def _heads_per_rank(model, heads: int) -> int:
+    """KV heads this rank's attention sees: all of them, unless transformers' tensor
+    parallelism shards k_proj with a local output (Llama's "colwise"; Phi-3's qkv_proj is
+    "colwise_gather_output", so its ranks see every head)."""
+    tp = getattr(model, "_tp_size", None) or 1
+    plan = getattr(model, "tp_plan", None) if tp > 1 else None
+    if not plan:
+        return heads
+    from ..weights.parallel import plan_matches
+
+    names = [n for n, _ in model.named_modules() if n.endswith(("self_attn.k_proj", "self_attn.qkv_proj"))]
+    style = plan_matches(plan, names[0]) if names else None
+    if style not in ("colwise", "packed_colwise"):
+        return heads
+    if heads % tp:
+        raise ValueError(f"tensor parallelism over {tp} ranks: {heads} KV heads do not divide")
+    return heads // tp
+
+
 class QINSCache(Cache):
     """A transformers Cache that stores full-attention K/V as bit-packed QINS pages.
 
@@ -52,6 +71,10 @@ class QINSCache(Cache):
         self.config = cfg
         model_config = getattr(model, "config", model)
         n_layers, heads, head_dim = _compat.kv_shape(model_config)
+        heads = _heads_per_rank(model, heads)
+        if key_plan is not None and heads != _compat.kv_shape(model_config)[1]:
+            raise ValueError("a key plan is per KV head of the whole model; it is not supported with the "
+                             "heads split by tensor parallelism")
         types, kwargs = _compat.layer_types(model_config)
         for i, _, _ in cfg.layer_bits:
             if i >= n_layers:

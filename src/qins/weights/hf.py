@@ -32,6 +32,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._compat import check_transformers
 from ..codec.config import FORMAT_VERSION
+from .parallel import shard_qins_modules
+from .placement import check_device_map, check_placement
 from .plan import PLAN_ATTR, QUANT_METHOD, check_modules, check_version
 from .swap import modules_from_plan
 
@@ -86,9 +88,13 @@ class QINSHfQuantizer(HfQuantizer):
     requires_calibration = True          # pre-quantized checkpoints only
     quantization_config: QINSQuantizationConfig
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         modules = self.quantization_config.modules
         modules_from_plan(model, modules)
+        for name in modules:                 # transformers' TP hooks run our forward on local shards
+            model.get_submodule(name)._hf_quantized_needs_local_tp = True
+        if isinstance(device_map, dict):
+            check_device_map(model, device_map)
         drop_quantized_ties(model, modules)
         _skip_init_of_parents(model, modules)
         _check_checkpoint(checkpoint_files)
@@ -96,6 +102,10 @@ class QINSHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         _check_all_loaded(model, self.quantization_config.modules)
+        if (getattr(model, "_tp_size", None) or 1) > 1:
+            shard_for_tp(model)
+        else:
+            check_placement(model)
         setattr(model, PLAN_ATTR, self.quantization_config.to_dict())   # so qins.save works too
         return model
 
@@ -108,6 +118,19 @@ class QINSHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def shard_for_tp(model: nn.Module) -> list[str]:
+    """After transformers loaded the full codes on each rank of a `tp_plan` model: keep this
+    rank's shard of every QINS module its plan names (weights/parallel.py)."""
+    mesh = model._mesh_manager.get_mesh("tp")
+    rank, world = mesh.get_local_rank(), mesh.size()
+    cfg = model.config.get_text_config()
+    for what in ("num_attention_heads", "num_key_value_heads"):
+        n = getattr(cfg, what, None)
+        if n is not None and n % world:
+            raise ValueError(f"tensor parallelism over {world} ranks: {what} = {n} is not divisible by {world}")
+    return shard_qins_modules(model, dict(model.tp_plan), rank, world, group=mesh.get_group(), forward=True)
 
 
 def drop_quantized_ties(model: nn.Module, modules: dict) -> None:

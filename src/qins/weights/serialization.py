@@ -31,6 +31,7 @@ from .._version import __version__
 from .._files import atomic_write, replace_dir, temp_dir_beside
 from ..codec.config import FORMAT_VERSION
 from ..metrics.models import SOURCE_ATTR, fingerprint, model_source, resolve_device
+from .placement import dispatch
 from .plan import PLAN_ATTR, PLAN_NAME, read_plan
 from .quantize import record_plan
 from .skeleton import check_materialised, params_on_meta
@@ -118,8 +119,13 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> nn.Module:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+         device_map=None, max_memory: dict | None = None) -> nn.Module:
     """Load a directory written by `qins.save` (no pickle; version-checked) onto `device`.
+
+    `device_map` ("auto", "balanced", ... or {module prefix: device}) places the layers across
+    devices with accelerate instead (weights/placement.py); a map that splits a QINS module
+    is refused, naming the module. `device` is then ignored.
 
     The model is built with its parameters on the meta device (`skeleton.params_on_meta`) and
     filled from the file by `load_state_dict(assign=True)`: no float weight of a quantized
@@ -177,6 +183,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: tor
         model.tie_weights()
     check_materialised(model, str(wfile))
     setattr(model, SOURCE_ATTR, doc.get("source"))    # a re-save keeps the original source
-    model.to(device)
+    if device_map is not None:
+        dispatch(model, device_map, max_memory)
+    else:
+        model.to(device)
     model.eval()
     return model
