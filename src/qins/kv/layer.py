@@ -194,6 +194,12 @@ class QINSLayer(CacheLayerMixin):
         self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
         self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
         self.is_initialized = True
+        from .attention import use_kernels
+        self.kernels = use_kernels(self, self.device)                # the dispatch: Triton or the reference
+        if self.kernels:
+            from ..kernels.triton_kv import padded_mids
+            self._mids = (padded_mids(self.k_codec.mids, self.k_codec.bits),
+                          padded_mids(self.v_codec.mids, self.v_codec.bits))
 
     # -- append --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -269,6 +275,11 @@ class QINSLayer(CacheLayerMixin):
                 self.keys, self.values = self.keys.clone(), self.values.clone()
             return
         k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.kernels:                                              # quantize-on-append, one launch
+            self._seal_kernel(k, v)
+            self.keys = self.keys[:, :, n:].clone()
+            self.values = self.values[:, :, n:].clone()
+            return
         if not self.n_quantized:
             k = self._key_stats_view(k)
         if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
@@ -283,6 +294,24 @@ class QINSLayer(CacheLayerMixin):
         self._write(self.n_quantized, self._pack_keys(kc), ks, kz, pack_rows(vc, self.v_codec.bits), vs, vz)
         self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
         self.values = self.values[:, :, n:].clone()
+
+    def _seal_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Seal whole groups k, v (B, H, n, D) with the Triton quantize-on-append kernel: codes,
+        scales and zero points written straight into their pages (kernels/triton_kv.py)."""
+        from ..kernels.triton_kv import kv_append
+        t0, n, t = self.n_quantized, k.shape[2], self.table
+        sink = 0
+        if not t0:
+            sink = max(min(self.sink_k.shape[2], n - 1), 0)
+            if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
+                self.k_offset = key_offset(self._key_stats_view(k))
+        t.ensure(self.pool, t0 + n, self._max_cols())
+        for col in range(t0 // self.page_tokens, -(-(t0 + n) // self.page_tokens)):
+            t.own(self.pool, col)
+        kv_append(k, v, self.k_offset, t.ids, t0, tuple(getattr(self.pool, p) for p in PagePool.PLANES),
+                  *self._mids, self.k_codec.bits, self.v_codec.bits, self.group, self.k_codec.signed_scale,
+                  self.v_codec.signed_scale, sink)
+        t.n_tokens = t0 + n
 
     def _write(self, t0: int, kw, ks, kz, vw, vs, vz) -> None:
         """Write tokens [t0, t0 + n) of every row into their pages: kw/vw (B, H, n, W) int32,
