@@ -174,3 +174,173 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, k_offset: torch.Tensor | None, t
                             G=group, D=D, KB=k_bits, VB=v_bits, K_ZERO=kz is not None, K_SIGNED=k_signed,
                             HAS_OFF=k_offset is not None, V_ZERO=vz is not None, V_SIGNED=v_signed,
                             num_warps=4)
+
+
+@triton.jit
+def _unpack(words, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, D * BITS / 32) int32 words -> (ROWS, D) int32 codes (channel d = word d / N, lane d % N)."""
+    N: tl.constexpr = 32 // BITS
+    sh = tl.arange(0, N) * BITS
+    c = (words[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(c, (ROWS, D))
+
+
+@triton.jit
+def _online(s, m_i, l_i, acc):
+    """One online-softmax step in base 2: (p, new m, l, rescaled acc) for scores s (BH, BT)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    corr = tl.math.exp2(m_i - m_safe)
+    return p, m_new, l_i * corr + tl.sum(p, 1), acc * corr[:, None]
+
+
+@triton.jit
+def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
+                      table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr,
+                      H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, qk_scale,
+                      k_alpha, k_beta, v_alpha, v_beta,
+                      G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                      K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
+                      BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_bh = tl.program_id(0)                    # (row, KV head)
+    pid_s = tl.program_id(1)                     # split; the last one reads the float segment
+    b = pid_bh // H
+    h = pid_bh % H
+    i = tl.arange(0, BLOCK_H)
+    h_ok = i < QH
+    d = tl.arange(0, D)
+    tt = tl.arange(0, BLOCK_T)
+    qrow = (b * H * QH + h * QH + i)             # query heads h*QH .. h*QH + QH - 1 of row b
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+    q = q * qk_scale                             # softmax scale and log2(e): exp2 below
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, D), tl.float32)
+    if pid_s < NSPLIT:
+        WK: tl.constexpr = D * KB // 32
+        WV: tl.constexpr = D * VB // 32
+        GP = P // G
+        start = pid_s * TPS
+        end = tl.minimum(start + TPS, Q)
+        for t0 in range(start, end, BLOCK_T):
+            page = tl.load(table_ptr + b * COLS + t0 // P).to(tl.int64)
+            slot = t0 % P
+            base = page * H + h
+            t = t0 + tt
+            ok = (t < end) & (t >= SKIP)         # sink tokens are read from their fp copies
+            # keys: q . (m + r (alpha c + beta)) = [q . m + beta (q r) . 1] + alpha (q r) . c
+            r = tl.load(ks_ptr + (base * GP + slot // G) * D + d).to(tl.float32)
+            qr = q * r[None, :]
+            bias = k_beta * tl.sum(qr, 1)
+            if K_BASE == 1:                      # zero point per (group, channel)
+                bias += tl.sum(q * tl.load(kz_ptr + (base * GP + slot // G) * D + d).to(tl.float32)[None, :], 1)
+            if K_BASE == 2:                      # fixed offset per channel (keys without zero points)
+                bias += tl.sum(q * tl.load(koff_ptr + pid_bh * D + d).to(tl.float32)[None, :], 1)
+            kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * WK + tl.arange(0, WK)[None, :],
+                         mask=ok[:, None], other=0)
+            kcode = _unpack(kw, BLOCK_T, D, KB)
+            if K_AFFINE:
+                kf = kcode.to(tl.float16)
+            else:
+                kf = tl.load(klut_ptr + kcode).to(tl.float16)
+            s = tl.dot(qr.to(tl.float16), tl.trans(kf)) * k_alpha + bias[:, None]   # (BLOCK_H, BLOCK_T)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            # values: sum_t p_t (m_t + s_t (alpha c + beta)) ; the per-token scale folds into p
+            vsc = tl.load(vs_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
+            pv = p * vsc[None, :]
+            vw = tl.load(vc_ptr + (base * P + slot + tt)[:, None] * WV + tl.arange(0, WV)[None, :],
+                         mask=ok[:, None], other=0)
+            vcode = _unpack(vw, BLOCK_T, D, VB)
+            if V_AFFINE:
+                acc += tl.dot(pv.to(tl.float16), vcode.to(tl.float16)) * v_alpha + (v_beta * tl.sum(pv, 1))[:, None]
+            else:
+                acc += tl.dot(pv.to(tl.float16), tl.load(vlut_ptr + vcode).to(tl.float16))
+            if V_ZERO:
+                vm = tl.load(vz_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
+                acc += tl.sum(p * vm[None, :], 1)[:, None]
+    else:
+        for f0 in range(0, F, BLOCK_T):          # the float segment: sink copies, staging, residual
+            f = f0 + tt
+            fok = f < F
+            rows = (pid_bh * F + f)[:, None] * D + d[None, :]
+            k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.where(fok[None, :], s, float("-inf"))
+            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            v = tl.load(fv_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+            acc += tl.dot(p, v, input_precision="ieee")
+    S1 = NSPLIT + 1
+    out = (qrow * S1 + pid_s)
+    tl.store(o_ptr + out[:, None] * D + d[None, :], acc, mask=h_ok[:, None])
+    tl.store(ml_ptr + out * 2, m_i, mask=h_ok)
+    tl.store(ml_ptr + out * 2 + 1, l_i, mask=h_ok)
+
+
+@triton.jit
+def _kv_combine_kernel(o_ptr, ml_ptr, out_ptr, S1, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits of one query head."""
+    row = tl.program_id(0)
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < S1
+    d = tl.arange(0, D)
+    m = tl.load(ml_ptr + (row * S1 + sp) * 2, mask=ok, other=float("-inf"))
+    l_ = tl.load(ml_ptr + (row * S1 + sp) * 2 + 1, mask=ok, other=0.0)
+    mx = tl.max(m, 0)
+    w = tl.where(ok & (m > float("-inf")), tl.math.exp2(m - mx), 0.0)
+    o = tl.load(o_ptr + (row * S1 + sp)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    num = tl.sum(o * w[:, None], 0)
+    den = tl.sum(l_ * w, 0)
+    tl.store(out_ptr + row * D + d, (num / den).to(out_ptr.dtype.element_ty))
+
+
+def splits_for(B: int, H: int, Q: int, block_t: int, device) -> int:
+    """Splits of the page tokens: about two programs per SM over B * H (row, head) pairs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
+    return max(1, min(-(-2 * sms // (B * H)), -(-Q // block_t)))
+
+
+def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_tokens: int, skip: int,
+                        k_base: torch.Tensor | None, k_lut: torch.Tensor, v_lut: torch.Tensor,
+                        k_affine: tuple[float, float] | None, v_affine: tuple[float, float] | None,
+                        k_bits: int, v_bits: int, group: int,
+                        fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None) -> torch.Tensor:
+    """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
+
+    K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
+    the pool's k_codes, k_scale, k_zero, v_codes, v_scale, v_zero; None where absent), those
+    below `skip` left out (their fp copies lead the float segment), then the float segment
+    fk, fv (B, H, F, D). k_base (B, H, 1, D): the fixed key offset of keys without zero points.
+    k_lut / v_lut: the codecs' decode tables (level = lut[code]); k_affine / v_affine: (alpha,
+    beta) when every level is alpha * code + beta (kv.codec.affine_levels), so codes meet the
+    tensor cores as they are, else None (a table lookup per code)."""
+    B, Hq, D = q.shape
+    kc, ks, kz, vc, vs, vz = planes
+    H = kc.shape[1]
+    if Hq % H or D < 32 or D & (D - 1) or k_bits not in (2, 4, 8) or v_bits not in (2, 4, 8):
+        raise ValueError(f"kv_decode_attention takes Hq a multiple of H, a power-of-two D >= 32 and 2/4/8 bits; "
+                         f"got Hq={Hq}, H={H}, D={D}, k{k_bits}v{v_bits}")
+    QH = Hq // H
+    P = kc.shape[2]
+    block_t = min(64, group)
+    if splits is None:
+        splits = splits_for(B, H, n_tokens, block_t, q.device)
+    tps = -(-(-(-n_tokens // splits)) // block_t) * block_t if n_tokens else block_t
+    ka, va = k_affine, v_affine
+    S1 = splits + 1
+    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
+    fk, fv = fk.contiguous(), fv.contiguous()
+    q = q.contiguous()
+    k_mode = 1 if kz is not None else 2 if k_base is not None else 0
+    _kv_decode_kernel[(B * H, S1)](
+        q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
+        vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml,
+        H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits, scale * 1.4426950408889634,
+        ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
+        G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
+        V_AFFINE=va is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)), BLOCK_T=block_t, num_warps=4)
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
+    return out

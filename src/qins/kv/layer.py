@@ -193,13 +193,15 @@ class QINSLayer(CacheLayerMixin):
         self.v_codec = _on(self.v_codec, self.device)
         self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
         self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
+        self._mids = None
         self.is_initialized = True
+
+    @property
+    def kernels(self) -> bool:
+        """The dispatch (read on every call, as QINS_KERNELS is): True when the Triton kernels
+        append to and read this layer's pages (kv/attention.py), False for the reference."""
         from .attention import use_kernels
-        self.kernels = use_kernels(self, self.device)                # the dispatch: Triton or the reference
-        if self.kernels:
-            from ..kernels.triton_kv import padded_mids
-            self._mids = (padded_mids(self.k_codec.mids, self.k_codec.bits),
-                          padded_mids(self.v_codec.mids, self.v_codec.bits))
+        return self.is_initialized and use_kernels(self, self.device)
 
     # -- append --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -298,7 +300,10 @@ class QINSLayer(CacheLayerMixin):
     def _seal_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Seal whole groups k, v (B, H, n, D) with the Triton quantize-on-append kernel: codes,
         scales and zero points written straight into their pages (kernels/triton_kv.py)."""
-        from ..kernels.triton_kv import kv_append
+        from ..kernels.triton_kv import kv_append, padded_mids
+        if self._mids is None:
+            self._mids = (padded_mids(self.k_codec.mids, self.k_codec.bits),
+                          padded_mids(self.v_codec.mids, self.v_codec.bits))
         t0, n, t = self.n_quantized, k.shape[2], self.table
         sink = 0
         if not t0:
