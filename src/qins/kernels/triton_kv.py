@@ -197,12 +197,12 @@ def _online(s, m_i, l_i, acc):
 
 @triton.jit
 def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
-                      table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr,
-                      H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, qk_scale,
+                      table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr,
+                      H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
                       k_alpha, k_beta, v_alpha, v_beta,
                       G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                       K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
-                      BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+                      HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_bh = tl.program_id(0)                    # (row, KV head)
     pid_s = tl.program_id(1)                     # split; the last one reads the float segment
     b = pid_bh // H
@@ -229,6 +229,8 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             base = page * H + h
             t = t0 + tt
             ok = (t < end) & (t >= SKIP)         # sink tokens are read from their fp copies
+            if HAS_MASK:                         # key padding mask (B, T): position t
+                ok = ok & (tl.load(mask_ptr + b * MT + t, mask=ok, other=0) != 0)
             # keys: q . (m + r (alpha c + beta)) = [q . m + beta (q r) . 1] + alpha (q r) . c
             r = tl.load(ks_ptr + (base * GP + slot // G) * D + d).to(tl.float32)
             qr = q * r[None, :]
@@ -264,6 +266,9 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
         for f0 in range(0, F, BLOCK_T):          # the float segment: sink copies, staging, residual
             f = f0 + tt
             fok = f < F
+            if HAS_MASK:                         # sink copies are positions 0 .. SKIP-1, then Q ..
+                pos = tl.where(f < SKIP, f, Q + f - SKIP)
+                fok = fok & (tl.load(mask_ptr + b * MT + pos, mask=fok, other=0) != 0)
             rows = (pid_bh * F + f)[:, None] * D + d[None, :]
             k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
@@ -305,7 +310,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         k_base: torch.Tensor | None, k_lut: torch.Tensor, v_lut: torch.Tensor,
                         k_affine: tuple[float, float] | None, v_affine: tuple[float, float] | None,
                         k_bits: int, v_bits: int, group: int,
-                        fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None) -> torch.Tensor:
+                        fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
+                        mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -314,7 +320,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     fk, fv (B, H, F, D). k_base (B, H, 1, D): the fixed key offset of keys without zero points.
     k_lut / v_lut: the codecs' decode tables (level = lut[code]); k_affine / v_affine: (alpha,
     beta) when every level is alpha * code + beta (kv.codec.affine_levels), so codes meet the
-    tensor cores as they are, else None (a table lookup per code)."""
+    tensor cores as they are, else None (a table lookup per code). mask (B, T) bool or None:
+    which positions (pages then float tokens, T = n_tokens + F - skip) a row attends to."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -333,14 +340,20 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
     fk, fv = fk.contiguous(), fv.contiguous()
     q = q.contiguous()
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, n_tokens + fk.shape[2] - skip):
+            raise ValueError(f"mask must be (B, T) bool with T = {n_tokens + fk.shape[2] - skip}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.contiguous().view(torch.uint8)
     k_mode = 1 if kz is not None else 2 if k_base is not None else 0
     _kv_decode_kernel[(B * H, S1)](
         q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
-        vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml,
-        H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits, scale * 1.4426950408889634,
+        vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml, mask if mask is not None else table,
+        H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits,
+        mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
         ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
-        V_AFFINE=va is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)), BLOCK_T=block_t, num_warps=4)
+        V_AFFINE=va is not None, HAS_MASK=mask is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)), BLOCK_T=block_t, num_warps=4)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
     return out

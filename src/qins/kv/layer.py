@@ -116,6 +116,7 @@ class QINSLayer(CacheLayerMixin):
         self.k_offset = None
         self.page_tokens = None
         self.last_path = None            # "reference" or "triton": how the last attention read this layer
+        self.paged = False               # the model's attention reads PagedKV handles (QINSCache sets it)
 
     def __repr__(self):
         plan = "" if self.k_widths is None else f", key plan {self.k_widths.float().mean():.2f} bits"
@@ -205,7 +206,15 @@ class QINSLayer(CacheLayerMixin):
 
     # -- append --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the tokens; return the history as (B, H, T, D) float K/V (the reference), or,
+        for a decode step when the model's attention reads pages (`paged`, set by QINSCache on
+        CUDA) and the kernels run this layer, a PagedKV handle for it (kv/attention.py)."""
         self.append(key_states, value_states)
+        if self.paged and key_states.shape[2] == 1 and self.kernels:
+            from .attention import PagedKV
+            h = PagedKV(self)
+            return h, h
+        self.last_path = "reference"
         return self._read()
 
     def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
