@@ -43,8 +43,7 @@ def _bucket(y, mids_ptr, BITS: tl.constexpr):
     search over mids padded to 2^BITS entries with +inf."""
     pos = tl.zeros(y.shape, dtype=tl.int32)
     for k in tl.static_range(BITS):
-        step: tl.constexpr = 1 << (BITS - 1 - k)
-        cand = pos + step
+        cand = pos + (1 << (BITS - 1 - k))
         mid = tl.load(mids_ptr + cand - 1)
         pos = tl.where(mid < y, cand, pos)
     return pos
@@ -53,9 +52,8 @@ def _bucket(y, mids_ptr, BITS: tl.constexpr):
 @triton.jit
 def _pack(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """(ROWS, D) int32 codes -> (ROWS, D * BITS / 32) int32 words (code i of a word in bits i*BITS)."""
-    N: tl.constexpr = 32 // BITS
-    sh = tl.arange(0, N) * BITS
-    c = tl.reshape(codes, (ROWS, D // N, N)) << sh[None, None, :]
+    sh = tl.arange(0, 32 // BITS) * BITS
+    c = tl.reshape(codes, (ROWS, D * BITS // 32, 32 // BITS)) << sh[None, None, :]
     return tl.reduce(c, 2, _or)
 
 
@@ -123,13 +121,11 @@ def _kv_append_kernel(k_ptr, v_ptr, off_ptr, table_ptr, kc_ptr, ks_ptr, kz_ptr, 
     tok = T0 + j * G
     page = tl.load(table_ptr + b * COLS + tok // P).to(tl.int64)
     slot = tok % P
-    WK: tl.constexpr = D * KB // 32
-    WV: tl.constexpr = D * VB // 32
     kw = _pack(kcode, G, D, KB)
     vw = _pack(vcode, G, D, VB)
     base = page * H + h                          # (page, head)
-    tl.store(kc_ptr + (base * P + slot + t)[:, None] * WK + tl.arange(0, WK)[None, :], kw)
-    tl.store(vc_ptr + (base * P + slot + t)[:, None] * WV + tl.arange(0, WV)[None, :], vw)
+    tl.store(kc_ptr + (base * P + slot + t)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :], kw)
+    tl.store(vc_ptr + (base * P + slot + t)[:, None] * (D * VB // 32) + tl.arange(0, D * VB // 32)[None, :], vw)
     GP = P // G
     tl.store(ks_ptr + (base * GP + slot // G) * D + d, r16)
     if K_ZERO:
@@ -179,8 +175,7 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, k_offset: torch.Tensor | None, t
 @triton.jit
 def _unpack(words, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
     """(ROWS, D * BITS / 32) int32 words -> (ROWS, D) int32 codes (channel d = word d / N, lane d % N)."""
-    N: tl.constexpr = 32 // BITS
-    sh = tl.arange(0, N) * BITS
+    sh = tl.arange(0, 32 // BITS) * BITS
     c = (words[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(c, (ROWS, D))
 
@@ -218,8 +213,6 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
     l_i = tl.zeros((BLOCK_H,), tl.float32)
     acc = tl.zeros((BLOCK_H, D), tl.float32)
     if pid_s < NSPLIT:
-        WK: tl.constexpr = D * KB // 32
-        WV: tl.constexpr = D * VB // 32
         GP = P // G
         start = pid_s * TPS
         end = tl.minimum(start + TPS, Q)
@@ -239,7 +232,7 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
                 bias += tl.sum(q * tl.load(kz_ptr + (base * GP + slot // G) * D + d).to(tl.float32)[None, :], 1)
             if K_BASE == 2:                      # fixed offset per channel (keys without zero points)
                 bias += tl.sum(q * tl.load(koff_ptr + pid_bh * D + d).to(tl.float32)[None, :], 1)
-            kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * WK + tl.arange(0, WK)[None, :],
+            kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :],
                          mask=ok[:, None], other=0)
             kcode = _unpack(kw, BLOCK_T, D, KB)
             if K_AFFINE:
@@ -252,7 +245,7 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             # values: sum_t p_t (m_t + s_t (alpha c + beta)) ; the per-token scale folds into p
             vsc = tl.load(vs_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
             pv = p * vsc[None, :]
-            vw = tl.load(vc_ptr + (base * P + slot + tt)[:, None] * WV + tl.arange(0, WV)[None, :],
+            vw = tl.load(vc_ptr + (base * P + slot + tt)[:, None] * (D * VB // 32) + tl.arange(0, D * VB // 32)[None, :],
                          mask=ok[:, None], other=0)
             vcode = _unpack(vw, BLOCK_T, D, VB)
             if V_AFFINE:
@@ -311,7 +304,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         k_affine: tuple[float, float] | None, v_affine: tuple[float, float] | None,
                         k_bits: int, v_bits: int, group: int,
                         fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
-                        mask: torch.Tensor | None = None) -> torch.Tensor:
+                        mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int = 4,
+                        num_stages: int | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -321,7 +315,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     k_lut / v_lut: the codecs' decode tables (level = lut[code]); k_affine / v_affine: (alpha,
     beta) when every level is alpha * code + beta (kv.codec.affine_levels), so codes meet the
     tensor cores as they are, else None (a table lookup per code). mask (B, T) bool or None:
-    which positions (pages then float tokens, T = n_tokens + F - skip) a row attends to."""
+    which positions (pages then float tokens, T = n_tokens + F - skip) a row attends to.
+    splits, block_t (tokens per tile, dividing the group), num_warps, num_stages: launch
+    parameters (defaults: about two programs per SM, min(64, group), 4, Triton's)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -330,7 +326,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                          f"got Hq={Hq}, H={H}, D={D}, k{k_bits}v{v_bits}")
     QH = Hq // H
     P = kc.shape[2]
-    block_t = min(64, group)
+    block_t = block_t or min(64, group)
+    if group % block_t:
+        raise ValueError(f"block_t ({block_t}) must divide the key group ({group})")
     if splits is None:
         splits = splits_for(B, H, n_tokens, block_t, q.device)
     tps = -(-(-(-n_tokens // splits)) // block_t) * block_t if n_tokens else block_t
@@ -353,7 +351,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
         ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
-        V_AFFINE=va is not None, HAS_MASK=mask is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)), BLOCK_T=block_t, num_warps=4)
+        V_AFFINE=va is not None, HAS_MASK=mask is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
+        BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
     return out
