@@ -17,7 +17,9 @@ Timing: CUDA-graph replays of R back-to-back calls, each call reading the next o
 copies of the cache so that it comes from HBM, not L2; median over replays / R. Baselines in
 the same process: SDPA with the flash backend and enable_gqa=True, and the same with the 4
 query heads of a KV head folded into 4 query rows (one K/V read, no GQA flag); the speedup is
-against the faster of the two. Bytes: what each call must read (codes + scales + zero points
+against the faster of the two. Launch variants (tile, warps, stages, the fp16 trick) are
+timed and the fastest reported (all in the JSON); `qins_4bit_vcurv0` (uniform values, no
+table lookup) shows what the default value curvature costs. Bytes: what each call must read (codes + scales + zero points
 + float segment; bf16 K and V for SDPA), GB/s against a device copy measured in the run.
 
 Every variant runs in try/except: a failure is recorded in the JSON and the table, the others
@@ -56,8 +58,8 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def codecs(bits: int):
-    cfg = KVConfig(k_bits=bits)
+def codecs(bits: int, v_curvature: float | None = None):
+    cfg = KVConfig(k_bits=bits, v_curvature=v_curvature)
     G = cfg.group_for(bits)
     kc = Codec.build("qins", bits, cfg.curvature_for(bits, "k"), cfg.zero_for(bits, "k"))
     vc = Codec.build("qins", bits, cfg.curvature_for(bits, "v"), cfg.zero_for(bits, "v"))
@@ -67,10 +69,10 @@ def codecs(bits: int):
 class Paged:
     """One sequence batch's pages (pool planes, shuffled block table) + float segment."""
 
-    def __init__(self, K, V, bits):
+    def __init__(self, K, V, bits, v_curvature=None):
         B, H, T, _ = K.shape
         self.bits = bits
-        self.G, kcod, vcod = codecs(bits)
+        self.G, kcod, vcod = codecs(bits, v_curvature)
         on = lambda c: replace(c, lut=c.lut.to(DEV), mids=c.mids.to(DEV))
         self.kcod, self.vcod = on(kcod), on(vcod)
         G = self.G
@@ -268,13 +270,16 @@ def run_case(B, T, bits_list, rows, args, checked):
         rows.append(row)
         log(row)
         torch.cuda.empty_cache()
-    for bits in bits_list:
-        row = dict(base, variant=f"qins_{bits}bit", bits=bits)
+    variants = [(f"qins_{b}bit", b, None) for b in bits_list]
+    if 4 in bits_list and not args.quick:                             # what the value table lookup costs
+        variants.append(("qins_4bit_vcurv0", 4, 0.0))
+    for name, bits, vcurv in variants:
+        row = dict(base, variant=name, bits=bits)
         try:
-            pg = Paged(K, V, bits)
+            pg = Paged(K, V, bits, vcurv)
             row.update(bytes=pg.nbytes(), page_tokens=pg.P, group=pg.G, paged_tokens=pg.Q, float_tokens=pg.fk.shape[2])
-            if (bits, B) not in checked:                              # correctness at the first context
-                checked.add((bits, B))
+            if (name, B) not in checked:                              # correctness at the first context
+                checked.add((name, B))
                 row["append_equal"] = append_agreement(K, V, pg)
                 Kr, Vr = pg.decode_reference()
                 ref = reference_out(q, Kr, Vr)
@@ -286,7 +291,8 @@ def run_case(B, T, bits_list, rows, args, checked):
                     raise AssertionError(f"kernel error {row['err_vs_reference']:.3g} > {BOUND}")
             n = max(1, -(-L2_ROTATE // pg.nbytes()))
             copies = [pg] + [pg.copy() for _ in range(n - 1)]
-            launches = [dict()] + ([] if args.quick else [dict(block_t=32), dict(num_warps=8)])
+            launches = [dict()] + ([] if args.quick else [dict(block_t=32), dict(num_warps=8), dict(magic=False),
+                                                          dict(num_stages=3)])
             timings = {}
             for lc in launches:
                 key = ",".join(f"{k}={v}" for k, v in lc.items()) or "default"

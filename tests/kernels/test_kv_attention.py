@@ -5,7 +5,7 @@ CPU (CI): Triton's interpreter, fp32 and fp16 queries, odd batch and GQA ratios,
 that end inside a page and a group, sink tokens, an open group after a crop, several splits.
 Tolerance: max |out - ref| <= 2e-3 * max |ref| (fp32 queries) and 4e-3 (fp16): the kernel
 multiplies codes against (q * key scale) and (p * value scale) rounded to fp16 on the tensor
-cores, relative 2^-11 per product (measured under the interpreter: 2.8e-5 to 4.1e-4)."""
+cores, relative 2^-11 per product (measured under the interpreter: 2.9e-5 to 4.2e-4)."""
 import pytest
 import torch
 

@@ -181,6 +181,14 @@ def _unpack(words, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _as_f16_plus_1024(codes):
+    """int32 codes < 1024 -> fp16 1024 + code with one OR and a bitcast (0x6400 is 1024.0 in fp16;
+    the code fills the mantissa): no int->float conversion, which runs at a quarter of the ALU
+    rate. Callers subtract 1024 x (the other operand's sum)."""
+    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
 def _online(s, m_i, l_i, acc):
     """One online-softmax step in base 2: (p, new m, l, rescaled acc) for scores s (BH, BT)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -197,7 +205,7 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
                       k_alpha, k_beta, v_alpha, v_beta,
                       G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                       K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
-                      HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+                      HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_bh = tl.program_id(0)                    # (row, KV head)
     pid_s = tl.program_id(1)                     # split; the last one reads the float segment
     b = pid_bh // H
@@ -235,11 +243,14 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :],
                          mask=ok[:, None], other=0)
             kcode = _unpack(kw, BLOCK_T, D, KB)
-            if K_AFFINE:
-                kf = kcode.to(tl.float16)
+            qr16 = qr.to(tl.float16)
+            if K_AFFINE and MAGIC:               # (q r) . (1024 + c) - 1024 sum(q r) = (q r) . c
+                s = (tl.dot(qr16, tl.trans(_as_f16_plus_1024(kcode)))
+                     - 1024.0 * tl.sum(qr16.to(tl.float32), 1)[:, None]) * k_alpha + bias[:, None]
+            elif K_AFFINE:
+                s = tl.dot(qr16, tl.trans(kcode.to(tl.float16))) * k_alpha + bias[:, None]
             else:
-                kf = tl.load(klut_ptr + kcode).to(tl.float16)
-            s = tl.dot(qr.to(tl.float16), tl.trans(kf)) * k_alpha + bias[:, None]   # (BLOCK_H, BLOCK_T)
+                s = tl.dot(qr16, tl.trans(tl.load(klut_ptr + kcode).to(tl.float16))) + bias[:, None]
             s = tl.where(ok[None, :], s, float("-inf"))
             p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
             # values: sum_t p_t (m_t + s_t (alpha c + beta)) ; the per-token scale folds into p
@@ -248,10 +259,16 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             vw = tl.load(vc_ptr + (base * P + slot + tt)[:, None] * (D * VB // 32) + tl.arange(0, D * VB // 32)[None, :],
                          mask=ok[:, None], other=0)
             vcode = _unpack(vw, BLOCK_T, D, VB)
+            pv16 = pv.to(tl.float16)
             if V_AFFINE:
-                acc += tl.dot(pv.to(tl.float16), vcode.to(tl.float16)) * v_alpha + (v_beta * tl.sum(pv, 1))[:, None]
+                pvs = tl.sum(pv16.to(tl.float32), 1)
+                if MAGIC:
+                    acc += (tl.dot(pv16, _as_f16_plus_1024(vcode)) - 1024.0 * pvs[:, None]) * v_alpha \
+                        + (v_beta * pvs)[:, None]
+                else:
+                    acc += tl.dot(pv16, vcode.to(tl.float16)) * v_alpha + (v_beta * pvs)[:, None]
             else:
-                acc += tl.dot(pv.to(tl.float16), tl.load(vlut_ptr + vcode).to(tl.float16))
+                acc += tl.dot(pv16, tl.load(vlut_ptr + vcode).to(tl.float16))
             if V_ZERO:
                 vm = tl.load(vz_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
                 acc += tl.sum(p * vm[None, :], 1)[:, None]
@@ -305,7 +322,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         k_bits: int, v_bits: int, group: int,
                         fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
                         mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int = 4,
-                        num_stages: int | None = None) -> torch.Tensor:
+                        num_stages: int | None = None, magic: bool = True) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -317,7 +334,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     tensor cores as they are, else None (a table lookup per code). mask (B, T) bool or None:
     which positions (pages then float tokens, T = n_tokens + F - skip) a row attends to.
     splits, block_t (tokens per tile, dividing the group), num_warps, num_stages: launch
-    parameters (defaults: about two programs per SM, min(64, group), 4, Triton's)."""
+    parameters (defaults: about two programs per SM, min(64, group), 4, Triton's). magic:
+    uniform codes become fp16 by an OR with 1024.0's bits instead of an int->float conversion
+    (the offset subtracted after the dot)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -351,7 +370,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
         ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
-        V_AFFINE=va is not None, HAS_MASK=mask is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
+        V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic, BLOCK_H=max(16, triton.next_power_of_2(QH)),
         BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
