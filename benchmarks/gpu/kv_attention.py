@@ -18,7 +18,7 @@ copies of the cache so that it comes from HBM, not L2; median over replays / R. 
 the same process: SDPA with the flash backend and enable_gqa=True, and the same with the 4
 query heads of a KV head folded into 4 query rows (one K/V read, no GQA flag); the speedup is
 against the faster of the two. Launch variants (tile, warps, stages, the fp16 trick) are
-timed and the fastest reported (all in the JSON); `qins_4bit_vcurv0` (uniform values, no
+timed and the fastest reported (all in the JSON; `v_closed`: value levels computed, not looked up); `qins_4bit_vcurv0` (uniform values, no
 table lookup) shows what the default value curvature costs. Bytes: what each call must read (codes + scales + zero points
 + float segment; bf16 K and V for SDPA), GB/s against a device copy measured in the run.
 
@@ -293,6 +293,8 @@ def run_case(B, T, bits_list, rows, args, checked):
             copies = [pg] + [pg.copy() for _ in range(n - 1)]
             launches = [dict()] + ([] if args.quick else [dict(block_t=32), dict(num_warps=8), dict(magic=False),
                                                           dict(num_stages=3)])
+            if pg.v_aff is None and not pg.vcod.zero_point and not args.quick:
+                launches.append(dict(v_closed=pg.vcod.curvature))         # qins levels by a fast division
             timings = {}
             for lc in launches:
                 key = ",".join(f"{k}={v}" for k, v in lc.items()) or "default"

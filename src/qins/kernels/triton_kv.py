@@ -202,10 +202,10 @@ def _online(s, m_i, l_i, acc):
 def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
                       table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr,
                       H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
-                      k_alpha, k_beta, v_alpha, v_beta,
+                      k_alpha, k_beta, v_alpha, v_beta, v_curv,
                       G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                       K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
-                      HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+                      HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, V_CLOSED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
     pid_bh = tl.program_id(0)                    # (row, KV head)
     pid_s = tl.program_id(1)                     # split; the last one reads the float segment
     b = pid_bh // H
@@ -267,6 +267,10 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
                         + (v_beta * pvs)[:, None]
                 else:
                     acc += tl.dot(pv16, vcode.to(tl.float16)) * v_alpha + (v_beta * pvs)[:, None]
+            elif V_CLOSED:                       # qins levels j / (N (1 + a) - a |j|), j = c - (N - 1)
+                j = vcode.to(tl.float32) - ((1 << (VB - 1)) - 1)
+                lvl = tl.fdiv(j, (1 << (VB - 1)) * (1.0 + v_curv) - v_curv * tl.abs(j))
+                acc += tl.dot(pv16, lvl.to(tl.float16))
             else:
                 acc += tl.dot(pv16, tl.load(vlut_ptr + vcode).to(tl.float16))
             if V_ZERO:
@@ -322,7 +326,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         k_bits: int, v_bits: int, group: int,
                         fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
                         mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int = 4,
-                        num_stages: int | None = None, magic: bool = True) -> torch.Tensor:
+                        num_stages: int | None = None, magic: bool = True,
+                        v_closed: float | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -336,7 +341,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     splits, block_t (tokens per tile, dividing the group), num_warps, num_stages: launch
     parameters (defaults: about two programs per SM, min(64, group), 4, Triton's). magic:
     uniform codes become fp16 by an OR with 1024.0's bits instead of an int->float conversion
-    (the offset subtracted after the dot)."""
+    (the offset subtracted after the dot). v_closed: the values' qins curvature a when their
+    table is codec.qins.qins_table(v_bits, a) (no zero point): levels computed with one fast
+    division instead of a table lookup per code (within 1 ulp of the table)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -369,8 +376,10 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits,
         mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
         ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
+        float(v_closed or 0.0),
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
-        V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic, BLOCK_H=max(16, triton.next_power_of_2(QH)),
+        V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic,
+        V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
         BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
