@@ -30,14 +30,14 @@ def main():
     ids = tok(text[:20000], return_tensors="pt").input_ids[:, :512]
     with torch.inference_mode():
         ref = model(ids).logits
-    nll = lambda lg: float(-torch.log_softmax(lg.float(), -1)[0, :-1].gather(1, ids[0, 1:, None]).mean().exp())
+    ppl = lambda lg: float((-torch.log_softmax(lg.float(), -1)[0, :-1].gather(1, ids[0, 1:, None]).mean()).exp())
     out = {}
     for bits in args.bits:
         cache = QINSCache(model, bits=bits, residual=0)
         with torch.inference_mode():
             out[bits] = torch.cat([model(ids[:, i:i + 32], **{cache_kwarg(model): cache}).logits
                                    for i in range(0, ids.shape[1], 32)], 1)
-        print(f"{bits} bits: ppl {nll(out[bits]):.4f} (uncompressed {nll(ref):.4f})")
+        print(f"{bits} bits: ppl {ppl(out[bits]):.4f} (uncompressed {ppl(ref):.4f})")
     torch.save(out, args.out)
     if args.compare:
         other = torch.load(args.compare)
