@@ -38,7 +38,7 @@ for bits in (2, 3, 4, 5, 6, 8):
             L = QINSLayer(bits, bits, **kw)
             L.update(x.to(dev), x.flip(2).to(dev))
             k, v = L.update(y.to(dev), y.to(dev))
-            outs[dev] = (k.cpu(), v.cpu(), L.store.k_codes[:, :, :L.n_quantized].cpu(), L.store.v_codes[:, :, :L.n_quantized].cpu())
+            outs[dev] = (k.cpu(), v.cpu(), L.planes()[0].cpu(), L.planes()[3].cpu())
         kc_eq = (outs["cpu"][2] == outs["cuda"][2]).float().mean().item()
         vc_eq = (outs["cpu"][3] == outs["cuda"][3]).float().mean().item()
         dk = (outs["cpu"][0] - outs["cuda"][0]).abs().max().item()

@@ -107,7 +107,7 @@ def test_plan_pages_decode_exactly_and_cost_no_memory():
     k, _ = layer.update(x, x)
     plain.update(x, x)
     assert layer.nbytes() == plain.nbytes() and layer.n_quantized == 80
-    kw, ks, kz = layer.store.planes()[:3]
+    kw, ks, kz = layer.planes()[:3]
     ref = dequantize_keys_mixed(layer.k_layout.unpack(kw), ks, kz, w, 16, torch.float32)
     assert torch.equal(k, ref)
     # each channel lands on its own grid: distinct decoded levels per (group, channel) <= 2^w

@@ -1,9 +1,10 @@
 """kv: QINSCache, a paged, bit-packed KV cache for transformers.
 
     config.py  KVConfig            codec.py   the KV quantizer (keys per channel, values per token)
-    layout.py  packed token rows   store.py   the page store of one layer
+    layout.py  packed token rows   store.py   the page pool and block tables of one layer
     layer.py   QINSLayer (state)   cache.py   QINSCache (the transformers adapter)
     plan.py    key plans (calibrated per-channel key widths)
+    attention.py  which path reads a layer (Triton kernels or the reference), paged attention
 """
 from .config import KVConfig, parse_kv_bits
 

@@ -49,11 +49,19 @@ class QINSCache(Cache):
     group, format, layer_bits, k_curvature, ...) override `config` (default KVConfig()).
     `bits` sets k_bits (and v_bits unless given). `key_plan` (a KeyPlan from
     `qins.kv.calibrate_keys`) gives the keys of each layer it covers calibrated widths per
-    channel at the same bits per element (plan.py).
+    channel at the same bits per element (plan.py). `max_tokens` (per sequence) preallocates
+    each layer's page pool (store.PoolExhausted past it); None grows it.
+
+    Paths (`paths()` says which ran): on CUDA, with `model` a model on SDPA, decode steps run
+    the Triton kernels over the pages (quantize-on-append, decode attention; the model's
+    attention is routed through `qins_paged`, which runs SDPA for everything else); on the
+    CPU, or `paged=False`, every step decodes the pages to float (the reference). The
+    QINS_KERNELS environment variable forces either (kernels/__init__.py).
     """
 
     def __init__(self, model, bits: int | None = None, residual: int | None = None, page_kb: int | None = None,
-                 *, config: KVConfig | None = None, key_plan=None, **fields):
+                 *, config: KVConfig | None = None, key_plan=None, max_tokens: int | None = None,
+                 paged: bool | None = None, **fields):
         check_transformers()
         cfg = config or KVConfig()
         changes = dict(fields)
@@ -92,7 +100,7 @@ class QINSCache(Cache):
                                         k_zero=cfg.zero_for(kb, "k"), v_zero=cfg.zero_for(vb, "v"),
                                         k_curvature=cfg.curvature_for(kb, "k"),
                                         v_curvature=cfg.curvature_for(vb, "v"), k_widths=widths,
-                                        expect_heads=heads, expect_head_dim=head_dim))
+                                        expect_heads=heads, expect_head_dim=head_dim, max_tokens=max_tokens))
             elif t in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))       # uncompressed, counted
             elif (other := _compat.other_layer(t, kw)) is not None:
@@ -101,6 +109,38 @@ class QINSCache(Cache):
                 raise ValueError(f"QINSCache supports full and sliding-window attention layers; layer {i} is {t!r}")
         self.shape = (n_layers, heads, head_dim)
         super().__init__(layers=layers)
+        self.paged = self._install(model, paged)
+        for layer in layers:
+            if isinstance(layer, QINSLayer):
+                layer.paged = self.paged
+
+    @staticmethod
+    def _install(model, paged: bool | None) -> bool:
+        """Whether decode steps read the pages in the Triton kernel (kv/attention.py): `paged`
+        None = when `model` is a model on CUDA whose attention is SDPA; True = always (a model
+        is needed; on the CPU the kernels then need QINS_KERNELS=triton TRITON_INTERPRET=1);
+        False = never (every step decodes the pages to float: the reference)."""
+        if paged is False:
+            return False
+        params = getattr(model, "parameters", None)
+        if params is None:
+            if paged:
+                raise ValueError("paged=True needs the model (not its config): its attention is routed to the kernels")
+            return False
+        if paged is None:
+            first = next(params(), None)
+            if first is None or first.device.type != "cuda":
+                return False
+        from .attention import install
+        ok = install(model)
+        if paged and not ok:
+            raise ValueError("paged=True needs a model whose attention is SDPA (attn_implementation='sdpa')")
+        return ok
+
+    def paths(self) -> dict[int, str | None]:
+        """{layer index: "triton" or "reference"}: how the last attention call read each QINS
+        layer (None before the first)."""
+        return {i: layer.last_path for i, layer in enumerate(self.layers) if isinstance(layer, QINSLayer)}
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not 0 <= layer_idx < len(self.layers):

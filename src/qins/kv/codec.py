@@ -153,11 +153,17 @@ def quantize_keys_mixed(k: torch.Tensor, widths: torch.Tensor, group: int):
     B, H, T, D = k.shape
     x = k.float().view(B, H, T // group, group, D)
     r, m = zero_point_params(x, 3)                                    # (B, H, n, 1, D)
-    top = ((1 << widths.to(torch.int64)) - 1).to(torch.float32).view(1, H, 1, 1, D)
+    return encode_keys_mixed(x, widths, r, m).view(B, H, T, D), r.squeeze(3), m.squeeze(3)
+
+def encode_keys_mixed(x: torch.Tensor, widths: torch.Tensor, r: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """uint8 codes of x (B, H, ..., D) on the grid of widths (H, D) given fp16 half-range r and
+    mid-range m broadcastable to x (quantize_keys_mixed's rounding; used alone to fill a group
+    whose parameters are already stored)."""
+    H, D = widths.shape
+    top = ((1 << widths.to(torch.int64)) - 1).to(torch.float32).view(1, H, *([1] * (x.dim() - 3)), D)
     rf = r.float()
-    y = ((x - m.float()) / torch.where(rf == 0, torch.ones_like(rf), rf)).clamp_(-1.0, 1.0)
-    c = torch.floor((y + 1.0) * 0.5 * top + 0.5).clamp_(min=0).minimum(top)
-    return c.to(torch.uint8).view(B, H, T, D), r.squeeze(3), m.squeeze(3)
+    y = ((x.float() - m.float()) / torch.where(rf == 0, torch.ones_like(rf), rf)).clamp_(-1.0, 1.0)
+    return torch.floor((y + 1.0) * 0.5 * top + 0.5).clamp_(min=0).minimum(top).to(torch.uint8)
 
 def mixed_key_affine(widths: torch.Tensor, r: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, step) float32 with x = base + step * code, from r, m (..., D) fp16 and the

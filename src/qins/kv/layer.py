@@ -2,9 +2,13 @@
 
 Token order inside one QINSLayer (B, H, T, D):
 
-    | pages: sealed groups of G tokens (codes)  | staging (fp, < G) | residual (fp)       |
-      `store` (a PageStore)                       `keys[:, :, :n_s]`  last `residual`
+    | pages: groups of G tokens (codes)           | staging (fp, < G) | residual (fp)       |
+      `pool` (a PagePool) through `table`           `keys[:, :, :n_s]`  last `residual`
     | sink copies (fp) overlay the first `sink` tokens when read back |
+
+The float segment (sink copies, staging, residual) is what the model's dtype holds; the pages
+are the pool's (store.py): preallocated when `max_tokens` is given (a clear `PoolExhausted`
+past it), else grown by whole pages.
 
 - New tokens enter the fp region (`keys`, `values`, the model's dtype). When it holds at
   least `residual + G` tokens, its oldest whole groups of G tokens are quantized (keys per
@@ -27,21 +31,29 @@ Token order inside one QINSLayer (B, H, T, D):
 - Key plans (plan.py, optional): calibrated widths per key channel at the same bits per
   element; a planned layer quantizes keys on the zero-point grid of each channel's width
   and packs them with `RowLayout.mixed`.
+- Crop never re-quantizes: cutting into the pages keeps the codes of the group that holds
+  the new end, and that group stays open with its stored key parameters; the next tokens
+  fill it on those parameters (values get their own per-token scales as always), so a crop
+  followed by the same tokens leaves every code as it was. Beam reorder permutes the block
+  table's rows (pages become shared, copy-on-write before the next write): no page is
+  copied and nothing syncs with the host.
 - The reference path (CPU and tests): `update` decodes every page straight into one fresh
-  (B, H, T, D) output per tensor, one op per plane over the store's written prefix (one
+  (B, H, T, D) output per tensor (one gather of the pages through the block table, one
   table gather per byte of codes and one fused scale/zero-point multiply-add;
   layout.decode_rows) and returns it to the model's attention (SDPA). No decoded copy of the
-  history is kept between steps.
+  history is kept between steps. The GPU path (attention.py) reads the pages in the
+  decode-attention kernel instead.
 """
 from __future__ import annotations
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from .codec import (Codec, affine_levels, dequantize_keys_mixed, fake_quantize_keys, fake_quantize_values,
-                    key_offset, mixed_key_affine, quantize_keys, quantize_keys_mixed, quantize_values)
+from .codec import (Codec, affine_levels, dequantize_keys_mixed, encode_keys_mixed, fake_quantize_keys,
+                    fake_quantize_values, key_offset, mixed_key_affine, quantize_keys, quantize_keys_mixed,
+                    quantize_values)
 from .layout import RowLayout, byte_table, decode_rows, pack_rows
-from .store import PageStore, PageView, page_tokens
+from .store import BlockTable, PagePool, PageView, PoolExhausted, page_tokens
 
 
 def _nbytes(t: torch.Tensor | None) -> int:
@@ -52,10 +64,10 @@ class QINSLayer(CacheLayerMixin):
     """One full-attention layer of a QINSCache.
 
     Stored state (B batch rows, H KV heads, D head dim, model dtype):
-      store            PageStore or None            packed codes + fp16 scales / zero points
-                                                    of tokens 0 .. n_quantized - 1, one
-                                                    contiguous tensor per plane, pages being
-                                                    token ranges of it (store.py)
+      pool             PagePool or None             packed codes + fp16 scales / zero points,
+                                                    pages of P tokens of one row (store.py)
+      table            BlockTable or None           (B, columns) page ids: tokens
+                                                    0 .. n_quantized - 1 of each row
       keys, values     (B, H, n_fp, D)              the tokens after them: staging + residual
                                                     window, full precision
       sink_k, sink_v   (B, H, <= sink, D)           copies of the first tokens, full precision;
@@ -63,6 +75,8 @@ class QINSLayer(CacheLayerMixin):
       k_offset         (B, H, 1, D) fp16 or None    per-channel key offset of keys without a
                                                     zero point, set once at the first seal
       cumulative_length  int                        tokens held = n_quantized + n_fp
+    `max_tokens` (per sequence) preallocates the pool (B (max_tokens / P + 1) pages: one spare
+    page per row for copy-on-write) and refuses more tokens; None grows it as needed.
     """
 
     is_sliding = False
@@ -71,10 +85,14 @@ class QINSLayer(CacheLayerMixin):
     def __init__(self, k_bits: int, v_bits: int, *, format: str = "qins", residual: int = 128, sink: int = 0,
                  page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
                  k_zero: bool = True, v_zero: bool = False, k_widths: torch.Tensor | None = None,
-                 expect_heads: int | None = None, expect_head_dim: int | None = None):
+                 expect_heads: int | None = None, expect_head_dim: int | None = None,
+                 max_tokens: int | None = None):
         super().__init__()
         if sink >= group:
             raise ValueError(f"sink ({sink}) must be smaller than the key group ({group} tokens)")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}")
         self.k_codec = Codec.build(format, k_bits, k_curvature, k_zero)
         self.v_codec = Codec.build(format, v_bits, v_curvature, v_zero)
         # per-channel key widths (a KeyPlan): keys on the uniform zero-point grid of each width
@@ -89,12 +107,16 @@ class QINSLayer(CacheLayerMixin):
                 raise ValueError(f"the key plan has {tuple(self.k_widths.shape)} (heads, channels) for this layer; "
                                  f"the model has ({eh}, {ed})")
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
+        self.max_tokens = max_tokens
         self.expect = (expect_heads, expect_head_dim)
         self.cumulative_length = 0
-        self.store: PageStore | None = None
+        self.pool: PagePool | None = None
+        self.table: BlockTable | None = None
         self.sink_k = self.sink_v = None
         self.k_offset = None
         self.page_tokens = None
+        self.last_path = None            # "reference" or "triton": how the last attention read this layer
+        self.paged = False               # the model's attention reads PagedKV handles (QINSCache sets it)
 
     def __repr__(self):
         plan = "" if self.k_widths is None else f", key plan {self.k_widths.float().mean():.2f} bits"
@@ -104,22 +126,36 @@ class QINSLayer(CacheLayerMixin):
     # -- state -------------------------------------------------------------------------------
     @property
     def n_quantized(self) -> int:
-        return 0 if self.store is None else self.store.n_tokens
+        return 0 if self.table is None else self.table.n_tokens
 
     @property
     def pages(self) -> list[PageView]:
-        """Views of the pages holding written groups (the last may be open)."""
-        return [] if self.store is None else [PageView(self.store, i) for i in range(self.store.n_pages)]
+        """Views of the pages of batch row 0 holding written tokens (the last may be open)."""
+        if self.table is None:
+            return []
+        return [PageView(self.pool, self.table, i) for i in range(-(-self.n_quantized // self.page_tokens))]
+
+    def planes(self) -> tuple[torch.Tensor | None, ...]:
+        """Every row's written pages read through the block table (copies): k_codes
+        (B, H, Q, Wk), k_scale, k_zero (B, H, ceil(Q / G), D), v_codes (B, H, Q, Wv), v_scale,
+        v_zero (B, H, Q); None planes for codecs without them. For inspection and tests."""
+        Q, G, t, pool = self.n_quantized, self.group, self.table, self.pool
+        n = dict(k_scale=-(-Q // G), k_zero=-(-Q // G))
+        return tuple(None if getattr(pool, p) is None else t.gather(getattr(pool, p), n.get(p, Q))
+                     for p in PagePool.PLANES)
 
     @property
     def batch_size(self) -> int:
         return self.keys.shape[0]
 
+    def _max_cols(self) -> int | None:
+        return None if self.max_tokens is None else -(-self.max_tokens // self.page_tokens)
+
     def _check_input(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if k.dim() != 4 or k.shape != v.shape:
             raise ValueError(f"QINSCache expects keys and values of one shape (B, H, T, D), got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
-        B, H, _, D = k.shape
+        B, H, T, D = k.shape
         eh, ed = self.expect if not self.is_initialized else (self.keys.shape[1], self.keys.shape[3])
         if (eh is not None and H != eh) or (ed is not None and D != ed):
             raise ValueError(f"this QINSCache layer holds {eh} KV heads of dim {ed}, got {H} heads of dim {D}: "
@@ -127,6 +163,10 @@ class QINSLayer(CacheLayerMixin):
         if self.is_initialized and self.cumulative_length and B != self.batch_size:
             raise ValueError(f"this QINSCache holds {self.batch_size} batch rows, got {B}; call cache.reset() "
                              f"before reusing it for another batch")
+        held = self.cumulative_length if self.is_initialized else 0
+        if self.max_tokens is not None and held + T > self.max_tokens:
+            raise PoolExhausted(f"this QINSCache was built for max_tokens={self.max_tokens} per sequence; "
+                                f"it holds {held} and was given {T} more")
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         B, H, _, D = key_states.shape
@@ -135,7 +175,6 @@ class QINSLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(B, H, 0, D)
         self.sink_k, self.sink_v = self.keys, self.values
         self.k_offset = None
-        self.store = None
         if self.k_widths is not None:
             self.k_layout = self._k_layout_cpu.to(self.device)
             self._k_widths = self.k_widths.to(self.device)
@@ -144,14 +183,43 @@ class QINSLayer(CacheLayerMixin):
         self.v_layout = RowLayout.uniform(H, D, self.v_codec.bits).to(self.device)
         self.page_tokens = page_tokens(self.page_kb, H, D, self.k_codec.bits, self.v_codec.bits, self.group,
                                        self.k_codec.zero_point, self.v_codec.zero_point, self.k_layout.n_words)
+        pages = None if self.max_tokens is None else B * (self._max_cols() + 1)
+        if self.pool is None or self.pool.device != self.device or (pages is not None and self.pool.n_pages != pages):
+            self.pool = PagePool(H, D, self.page_tokens, self.group, self.k_codec.bits, self.v_codec.bits,
+                                 self.device, self.k_codec.zero_point, self.v_codec.zero_point, pages=pages,
+                                 k_words=self.k_layout.n_words)
+        self.pool.release_all()                                       # a reset cache reuses its pool
+        self.table = BlockTable(B, self.device, self._max_cols() or 0)
         self.k_codec = _on(self.k_codec, self.device)
         self.v_codec = _on(self.v_codec, self.device)
         self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
         self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
+        self._mids = None
         self.is_initialized = True
+
+    @property
+    def kernels(self) -> bool:
+        """The dispatch (read on every call, as QINS_KERNELS is): True when the Triton kernels
+        append to and read this layer's pages (kv/attention.py), False for the reference."""
+        from .attention import use_kernels
+        return self.is_initialized and use_kernels(self, self.device)
 
     # -- append --------------------------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the tokens; return the history as (B, H, T, D) float K/V (the reference), or,
+        for a decode step when the model's attention reads pages (`paged`, set by QINSCache on
+        CUDA) and the kernels run this layer, a PagedKV handle for it (kv/attention.py)."""
+        self.append(key_states, value_states)
+        if self.paged and key_states.shape[2] == 1 and self.kernels:
+            from .attention import PagedKV
+            h = PagedKV(self)
+            return h, h
+        self.last_path = "reference"
+        return self._read()
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Add tokens (B, H, T, D): into the float segment, sealing the groups that leave the
+        residual window into pages."""
         self._check_input(key_states, value_states)
         if not self.is_initialized or self.cumulative_length == 0:
             self.lazy_initialization(key_states, value_states)
@@ -165,7 +233,6 @@ class QINSLayer(CacheLayerMixin):
             self.keys = torch.cat([self.keys, k], dim=2)
             self.values = torch.cat([self.values, v], dim=2)
         self._seal_ready_groups()
-        return self._read()
 
     def _key_stats_view(self, k: torch.Tensor) -> torch.Tensor:
         """Keys from the start of the stream with the sink tokens replaced by the next token,
@@ -177,12 +244,53 @@ class QINSLayer(CacheLayerMixin):
         k[:, :, :S] = k[:, :, S:S + 1]
         return k
 
+    def _open_params(self):
+        """(r, m) (B, H, 1, D) fp16 stored key parameters of the open group (the group holding
+        token n_quantized, reopened by a crop); m None without zero points."""
+        Q, P, G = self.n_quantized, self.page_tokens, self.group
+        ids = self.table.ids[:, Q // P].long()
+        g = Q % P // G
+        r = self.pool.k_scale[ids, :, g].unsqueeze(2)
+        m = None if self.pool.k_zero is None else self.pool.k_zero[ids, :, g].unsqueeze(2)
+        return r, m
+
+    def _encode_open(self, k: torch.Tensor) -> torch.Tensor:
+        """uint8 key codes of tokens k (B, H, n, D) of the open group on its stored parameters."""
+        r, m = self._open_params()
+        if self.k_widths is not None:
+            return encode_keys_mixed(k, self._k_widths, r, m)
+        if self.k_offset is not None:
+            k = k - self.k_offset.to(k.dtype)
+        return self.k_codec.encode(k, r, m)
+
+    def _pack_keys(self, kc: torch.Tensor) -> torch.Tensor:
+        return self.k_layout.pack(kc) if self.k_widths is not None else pack_rows(kc, self.k_codec.bits)
+
     def _seal_ready_groups(self) -> None:
         G = self.group
-        n = (self.keys.shape[2] - self.residual) // G * G             # whole groups past the window
+        avail = self.keys.shape[2] - self.residual                    # tokens past the window
+        open_ = self.n_quantized % G
+        if open_ and avail >= G - open_:                              # fill the reopened group first
+            n = G - open_
+            k, v = self.keys[:, :, :n], self.values[:, :, :n]
+            vc, vs, vz = quantize_values(v, self.v_codec)
+            self._write(self.n_quantized, self._pack_keys(self._encode_open(k)), None, None,
+                        pack_rows(vc, self.v_codec.bits), vs, vz)
+            self.keys, self.values = self.keys[:, :, n:], self.values[:, :, n:]
+            avail -= n
+        elif open_:
+            return
+        n = avail // G * G                                            # whole groups past the window
         if n <= 0:
+            if open_:
+                self.keys, self.values = self.keys.clone(), self.values.clone()
             return
         k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        if self.kernels:                                              # quantize-on-append, one launch
+            self._seal_kernel(k, v)
+            self.keys = self.keys[:, :, n:].clone()
+            self.values = self.values[:, :, n:].clone()
+            return
         if not self.n_quantized:
             k = self._key_stats_view(k)
         if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
@@ -191,34 +299,89 @@ class QINSLayer(CacheLayerMixin):
             k = k - self.k_offset.to(k.dtype)
         if self.k_widths is not None:
             kc, ks, kz = quantize_keys_mixed(k, self._k_widths, G)
-            kw = self.k_layout.pack(kc)
         else:
             kc, ks, kz = quantize_keys(k, self.k_codec, G)            # (B, H, n, D), (B, H, n/G, D) x2
-            kw = pack_rows(kc, self.k_codec.bits)
         vc, vs, vz = quantize_values(v, self.v_codec)                 # (B, H, n, D), (B, H, n) x2
-        vw = pack_rows(vc, self.v_codec.bits)
-        B, H, _, D = k.shape
-        if self.store is None:
-            self.store = PageStore(B, H, D, self.page_tokens, G, self.k_codec.bits, self.v_codec.bits,
-                                   self.device, self.k_codec.zero_point, self.v_codec.zero_point,
-                                   k_words=self.k_layout.n_words)
-        self.store.write_groups(kw, ks, kz, vw, vs, vz)
+        self._write(self.n_quantized, self._pack_keys(kc), ks, kz, pack_rows(vc, self.v_codec.bits), vs, vz)
         self.keys = self.keys[:, :, n:].clone()                       # drop the fp copies
         self.values = self.values[:, :, n:].clone()
+
+    def _seal_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Seal whole groups k, v (B, H, n, D) with the Triton quantize-on-append kernel: codes,
+        scales and zero points written straight into their pages (kernels/triton_kv.py)."""
+        from ..kernels.triton_kv import kv_append, padded_mids
+        if self._mids is None:
+            self._mids = (padded_mids(self.k_codec.mids, self.k_codec.bits),
+                          padded_mids(self.v_codec.mids, self.v_codec.bits))
+        t0, n, t = self.n_quantized, k.shape[2], self.table
+        sink = 0
+        if not t0:
+            sink = max(min(self.sink_k.shape[2], n - 1), 0)
+            if self.k_offset is None and not self.k_codec.zero_point:     # fixed at the first seal
+                self.k_offset = key_offset(self._key_stats_view(k))
+        t.ensure(self.pool, t0 + n, self._max_cols())
+        for col in range(t0 // self.page_tokens, -(-(t0 + n) // self.page_tokens)):
+            t.own(self.pool, col)
+        kv_append(k, v, self.k_offset, t.ids, t0, tuple(getattr(self.pool, p) for p in PagePool.PLANES),
+                  *self._mids, self.k_codec.bits, self.v_codec.bits, self.group, self.k_codec.signed_scale,
+                  self.v_codec.signed_scale, sink)
+        t.n_tokens = t0 + n
+
+    def _write(self, t0: int, kw, ks, kz, vw, vs, vz) -> None:
+        """Write tokens [t0, t0 + n) of every row into their pages: kw/vw (B, H, n, W) int32,
+        vs/vz (B, H, n), and (ks, kz) (B, H, n/G, D) when t0 starts a group (None: the open
+        group's stored parameters stay). Pages come from the pool (no copy); a page rows may
+        share is copied first (copy-on-write). No host sync."""
+        n = kw.shape[2]
+        t = self.table
+        t.ensure(self.pool, t0 + n, self._max_cols())
+        P, G, pool = self.page_tokens, self.group, self.pool
+        for col in range(t0 // P, -(-(t0 + n) // P)):
+            t.own(pool, col)
+            ids = t.ids[:, col].long()
+            a, b = max(t0, col * P), min(t0 + n, (col + 1) * P)      # tokens of this page
+            s0, s1, x0, x1 = a - col * P, b - col * P, a - t0, b - t0
+            pool.k_codes[ids, :, s0:s1] = kw[:, :, x0:x1]
+            pool.v_codes[ids, :, s0:s1] = vw[:, :, x0:x1]
+            pool.v_scale[ids, :, s0:s1] = vs[:, :, x0:x1]
+            if pool.v_zero is not None:
+                pool.v_zero[ids, :, s0:s1] = vz[:, :, x0:x1]
+            if ks is not None:
+                pool.k_scale[ids, :, s0 // G:s1 // G] = ks[:, :, x0 // G:x1 // G]
+                if pool.k_zero is not None:
+                    pool.k_zero[ids, :, s0 // G:s1 // G] = kz[:, :, x0 // G:x1 // G]
+        t.n_tokens = t0 + n
 
     # -- read back -----------------------------------------------------------------------------
     def _decode_pages_into(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
         """Decode every page into out_k/out_v[:, :, :n_quantized] (views of (B, H, T, D)).
 
-        Per tensor: one uint8 -> int32 (or float) pass over the written prefix of the store's
-        code plane (a strided view: no concatenation, no copy), one table gather
-        (decode_rows), one fused scale (+ zero point) multiply-add written straight into the
-        output."""
-        if not self.n_quantized:
+        Per tensor: one gather of the pages through the block table, one uint8 -> int32 (or
+        float) pass, one table gather (decode_rows), one fused scale (+ zero point)
+        multiply-add written straight into the output. An open group (after a crop) is
+        decoded whole into a scratch tensor and its written tokens copied."""
+        Q = self.n_quantized
+        if not Q:
             return
         G, D = self.group, out_k.shape[3]
-        kw, ks, kz, vw, vs, vz = self.store.planes()
-        B, H, Q, _ = kw.shape
+        Qg = -(-Q // G) * G
+        if Qg != Q:
+            B, H = out_k.shape[:2]
+            k, v = out_k.new_empty(B, H, Qg, D), out_v.new_empty(B, H, Qg, D)
+            self._decode_groups_into(k, v, Qg)
+            out_k[:, :, :Q], out_v[:, :, :Q] = k[:, :, :Q], v[:, :, :Q]
+        else:
+            self._decode_groups_into(out_k, out_v, Q)
+
+    def _decode_groups_into(self, out_k, out_v, Q: int) -> None:
+        G, D = self.group, out_k.shape[3]
+        t, pool = self.table, self.pool
+        kw, vw = t.gather(pool.k_codes, Q), t.gather(pool.v_codes, Q)
+        ks = t.gather(pool.k_scale, Q // G)
+        kz = None if pool.k_zero is None else t.gather(pool.k_zero, Q // G)
+        vs = t.gather(pool.v_scale, Q)
+        vz = None if pool.v_zero is None else t.gather(pool.v_zero, Q)
+        B, H, _, _ = kw.shape
         # x = m + r * (alpha * u + beta) = (m + r * beta) + (r * alpha) * u: the affine part of
         # the table folds into the (small) scale and zero-point planes
         dst = out_k[:, :, :Q].view(B, H, Q // G, G, D)
@@ -251,6 +414,48 @@ class QINSLayer(CacheLayerMixin):
             k[:, :, :S] = self.sink_k[:, :, :S]
             v[:, :, :S] = self.sink_v[:, :, :S]
 
+    def _staging_into(self, out_k: torch.Tensor, out_v: torch.Tensor, n_stage: int) -> None:
+        """The staging tokens (fp, past the residual window) as they will be read once sealed:
+        those that fill an open group on its stored parameters, the rest with provisional
+        per-channel key scales over them; values with their final per-token codes."""
+        Q, G = self.n_quantized, self.group
+        st = self.keys[:, :, :n_stage]
+        n_open = min(n_stage, G - Q % G) if Q % G else 0
+        if n_open:
+            r, m = self._open_params()
+            c = self._encode_open(st[:, :, :n_open])
+            if self.k_widths is not None:
+                out_k[:, :, :n_open] = dequantize_keys_mixed(c, r, m, self._k_widths, n_open, self.dtype)
+            else:
+                x = self.k_codec.decode(c, r, m, self.dtype)
+                out_k[:, :, :n_open] = x + self.k_offset.to(self.dtype) if self.k_offset is not None else x
+        rest = st[:, :, n_open:]
+        if rest.shape[2]:
+            if Q == 0:
+                rest = self._key_stats_view(rest)
+            dst = out_k[:, :, n_open:n_stage]
+            if self.k_widths is not None:
+                dst[:] = dequantize_keys_mixed(*quantize_keys_mixed(rest, self._k_widths, rest.shape[2]),
+                                               self._k_widths, rest.shape[2], self.dtype)
+            elif self.k_codec.zero_point:
+                dst[:] = fake_quantize_keys(rest, self.k_codec)
+            else:
+                m = (self.k_offset if self.k_offset is not None else key_offset(rest)).to(self.dtype)
+                dst[:] = fake_quantize_keys(rest - m, self.k_codec) + m
+        out_v[:] = fake_quantize_values(self.values[:, :, :n_stage], self.v_codec)
+
+    def float_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, F, D) the tokens after the pages as attention reads them: staging read back
+        quantized, residual as held (sink copies are separate: `sink_k`, `sink_v`)."""
+        F_ = self.keys.shape[2]
+        n_stage = max(F_ - self.residual, 0)
+        if not n_stage:
+            return self.keys, self.values
+        k, v = torch.empty_like(self.keys), torch.empty_like(self.values)
+        self._staging_into(k[:, :, :n_stage], v[:, :, :n_stage], n_stage)
+        k[:, :, n_stage:], v[:, :, n_stage:] = self.keys[:, :, n_stage:], self.values[:, :, n_stage:]
+        return k, v
+
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens as (B, H, T, D): pages decoded, staging quantized with provisional key
         scales, residual as held, sink tokens overlaid."""
@@ -263,18 +468,7 @@ class QINSLayer(CacheLayerMixin):
         out_v = self.values.new_empty(B, H, Q + F_, D)
         self._decode_pages_into(out_k, out_v)
         if n_stage:
-            st = self.keys[:, :, :n_stage]
-            if Q == 0:
-                st = self._key_stats_view(st)
-            if self.k_widths is not None:
-                out_k[:, :, Q:Q + n_stage] = dequantize_keys_mixed(
-                    *quantize_keys_mixed(st, self._k_widths, n_stage), self._k_widths, n_stage, self.dtype)
-            elif self.k_codec.zero_point:
-                out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st, self.k_codec)
-            else:
-                m = (self.k_offset if self.k_offset is not None else key_offset(st)).to(self.dtype)
-                out_k[:, :, Q:Q + n_stage] = fake_quantize_keys(st - m, self.k_codec) + m
-            out_v[:, :, Q:Q + n_stage] = fake_quantize_values(self.values[:, :, :n_stage], self.v_codec)
+            self._staging_into(out_k[:, :, Q:Q + n_stage], out_v[:, :, Q:Q + n_stage], n_stage)
         out_k[:, :, Q + n_stage:] = self.keys[:, :, n_stage:]
         out_v[:, :, Q + n_stage:] = self.values[:, :, n_stage:]
         self._overlay_sink(out_k, out_v)
@@ -292,17 +486,18 @@ class QINSLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.sink_k = self.sink_v = self.k_offset = None
-        self.store = None
+        self.table = None                                             # the pool stays (reused)
         self.cumulative_length = 0
         self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last -tokens_to_remove tokens (a negative int, as DynamicLayer).
 
-        Exact whenever the removed tokens lie in the fp region. Cutting into the pages
-        reopens the group that holds the new end: its kept tokens go back to the fp region
-        as their decoded values (they were quantized already), later groups are dropped.
-        """
+        Exact whenever the removed tokens lie in the fp region. Cutting into the pages keeps
+        the codes of the group that holds the new end: it stays open on its stored key
+        parameters and the next tokens fill it (no code is ever re-quantized; later pages stay
+        allocated to the row and are reused). When only sink tokens remain they go back to the
+        fp region from their exact copies."""
         if not isinstance(tokens_to_remove, int) or tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative int (tokens to remove) or 0, got {tokens_to_remove!r}")
         r = -tokens_to_remove
@@ -314,13 +509,13 @@ class QINSLayer(CacheLayerMixin):
         Q = self.n_quantized
         if new_len >= Q:
             self.keys, self.values = self.keys[:, :, :new_len - Q], self.values[:, :, :new_len - Q]
+        elif new_len <= self.sink_k.shape[2]:                         # only exact sink copies left
+            self.keys = self.sink_k[:, :, :new_len].clone()
+            self.values = self.sink_v[:, :, :new_len].clone()
+            self.table.n_tokens = 0
         else:
-            G = self.group
-            full = new_len // G
-            k, v = self.decode_pages()
-            self.keys = k[:, :, full * G:new_len].clone()
-            self.values = v[:, :, full * G:new_len].clone()
-            self.store.truncate(full)                                 # capacity kept (counted)
+            self.keys, self.values = self.keys[:, :, :0], self.values[:, :, :0]
+            self.table.n_tokens = new_len
         self.sink_k, self.sink_v = self.sink_k[:, :, :new_len], self.sink_v[:, :, :new_len]
         self.cumulative_length = new_len
 
@@ -329,20 +524,22 @@ class QINSLayer(CacheLayerMixin):
             fn(t) for t in (self.sink_k, self.sink_v, self.keys, self.values))
         if self.k_offset is not None:
             self.k_offset = fn(self.k_offset)
-        if self.store is not None:
-            self.store.map_batch(fn)
+        if self.table is not None:
+            self.table.map_rows(fn)
 
     def _check_index(self, idx: torch.Tensor, what: str) -> torch.Tensor:
         idx = torch.as_tensor(idx)
         if idx.dim() != 1 or idx.is_floating_point() or idx.dtype == torch.bool:
             raise ValueError(f"{what} must be a 1-D integer tensor, got {idx.dtype} of shape {tuple(idx.shape)}")
         B = self.batch_size
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= B):
+        if idx.numel() and not idx.is_cuda and (int(idx.min()) < 0 or int(idx.max()) >= B):
+            # checked on the host only where that costs no sync (a CUDA index is used as given)
             raise IndexError(f"{what} out of range for a cache of {B} batch rows: "
                              f"min {int(idx.min())}, max {int(idx.max())}")
         return idx.to(self.device)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beams: the block table's rows are permuted; pages become shared (copy-on-write)."""
         if not self.is_initialized:
             return
         idx = self._check_index(beam_idx, "beam_idx")
@@ -360,20 +557,28 @@ class QINSLayer(CacheLayerMixin):
         if self.is_initialized:
             self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    def _move(self, device) -> None:
+        self.sink_k, self.sink_v, self.keys, self.values = (
+            t.to(device, non_blocking=True) for t in (self.sink_k, self.sink_v, self.keys, self.values))
+        if self.k_offset is not None:
+            self.k_offset = self.k_offset.to(device, non_blocking=True)
+        self.table.ids = self.table.ids.to(device, non_blocking=True)
+        self.pool.to(device)
+
     def offload(self):
         if self.is_initialized:
-            self._map_batch(lambda t: t.to("cpu", non_blocking=True))
+            self._move("cpu")
 
     def prefetch(self):
         if self.is_initialized and self.keys.device != self.device:
-            self._map_batch(lambda t: t.to(self.device, non_blocking=True))
+            self._move(self.device)
 
     # -- accounting ----------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes held: page codes and scales (the store's whole capacity: slack included), fp regions."""
+        """Bytes held: the page pool (every page, free or not), the block table, fp regions."""
         if not self.is_initialized:
             return 0
-        return (0 if self.store is None else self.store.nbytes()) + sum(
+        return self.pool.nbytes() + _nbytes(self.table.ids) + sum(
             _nbytes(t) for t in (self.sink_k, self.sink_v, self.keys, self.values, self.k_offset))
 
     def n_elements(self) -> int:

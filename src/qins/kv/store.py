@@ -1,40 +1,43 @@
-"""KV page store: one preallocated tensor per plane per layer, pages as token ranges.
+"""KV page pool: one preallocated pool per plane per layer, addressed by per-sequence block tables.
 
-Layout. A layer's pages live in one `PageStore`: one contiguous tensor per plane with a
-capacity of C tokens (a whole number of pages of P tokens, P a multiple of G), batch rows
-and KV heads outermost. Page i is the token range [i P, (i + 1) P) of every plane (its key
-groups: [i P / G, (i + 1) P / G)). Codes are packed per token row (layout.py):
+Layout (the FlashInfer / vLLM paged shape). A layer's quantized tokens live in one `PagePool`
+of N pages; a page holds P tokens (P a multiple of the key group G) of ONE sequence (batch
+row), all H KV heads. Scales and zero points live in side pools indexed by the same page id:
 
-    k_codes  (B, H, C, Wk) int32    Wk = packing.packed_words(D, k_bits)
-    k_scale  (B, H, C // G, D) fp16 one scale per (group, channel)
-    k_zero   (B, H, C // G, D) fp16 one zero point per (group, channel), or None
-    v_codes  (B, H, C, Wv) int32    Wv = packing.packed_words(D, v_bits)
-    v_scale  (B, H, C) fp16         one scale per token
-    v_zero   (B, H, C) fp16         one zero point per token, or None
+    k_codes  (N, H, P, Wk) int32     Wk = packing.packed_words(D, k_bits) (or a key plan's words)
+    k_scale  (N, H, P // G, D) fp16  one scale per (group, channel)
+    k_zero   (N, H, P // G, D) fp16  one zero point per (group, channel), or None
+    v_codes  (N, H, P, Wv) int32     Wv = packing.packed_words(D, v_bits)
+    v_scale  (N, H, P) fp16          one scale per token
+    v_zero   (N, H, P) fp16          one zero point per token, or None
 
-    element offsets of page i, row (b, h), in each plane (all tensors contiguous):
-    k_codes[b, h, iP:(i+1)P]    ((b H + h) C + i P) Wk      P Wk consecutive int32 words
-    k_scale[b, h, iP/G:...]     ((b H + h) C/G + i P/G) D   (P/G) D consecutive fp16
-    v_scale[b, h, iP:(i+1)P]    (b H + h) C + i P           P consecutive fp16
-    (k_zero like k_scale, v_codes like k_codes, v_zero like v_scale)
+    element offset of token slot s of head h in page n (every plane contiguous):
+    k_codes  ((n H + h) P + s) Wk    a token row is Wk consecutive int32 words; a page's rows of
+                                     one head are P Wk consecutive words
+    k_scale  ((n H + h) P/G + s/G) D
+    v_scale  (n H + h) P + s
 
-So a GPU kernel reads page i of (b, h) as one run of P*W words (plus its scale runs) given
-the store's base pointers and C, e.g. through a block table of page indices. Tokens
-0 .. n_tokens - 1 are written, whole groups at a time (`PageStore.write_groups`); a page is
-sealed once its P // G groups are written and its ranges are never written again (only
-`QINSLayer.crop` may give back groups, reopening the last page, and beam search permutes
-whole batch rows). When a write needs more than C tokens the store is reallocated with
-max(needed, C + C / 8) tokens rounded up to whole pages and the written prefix copied (so
-appends cost amortized O(new tokens) and the slack is at most about 1/8 of the capacity
-while decoding; a prefill is allocated exactly). `nbytes` counts the whole capacity, slack
-included. The decode reads the written prefix of each plane, a strided view
-[:, :, :n_tokens], in one op per plane (no concatenation over pages).
+A sequence's token t sits in page `table[b, t // P]`, slot t % P (`BlockTable`: a device
+(B, columns) int32 tensor, the kernel's input, and the host-side counts that need no sync).
+Pages are handed out from a free list, then from never-used ids (a bump pointer): allocating a
+page copies nothing. When both are empty the pool collects the pages no table references (one
+host sync, only then); if none is free, a pool built with a fixed size raises `PoolExhausted`,
+and a growable one (the CPU default, `pages=None`) reallocates with 1/8 more pages (ids kept,
+so tables stay valid; `nbytes` counts the whole capacity).
+
+Pages shared by several rows (after `reorder` / `repeat` for beam search) are copy-on-write:
+sealed pages are never written, and before a write into a shared column the table's pages of
+that column are copied into fresh pages (one device gather, no host sync).
 """
 from __future__ import annotations
 
 import torch
 
 from ..codec.packing import packed_words
+
+
+class PoolExhausted(RuntimeError):
+    """The page pool has no free page (build the cache with a larger max_tokens)."""
 
 
 def page_tokens(page_kb: int, heads: int, head_dim: int, k_bits: int, v_bits: int, group: int,
@@ -48,163 +51,202 @@ def page_tokens(page_kb: int, heads: int, head_dim: int, k_bits: int, v_bits: in
     per_group = per_token * group + heads * head_dim * 2 * (1 + k_zero)   # + k scale (+ zero) row
     return max(1, (page_kb * 1024) // per_group) * group
 
-class PageStore:
-    """The sealed (and open) pages of one layer: one contiguous tensor per plane, grown in
-    whole pages; page i is the token range [i P, (i + 1) P) of every plane (fields and
-    layout: see the module docstring; k_zero / v_zero are None for codecs without a zero
-    point). Tokens 0 .. n_tokens - 1 are written; the capacity beyond them is slack, counted
-    by `nbytes`."""
+
+class PagePool:
+    """N pages of P tokens (fields and layout: the module docstring). `pages=None`: growable
+    (starts empty, grows by whole pages); an int: exactly that many pages, `PoolExhausted`
+    when a table asks for more than are free."""
 
     PLANES = ("k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
-    GROWTH = 8                       # a full store grows by 1/GROWTH of its capacity (at least what is asked)
+    GROWTH = 8                       # a growable pool grows by 1/GROWTH of its pages (at least what is asked)
 
-    def __init__(self, B, H, D, P, group, k_bits, v_bits, device, k_zero=False, v_zero=False, pages: int = 0,
-                 k_words: int | None = None):
+    def __init__(self, H, D, P, group, k_bits, v_bits, device, k_zero=False, v_zero=False,
+                 pages: int | None = None, k_words: int | None = None):
         if P % group:
             raise ValueError(f"page tokens ({P}) must be a multiple of the group ({group})")
-        self.group, self.page_tokens, self.n_groups = group, P, 0
-        self.shape = (B, H, D, packed_words(D, k_bits) if k_words is None else k_words, packed_words(D, v_bits))
+        self.group, self.page_tokens = group, P
+        self.shape = (H, D, packed_words(D, k_bits) if k_words is None else k_words, packed_words(D, v_bits))
         self.has_zero = (k_zero, v_zero)
         self.device = device
+        self.fixed = pages is not None
         self.k_codes = self.k_scale = self.k_zero = self.v_codes = self.v_scale = self.v_zero = None
-        self._alloc(pages * P)
+        self.free: list[int] = []
+        self.next_id = 0
+        self._alloc(pages or 0)
 
-    def _empty(self, C: int) -> dict:
-        B, H, D, Wk, Wv = self.shape
+    def _alloc(self, n: int) -> None:
+        """Reallocate every plane with n pages, keeping the pages there are (ids unchanged)."""
+        H, D, Wk, Wv = self.shape
+        P, Gp = self.page_tokens, self.page_tokens // self.group
         i32, f16 = dict(dtype=torch.int32, device=self.device), dict(dtype=torch.float16, device=self.device)
-        G = C // self.group
-        return dict(k_codes=torch.zeros(B, H, C, Wk, **i32), k_scale=torch.zeros(B, H, G, D, **f16),
-                    k_zero=torch.zeros(B, H, G, D, **f16) if self.has_zero[0] else None,
-                    v_codes=torch.zeros(B, H, C, Wv, **i32), v_scale=torch.zeros(B, H, C, **f16),
-                    v_zero=torch.zeros(B, H, C, **f16) if self.has_zero[1] else None)
-
-    def _alloc(self, C: int) -> None:
-        """Reallocate every plane with capacity C tokens (a multiple of P), keeping what is written."""
-        new = self._empty(C)
-        t, g = self.n_tokens, self.n_groups
+        new = dict(k_codes=torch.zeros(n, H, P, Wk, **i32), k_scale=torch.zeros(n, H, Gp, D, **f16),
+                   k_zero=torch.zeros(n, H, Gp, D, **f16) if self.has_zero[0] else None,
+                   v_codes=torch.zeros(n, H, P, Wv, **i32), v_scale=torch.zeros(n, H, P, **f16),
+                   v_zero=torch.zeros(n, H, P, **f16) if self.has_zero[1] else None)
         for name, x in new.items():
             old = getattr(self, name)
-            if old is not None and x is not None:
-                n = g if name in ("k_scale", "k_zero") else t
-                x[:, :, :n] = old[:, :, :n]
+            if old is not None and x is not None and old.shape[0]:
+                x[:old.shape[0]] = old
             setattr(self, name, x)
 
     @property
-    def capacity(self) -> int:
-        return self.k_codes.shape[2]
-
-    @property
-    def n_tokens(self) -> int:
-        return self.n_groups * self.group
-
-    @property
     def n_pages(self) -> int:
-        """Pages holding at least one written group (the last may be open)."""
-        return -(-self.n_tokens // self.page_tokens)
+        return self.k_codes.shape[0]
 
-    def page_range(self, i: int) -> tuple[int, int]:
-        """Token range [t0, t1) of page i (its groups: [t0 / G, t1 / G))."""
-        return i * self.page_tokens, (i + 1) * self.page_tokens
-
-    def page_sealed(self, i: int) -> bool:
-        return self.page_range(i)[1] <= self.n_tokens
-
-    def page_tensors(self, i: int) -> tuple[torch.Tensor, ...]:
-        """Views of page i's planes (codes, scales, zero points of K then V; None planes left out)."""
-        t0, t1 = self.page_range(i)
-        G = self.group
+    def allocate(self, n: int, live) -> list[int]:
+        """n fresh page ids. `live()` returns the ids some table still references (called only
+        when neither the free list nor never-used ids can serve, to collect the rest)."""
         out = []
+        while len(out) < n:
+            if self.free:
+                out.append(self.free.pop())
+            elif self.next_id < self.n_pages:
+                out.append(self.next_id)
+                self.next_id += 1
+            else:
+                used = set(live()) | set(out)
+                self.free = sorted(set(range(self.next_id)) - used, reverse=True)
+                if self.free:
+                    continue
+                if self.fixed:
+                    raise PoolExhausted(
+                        f"the KV page pool is exhausted: all {self.n_pages} pages of {self.page_tokens} tokens "
+                        f"are in use; build the cache with a larger max_tokens")
+                need = n - len(out)
+                self._alloc(self.n_pages + max(need, self.n_pages // self.GROWTH, 1))
+        return out
+
+    def release_all(self) -> None:
+        self.free, self.next_id = [], 0
+
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy pages src -> dst (device int64 ids of one length), every plane."""
         for name in self.PLANES:
             x = getattr(self, name)
             if x is not None:
-                out.append(x[:, :, t0 // G:t1 // G] if name in ("k_scale", "k_zero") else x[:, :, t0:t1])
-        return tuple(out)
+                x.index_copy_(0, dst, x.index_select(0, src))
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, n) for n in self.PLANES if getattr(self, n) is not None)
 
+    def page_nbytes(self) -> int:
+        return sum(t[:1].numel() * t.element_size() for t in self.tensors())
+
     def nbytes(self) -> int:
-        """Bytes allocated: every page of the capacity, slack (unwritten tokens) included."""
+        """Bytes allocated: every page of the pool, free or not."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def planes(self) -> tuple[torch.Tensor | None, ...]:
-        """Written prefix of every plane (views, no copy): k_codes, k_scale, k_zero, v_codes,
-        v_scale, v_zero; (B, H, n_tokens, ...) or (B, H, n_groups, ...)."""
-        t, g = self.n_tokens, self.n_groups
-        return tuple(None if (x := getattr(self, n)) is None else
-                     x[:, :, :g] if n in ("k_scale", "k_zero") else x[:, :, :t] for n in self.PLANES)
-
-    def write_groups(self, kc, ks, kz, vc, vs, vz) -> None:
-        """Append whole groups after the written tokens (growing the store by whole pages):
-        kc/vc (B, H, g*G, W) int32, ks/kz (B, H, g, D), vs/vz (B, H, g*G). Written tokens
-        are never written again (only `truncate` may give groups back)."""
-        t0, g0 = self.n_tokens, self.n_groups
-        n = kc.shape[2]
-        g = n // self.group
-        need = t0 + n
-        if need > self.capacity:
-            P = self.page_tokens
-            grow = max(need, self.capacity + self.capacity // self.GROWTH)
-            self._alloc(-(-grow // P) * P)
-        self.k_codes[:, :, t0:t0 + n] = kc
-        self.k_scale[:, :, g0:g0 + g] = ks
-        self.v_codes[:, :, t0:t0 + n] = vc
-        self.v_scale[:, :, t0:t0 + n] = vs
-        if self.k_zero is not None:
-            self.k_zero[:, :, g0:g0 + g] = kz
-        if self.v_zero is not None:
-            self.v_zero[:, :, t0:t0 + n] = vz
-        self.n_groups += g
-
-    def truncate(self, n_groups: int) -> None:
-        """Keep the first n_groups groups (the capacity is kept: later writes reuse it)."""
-        self.n_groups = min(self.n_groups, max(n_groups, 0))
-
-    def map_batch(self, fn) -> None:
-        """Apply a batch-dimension op (index_select, repeat_interleave, .to) to every plane."""
+    def to(self, device) -> None:
         for name in self.PLANES:
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, fn(t))
-        self.shape = (self.k_codes.shape[0],) + self.shape[1:]
+            x = getattr(self, name)
+            if x is not None:
+                setattr(self, name, x.to(device, non_blocking=True))
         self.device = self.k_codes.device
 
+
+class BlockTable:
+    """Which pages hold each sequence's tokens: `ids` (B, columns) int32 on the pool's device,
+    column j of row b = the page of tokens [j P, (j + 1) P). Host-side counts: `n_tokens`
+    written per row (the same for every row, as transformers' caches are), `n_cols` columns
+    with a page, `shared` columns whose pages rows may share (copy-on-write before a write)."""
+
+    def __init__(self, B: int, device, columns: int = 0):
+        self.ids = torch.zeros(B, columns, dtype=torch.int32, device=device)
+        self.n_tokens = 0
+        self.n_cols = 0
+        self.shared: set[int] = set()
+
+    @property
+    def batch(self) -> int:
+        return self.ids.shape[0]
+
+    def live(self) -> list[int]:
+        """Every page id a row references (a host sync: only the pool's collector calls it)."""
+        return torch.unique(self.ids[:, :self.n_cols]).tolist() if self.n_cols else []
+
+    def ensure(self, pool: PagePool, n_tokens: int, max_cols: int | None = None) -> None:
+        """Give every row pages for tokens [0, n_tokens) (new columns get fresh pages)."""
+        P = pool.page_tokens
+        need = -(-n_tokens // P)
+        if max_cols is not None and need > max_cols:
+            raise PoolExhausted(f"{n_tokens} tokens need {need} pages per sequence; this cache was built for "
+                                f"{max_cols * P} tokens (max_tokens)")
+        if need <= self.n_cols:
+            return
+        if need > self.ids.shape[1]:
+            grow = max(need, self.ids.shape[1] + self.ids.shape[1] // 4 + 1)
+            ids = torch.zeros(self.batch, grow, dtype=torch.int32, device=self.ids.device)
+            ids[:, :self.n_cols] = self.ids[:, :self.n_cols]
+            self.ids = ids
+        B = self.batch
+        new = pool.allocate(B * (need - self.n_cols), self.live)
+        self.ids[:, self.n_cols:need] = torch.tensor(new, dtype=torch.int32).view(need - self.n_cols, B).T.to(
+            self.ids.device)
+        self.n_cols = need
+
+    def own(self, pool: PagePool, col: int) -> None:
+        """Copy-on-write: before writing into column `col`, give every row its own copy of that
+        column's page if rows may share it (after reorder / repeat). No host sync."""
+        if col not in self.shared:
+            return
+        B = self.batch
+        new = torch.tensor(pool.allocate(B, self.live), dtype=torch.int32).to(self.ids.device)
+        pool.copy_pages(self.ids[:, col].long(), new.long())
+        self.ids[:, col] = new
+        self.shared.discard(col)
+
+    def map_rows(self, fn) -> None:
+        """A batch op (index_select, repeat_interleave) on the rows: pages become shared."""
+        self.ids = fn(self.ids)
+        self.shared = set(range(self.n_cols))
+
+    def gather(self, plane: torch.Tensor, n: int) -> torch.Tensor:
+        """(B, H, n, ...) entries [0, n) of a pool plane (N, H, S, ...) read through the table
+        (S = P tokens, or P / G key groups); one gather, a copy."""
+        cols = -(-n // plane.shape[2])
+        x = plane.index_select(0, self.ids[:, :cols].reshape(-1).long())         # (B*cols, H, S, ...)
+        B, S = self.batch, plane.shape[2]
+        x = x.view(B, cols, *plane.shape[1:]).transpose(1, 2)                      # (B, H, cols, S, ...)
+        return x.reshape(B, plane.shape[1], cols * S, *plane.shape[3:])[:, :, :n]
+
+
 class PageView:
-    """Page i of a PageStore (read-only views; for inspection and tests)."""
+    """Page `index` (a table column) of batch row `row` of a layer (read-only views; for
+    inspection and tests)."""
 
-    __slots__ = ("store", "index")
+    __slots__ = ("pool", "table", "index", "row")
 
-    def __init__(self, store: PageStore, index: int):
-        self.store, self.index = store, index
+    def __init__(self, pool: PagePool, table: BlockTable, index: int, row: int = 0):
+        self.pool, self.table, self.index, self.row = pool, table, index, row
+
+    @property
+    def page_id(self) -> int:
+        return int(self.table.ids[self.row, self.index])
 
     @property
     def capacity(self) -> int:
-        return self.store.page_tokens
+        return self.pool.page_tokens
 
     @property
     def n_tokens(self) -> int:
-        return min(max(self.store.n_tokens - self.index * self.capacity, 0), self.capacity)
+        return min(max(self.table.n_tokens - self.index * self.capacity, 0), self.capacity)
 
     @property
     def n_groups(self) -> int:
-        return self.n_tokens // self.store.group
+        return -(-self.n_tokens // self.pool.group)
 
     @property
     def sealed(self) -> bool:
-        return self.store.page_sealed(self.index)
+        return self.n_tokens == self.capacity
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.store.page_tensors(self.index)
+        return tuple(t[self.page_id] for t in self.pool.tensors())
 
     def nbytes(self) -> int:
-        """Bytes of the page's ranges (written or not)."""
-        return sum(t.numel() * t.element_size() for t in self.tensors())
+        return self.pool.page_nbytes()
 
     def __getattr__(self, name):
-        if name in PageStore.PLANES:
-            i = PageStore.PLANES.index(name)
-            if getattr(self.store, name) is None:
-                return None
-            j = sum(getattr(self.store, n) is not None for n in PageStore.PLANES[:i])
-            return self.tensors()[j]
+        if name in PagePool.PLANES:
+            x = getattr(self.pool, name)
+            return None if x is None else x[self.page_id]
         raise AttributeError(name)

@@ -1,0 +1,386 @@
+"""Triton kernels of the paged QINS KV cache (kv/store.py's pool, kv/codec.py's math).
+
+    kv_append        quantize-on-append: whole groups of G new tokens of every (row, head) are
+                     quantized (keys per channel over the group, with a zero point or after a
+                     fixed offset; values per token) and packed straight into their pages
+                     (codes, scales, zero points), one program per (row, head, group).
+    kv_decode_attention
+                     decode attention (one query token) over the pages: split-KV (flash-
+                     decoding), the query heads of one KV head together (GQA), online softmax
+                     in base 2, then a log-sum-exp merge of the splits. The float segment
+                     (sink copies, staging, residual window) is one more split of the same
+                     launch.
+
+Pool layout (kv/store.py): codes (N, H, P, W) int32, key scales / zero points (N, H, P/G, D)
+fp16, value scales / zero points (N, H, P) fp16; block table (B, columns) int32. One-plane
+widths only (2, 4, 8 bits: a code never crosses a word), D a power of two >= 32; the caller
+(kv/attention.py) routes the rest to the torch reference.
+
+Key decode folded into the query: with x = m + r (alpha c + beta) per (group, channel),
+    q . k_t = [q . m + beta (q * r) . 1]  +  alpha (q * r) . c_t
+so a tile of codes c (as fp16: exact integers) meets (q * r) in one tl.dot, and the bracket is
+a per-group bias (levels that are not affine, a > 0, are looked up: alpha = 1, beta = 0).
+Values: out = sum_t p_t (m_t + s_t lut[c_t]) = (p * s) . lut[c] (+ p . m): the per-token value
+scale folds into the probabilities.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_FP16_MAX = 65504.0
+
+
+@triton.jit
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _bucket(y, mids_ptr, BITS: tl.constexpr):
+    """Code = number of midpoints < y (torch.bucketize, ties to the lower level): a binary
+    search over mids padded to 2^BITS entries with +inf."""
+    pos = tl.zeros(y.shape, dtype=tl.int32)
+    for k in tl.static_range(BITS):
+        cand = pos + (1 << (BITS - 1 - k))
+        mid = tl.load(mids_ptr + cand - 1)
+        pos = tl.where(mid < y, cand, pos)
+    return pos
+
+
+@triton.jit
+def _pack(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, D) int32 codes -> (ROWS, D * BITS / 32) int32 words (code i of a word in bits i*BITS)."""
+    sh = tl.arange(0, 32 // BITS) * BITS
+    c = tl.reshape(codes, (ROWS, D * BITS // 32, 32 // BITS)) << sh[None, None, :]
+    return tl.reduce(c, 2, _or)
+
+
+@triton.jit
+def _kv_append_kernel(k_ptr, v_ptr, off_ptr, table_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
+                      kmids_ptr, vmids_ptr, H, T0, P, COLS, SINK,
+                      G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                      K_ZERO: tl.constexpr, K_SIGNED: tl.constexpr, HAS_OFF: tl.constexpr,
+                      V_ZERO: tl.constexpr, V_SIGNED: tl.constexpr):
+    pid_bh = tl.program_id(0)
+    j = tl.program_id(1)                         # group j of this append
+    b = pid_bh // H
+    h = pid_bh % H
+    n_tok = tl.num_programs(1) * G
+    t = tl.arange(0, G)
+    d = tl.arange(0, D)
+    src = j * G + t                              # token in this append
+    src = tl.where(j == 0, tl.maximum(src, SINK), src)   # sink tokens take the next token's keys (stats view)
+    row = (pid_bh * n_tok + src)[:, None] * D + d[None, :]
+    k = tl.load(k_ptr + row).to(tl.float32)     # (G, D)
+    if HAS_OFF:
+        off = tl.load(off_ptr + pid_bh * D + d).to(k_ptr.dtype.element_ty).to(tl.float32)
+        k = (k - off[None, :]).to(k_ptr.dtype.element_ty).to(tl.float32)   # in the model's dtype, as torch
+    hi = tl.max(k, 0)
+    lo = tl.min(k, 0)
+    if K_ZERO:                                   # zero_point_params: m first, r about the stored m
+        m16 = tl.minimum(tl.maximum((hi + lo) * 0.5, -65504.0), 65504.0).to(tl.float16)
+        mf = m16.to(tl.float32)
+        r16 = tl.minimum(tl.maximum(tl.maximum(hi - mf, mf - lo), 0.0), 65504.0).to(tl.float16)
+        rf = r16.to(tl.float32)
+        y = tl.math.div_rn(k - mf[None, :], tl.where(rf == 0.0, 1.0, rf)[None, :])
+    else:
+        if K_SIGNED:
+            s = tl.where(hi >= -lo, hi, lo)
+        else:
+            s = tl.maximum(hi, -lo)
+        r16 = tl.minimum(tl.maximum(s, -65504.0), 65504.0).to(tl.float16)
+        r16 = tl.where(r16 == 0.0, 1.0, r16).to(tl.float16)
+        rf = r16.to(tl.float32)
+        y = tl.math.div_rn(k, rf[None, :])
+    y = tl.minimum(tl.maximum(y, -1.0), 1.0)
+    kcode = _bucket(y, kmids_ptr, KB)
+    # values: one scale (and zero point) per token over D channels
+    v = tl.load(v_ptr + (pid_bh * n_tok + j * G + t)[:, None] * D + d[None, :]).to(tl.float32)
+    vhi = tl.max(v, 1)
+    vlo = tl.min(v, 1)
+    if V_ZERO:
+        vm16 = tl.minimum(tl.maximum((vhi + vlo) * 0.5, -65504.0), 65504.0).to(tl.float16)
+        vmf = vm16.to(tl.float32)
+        vs16 = tl.minimum(tl.maximum(tl.maximum(vhi - vmf, vmf - vlo), 0.0), 65504.0).to(tl.float16)
+        vsf = vs16.to(tl.float32)
+        vy = tl.math.div_rn(v - vmf[:, None], tl.where(vsf == 0.0, 1.0, vsf)[:, None])
+    else:
+        if V_SIGNED:
+            vsx = tl.where(vhi >= -vlo, vhi, vlo)
+        else:
+            vsx = tl.maximum(vhi, -vlo)
+        vs16 = tl.minimum(tl.maximum(vsx, -65504.0), 65504.0).to(tl.float16)
+        vs16 = tl.where(vs16 == 0.0, 1.0, vs16).to(tl.float16)
+        vsf = vs16.to(tl.float32)
+        vy = tl.math.div_rn(v, vsf[:, None])
+    vy = tl.minimum(tl.maximum(vy, -1.0), 1.0)
+    vcode = _bucket(vy, vmids_ptr, VB)
+    # destination: page of token T0 + j G, its slot (a group never straddles a page)
+    tok = T0 + j * G
+    page = tl.load(table_ptr + b * COLS + tok // P).to(tl.int64)
+    slot = tok % P
+    kw = _pack(kcode, G, D, KB)
+    vw = _pack(vcode, G, D, VB)
+    base = page * H + h                          # (page, head)
+    tl.store(kc_ptr + (base * P + slot + t)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :], kw)
+    tl.store(vc_ptr + (base * P + slot + t)[:, None] * (D * VB // 32) + tl.arange(0, D * VB // 32)[None, :], vw)
+    GP = P // G
+    tl.store(ks_ptr + (base * GP + slot // G) * D + d, r16)
+    if K_ZERO:
+        tl.store(kz_ptr + (base * GP + slot // G) * D + d, m16)
+    tl.store(vs_ptr + base * P + slot + t, vs16)
+    if V_ZERO:
+        tl.store(vz_ptr + base * P + slot + t, vm16)
+
+
+def padded_mids(mids: torch.Tensor, bits: int) -> torch.Tensor:
+    """(2^bits,) float32: the codec's midpoints, then +inf (so the search never passes the last level)."""
+    out = torch.full((2 ** bits,), float("inf"), dtype=torch.float32, device=mids.device)
+    out[:mids.numel()] = mids
+    return out
+
+
+def kv_append(k: torch.Tensor, v: torch.Tensor, k_offset: torch.Tensor | None, table: torch.Tensor, t0: int,
+              planes: tuple, k_mids: torch.Tensor, v_mids: torch.Tensor, k_bits: int, v_bits: int, group: int,
+              k_signed: bool, v_signed: bool, sink: int = 0) -> None:
+    """Quantize k, v (B, H, n G, D) (n whole groups, tokens t0 .. t0 + n G - 1 of every row,
+    t0 a multiple of G) into the pages `table` (B, columns) int32 points at.
+
+    planes: the pool's (k_codes, k_scale, k_zero or None, v_codes, v_scale, v_zero or None).
+    k_offset (B, H, 1, D) fp16: subtracted from keys first (keys without zero points).
+    k_mids / v_mids: padded_mids of the codecs. sink: for the stream's first group, tokens
+    below it are quantized as the token at `sink` (QINSLayer._key_stats_view)."""
+    B, H, T, D = k.shape
+    if T % group or t0 % group:
+        raise ValueError(f"kv_append takes whole groups of {group} tokens at a group boundary, got {T} at {t0}")
+    if k_bits not in (2, 4, 8) or v_bits not in (2, 4, 8) or D < 32 or D & (D - 1):
+        raise ValueError(f"kv_append supports 2, 4 and 8 bits and a power-of-two head dim >= 32, "
+                         f"got k{k_bits} v{v_bits} D={D}")
+    if T == 0:
+        return
+    kc, ks, kz, vc, vs, vz = planes
+    P = kc.shape[2]
+    k, v = k.contiguous(), v.contiguous()
+    off = k_offset.contiguous() if k_offset is not None else k
+    grid = (B * H, T // group)
+    _kv_append_kernel[grid](k, v, off, table, kc, ks, kz if kz is not None else ks, vc, vs,
+                            vz if vz is not None else vs, k_mids, v_mids, H, t0, P, table.shape[1], sink,
+                            G=group, D=D, KB=k_bits, VB=v_bits, K_ZERO=kz is not None, K_SIGNED=k_signed,
+                            HAS_OFF=k_offset is not None, V_ZERO=vz is not None, V_SIGNED=v_signed,
+                            num_warps=4)
+
+
+@triton.jit
+def _unpack(words, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, D * BITS / 32) int32 words -> (ROWS, D) int32 codes (channel d = word d / N, lane d % N)."""
+    sh = tl.arange(0, 32 // BITS) * BITS
+    c = (words[:, :, None] >> sh[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(c, (ROWS, D))
+
+
+@triton.jit
+def _as_f16_plus_1024(codes):
+    """int32 codes < 1024 -> fp16 1024 + code with one OR and a bitcast (0x6400 is 1024.0 in fp16;
+    the code fills the mantissa): no int->float conversion, which runs at a quarter of the ALU
+    rate. Callers subtract 1024 x (the other operand's sum)."""
+    return (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _online(s, m_i, l_i, acc):
+    """One online-softmax step in base 2: (p, new m, l, rescaled acc) for scores s (BH, BT)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    corr = tl.math.exp2(m_i - m_safe)
+    return p, m_new, l_i * corr + tl.sum(p, 1), acc * corr[:, None]
+
+
+@triton.jit
+def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
+                      table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr,
+                      H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
+                      k_alpha, k_beta, v_alpha, v_beta, v_curv,
+                      G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                      K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
+                      HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, V_CLOSED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    pid_bh = tl.program_id(0)                    # (row, KV head)
+    pid_s = tl.program_id(1)                     # split; the last one reads the float segment
+    b = pid_bh // H
+    h = pid_bh % H
+    i = tl.arange(0, BLOCK_H)
+    h_ok = i < QH
+    d = tl.arange(0, D)
+    tt = tl.arange(0, BLOCK_T)
+    qrow = (b * H * QH + h * QH + i)             # query heads h*QH .. h*QH + QH - 1 of row b
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+    q = q * qk_scale                             # softmax scale and log2(e): exp2 below
+    m_i = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_H,), tl.float32)
+    acc = tl.zeros((BLOCK_H, D), tl.float32)
+    if pid_s < NSPLIT:
+        GP = P // G
+        start = pid_s * TPS
+        end = tl.minimum(start + TPS, Q)
+        for t0 in range(start, end, BLOCK_T):
+            page = tl.load(table_ptr + b * COLS + t0 // P).to(tl.int64)
+            slot = t0 % P
+            base = page * H + h
+            t = t0 + tt
+            ok = (t < end) & (t >= SKIP)         # sink tokens are read from their fp copies
+            if HAS_MASK:                         # key padding mask (B, T): position t
+                ok = ok & (tl.load(mask_ptr + b * MT + t, mask=ok, other=0) != 0)
+            # keys: q . (m + r (alpha c + beta)) = [q . m + beta (q r) . 1] + alpha (q r) . c
+            r = tl.load(ks_ptr + (base * GP + slot // G) * D + d).to(tl.float32)
+            qr = q * r[None, :]
+            bias = k_beta * tl.sum(qr, 1)
+            if K_BASE == 1:                      # zero point per (group, channel)
+                bias += tl.sum(q * tl.load(kz_ptr + (base * GP + slot // G) * D + d).to(tl.float32)[None, :], 1)
+            if K_BASE == 2:                      # fixed offset per channel (keys without zero points)
+                bias += tl.sum(q * tl.load(koff_ptr + pid_bh * D + d).to(tl.float32)[None, :], 1)
+            kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :],
+                         mask=ok[:, None], other=0)
+            kcode = _unpack(kw, BLOCK_T, D, KB)
+            qr16 = qr.to(tl.float16)
+            if K_AFFINE and MAGIC:               # (q r) . (1024 + c) - 1024 sum(q r) = (q r) . c
+                s = (tl.dot(qr16, tl.trans(_as_f16_plus_1024(kcode)))
+                     - 1024.0 * tl.sum(qr16.to(tl.float32), 1)[:, None]) * k_alpha + bias[:, None]
+            elif K_AFFINE:
+                s = tl.dot(qr16, tl.trans(kcode.to(tl.float16))) * k_alpha + bias[:, None]
+            else:
+                s = tl.dot(qr16, tl.trans(tl.load(klut_ptr + kcode).to(tl.float16))) + bias[:, None]
+            s = tl.where(ok[None, :], s, float("-inf"))
+            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            # values: sum_t p_t (m_t + s_t (alpha c + beta)) ; the per-token scale folds into p
+            vsc = tl.load(vs_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
+            pv = p * vsc[None, :]
+            vw = tl.load(vc_ptr + (base * P + slot + tt)[:, None] * (D * VB // 32) + tl.arange(0, D * VB // 32)[None, :],
+                         mask=ok[:, None], other=0)
+            vcode = _unpack(vw, BLOCK_T, D, VB)
+            pv16 = pv.to(tl.float16)
+            if V_AFFINE:
+                pvs = tl.sum(pv16.to(tl.float32), 1)
+                if MAGIC:
+                    acc += (tl.dot(pv16, _as_f16_plus_1024(vcode)) - 1024.0 * pvs[:, None]) * v_alpha \
+                        + (v_beta * pvs)[:, None]
+                else:
+                    acc += tl.dot(pv16, vcode.to(tl.float16)) * v_alpha + (v_beta * pvs)[:, None]
+            elif V_CLOSED:                       # qins levels j / (N (1 + a) - a |j|), j = c - (N - 1)
+                j = vcode.to(tl.float32) - ((1 << (VB - 1)) - 1)
+                lvl = tl.fdiv(j, (1 << (VB - 1)) * (1.0 + v_curv) - v_curv * tl.abs(j))
+                acc += tl.dot(pv16, lvl.to(tl.float16))
+            else:
+                acc += tl.dot(pv16, tl.load(vlut_ptr + vcode).to(tl.float16))
+            if V_ZERO:
+                vm = tl.load(vz_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
+                acc += tl.sum(p * vm[None, :], 1)[:, None]
+    else:
+        for f0 in range(0, F, BLOCK_T):          # the float segment: sink copies, staging, residual
+            f = f0 + tt
+            fok = f < F
+            if HAS_MASK:                         # sink copies are positions 0 .. SKIP-1, then Q ..
+                pos = tl.where(f < SKIP, f, Q + f - SKIP)
+                fok = fok & (tl.load(mask_ptr + b * MT + pos, mask=fok, other=0) != 0)
+            rows = (pid_bh * F + f)[:, None] * D + d[None, :]
+            k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            s = tl.where(fok[None, :], s, float("-inf"))
+            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+            v = tl.load(fv_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+            acc += tl.dot(p, v, input_precision="ieee")
+    S1 = NSPLIT + 1
+    out = (qrow * S1 + pid_s)
+    tl.store(o_ptr + out[:, None] * D + d[None, :], acc, mask=h_ok[:, None])
+    tl.store(ml_ptr + out * 2, m_i, mask=h_ok)
+    tl.store(ml_ptr + out * 2 + 1, l_i, mask=h_ok)
+
+
+@triton.jit
+def _kv_combine_kernel(o_ptr, ml_ptr, out_ptr, S1, D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits of one query head."""
+    row = tl.program_id(0)
+    sp = tl.arange(0, BLOCK_S)
+    ok = sp < S1
+    d = tl.arange(0, D)
+    m = tl.load(ml_ptr + (row * S1 + sp) * 2, mask=ok, other=float("-inf"))
+    l_ = tl.load(ml_ptr + (row * S1 + sp) * 2 + 1, mask=ok, other=0.0)
+    mx = tl.max(m, 0)
+    w = tl.where(ok & (m > float("-inf")), tl.math.exp2(m - mx), 0.0)
+    o = tl.load(o_ptr + (row * S1 + sp)[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+    num = tl.sum(o * w[:, None], 0)
+    den = tl.sum(l_ * w, 0)
+    tl.store(out_ptr + row * D + d, (num / den).to(out_ptr.dtype.element_ty))
+
+
+def splits_for(B: int, H: int, Q: int, block_t: int, device) -> int:
+    """Splits of the page tokens: about two programs per SM over B * H (row, head) pairs."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
+    return max(1, min(-(-2 * sms // (B * H)), -(-Q // block_t)))
+
+
+def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_tokens: int, skip: int,
+                        k_base: torch.Tensor | None, k_lut: torch.Tensor, v_lut: torch.Tensor,
+                        k_affine: tuple[float, float] | None, v_affine: tuple[float, float] | None,
+                        k_bits: int, v_bits: int, group: int,
+                        fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
+                        mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int = 4,
+                        num_stages: int | None = None, magic: bool = True,
+                        v_closed: float | None = None) -> torch.Tensor:
+    """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
+
+    K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
+    the pool's k_codes, k_scale, k_zero, v_codes, v_scale, v_zero; None where absent), those
+    below `skip` left out (their fp copies lead the float segment), then the float segment
+    fk, fv (B, H, F, D). k_base (B, H, 1, D): the fixed key offset of keys without zero points.
+    k_lut / v_lut: the codecs' decode tables (level = lut[code]); k_affine / v_affine: (alpha,
+    beta) when every level is alpha * code + beta (kv.codec.affine_levels), so codes meet the
+    tensor cores as they are, else None (a table lookup per code). mask (B, T) bool or None:
+    which positions (pages then float tokens, T = n_tokens + F - skip) a row attends to.
+    splits, block_t (tokens per tile, dividing the group), num_warps, num_stages: launch
+    parameters (defaults: about two programs per SM, min(64, group), 4, Triton's). magic:
+    uniform codes become fp16 by an OR with 1024.0's bits instead of an int->float conversion
+    (the offset subtracted after the dot). v_closed: the values' qins curvature a when their
+    table is codec.qins.qins_table(v_bits, a) (no zero point): levels computed with one fast
+    division instead of a table lookup per code (within 1 ulp of the table)."""
+    B, Hq, D = q.shape
+    kc, ks, kz, vc, vs, vz = planes
+    H = kc.shape[1]
+    if Hq % H or D < 32 or D & (D - 1) or k_bits not in (2, 4, 8) or v_bits not in (2, 4, 8):
+        raise ValueError(f"kv_decode_attention takes Hq a multiple of H, a power-of-two D >= 32 and 2/4/8 bits; "
+                         f"got Hq={Hq}, H={H}, D={D}, k{k_bits}v{v_bits}")
+    QH = Hq // H
+    P = kc.shape[2]
+    block_t = block_t or min(64, group)
+    if group % block_t:
+        raise ValueError(f"block_t ({block_t}) must divide the key group ({group})")
+    if splits is None:
+        splits = splits_for(B, H, n_tokens, block_t, q.device)
+    tps = -(-(-(-n_tokens // splits)) // block_t) * block_t if n_tokens else block_t
+    ka, va = k_affine, v_affine
+    S1 = splits + 1
+    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
+    fk, fv = fk.contiguous(), fv.contiguous()
+    q = q.contiguous()
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, n_tokens + fk.shape[2] - skip):
+            raise ValueError(f"mask must be (B, T) bool with T = {n_tokens + fk.shape[2] - skip}, "
+                             f"got {mask.dtype} {tuple(mask.shape)}")
+        mask = mask.contiguous().view(torch.uint8)
+    k_mode = 1 if kz is not None else 2 if k_base is not None else 0
+    _kv_decode_kernel[(B * H, S1)](
+        q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
+        vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml, mask if mask is not None else table,
+        H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits,
+        mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
+        ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
+        float(v_closed or 0.0),
+        G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
+        V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic,
+        V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
+        BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
+    return out

@@ -1,0 +1,78 @@
+"""The decode-attention kernel over packed pages (kernels/triton_kv.py) against the reference
+(every token decoded to float, then SDPA) on the same layer.
+
+CPU (CI): Triton's interpreter, fp32 and fp16 queries, odd batch and GQA ratios, token counts
+that end inside a page and a group, sink tokens, an open group after a crop, several splits.
+Tolerance: max |out - ref| <= 2e-3 * max |ref| (fp32 queries) and 4e-3 (fp16): the kernel
+multiplies codes against (q * key scale) and (p * value scale) rounded to fp16 on the tensor
+cores, relative 2^-11 per product (measured under the interpreter: 2.9e-5 to 4.2e-4)."""
+import pytest
+import torch
+
+from qins.kv.attention import decode_attention, reference_attention
+from qins.kv.layer import QINSLayer
+
+from .conftest import CUDA, DEVICE, needs_triton
+
+pytestmark = needs_triton
+TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+
+CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, residual, dtype)
+    (4, 4, 32, True, False, 0.5, 1, 0, torch.float32), (8, 8, 16, False, False, 0.0, 1, 5, torch.float16),
+    (2, 4, 16, True, True, 0.0, 2, 3, torch.float32)] + (
+    [(4, 4, 128, True, False, 0.5, 1, 0, torch.bfloat16), (8, 8, 64, False, False, 0.0, 1, 128, torch.bfloat16)]
+    if CUDA else [])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decode_attention_matches_reference(case, monkeypatch):
+    *case, dtype = case
+    kb, vb, group, k_zero, v_zero, a, sink, residual = case
+    B, H, QH, D = (3, 2, 3, 32) if not CUDA else (4, 8, 4, 128)
+    g = torch.Generator().manual_seed(kb * 10 + vb)
+    # pages written by the torch path (the append kernel is bit-exact with it: test_kv_append.py),
+    # read by the kernel
+    monkeypatch.setenv("QINS_KERNELS", "reference")
+    layer = QINSLayer(kb, vb, residual=residual, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
+                      v_curvature=a, expect_heads=H, expect_head_dim=D)
+    n = 150 if not CUDA else 3000
+    x = torch.randn(B, H, n, D, generator=g) * 2 + 0.3
+    x[:, :, 0] *= 20                                          # an outlier sink token
+    layer.update(x.to(DEVICE, dtype), x.flip(3).mul(1.5).to(DEVICE, dtype))
+    layer.crop(-(layer.keys.shape[2] + 5))                     # into the pages: ends inside an open group
+    layer.update(x[:, :, :3].to(DEVICE, dtype), x[:, :, 3:6].to(DEVICE, dtype))
+    assert layer.n_quantized % group
+    for _ in range(2 if CUDA else 1):                         # CPU: one step (the interpreter is slow)
+        q = (torch.randn(B, H * QH, 1, D, generator=g) * 2).to(DEVICE, dtype)
+        monkeypatch.setenv("QINS_KERNELS", "triton")
+        assert layer.kernels
+        got = decode_attention(layer, q, D ** -0.5)
+        assert layer.last_path == "triton"
+        ref = reference_attention(layer, q.float(), D ** -0.5)
+        err = float((got.float() - ref).abs().max() / ref.abs().max())
+        assert err <= TOL[dtype], f"relative max error {err:.2e}"
+        y = torch.randn(B, H, 1, D, generator=g).to(DEVICE, dtype)
+        monkeypatch.setenv("QINS_KERNELS", "reference")
+        layer.update(y, y)
+    monkeypatch.setenv("QINS_KERNELS", "reference")
+    assert torch.equal(decode_attention(layer, q, D ** -0.5), reference_attention(layer, q, D ** -0.5))
+
+
+def test_closed_form_values_match_the_table(monkeypatch):
+    # 4-bit qins values at a = 0.5 (the default) decoded by a fast division instead of the table
+    from qins.kernels.triton_kv import kv_decode_attention
+    from qins.kv.attention import float_segment
+    monkeypatch.setenv("QINS_KERNELS", "triton")
+    g = torch.Generator().manual_seed(7)
+    layer = QINSLayer(4, 4, residual=0, group=32, page_kb=16, sink=1, v_curvature=0.5, expect_heads=1,
+                      expect_head_dim=32)
+    x = torch.randn(1, 1, 100, 32, generator=g)
+    layer.update(x.to(DEVICE), x.flip(2).to(DEVICE))
+    q = torch.randn(1, 2, 32, generator=g).to(DEVICE)
+    fk, fv, skip = float_segment(layer)
+    args = (q, tuple(getattr(layer.pool, p) for p in layer.pool.PLANES), layer.table.ids, layer.n_quantized, skip,
+            None, layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine, 4, 4, 32, fk, fv, 32 ** -0.5)
+    assert layer._v_affine is None
+    table, closed = kv_decode_attention(*args), kv_decode_attention(*args, v_closed=0.5)
+    # measured 0 difference under the interpreter (the levels round to the same fp16 values)
+    torch.testing.assert_close(closed, table, rtol=1e-3, atol=1e-4)
