@@ -23,6 +23,7 @@ Results: benchmarks/results/cpu_speed.{json,md}.
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import json
@@ -36,6 +37,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("float32", "bf16", "qins8-g128", "qins4-g64", "llama.cpp-Q4_1", "llama.cpp-Q8_0", "llama.cpp-Q4_0")
 PROMPT_TOKENS = 16
+QINS = {"qins8-g128": (8, 128), "qins4-g64": (4, 64)}
+
+
+def _prepared_dir(variant: str) -> Path:
+    return Path(os.environ.get("TMPDIR", "/tmp")) / f"qins_cpu_speed_{variant}"
+
+
+def _prepare(variants) -> None:
+    """Write each torch variant to disk once (the workers then load it without the float model:
+    their RSS is their own). float32/bf16: save_pretrained; QINS: quantize + qins.save."""
+    import torch
+    import qins
+    from qins.codec.config import WeightConfig
+    tok, model = qins.load_default_model()
+    for v in variants:
+        d = _prepared_dir(v)
+        if v.startswith("llama") or (d / "done").exists():
+            continue
+        if v in QINS:
+            bits, group = QINS[v]
+            m = qins.quantize(copy.deepcopy(model), WeightConfig("qins", bits, group),
+                              embeddings=WeightConfig("qins", 6, 128), progress=False)
+            qins.save(m, d, tokenizer=tok)
+        else:
+            m = copy.deepcopy(model).to(torch.bfloat16 if v == "bf16" else torch.float32)
+            m.save_pretrained(d)
+            tok.save_pretrained(d)
+        (d / "done").write_text("ok")
+        del m
+        gc.collect()
+
+
+def _load_prepared(variant: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    d = _prepared_dir(variant)
+    tok = AutoTokenizer.from_pretrained(d)
+    if variant in QINS:
+        import qins
+        return tok, qins.load(d)
+    dtype = torch.bfloat16 if variant == "bf16" else torch.float32
+    return tok, AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
 
 
 def _rss_mb(field: str = "VmRSS") -> float:
@@ -70,24 +113,20 @@ def _corpus_ids(tok, n: int, offset: int):
 def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> dict:
     import torch
     import qins
-    from qins.codec.config import WeightConfig
+    import transformers
+    del qins, transformers                      # imported before the base RSS is read
     base_rss = _rss_mb()
-    tok, model = qins.load_default_model()
+    tok, model = _load_prepared(variant)        # never a float copy in a QINS variant's process
     prompt = _corpus_ids(tok, PROMPT_TOKENS, 0)
     long = _corpus_ids(tok, prefill, 1000)
     kl_ids = _corpus_ids(tok, 512, 3000)
     info: dict = {"variant": variant}
-    if variant == "bf16":
-        model = model.to(torch.bfloat16)
-    elif variant.startswith("qins"):
-        bits, group = (8, 128) if variant == "qins8-g128" else (4, 64)
-        qins.quantize(model, WeightConfig("qins", bits, group), embeddings=WeightConfig("qins", 6, 128),
-                      progress=False)
+    if variant.startswith("qins"):
         from qins.weights.quantize import quantized_modules
-        qbytes = sum(sum(t.numel() * t.element_size() for t in m.quantized.tensors().values())
-                     for _, m in quantized_modules(model) if getattr(m, "tied_to", None) is None)
-        nweights = sum(m.weight_shape[0] * m.weight_shape[1] for _, m in quantized_modules(model)
-                       if getattr(m, "tied_to", None) is None)
+        mods = [m for _, m in quantized_modules(model) if getattr(m, "tied_to", None) is None]
+        qbytes = sum(sum(t.numel() * t.element_size() for t in m.quantized.tensors().values()) for m in mods)
+        nweights = sum(m.weight_shape[0] * m.weight_shape[1] for m in mods)
+        bits, group = QINS[variant]
         info["quantized"] = (f"{len(list(quantized_modules(model)))} modules: decoder linears qins {bits}-bit "
                              f"g{group}, embedding + tied lm_head qins 6-bit g128 (one copy of the codes)")
         info["quantized_bpw"] = round(8 * qbytes / nweights, 3)
@@ -128,7 +167,6 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> d
 
 def _fast_vs_reference(model, ids) -> dict:
     """KL(p_reference || p_fast) over the positions of one window, and the max |logit| change."""
-    import torch
     from qins.kernels import cpu
     os.environ["QINS_KERNELS"] = "reference"
     ref = model(ids).logits.float()
@@ -316,6 +354,8 @@ def main(argv=None) -> int:
            "torch": torch.__version__, "transformers": transformers.__version__, "llama_cpp": llama_v,
            "gen": a.gen, "prefill": a.prefill, "load_before": os.getloadavg()[0]}
     variants = [v for v in a.variants if not v.startswith("llama") or llama_v != "not installed"]
+    print(f"preparing {variants} (once: quantize / save under {_prepared_dir('')}*)", file=sys.stderr)
+    _prepare(variants)
     res["variants"] = [_run_worker(v, a) for v in variants]
     res["load_after"] = os.getloadavg()[0]
     out = Path(a.out)

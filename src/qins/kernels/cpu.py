@@ -19,7 +19,6 @@ warns once and uses the reference.
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from pathlib import Path
 
