@@ -28,9 +28,9 @@ from ..codec.formats import get_format
 from ..codec.tensor import QuantizedWeight
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_qlinear.cpp"
-GEMV_MAX_ROWS = 8         # measured: the fused gemv beats decode-tile + GEMM up to here (benchmarks/cpu_speed.py)
+GEMV_MAX_ROWS = 8         # fused gemv up to here, tiles + GEMM above (chosen, not yet tuned by measurement)
 TILE_BYTES = 1 << 20      # fp32 decoded tile of W per GEMM: fits a core's L2 (2 MB here)
-CLOSED_BITS = (6, 8)     # qins widths decoded in closed form (measured: gather is ~5x slower)
+CLOSED_BITS = (6, 8)     # qins widths decoded in closed form (gather measured ~3x slower on a 49152 x 576 layer)
 GRAIN_WORDS = 1 << 14     # rows per thread chunk ~ this many packed words
 
 
