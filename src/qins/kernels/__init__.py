@@ -5,16 +5,23 @@
 
 Backends, chosen per call by `QINS_KERNELS` (read on every call):
     auto (default)  CUDA tensors -> Triton (kernels/triton_qlinear.py through the torch.library
-                    ops in kernels/ops.py); CPU tensors, or no Triton -> the reference
+                    ops in kernels/ops.py); CPU tensors -> the CPU fast path (kernels/cpu.py, a
+                    C++ extension built on first use), or the reference with one warning where
+                    it cannot build or run; no Triton on CUDA -> the reference
     reference       the pure-PyTorch reference everywhere (kernels/reference.py)
     triton          Triton, or a clear error where it cannot run; on the CPU this needs
                     TRITON_INTERPRET=1 (how the tests check the kernels without a GPU)
+    cpu             the CPU fast path, or a clear error where it cannot run
+
+Under autograd (x or the bias requires grad) and inside torch.compile the CPU path defers to
+the reference: the extension has no backward and is opaque to the compiler.
 """
 from __future__ import annotations
 
 import functools
 import importlib.util
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +30,7 @@ from ..codec.formats import get_format
 from ..codec.tensor import QuantizedWeight
 from . import reference
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "cpu")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -59,7 +66,7 @@ def _interpreting() -> bool:
 
 def _use_triton(x: torch.Tensor, qw: QuantizedWeight) -> bool:
     b = backend()
-    if b == "reference":
+    if b in ("reference", "cpu"):
         return False
     why = None
     if not triton_available():
@@ -76,6 +83,40 @@ def _use_triton(x: torch.Tensor, qw: QuantizedWeight) -> bool:
         return True
     if b == "triton":
         raise RuntimeError(f"QINS_KERNELS=triton: cannot run the Triton kernel: {why}")
+    return False
+
+
+class _Warned:
+    cpu = False
+
+
+def _use_cpu(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> bool:
+    b = backend()
+    if b not in ("auto", "cpu"):
+        return False
+    from . import cpu
+    why, warn = None, False
+    if x.device.type != "cpu" or qw.qweight.device.type != "cpu":
+        why = f"x is on {x.device} and the codes on {qw.qweight.device} (the fast path runs on the CPU)"
+    elif x.dtype not in DTYPES:
+        why = f"x has dtype {x.dtype}; the kernels take {DTYPES}"
+    elif x.shape[-1] != qw.shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {qw.shape[1]}")
+    elif torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        why = "autograd needs a backward (the extension has none)"
+    elif torch.compiler.is_compiling():
+        why = "torch.compile traces the reference"
+    elif not cpu.available():
+        why, warn = cpu.why_not(), True
+    if why is None:
+        return True
+    if b == "cpu":
+        raise RuntimeError(f"QINS_KERNELS=cpu: cannot run the CPU fast path: {why}")
+    if warn and not _Warned.cpu:
+        _Warned.cpu = True
+        warnings.warn(f"qins: the CPU fast path is unavailable ({why}); using the reference, which "
+                      f"decodes each whole weight per call (several times slower)", RuntimeWarning,
+                      stacklevel=3)
     return False
 
 
@@ -96,6 +137,9 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     if weight is not None:
         return F.linear(x, weight.to(x.dtype), bias)
     if not _use_triton(x, qw):
+        if _use_cpu(x, qw, bias):
+            from . import cpu
+            return cpu.qlinear(x, qw, bias)
         return reference.qlinear(x, qw, bias)
     from . import ops
     args, mode = _op_args(qw)

@@ -1,0 +1,372 @@
+// CPU fast path of qlinear: y = x W^T + b with W decoded from packed codes inside the dot
+// product (AVX2 + FMA + F16C), never materialised whole.
+//
+// Layout (codec/packing.py): a row of N_pad codes is split into bit planes of width 8, 4, 2
+// or 1; 8 consecutive codes of a plane of width w occupy 8w contiguous bits of one word
+// (w <= 4) or two words (w = 8). Group k of a row covers codes [k g, (k+1) g), the last group
+// also the remainder; g is a multiple of 32, so a group is whole 32-code blocks.
+//
+// Decode of 8 codes -> 8 floats (`lookup`):
+//   bits <= 3  one _mm256_permutevar8x32_ps on the table in one register
+//   bits 4     two permutes (table halves) and a blend on code bit 3
+//   bits 5     four permutes, three blends on bits 3 and 4
+//   bits 6, 8  _mm256_i32gather_ps from the table (L1)
+// Per group: acc = sum_i T[c_i] x_i (fp32 FMA), then y += s * acc (+ m * sum_i x_i).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct Planes {            // bit planes of one code width, low bits first
+  int n;
+  int width[2];
+  int shift[2];
+};
+
+constexpr Planes planes_of(int bits) {
+  switch (bits) {
+    case 8: return {1, {8, 0}, {0, 0}};
+    case 6: return {2, {4, 2}, {0, 4}};
+    case 5: return {2, {4, 1}, {0, 4}};
+    case 4: return {1, {4, 0}, {0, 0}};
+    case 3: return {2, {2, 1}, {0, 2}};
+    default: return {1, {2, 0}, {0, 0}};
+  }
+}
+
+// 8 codes of one plane of width W, chunk c (codes 8c .. 8c+7), plane base pointer p
+template <int W>
+inline __m256i plane8(const uint32_t* p, int64_t c) {
+  if constexpr (W == 8) {
+    __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 2 * c));
+    return _mm256_cvtepu8_epi32(b);
+  } else {
+    // 8 codes take 8W bits: word (8W c) / 32, bit offset (8W c) % 32
+    const int64_t bit = 8 * W * c;
+    uint32_t word = p[bit >> 5] >> (bit & 31);
+    const __m256i sh = _mm256_setr_epi32(0, W, 2 * W, 3 * W, 4 * W, 5 * W, 6 * W, 7 * W);
+    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(word)), sh);
+    return _mm256_and_si256(v, _mm256_set1_epi32((1 << W) - 1));
+  }
+}
+
+template <int BITS>
+inline __m256i codes8(const uint32_t* row, int64_t plane1, int64_t c) {
+  constexpr Planes P = planes_of(BITS);
+  __m256i idx = plane8<P.width[0]>(row, c);
+  if constexpr (P.n == 2) {
+    __m256i hi = plane8<P.width[1]>(row + plane1, c);
+    idx = _mm256_or_si256(idx, _mm256_slli_epi32(hi, P.shift[1]));
+  }
+  return idx;
+}
+
+// the table of one curvature held in registers (bits <= 5) or read from L1
+template <int BITS>
+struct Table {
+  __m256 t[4];
+  const float* p;
+  inline void load(const float* tab) {
+    p = tab;
+    if constexpr (BITS <= 3) {
+      float buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int i = 0; i < (1 << BITS); ++i) buf[i] = tab[i];
+      t[0] = _mm256_loadu_ps(buf);
+    } else if constexpr (BITS <= 5) {
+      for (int i = 0; i < (1 << (BITS - 3)); ++i) t[i] = _mm256_loadu_ps(tab + 8 * i);
+    }
+  }
+  inline __m256 lookup(__m256i idx) const {
+    if constexpr (BITS <= 3) {
+      return _mm256_permutevar8x32_ps(t[0], idx);
+    } else if constexpr (BITS == 4) {
+      __m256 lo = _mm256_permutevar8x32_ps(t[0], idx);
+      __m256 hi = _mm256_permutevar8x32_ps(t[1], idx);
+      return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+    } else if constexpr (BITS == 5) {
+      __m256 b3 = _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28));
+      __m256 a = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[0], idx), _mm256_permutevar8x32_ps(t[1], idx), b3);
+      __m256 b = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t[2], idx), _mm256_permutevar8x32_ps(t[3], idx), b3);
+      return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 27)));
+    } else {
+      return _mm256_i32gather_ps(p, idx, 4);
+    }
+  }
+};
+
+// qins in closed form (bits 6 and 8: no gather): code c -> j = c - (N - 1), N = 2^(bits-1),
+// value j / (N (1 + a) - a |j|) = sign(j) v(|j| / N), v(t) = t / (1 + a (1 - t)) (codec/qins.py);
+// reciprocal + one Newton step: within 2 ulp of the float64-built table (tests check it)
+template <int BITS>
+struct Closed {
+  __m256 neg_a, base;
+  inline void load(const float* curv) {
+    constexpr float N = float(1 << (BITS - 1));
+    const float a = *curv;
+    neg_a = _mm256_set1_ps(-a);
+    base = _mm256_set1_ps(N * (1.f + a));
+  }
+  inline __m256 lookup(__m256i idx) const {
+    const __m256 j = _mm256_cvtepi32_ps(_mm256_sub_epi32(idx, _mm256_set1_epi32((1 << (BITS - 1)) - 1)));
+    const __m256 aj = _mm256_andnot_ps(_mm256_set1_ps(-0.f), j);
+    const __m256 den = _mm256_fmadd_ps(aj, neg_a, base);
+    __m256 r = _mm256_rcp_ps(den);
+    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.f)));
+    return _mm256_mul_ps(j, r);
+  }
+};
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float half_to_float(const at::Half* h, int64_t i) {
+  return _cvtsh_ss(reinterpret_cast<const uint16_t*>(h)[i]);
+}
+
+struct Args {
+  const uint32_t* q; int64_t W;        // (O, W) packed words
+  const at::Half* s; const at::Half* m; int64_t G;   // (O, G) or null
+  const float* tab; int64_t A;         // (A, 2^bits), or (A,) curvatures when closed
+  int64_t gs, n_pad, plane1;           // group size, codes per row, plane-1 offset in words
+};
+
+// y[r, o] for M (<= 4) rows of xp (M, n_pad) fp32, rows o0..o1 of W; xs (M, G) group sums of x
+template <int BITS, class Dec, int M>
+void gemv_rows(const Args& a, const float* xp, const float* xs, const float* bias, float* y,
+               int64_t O, int64_t o0, int64_t o1) {
+  constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);   // independent FMA chains per x row
+  constexpr int T = std::is_same_v<Dec, Closed<BITS>> ? 1 : 1 << BITS;
+  Dec tab;
+  if (a.A == 1) tab.load(a.tab);
+  for (int64_t o = o0; o < o1; ++o) {
+    if (a.A != 1) tab.load(a.tab + o * T);
+    const uint32_t* row = a.q + o * a.W;
+    __m256 racc[M];
+    float roff[M];
+    for (int m = 0; m < M; ++m) { racc[m] = _mm256_setzero_ps(); roff[m] = 0.f; }
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t c0 = g * a.gs / 8;
+      const int64_t c1 = (g == a.G - 1) ? a.n_pad / 8 : (g + 1) * a.gs / 8;   // multiple of 4
+      __m256 acc[M][U];
+      for (int m = 0; m < M; ++m)
+        for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+      for (int64_t c = c0; c < c1; c += 4) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          __m256 v = tab.lookup(codes8<BITS>(row, a.plane1, c + k));
+          for (int m = 0; m < M; ++m)
+            acc[m][k % U] = _mm256_fmadd_ps(v, _mm256_loadu_ps(xp + m * a.n_pad + 8 * (c + k)), acc[m][k % U]);
+        }
+      }
+      const float s = a.s ? half_to_float(a.s, o * a.G + g) : 1.f;
+      const __m256 sv = _mm256_set1_ps(s);
+      for (int m = 0; m < M; ++m) {
+        __m256 t = acc[m][0];
+        for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
+        racc[m] = _mm256_fmadd_ps(t, sv, racc[m]);
+        if (a.m) roff[m] += half_to_float(a.m, o * a.G + g) * xs[m * a.G + g];
+      }
+    }
+    const float b = bias ? bias[o] : 0.f;
+    for (int m = 0; m < M; ++m) y[m * O + o] = hsum(racc[m]) + roff[m] + b;
+  }
+}
+
+// decoded rows o0..o1 of W into buf (o1 - o0, n_pad) fp32: T[c] * s (+ m)
+template <int BITS, class Dec>
+void decode_rows(const Args& a, float* buf, int64_t o0, int64_t o1, int64_t base) {
+  constexpr int T = std::is_same_v<Dec, Closed<BITS>> ? 1 : 1 << BITS;
+  Dec tab;
+  if (a.A == 1) tab.load(a.tab);
+  for (int64_t o = o0; o < o1; ++o) {
+    if (a.A != 1) tab.load(a.tab + o * T);
+    const uint32_t* row = a.q + o * a.W;
+    float* out = buf + (o - base) * a.n_pad;
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t c0 = g * a.gs / 8;
+      const int64_t c1 = (g == a.G - 1) ? a.n_pad / 8 : (g + 1) * a.gs / 8;
+      const __m256 sv = _mm256_set1_ps(a.s ? half_to_float(a.s, o * a.G + g) : 1.f);
+      const __m256 mv = _mm256_set1_ps(a.m ? half_to_float(a.m, o * a.G + g) : 0.f);
+      for (int64_t c = c0; c < c1; ++c)
+        _mm256_storeu_ps(out + 8 * c, _mm256_fmadd_ps(tab.lookup(codes8<BITS>(row, a.plane1, c)), sv, mv));
+    }
+  }
+}
+
+template <int BITS, class Dec>
+void gemv(const Args& a, const float* xp, const float* xs, const float* bias, float* y,
+          int64_t M, int64_t O, int64_t grain) {
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t m = 0; m < M; m += 4) {
+      const float* xm = xp + m * a.n_pad;
+      const float* sm = xs + m * a.G;
+      float* ym = y + m * O;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: gemv_rows<BITS, Dec, 1>(a, xm, sm, bias, ym, O, o0, o1); break;
+        case 2: gemv_rows<BITS, Dec, 2>(a, xm, sm, bias, ym, O, o0, o1); break;
+        case 3: gemv_rows<BITS, Dec, 3>(a, xm, sm, bias, ym, O, o0, o1); break;
+        default: gemv_rows<BITS, Dec, 4>(a, xm, sm, bias, ym, O, o0, o1); break;
+      }
+    }
+  });
+}
+
+// f(Decoder<bits>{}): the table in registers / L1, or the qins closed form (bits 6, 8)
+template <typename F>
+void by_bits(int64_t bits, bool closed, F&& f) {
+  TORCH_CHECK(!closed || bits == 6 || bits == 8, "qins cpu: the closed form is built for 6 and 8 bits");
+  switch (bits) {
+    case 2: f(Table<2>{}); break;
+    case 3: f(Table<3>{}); break;
+    case 4: f(Table<4>{}); break;
+    case 5: f(Table<5>{}); break;
+    case 6: if (closed) f(Closed<6>{}); else f(Table<6>{}); break;
+    case 8: if (closed) f(Closed<8>{}); else f(Table<8>{}); break;
+    default: TORCH_CHECK(false, "qins cpu: unsupported bit width ", bits);
+  }
+}
+template <class D> struct BitsOf;
+template <int B> struct BitsOf<Table<B>> { static constexpr int value = B; };
+template <int B> struct BitsOf<Closed<B>> { static constexpr int value = B; };
+
+Args make_args(const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
+               const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
+               int64_t bits, int64_t group_size, int64_t in_features, bool closed) {
+  TORCH_CHECK(qweight.dtype() == at::kInt && qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be a contiguous 2-D int32 tensor");
+  TORCH_CHECK(table.dtype() == at::kFloat && table.dim() == 2 && table.is_contiguous() &&
+              table.size(1) == (closed ? 1 : int64_t(1) << bits),
+              "table must be a contiguous (A, 2^bits) float32 tensor (closed: (A, 1) curvatures)");
+  TORCH_CHECK(table.size(0) == 1 || table.size(0) == qweight.size(0), "table rows must be 1 or O");
+  const int64_t O = qweight.size(0);
+  const int64_t n_pad = (in_features + 31) / 32 * 32;
+  const Planes P = planes_of(int(bits));
+  int64_t words = 0;
+  for (int i = 0; i < P.n; ++i) words += n_pad * P.width[i] / 32;
+  TORCH_CHECK(qweight.size(1) == words, "qweight has ", qweight.size(1), " words per row, expected ", words);
+  TORCH_CHECK(group_size > 0, "group_size must be positive");
+  const int64_t G = std::max<int64_t>(1, in_features / group_size);
+  TORCH_CHECK(G == 1 || group_size % 32 == 0, "group_size must be a multiple of 32 (or cover the row)");
+  Args a;
+  a.q = reinterpret_cast<const uint32_t*>(qweight.data_ptr<int32_t>());
+  a.W = words;
+  a.s = nullptr; a.m = nullptr;
+  for (auto* t : {&scales, &offsets}) {
+    if (t->has_value()) {
+      const at::Tensor& v = t->value();
+      TORCH_CHECK(v.dtype() == at::kHalf && v.is_contiguous() && v.dim() == 2 && v.size(0) == O && v.size(1) == G,
+                  "scales/offsets must be contiguous (O, G) float16");
+    }
+  }
+  if (scales.has_value()) a.s = scales->data_ptr<at::Half>();
+  if (offsets.has_value()) a.m = offsets->data_ptr<at::Half>();
+  a.G = G;
+  a.tab = table.data_ptr<float>();
+  a.A = table.size(0);
+  a.gs = group_size;
+  a.n_pad = n_pad;
+  a.plane1 = n_pad * P.width[0] / 32;
+  return a;
+}
+
+// x (M, I) float32 contiguous -> (M, n_pad) zero padded, and (M, G) group sums (offsets only)
+std::pair<at::Tensor, at::Tensor> prep_x(const at::Tensor& x, const Args& a, int64_t in_features) {
+  at::Tensor xp = x;
+  if (a.n_pad != in_features) xp = at::constant_pad_nd(x, {0, a.n_pad - in_features}, 0);
+  at::Tensor xs;
+  if (a.m) {
+    const int64_t M = x.size(0);
+    if (a.G == 1) {
+      xs = xp.sum(1, true);
+    } else {
+      at::Tensor head = xp.narrow(1, 0, (a.G - 1) * a.gs).reshape({M, a.G - 1, a.gs}).sum(2);
+      at::Tensor last = xp.narrow(1, (a.G - 1) * a.gs, a.n_pad - (a.G - 1) * a.gs).sum(1, true);
+      xs = at::cat({head, last}, 1);
+    }
+    xs = xs.contiguous();
+  } else {
+    xs = at::zeros({1}, x.options());
+  }
+  return {xp.contiguous(), xs};
+}
+
+// y (M, O) float32 = x (M, I) float32 @ W^T + bias, W decoded in the dot product (M <= small)
+at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
+                   const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
+                   const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                   int64_t in_features, bool closed, int64_t grain) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == in_features, "x must be (M, I) float32");
+  Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
+  auto [xp, xs] = prep_x(x.contiguous(), a, in_features);
+  const int64_t M = x.size(0), O = qweight.size(0);
+  at::Tensor y = at::empty({M, O}, x.options());
+  const float* b = nullptr;
+  at::Tensor bc;
+  if (bias.has_value()) { bc = bias->to(at::kFloat).contiguous(); b = bc.data_ptr<float>(); }
+  by_bits(bits, closed, [&](auto D) {
+    using Dec = decltype(D);
+    gemv<BitsOf<Dec>::value, Dec>(a, xp.data_ptr<float>(), xs.data_ptr<float>(), b, y.data_ptr<float>(), M, O, grain);
+  });
+  return y;
+}
+
+// y (M, O) float32 = x @ W^T + bias by tiles of `tile` rows: decode a tile into an fp32 buffer
+// (threads over rows), then one GEMM per tile; the buffer is the only float weight held.
+at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
+                    const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
+                    const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                    int64_t in_features, bool closed, int64_t tile) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == in_features, "x must be (M, I) float32");
+  Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
+  const int64_t M = x.size(0), O = qweight.size(0);
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, O}, x.options());
+  at::Tensor buf = at::empty({std::min(tile, O), a.n_pad}, x.options());
+  at::Tensor part = at::empty({M, std::min(tile, O)}, x.options());
+  for (int64_t o0 = 0; o0 < O; o0 += tile) {
+    const int64_t n = std::min(tile, O - o0);
+    float* bp = buf.data_ptr<float>();
+    by_bits(bits, closed, [&](auto D) {
+      using Dec = decltype(D);
+      at::parallel_for(o0, o0 + n, 8, [&](int64_t r0, int64_t r1) {
+        decode_rows<BitsOf<Dec>::value, Dec>(a, bp, r0, r1, o0);
+      });
+    });
+    at::Tensor w = buf.narrow(0, 0, n).narrow(1, 0, in_features);
+    at::Tensor out = part.narrow(1, 0, n);
+    at::mm_out(out, xc, w.t());
+    y.narrow(1, o0, n).copy_(out);
+  }
+  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  return y;
+}
+
+// (O, I) float32: the whole weight decoded (tests compare it with the reference decode)
+at::Tensor decode_op(const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
+                     const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
+                     int64_t bits, int64_t group_size, int64_t in_features, bool closed) {
+  Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
+  const int64_t O = qweight.size(0);
+  at::Tensor buf = at::empty({O, a.n_pad}, qweight.options().dtype(at::kFloat));
+  float* bp = buf.data_ptr<float>();
+  by_bits(bits, closed, [&](auto D) {
+    using Dec = decltype(D);
+    at::parallel_for(0, O, 8, [&](int64_t r0, int64_t r1) { decode_rows<BitsOf<Dec>::value, Dec>(a, bp, r0, r1, 0); });
+  });
+  return buf.narrow(1, 0, in_features).contiguous();
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv", &gemv_op, "x @ W^T + b, W decoded inside the dot product (small M)");
+  m.def("tiled", &tiled_op, "x @ W^T + b by decoded tiles of W and a GEMM per tile (large M)");
+  m.def("decode", &decode_op, "the whole weight decoded to float32");
+}
