@@ -5,7 +5,7 @@
 Prints VmHWM before and after `QuantizedWeight.from_float`; saves the packed codes to
 /tmp/qw_{new,old}.pt for comparison.
 """
-import sys, resource, torch
+import sys, torch
 import qins.codec.packing as P
 if sys.argv[1] == "old":
     P._PACK_CHUNK = 1 << 62
