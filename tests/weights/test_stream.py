@@ -190,3 +190,15 @@ def test_resume_after_sigkill(phi3_dir, tmp_path):
     assert redone[0] == 2
     whole = compress_checkpoint(phi3_dir, tmp_path / "whole", CFG, shard_bytes=60_000, progress=False)
     assert files(out) == files(whole)
+
+
+def test_truncated_source_is_a_clear_error(phi3_dir, tmp_path):
+    """The reader (plain file reads, no mapping) names a source shard cut short."""
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(phi3_dir, src)
+    shard = sorted(src.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        compress_checkpoint(src, tmp_path / "o", CFG, progress=False)
+    assert not (tmp_path / "o").exists()
