@@ -26,6 +26,7 @@ _LAZY = {
     "load_model": ("qins.metrics.models", "load_model"),
     "default_corpus": ("qins.metrics.models", "default_corpus"),
     "register_transformers": ("qins.weights.hf", "register"),
+    "QINSConfig": ("qins.weights.hf", "QINSConfig"),
     "eval": ("qins.eval", None),
     "QINSCache": ("qins.kv.cache", "QINSCache"),
     "KeyPlan": ("qins.kv.plan", "KeyPlan"),

@@ -131,6 +131,7 @@ _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), 
                    ("embeddings", "--embeddings", None))
 DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on the corpus's first windows
 DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
+DEFAULT_SHARD_GB = 0.5               # --stream: output GiB per recorded (resumable) shard
 
 
 def _embedding_config(a, config):
@@ -149,7 +150,7 @@ def _embedding_config(a, config):
 def cmd_compress(a):
     if a.stream:
         return _compress_stream(a)
-    if a.shard_gb != 1.0:
+    if a.shard_gb != DEFAULT_SHARD_GB:
         raise ValueError("--shard-gb applies to --stream only")
     from . import load_model, quantize, save
     from .metrics.quality import token_windows
@@ -226,25 +227,43 @@ def cmd_compress(a):
 
 
 def _compress_stream(a):
-    """qins compress --stream: tensor by tensor from the safetensors files, resumable."""
+    """qins compress --stream: tensor by tensor (layer by layer with gptq) from the safetensors files, resumable."""
     from .weights.stream import compress_checkpoint
     if a.model is None:
         raise ValueError("--stream reads a local safetensors checkpoint directory: give MODEL")
     given = [flag for flag, on in (("--target-bpw", a.target_bpw is not None), ("--max-kl", a.max_kl is not None),
                                    ("--max-ppl-increase", a.max_ppl_increase is not None),
-                                   ("--calibration-text", a.calibration_text is not None),
-                                   ("--calibration-windows", a.calibration_windows is not None),
-                                   ("--candidates", a.candidates is not None),
-                                   ("--rounding gptq", a.rounding == "gptq"), ("--device", a.device != "cpu")) if on]
+                                   ("--candidates", a.candidates is not None)) if on]
     if given:
-        raise ValueError(f"{', '.join(given)} cannot be combined with --stream: streaming compression is data-free "
-                         f"(nearest rounding, no calibration) and runs on the CPU")
-    a.rounding = a.rounding or "nearest"       # streaming is data-free: no calibration, no GPTQ
+        raise ValueError(f"{', '.join(given)} cannot be combined with --stream: streaming compression applies one "
+                         f"fixed config (mixed-precision plans need the whole model)")
+    a.rounding = a.rounding or "nearest"       # streaming defaults to data-free rounding
+    if a.rounding != "gptq" and (a.calibration_text is not None or a.calibration_windows is not None):
+        raise ValueError("--calibration-text / --calibration-windows with --stream apply to --rounding gptq only")
+    if a.calibration_windows is not None and a.calibration_windows < 1:
+        raise ValueError(f"--calibration-windows must be at least 1, got {a.calibration_windows}")
     config = _weight_config(a)
     emb = _embedding_config(a, config)
+    device = _device(a)
+    wins = None
+    if config.rounding == "gptq":
+        from transformers import AutoTokenizer
+
+        from .metrics.models import read_corpus
+        from .metrics.quality import token_windows
+        text = read_corpus(a.calibration_text or None)
+        try:
+            tok = AutoTokenizer.from_pretrained(a.model)
+        except Exception as e:                     # transformers raises many types here
+            raise ValueError(f"--stream --rounding gptq tokenizes its calibration text with {a.model}'s tokenizer, "
+                             f"which does not load ({type(e).__name__}: {e})") from None
+        wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or 8)
+        where = "the default corpus" if not a.calibration_text else " ".join(a.calibration_text)
+        print(f"calibration: first {wins.shape[0]} windows x 512 tokens of {where}, run through the already "
+              f"quantized layers (sequential GPTQ, one layer in memory, on {device})")
     path = compress_checkpoint(a.model, a.output, config, skip=a.skip, embeddings=emb,
                                dtype=None if a.dtype == "auto" else a.dtype,
-                               shard_bytes=int(a.shard_gb * 2**30))
+                               shard_bytes=int(a.shard_gb * 2**30), calibration=wins, device=device)
     size = sum(f.stat().st_size for f in path.iterdir() if f.is_file())
     print(f"wrote {path}: {size / 1e9:.3f} GB on disk")
     _maybe_json(a, {"path": str(path), "bytes_on_disk": size})
@@ -463,11 +482,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p, "the model, its calibration and the quantization run (the saved files are the same)")
     _add_dtype(p, "auto", "dtype of the tensors stored in float (norms, biases, float embeddings); "
                           "calibration and quantization compute in float32")
-    g = p.add_argument_group("streaming (bounded memory: one tensor plus one output shard; data-free)")
+    g = p.add_argument_group("streaming (bounded memory: one tensor, or one layer with --rounding gptq)")
     g.add_argument("--stream", action="store_true",
                    help="read MODEL's safetensors tensor by tensor, never the whole model; resumable: rerun the "
-                        "same command after an interruption")
-    g.add_argument("--shard-gb", type=float, default=1.0, help="output GiB held in memory and recorded at a time")
+                        "same command after an interruption. Rounding defaults to nearest (no data); "
+                        "--rounding gptq runs sequential GPTQ layer by layer on --device")
+    g.add_argument("--shard-gb", type=float, default=DEFAULT_SHARD_GB,
+                   help=f"output GiB recorded at a time: what an interruption can lose (default {DEFAULT_SHARD_GB})")
     p.set_defaults(fn=cmd_compress)
 
     p = sub.add_parser("eval", help="quality + memory vs the uncompressed model")

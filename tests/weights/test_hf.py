@@ -163,7 +163,7 @@ def test_config_round_trip_and_validation(make_model):
     bad["modules"]["lm_head"]["tied_to"] = "model.norm"
     with pytest.raises(ValueError, match="not a quantized embedding"):
         QINSQuantizationConfig.from_dict(bad)
-    with pytest.raises(ValueError, match="pre-quantized"):       # nothing is quantized on the fly
+    with pytest.raises(ValueError, match="QINSConfig"):          # a plan is not a config to quantize with
         QINSHfQuantizer(again, pre_quantized=False)
 
 

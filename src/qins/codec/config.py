@@ -51,7 +51,12 @@ class WeightConfig(JsonConfig):
     group_size    weights per scale along the input dimension (a multiple of 32); None = one
                   per output channel. Where it does not divide the input dimension, the last
                   group of each row takes the remainder.
-    curvature     qins only: "tensor" (one a per tensor) or "channel" (one a per output row)
+    curvature     qins only: "tensor" (one a per tensor) or "channel" (one a per output row).
+                  A fused layer is one tensor: Phi-3's qkv_proj (Q, K and V rows stacked) and
+                  gate_up_proj (gate and up rows) share one curvature per tensor under
+                  "tensor"; under "channel" every row has its own, so each logical tensor is
+                  quantized exactly as it would be alone. Scales never cross rows in either
+                  mode (tests/codec/test_fused.py).
     curvature_value  qins only: fix a instead of calibrating it
     clip_search   search a clip of each group's scale (largest |x| then may not be exact)
     scale_dtype   storage of scales and offsets: "float16" (16 bits each)

@@ -131,7 +131,7 @@ def sensitivities(model: nn.Module, candidates: list[WeightConfig], hessians: di
                   include_embeddings: bool = True, skip=(), keep: bool = True,
                   progress: bool = True) -> list[Tensor]:
     """Quantize every tensor with every candidate; return bits and estimated loss of each."""
-    from .quantize import _embedding_name, _matches, _tied_output
+    from .targets import _embedding_name, _matches, _tied_output
 
     in_name = _embedding_name(model, "get_input_embeddings")
     out_name = _embedding_name(model, "get_output_embeddings")

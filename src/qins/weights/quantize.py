@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import sys
 from typing import Iterator, Mapping
 
@@ -15,26 +14,7 @@ from ..codec.tensor import QuantizedWeight
 from .linear import QINSEmbedding, QINSLinear, is_linear_like
 from .plan import PLAN_ATTR, plan_doc
 from .swap import replace_module
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
-
-
-def _resolve(name: str, config: WeightConfig, overrides: Mapping[str, WeightConfig | dict] | None) -> WeightConfig:
-    for pattern, cfg in (overrides or {}).items():
-        if _matches(name, pattern):
-            return cfg if isinstance(cfg, WeightConfig) else config.replace(**cfg)
-    return config
-
-
-def _embedding_name(model: nn.Module, getter: str) -> str | None:
-    """Qualified name of the module transformers' get_input/output_embeddings returns."""
-    get = getattr(model, getter, None)
-    mod = get() if get is not None else None
-    if mod is None:
-        return None
-    return next((n for n, m in model.named_modules() if m is mod), None)
+from .targets import _matches, _resolve, _tied_output, select_targets
 
 
 def quantize(
@@ -139,33 +119,6 @@ def quantize(
 
 def _quantizable(mod: nn.Module) -> bool:
     return is_linear_like(mod) or isinstance(mod, (nn.Embedding, QINSLinear, QINSEmbedding))
-
-
-def select_targets(model: nn.Module, skip=(), include_embeddings: bool = False
-                   ) -> tuple[list[tuple[str, nn.Module]], str | None, str | None]:
-    """(targets, input embedding name, output embedding name): the modules `quantize` replaces,
-    the input embedding first so that a tied lm_head can point at it. Works on a meta skeleton."""
-    out_name = _embedding_name(model, "get_output_embeddings")
-    in_name = _embedding_name(model, "get_input_embeddings")
-    targets: list[tuple[str, nn.Module]] = []
-    for name, mod in model.named_modules():
-        if any(_matches(name, p) for p in skip):
-            continue
-        if is_linear_like(mod) and (name != out_name or include_embeddings):
-            targets.append((name, mod))
-        elif include_embeddings and name == in_name and isinstance(mod, nn.Embedding):
-            targets.append((name, mod))
-    targets.sort(key=lambda t: t[0] != in_name)
-    return targets, in_name, out_name
-
-
-def _tied_output(model: nn.Module, in_name: str | None, out_name: str | None) -> bool:
-    if in_name is None or out_name is None:
-        return False
-    a = model.get_submodule(in_name).weight
-    b = model.get_submodule(out_name).weight
-    # meta tensors (a skeleton) all have data_ptr 0: only identity says they are tied
-    return a is b or (not a.is_meta and a.data_ptr() == b.data_ptr())
 
 
 def record_plan(model: nn.Module, plan: dict, allocation: dict | None = None) -> None:

@@ -1,11 +1,13 @@
 """Streaming compression: a checkpoint on disk to a qins save, one tensor at a time.
 
 `compress_checkpoint(src_dir, out_dir, config)` never builds the float model. It reads the
-source safetensors tensor by tensor (`safe_open`), quantizes the weights `qins.quantize`
-would quantize (same include/skip rules, decided on a skeleton built on the meta device),
-and writes what `qins.save` writes: the same tensor names, dtypes and bytes in one
-`model.safetensors`, the same config.json and qins.json. Memory: one source tensor plus one
-output shard (`shard_bytes`).
+source safetensors tensor by tensor (`TensorReader`: plain file reads into a fresh tensor,
+no memory map), quantizes the weights `qins.quantize` would quantize (same include/skip rules,
+decided on a skeleton built on the meta device, `targets.plan_modules`), and writes what
+`qins.save` writes: the same tensor names, dtypes and bytes in one `model.safetensors`, the
+same config.json and qins.json. Each output tensor is written as soon as it is made, so
+memory is one source tensor and its quantization (with rounding="gptq": one decoder layer,
+`weights/sequential.py`), independent of the model's size.
 
 Resumable. Work happens in a fixed temporary directory beside the output,
 
@@ -14,14 +16,15 @@ Resumable. Work happens in a fixed temporary directory beside the output,
         shard-00001.safetensors ...   output tensors in state-dict order, cut at shard_bytes
 
 A shard is recorded (atomically) only after its file is complete; a rerun with the same
-source, config and options verifies each recorded shard (size, sha256) and redoes the ones
-that do not match. At the end the shards are concatenated into model.safetensors (the
-safetensors layout: 8-byte little-endian header length, JSON header padded with spaces to a
-multiple of 8, tensors sorted by dtype alignment then name) and the directory replaces
-`out_dir` in one rename.
+source, config and options (and calibration windows, for gptq) verifies each recorded shard
+(size, sha256) and redoes the ones that do not match. At the end the shards are concatenated
+into model.safetensors (the safetensors layout: 8-byte little-endian header length, JSON
+header padded with spaces to a multiple of 8, tensors sorted by dtype alignment then name) and
+the directory replaces `out_dir` in one rename.
 
-Data-free rounding only: rounding="gptq" needs every layer's inputs, so sequential GPTQ
-over a streamed model is later work.
+Peak memory, measured (benchmarks/results/phi35_synthetic.md, 8 full-width Phi-3.5 layers):
+6.81 GB when the run mapped each 2 GB source shard (safe_open) and held up to 1 GiB of output,
+4.13 GB with this layout; the rest is the largest tensor's quantization.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from ..codec.config import FORMAT_VERSION, WeightConfig
 from ..codec.tensor import QuantizedWeight
 from ..metrics.models import fingerprint
 from .plan import PLAN_NAME, plan_doc
-from .quantize import _resolve, _tied_output, select_targets
+from .targets import plan_modules
 from .swap import modules_from_plan
 
 WEIGHTS_NAME = "model.safetensors"
@@ -55,6 +58,7 @@ _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16"
 _ST_ORDER = ("BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32",
              "F32", "F64", "I64", "U64")
 _COPY_CHUNK = 1 << 24                                  # bytes per read when concatenating
+DEFAULT_SHARD_BYTES = 1 << 29                          # output bytes per recorded (resumable) shard
 
 
 # ---------------------------------------------------------------- safetensors, written by stream
@@ -96,14 +100,16 @@ def _header(entries: list[tuple[str, str, tuple, int]], metadata: Mapping[str, s
 
 
 def write_safetensors(path: str | os.PathLike, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor],
-                      metadata: Mapping[str, str] | None = None) -> Path:
+                      metadata: Mapping[str, str] | None = None, sort: bool = True) -> Path:
     """Write a safetensors file holding one produced tensor at a time, in safetensors' order.
 
     `produce(name)` returns the tensor for `specs`' entry `name` (its dtype and shape are
-    checked). The file appears complete (temporary sibling + fsync + rename) or not at all.
+    checked); it is called in the order the tensors are laid out: safetensors' (as save_file)
+    or, with sort=False, the order of `specs` (a valid file too; readers go by the offsets).
+    The file appears complete (temporary sibling + fsync + rename) or not at all.
     """
     path = Path(path)
-    specs = safetensors_order(specs)
+    specs = safetensors_order(specs) if sort else list(specs)
     tmp = path.with_name(f".{path.name}.partial")
     with open(tmp, "wb") as f:
         f.write(_header([(s.name, s.st_dtype, s.shape, s.nbytes) for s in specs], metadata))
@@ -129,6 +135,53 @@ def read_header(path: str | os.PathLike) -> tuple[dict, int]:
     if len(js) != n:
         raise ValueError(f"{path}: truncated safetensors header")
     return json.loads(js), 8 + n
+
+
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class TensorReader:
+    """Tensors of safetensors files, read one at a time with plain file reads (no mapping).
+
+    `files` maps each tensor name to its file. A tensor's bytes are read straight into a fresh
+    torch tensor, so they occupy the process's memory only while that tensor lives. safe_open
+    would map the whole file instead: every page of a 2 GB shard once touched stays in the
+    process's resident set (RssFile) until the file is closed (measured:
+    benchmarks/results/phi35_synthetic.md).
+    """
+
+    def __init__(self, files: Mapping[str, str | os.PathLike]):
+        self.files = {k: Path(v) for k, v in files.items()}
+        self._headers: dict[Path, tuple[dict, int]] = {}
+
+    def entry(self, name: str) -> tuple[dict, int]:
+        """(the header entry of `name`, the byte offset of its file's data section)."""
+        path = self.files[name]
+        if path not in self._headers:
+            self._headers[path] = read_header(path)
+        head, start = self._headers[path]
+        if name not in head:
+            raise ValueError(f"{path}: no tensor {name!r} in the file")
+        return head[name], start
+
+    def get(self, name: str) -> torch.Tensor:
+        e, start = self.entry(name)
+        path = self.files[name]
+        dtype = _TORCH_DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {e['dtype']}, which qins does not read")
+        b0, b1 = e["data_offsets"]
+        t = torch.empty(tuple(e["shape"]), dtype=dtype)
+        if b1 - b0 != t.numel() * dtype.itemsize:
+            raise ValueError(f"{path}: tensor {name} spans {b1 - b0} bytes, its shape {e['shape']} needs "
+                             f"{t.numel() * dtype.itemsize}; the file is corrupt")
+        if t.numel():
+            buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+            with open(path, "rb") as f:
+                f.seek(start + b0)
+                if f.readinto(buf) != len(buf):
+                    raise ValueError(f"{path}: truncated while reading {name}")
+        return t
 
 
 def _sha256(path: Path) -> str:
@@ -157,30 +210,6 @@ def _skeleton(src: Path):
 def _source_dtype(config) -> torch.dtype:
     dt = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, dt) if isinstance(dt, str) else dt
-
-
-def plan_modules(model: nn.Module, config: WeightConfig, skip=(), overrides=None,
-                 include_embeddings: bool = False, embeddings: WeightConfig | None = None) -> dict:
-    """The plan `qins.quantize` would record for `model` (a skeleton, e.g. on the meta device)."""
-    include_embeddings = include_embeddings or embeddings is not None
-    targets, in_name, out_name = select_targets(model, skip, include_embeddings)
-    tied = _tied_output(model, in_name, out_name)
-    plan = {}
-    names = [n for n, _ in targets]
-    base = {n: embeddings for n in (in_name, out_name) if n is not None and embeddings is not None}
-    for name, mod in targets:
-        cfg = _resolve(name, base.get(name, config), overrides)
-        if cfg.rounding == "gptq":
-            raise ValueError(f"{name}: streaming compression rounds to nearest only; rounding='gptq' needs "
-                             f"every layer's input statistics (sequential GPTQ over a streamed model is not "
-                             f"implemented): load the model and use qins.quantize with calibration")
-        if isinstance(mod, nn.Embedding):
-            plan[name] = {"kind": "embedding", "config": cfg.to_dict()}
-        elif name == out_name and tied and in_name in names:
-            plan[name] = {"kind": "tied_linear", "tied_to": in_name}
-        else:
-            plan[name] = {"kind": "linear", "config": cfg.to_dict()}
-    return plan
 
 
 @dataclass(frozen=True)
@@ -243,18 +272,25 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                         overrides: Mapping[str, WeightConfig | dict] | None = None,
                         include_embeddings: bool = False, dtype: torch.dtype | str | None = None,
                         embeddings: WeightConfig | None = None,
-                        shard_bytes: int = 1 << 30, progress: bool = True,
-                        _after_shard: Callable[[int], None] | None = None) -> Path:
+                        shard_bytes: int = DEFAULT_SHARD_BYTES, progress: bool = True,
+                        calibration: torch.Tensor | None = None, device: str | torch.device | None = None,
+                        batch_size: int = 4, _after_shard: Callable[[int], None] | None = None) -> Path:
     """Quantize the safetensors checkpoint `src_dir` into a qins save at `out_dir`, streaming.
 
-    The result is what `qins.save(qins.quantize(model, config, skip, overrides,
-    include_embeddings), out_dir)` writes for `model` loaded from `src_dir` in `dtype`
-    (default: the checkpoint's dtype), without the model ever in memory; `qins.load` reads it.
-    skip, overrides, include_embeddings, embeddings: as `qins.quantize`. shard_bytes: output bytes held in
-    memory (and recorded for resuming) at a time. An interrupted run resumes where the last
-    recorded shard ended when called again with the same arguments.
+    With nearest rounding the result is what `qins.save(qins.quantize(model, config, skip,
+    overrides, include_embeddings), out_dir)` writes for `model` loaded from `src_dir` in
+    `dtype` (default: the checkpoint's dtype), without the model ever in memory; `qins.load`
+    reads it. skip, overrides, include_embeddings, embeddings: as `qins.quantize`.
+
+    rounding="gptq" (in `config`, `embeddings` or an override) runs sequential GPTQ
+    (`weights/sequential.py`): `calibration` (N, T) token ids go through the already-quantized
+    layers, one layer in memory at a time, on `device` (default: the CPU), in batches of
+    `batch_size` windows. The input embedding is rounded to nearest.
+
+    shard_bytes: output bytes per recorded shard: the unit of resuming (output tensors are
+    written as they are made, so it costs no memory). An interrupted run resumes after the
+    last recorded shard when called again with the same arguments.
     """
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     config = config or WeightConfig()
@@ -263,14 +299,17 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
     elif (src / WEIGHTS_NAME).is_file():
-        with safe_open(str(src / WEIGHTS_NAME), "pt") as f:
-            weight_map = {k: WEIGHTS_NAME for k in f.keys()}
+        weight_map = {k: WEIGHTS_NAME for k in read_header(src / WEIGHTS_NAME)[0] if k != "__metadata__"}
     else:
         raise FileNotFoundError(f"{src}: no model.safetensors or model.safetensors.index.json "
                                 f"(streaming reads safetensors checkpoints only)")
     hf_config, model = _skeleton(src)
     dtype = _source_dtype(hf_config) if dtype is None else (getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     modules = plan_modules(model, config, tuple(skip or ()), overrides, include_embeddings, embeddings)
+    gptq = any(e.get("config", {}).get("rounding") == "gptq" for e in modules.values())
+    if gptq and calibration is None:
+        raise ValueError("rounding='gptq' needs calibration=(N, T) token ids: each layer's Hessian comes from "
+                         "them, run through the already-quantized layers below it")
     outs, tied = _outputs(model, modules, dtype)
     missing = sorted({o.source for o in outs} - set(weight_map))
     if missing:
@@ -278,9 +317,12 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                          f"(its names must match the transformers model's state dict)")
     shards = _shards(outs, shard_bytes)
     source = {"path": str(src.resolve()), "sha256": fingerprint(src, progress=progress)}
-    key = hashlib.sha256(json.dumps(
-        {"source": source["sha256"], "modules": modules, "dtype": str(dtype), "qins": __version__,
-         "shards": [[o.spec.name for o in s] for s in shards]}, sort_keys=True).encode()).hexdigest()
+    what = {"source": source["sha256"], "modules": modules, "dtype": str(dtype), "qins": __version__,
+            "shards": [[o.spec.name for o in s] for s in shards]}
+    if gptq:
+        what["calibration"] = {"sha256": hashlib.sha256(calibration.to(torch.int64).numpy().tobytes()).hexdigest(),
+                               "shape": list(calibration.shape), "batch_size": batch_size}
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
     work = out.parent / f".{out.name}.stream-partial"
     work.mkdir(parents=True, exist_ok=True)
@@ -301,54 +343,72 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         for f in work.glob("shard-*.safetensors"):
             f.unlink()
 
-    files = {o.source: weight_map[o.source] for o in outs}
+    source_reader = TensorReader({name: src / f for name, f in weight_map.items()})
+    names = [f"shard-{i + 1:05d}.safetensors" for i in range(len(shards))]
+    written = TensorReader({o.spec.name: work / fname for fname, shard in zip(names, shards) if fname in done
+                            for o in shard})
+    by_module = {o.module: o for o in outs if o.module is not None}
+    device = torch.device(device) if device is not None else None
+
+    def read_weight(module: str) -> torch.Tensor:
+        """(O, I) weight of a quantized module in `dtype`, as the model loaded in `dtype` holds it."""
+        o = by_module[module]
+        w = source_reader.get(o.source).to(device=device, dtype=dtype)
+        return w.t().contiguous() if o.transpose else w          # Conv1D stores (I, O)
+
+    def stored(module: str) -> QuantizedWeight | None:
+        """A module's codes from a finished shard (resuming), else None."""
+        fields = [o for o in outs if o.module == module]
+        if not all(o.spec.name in written.files for o in fields):
+            return None
+        got = {o.field: written.get(o.spec.name) for o in fields}
+        return QuantizedWeight(got["qweight"], got.get("scales"), got.get("offsets"), got.get("curvature"),
+                               WeightConfig.from_dict(modules[module]["config"]),
+                               model.get_submodule(module).weight_shape)   # the skeleton holds QINS modules
+
+    if gptq:
+        from .sequential import SequentialGPTQ
+        driver = SequentialGPTQ(hf_config, modules, source_reader.get, calibration, dtype=dtype, device=device,
+                                batch_size=batch_size, stored=stored,
+                                progress=progress)
+        make = driver.quantized
+    else:
+        def make(module: str) -> QuantizedWeight:
+            cfg = WeightConfig.from_dict(modules[module]["config"])
+            return QuantizedWeight.from_float(read_weight(module), cfg, name=module)
+
     total = sum(o.spec.nbytes for o in outs)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"stream {config.label}", disable=not progress)
-    handles: dict = {}
-
-    def read(name: str) -> torch.Tensor:
-        fname = files[name]
-        if fname not in handles:
-            handles.clear()                                 # one source file open at a time
-            handles[fname] = safe_open(str(src / fname), "pt")
-        return handles[fname].get_tensor(name)
-
     try:
-        for i, shard in enumerate(shards):
-            fname = f"shard-{i + 1:05d}.safetensors"
-            size = sum(o.spec.nbytes for o in shard)
+        for i, (fname, shard) in enumerate(zip(names, shards)):
             if fname in done:
-                bar.update(size)
+                bar.update(sum(o.spec.nbytes for o in shard))
                 continue
-            held: dict[str, torch.Tensor] = {}
-            for o in shard:                                 # quantize: one source tensor at a time
+            by_name = {o.spec.name: o for o in shard}
+            pending: dict[str, torch.Tensor] = {}           # the other fields of the module being written
+
+            def produce(name: str) -> torch.Tensor:
+                o = by_name[name]
                 if o.module is None:
-                    held[o.spec.name] = read(o.source).to(o.spec.dtype)
-                elif o.spec.name not in held:
-                    entry = modules[o.module]
-                    w = read(o.source).to(dtype)          # as the model loaded in `dtype` holds it
-                    if o.transpose:
-                        w = w.t().contiguous()              # (O, I)
-                    qw = QuantizedWeight.from_float(w, WeightConfig.from_dict(entry["config"]), name=o.module)
-                    del w
-                    for field, t in qw.tensors().items():
-                        held[f"{o.module}.{field}"] = t
+                    t = source_reader.get(o.source).to(o.spec.dtype)
+                else:
+                    if name not in pending:
+                        pending.update({f"{o.module}.{k}": v for k, v in make(o.module).tensors().items()})
+                    t = pending.pop(name)
                 bar.update(o.spec.nbytes)
-            specs = [o.spec for o in shard]
-            write_safetensors(work / fname, specs, held.__getitem__)
-            del held
+                return t
+            # written in plan order, each tensor as soon as it is made: one module's output in memory
+            write_safetensors(work / fname, [o.spec for o in shard], produce, sort=False)
             done[fname] = {"bytes": (work / fname).stat().st_size, "sha256": _sha256(work / fname)}
             atomic_write(prog_file, json.dumps({"key": key, "shards": done}, indent=1, sort_keys=True))
             if _after_shard is not None:
                 _after_shard(i)
     finally:
-        handles.clear()
         bar.close()
 
     tmp = temp_dir_beside(out)
     try:
-        _concatenate(work, [f"shard-{i + 1:05d}.safetensors" for i in range(len(shards))], tmp / WEIGHTS_NAME,
-                     {"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
+        _concatenate(work, names, tmp / WEIGHTS_NAME, {"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
         _write_configs(src, tmp, hf_config, getattr(model, "generation_config", None), modules, dtype)
         doc = {"format_version": FORMAT_VERSION, "qins_version": __version__, "modules": modules,
                "tied": tied, "source": source}
