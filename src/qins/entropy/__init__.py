@@ -1,0 +1,24 @@
+"""qins.entropy: measure, then entropy-code what pays (statistics, policy, coders, RLE, archive).
+
+    stats.py     histogram, order-0 entropy
+    symbols.py   tensors <-> uint8 symbol streams (packed codes unpacked one code a byte)
+    coders.py    raw, zstd (Huffman/FSE) and ANS (constriction), bit-exact, tables included
+    policy.py    per-tensor measurements, hot/cold access, the policy `pack` applies
+    archive.py   the .qins file: versioned, checksummed, streamed, random access
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def load(path: str | os.PathLike, device="cpu", dtype=None, verify: bool = True, threads: int | None = None):
+    """qins.load: a .qins archive file (decoded by `threads` threads) or a saved directory."""
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    if Path(path).is_file():
+        from .archive import load as load_archive
+        return load_archive(path, device=device, dtype=dtype, threads=threads)
+    from ..weights.serialization import load as load_dir
+    return load_dir(path, device=device, dtype=dtype, verify=verify)
