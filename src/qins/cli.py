@@ -419,6 +419,25 @@ def cmd_generate(a):
     _maybe_json(a, doc)
 
 
+def cmd_pack(a):
+    from .entropy.archive import pack
+    from .entropy.policy import read_policy
+    policy = read_policy(a.policy) if a.policy else None
+    r = pack(a.dir, a.output, policy=policy, threshold=a.threshold)
+    on_disk = sum(p.stat().st_size for p in Path(a.dir).iterdir() if p.is_file())
+    print(f"{a.output}: {r['archive_bytes']} bytes ({on_disk} in {a.dir}, {r['archive_bytes'] / on_disk:.4f}x); "
+          f"{r['tensors']} tensors, {r['raw_bytes']} tensor bytes raw; codecs {r['codecs']} "
+          f"({'policy ' + a.policy if a.policy else f'measured while packing, threshold {a.threshold:.0%}'})")
+    _maybe_json(a, {**r, "dir_bytes": on_disk, "policy": a.policy, "threshold": a.threshold})
+
+
+def cmd_unpack(a):
+    from .entropy.archive import unpack
+    out = unpack(a.archive, a.output, threads=a.threads)
+    print(f"{a.archive} -> {out}")
+    _maybe_json(a, {"archive": a.archive, "output": str(out)})
+
+
 def _maybe_json(a, doc):
     if getattr(a, "json", None):
         from .metrics.render import write_json
@@ -539,6 +558,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_dtype(p, "auto", "dtype the model's float tensors compute in")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("pack", help="a saved directory -> one entropy-coded .qins archive")
+    p.add_argument("dir", help="a directory written by qins compress / qins.save")
+    p.add_argument("-o", "--output", required=True, help="the .qins file (replaced atomically)")
+    p.add_argument("--policy", default=None, help="policy JSON from qins analyze (default: measure while packing)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="entropy-code a tensor only if the measured saving is at least this (default 0.05)")
+    p.set_defaults(fn=cmd_pack)
+
+    p = sub.add_parser("unpack", help="a .qins archive -> a saved directory")
+    p.add_argument("archive")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--threads", type=int, default=None, help="decode threads (default: one per CPU)")
+    p.set_defaults(fn=cmd_unpack)
 
     for sp in sub.choices.values():
         sp.add_argument("--json", default=None, help="also write the numbers to this JSON file")

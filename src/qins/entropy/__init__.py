@@ -17,8 +17,17 @@ def load(path: str | os.PathLike, device="cpu", dtype=None, verify: bool = True,
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    if Path(path).is_file():
+    if Path(path).is_file() and _is_archive(path):
         from .archive import load as load_archive
         return load_archive(path, device=device, dtype=dtype, threads=threads)
     from ..weights.serialization import load as load_dir
     return load_dir(path, device=device, dtype=dtype, verify=verify)
+
+
+def _is_archive(path) -> bool:
+    """A .qins file by name or by its magic (a damaged one still gets the archive's errors)."""
+    from .archive import MAGIC
+    if str(path).endswith(".qins"):
+        return True
+    with open(path, "rb") as f:
+        return f.read(len(MAGIC)) == MAGIC

@@ -61,27 +61,35 @@ def unpack_codes(words: np.ndarray, bits: int) -> np.ndarray:
     return codes
 
 
+# lanes of one plane byte gathered from `per` consecutive code bytes read as one integer:
+# mask each code byte to w bits, then fold the bytes together (x | x >> (8 - w) ...)
+_GATHER = {2: (np.uint16, 0x0F0F, ((4, 0x00FF),)),
+           4: (np.uint32, 0x03030303, ((6, 0x000F000F), (12, 0xFF))),
+           8: (np.uint64, 0x0101010101010101, ((7, 0x0003000300030003), (14, 0x0000000F0000000F), (28, 0xFF)))}
+
+
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     """(R, N_pad) uint8 codes (N_pad a multiple of 32) -> (R, W) int32, inverse of unpack_codes."""
     widths = planes(bits)
     R, n_pad = codes.shape
     if n_pad % 32:
         raise ValueError(f"rows of {n_pad} codes are not padded to a multiple of 32")
+    codes = np.ascontiguousarray(codes)
     out = []
     shift = 0
     for w in widths:
-        part = (codes >> shift) & ((1 << w) - 1) if (shift or w != 8) else codes
         if w == 8:
-            out.append(part)
+            out.append(codes)
         else:
             per = 8 // w
-            part = part.reshape(R, n_pad // per, per)
-            acc = part[:, :, 0].copy()
-            for i in range(1, per):
-                acc |= part[:, :, i] << (i * w)
-            out.append(acc)
+            kind, mask, folds = _GATHER[per]
+            x = codes.view(kind)                                # (R, n_pad / per)
+            x = (x >> shift) & kind(mask) if shift else x & kind(mask)
+            for sh, m in folds:
+                x = (x | (x >> kind(sh))) & kind(m)
+            out.append(x.astype(np.uint8))
         shift += w
-    b = np.concatenate(out, axis=1) if len(out) > 1 else np.ascontiguousarray(out[0])
+    b = np.concatenate(out, axis=1) if len(out) > 1 else out[0]
     return np.ascontiguousarray(b).view(np.int32)
 
 
@@ -121,7 +129,11 @@ def from_symbols(symbols: np.ndarray, transform: str, shape: tuple[int, ...], dt
 
 
 def choose_transform(name: str, t: torch.Tensor, bits_of: dict[str, int]) -> tuple[str, int | None]:
-    """The transform of a saved tensor: packed codes of a planned module, shuffled floats, bytes."""
+    """The transform of a saved tensor: packed codes of a planned module, shuffled floats, bytes.
+
+    The codes' symbol stream is what the ANS coder models (alphabet 2^bits); zstd joins 2-bit
+    codes four a byte and 4-bit codes two a byte (coders._per_byte), which is the packed
+    layout itself, so for 2/4/8 bits the archive hands zstd the stored bytes (archive.py)."""
     module, _, leaf = name.rpartition(".")
     if leaf == "qweight" and module in bits_of and t.dtype == torch.int32 and t.dim() == 2 \
             and (t.shape[1] * 32) % bits_of[module] == 0:
