@@ -100,3 +100,15 @@ def test_float_transforms(dtype, shape):
         back = symbols.from_symbols(sym, transform, shape, dtype)
         assert back.dtype == dtype and torch.equal(back.view(torch.uint8) if t.numel() else back,
                                                    t.view(torch.uint8) if t.numel() else t)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 15), st.integers(1, 700)), max_size=30))
+def test_rle_round_trip(runs):
+    from qins.entropy import rle
+    x = np.concatenate([np.full(n, v, np.uint8) for v, n in runs]) if runs else np.zeros(0, np.uint8)
+    blob = rle.encode(x)
+    assert len(blob) == rle.rle_bytes(x)
+    assert np.array_equal(rle.decode(blob, x.size), x)
+    with pytest.raises(coders.CoderError):
+        rle.decode(blob, x.size + 1)
