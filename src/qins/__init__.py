@@ -19,7 +19,7 @@ _LAZY = {
     "plan_table": ("qins.weights.budget", "plan_table"),
     "input_hessians": ("qins.weights.calibration", "input_hessians"),
     "save": ("qins.weights.serialization", "save"),
-    "load": ("qins.weights.serialization", "load"),
+    "load": ("qins.entropy", "load"),
     "QINSLinear": ("qins.weights.linear", "QINSLinear"),
     "QINSEmbedding": ("qins.weights.linear", "QINSEmbedding"),
     "load_default_model": ("qins.metrics.models", "load_default_model"),

@@ -438,6 +438,46 @@ def cmd_generate(a):
     _maybe_json(a, doc)
 
 
+def cmd_analyze(a):
+    from .entropy.report import analyze
+    from .weights.plan import is_saved_model
+    if not is_saved_model(a.dir):
+        raise ValueError(f"{a.dir} is not a directory written by qins compress / qins.save "
+                         f"(analyze measures the stored codes: compress the model first)")
+    doc = analyze(a.dir, a.output, threshold=a.threshold, cold=tuple(a.cold), kv_tokens=a.kv_tokens,
+                  kv_bits=a.kv_bits, command=a.command)
+    s = doc["summary"]
+    print(f"{s['tensors']} tensors, {s['raw_bytes']} bytes raw; order-0 ideal "
+          f"{1 - s['ideal_bytes'] / s['raw_bytes']:.2%} saving, zstd {1 - s['zstd_bytes'] / s['raw_bytes']:.2%}, "
+          f"ANS {1 - s['ans_bytes'] / s['raw_bytes']:.2%}, policy (>= {a.threshold:.0%}) {s['policy_saving']:.2%}")
+    if "kv" in doc:
+        t = doc["kv"]["planes"]["total"]
+        print(f"KV pages ({doc['kv']['tokens']} tokens, {a.kv_bits}-bit): {t['raw_bytes']} bytes raw; ideal "
+              f"{1 - t['ideal_bytes'] / t['raw_bytes']:.2%}, zstd {1 - t['zstd'] / t['raw_bytes']:.2%}, "
+              f"ANS {1 - t['ans'] / t['raw_bytes']:.2%}, RLE {1 - t['rle'] / t['raw_bytes']:.2%} saving")
+    print(f"wrote {a.output}/policy.json, analysis.json, analysis.md")
+    _maybe_json(a, doc["summary"])
+
+
+def cmd_pack(a):
+    from .entropy.archive import pack
+    from .entropy.policy import read_policy
+    policy = read_policy(a.policy) if a.policy else None
+    r = pack(a.dir, a.output, policy=policy, threshold=a.threshold)
+    on_disk = sum(p.stat().st_size for p in Path(a.dir).iterdir() if p.is_file())
+    print(f"{a.output}: {r['archive_bytes']} bytes ({on_disk} in {a.dir}, {r['archive_bytes'] / on_disk:.4f}x); "
+          f"{r['tensors']} tensors, {r['raw_bytes']} tensor bytes raw; codecs {r['codecs']} "
+          f"({'policy ' + a.policy if a.policy else f'measured while packing, threshold {a.threshold:.0%}'})")
+    _maybe_json(a, {**r, "dir_bytes": on_disk, "policy": a.policy, "threshold": a.threshold})
+
+
+def cmd_unpack(a):
+    from .entropy.archive import unpack
+    out = unpack(a.archive, a.output, threads=a.threads)
+    print(f"{a.archive} -> {out}")
+    _maybe_json(a, {"archive": a.archive, "output": str(out)})
+
+
 def _maybe_json(a, doc):
     if getattr(a, "json", None):
         from .metrics.render import write_json
@@ -560,6 +600,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     _add_dtype(p, "auto", "dtype the model's float tensors compute in")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("analyze", help="entropy statistics per tensor and the hot/cold policy pack applies")
+    p.add_argument("dir", help="a directory written by qins compress / qins.save")
+    p.add_argument("-o", "--output", default="runs/analyze", help="folder for policy.json, analysis.json/.md/.png")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="entropy-code a tensor only where the measured saving is at least this (default 0.05)")
+    p.add_argument("--cold", nargs="*", default=[], help="name patterns marked cold (embeddings always are)")
+    p.add_argument("--kv-tokens", type=int, default=0,
+                   help="also measure QINSCache pages after prefill + generation to this many tokens (0: skip)")
+    p.add_argument("--kv-bits", type=int, default=4)
+    p.set_defaults(fn=cmd_analyze)
+
+    p = sub.add_parser("pack", help="a saved directory -> one entropy-coded .qins archive")
+    p.add_argument("dir", help="a directory written by qins compress / qins.save")
+    p.add_argument("-o", "--output", required=True, help="the .qins file (replaced atomically)")
+    p.add_argument("--policy", default=None, help="policy JSON from qins analyze (default: measure while packing)")
+    p.add_argument("--threshold", type=float, default=0.05,
+                   help="entropy-code a tensor only if the measured saving is at least this (default 0.05)")
+    p.set_defaults(fn=cmd_pack)
+
+    p = sub.add_parser("unpack", help="a .qins archive -> a saved directory")
+    p.add_argument("archive")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--threads", type=int, default=None, help="decode threads (default: one per CPU)")
+    p.set_defaults(fn=cmd_unpack)
 
     for sp in sub.choices.values():
         sp.add_argument("--json", default=None, help="also write the numbers to this JSON file")

@@ -286,3 +286,51 @@ def test_load_casts_float_parameters_only(tmp_path, saved, token_ids):
     assert loaded.model.norm.weight.dtype == torch.bfloat16
     emb = loaded.model.embed_tokens
     assert emb.scales.dtype == torch.float16 and emb.curvature.dtype == torch.float32   # stored format
+
+
+def _tensor_spans(f):
+    """{name: (start, end)} of every tensor's bytes in a safetensors file."""
+    import struct as _struct
+    data = f.read_bytes()
+    (n,) = _struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
+def test_flipped_bytes_name_the_tensor(copy_of_saved, saved, token_ids):
+    # one flipped byte inside any tensor (first, middle, last byte of several tensors) is an
+    # error naming it; before checksums 64 flipped bytes loaded without a word
+    f = copy_of_saved / "model.safetensors"
+    clean = f.read_bytes()
+    spans = _tensor_spans(f)
+    assert set(json.loads((copy_of_saved / "qins.json").read_text())["checksums"]["tensors"]) == set(spans)
+    for name, (start, end) in list(spans.items())[::5]:
+        for at in (start, (start + end) // 2, end - 1):
+            bad = bytearray(clean)
+            bad[at] ^= 0x10
+            f.write_bytes(bytes(bad))
+            with pytest.raises(ValueError, match=rf"tensor {re.escape(name)} is corrupt \(xxh3_64 checksum mismatch\)"):
+                qins.load(copy_of_saved)
+    # trusted storage: verify=False loads the damaged bytes as they are
+    name, (start, end) = next((k, v) for k, v in spans.items() if k.endswith("qweight"))
+    bad = bytearray(clean)
+    bad[start] ^= 0x10
+    f.write_bytes(bytes(bad))
+    model = qins.load(copy_of_saved, verify=False)
+    assert not torch.equal(logits(model, token_ids), saved[1])
+    f.write_bytes(clean)
+    assert torch.equal(logits(qins.load(copy_of_saved), token_ids), saved[1])
+
+
+def test_directory_without_checksums_still_loads(copy_of_saved, saved, token_ids):
+    # saved before checksums existed: no "checksums" in qins.json, loaded unverified
+    f = copy_of_saved / "qins.json"
+    doc = json.loads(f.read_text())
+    del doc["checksums"]
+    f.write_text(json.dumps(doc))
+    assert torch.equal(logits(qins.load(copy_of_saved), token_ids), saved[1])
+    doc["checksums"] = {"algorithm": "md5", "tensors": {}}
+    f.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="'checksums' is not a xxh3_64 table"):
+        qins.load(copy_of_saved)
