@@ -18,29 +18,36 @@ from .symbols import to_symbols, unpack_codes
 
 def page_streams(cache):
     """(layer index, page index, plane name, (n,) uint8 symbols, alphabet, raw bytes) of every
-    sealed page of a QINSCache."""
+    sealed page of every batch row of a QINSCache (kv/store.py: a page pool per layer, pages
+    addressed through the block table; a page rows share is counted once)."""
     from ..kv.layer import QINSLayer
+    from ..kv.store import PagePool, PageView
 
     for li, layer in enumerate(cache.layers):
-        store = getattr(layer, "store", None) if isinstance(layer, QINSLayer) else None
-        if store is None:
+        pool = getattr(layer, "pool", None) if isinstance(layer, QINSLayer) else None
+        table = getattr(layer, "table", None)
+        if pool is None or table is None:
             continue
-        names = [n for n in store.PLANES if getattr(store, n) is not None]
-        for i in range(store.n_pages):
-            if not store.page_sealed(i):
-                continue
-            for name, t in zip(names, store.page_tensors(i)):
-                t = t.detach().cpu().contiguous()
-                raw = t.numel() * t.element_size()
-                bits = {"k_codes": layer.k_codec.bits if layer.k_widths is None else None,
-                        "v_codes": layer.v_codec.bits}.get(name)
-                if name.endswith("codes") and bits is not None:
-                    words = t.reshape(-1, t.shape[-1]).numpy()
-                    yield li, i, name, unpack_codes(words, bits).reshape(-1), 1 << bits, raw
-                elif name.endswith("codes"):
-                    yield li, i, name, *to_symbols(t, "bytes"), raw
-                else:
-                    yield li, i, name, *to_symbols(t, "shuffle"), raw
+        names = [n for n in PagePool.PLANES if getattr(pool, n) is not None]
+        seen: set[int] = set()
+        for row in range(table.batch):
+            for i in range(len(layer.pages)):
+                page = PageView(pool, table, i, row)
+                if not page.sealed or page.page_id in seen:
+                    continue
+                seen.add(page.page_id)
+                for name, t in zip(names, page.tensors()):
+                    t = t.detach().cpu().contiguous()
+                    raw = t.numel() * t.element_size()
+                    bits = {"k_codes": layer.k_codec.bits if layer.k_widths is None else None,
+                            "v_codes": layer.v_codec.bits}.get(name)
+                    if name.endswith("codes") and bits is not None:
+                        words = t.reshape(-1, t.shape[-1]).numpy()
+                        yield li, page.page_id, name, unpack_codes(words, bits).reshape(-1), 1 << bits, raw
+                    elif name.endswith("codes"):
+                        yield li, page.page_id, name, *to_symbols(t, "bytes"), raw
+                    else:
+                        yield li, page.page_id, name, *to_symbols(t, "shuffle"), raw
 
 
 def measure_cache(cache) -> dict:
