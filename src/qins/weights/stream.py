@@ -46,6 +46,7 @@ from ..codec.config import FORMAT_VERSION, WeightConfig
 from ..codec.tensor import QuantizedWeight
 from ..metrics.models import fingerprint
 from .plan import PLAN_NAME, plan_doc
+from .serialization import CHECKSUM
 from .targets import plan_modules
 from .swap import modules_from_plan
 
@@ -408,10 +409,11 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
 
     tmp = temp_dir_beside(out)
     try:
-        _concatenate(work, names, tmp / WEIGHTS_NAME, {"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
+        sums = _concatenate(work, names, tmp / WEIGHTS_NAME,
+                            {"format": "pt", "qins_format_version": str(FORMAT_VERSION)})
         _write_configs(src, tmp, hf_config, getattr(model, "generation_config", None), modules, dtype)
         doc = {"format_version": FORMAT_VERSION, "qins_version": __version__, "modules": modules,
-               "tied": tied, "source": source}
+               "tied": tied, "source": source, "checksums": {"algorithm": CHECKSUM, "tensors": sums}}
         atomic_write(tmp / PLAN_NAME, json.dumps(doc, indent=1, sort_keys=True))
         replace_dir(tmp, out)
     except BaseException:
@@ -421,8 +423,11 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
     return out
 
 
-def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mapping[str, str]) -> None:
-    """One safetensors file from the shards, copying bytes in chunks (safetensors' order)."""
+def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mapping[str, str]) -> dict[str, str]:
+    """One safetensors file from the shards, copying bytes in chunks (safetensors' order).
+    Returns each tensor's xxh3_64 over the bytes copied (what qins.save records and load checks)."""
+    import xxhash
+
     where = {}
     for fname in shard_files:
         head, start = read_header(work / fname)
@@ -434,6 +439,7 @@ def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mappi
                 where[n][2]["data_offsets"][1] - where[n][2]["data_offsets"][0]) for n in names]
     tmp = dest.with_name(f".{dest.name}.partial")
     handles = {}
+    sums = {}
     try:
         with open(tmp, "wb") as f:
             f.write(_header(entries, metadata))
@@ -443,18 +449,22 @@ def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mappi
                     handles[fname] = open(work / fname, "rb")
                 src = handles[fname]
                 src.seek(off)
+                h = xxhash.xxh3_64()
                 while size:
                     chunk = src.read(min(size, _COPY_CHUNK))
                     if not chunk:
                         raise ValueError(f"{work / fname}: truncated while copying {n}")
                     f.write(chunk)
+                    h.update(chunk)
                     size -= len(chunk)
+                sums[n] = h.hexdigest()
             f.flush()
             os.fsync(f.fileno())
     finally:
         for h in handles.values():
             h.close()
     os.replace(tmp, dest)
+    return sums
 
 
 def _write_configs(src: Path, dest: Path, hf_config, generation_config, modules: dict, dtype: torch.dtype) -> None:
