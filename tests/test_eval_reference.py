@@ -12,7 +12,7 @@ import json
 import shutil
 
 import pytest
-from test_cli import tiny_tokenizer
+from tests.test_cli import tiny_tokenizer
 
 import qins
 from qins.cli import main

@@ -17,7 +17,7 @@ from qins.codec import QuantizedWeight, calibrate, packing
 from qins.codec.formats import FORMATS, Format, n_levels, table
 from qins.codec.qins import qins_table, seed_encode
 from qins.codec.config import WeightConfig
-from reference_decode import ref_codes, ref_table, reference_decode
+from tests.reference_decode import ref_codes, ref_table, reference_decode
 
 STD = 0.02
 COMBOS = [(f, b) for f in ("qins", "int-sym", "int-asym") for b in (2, 3, 4, 5, 6, 8)] + [

@@ -14,7 +14,7 @@ from torch import nn
 from qins.codec.packing import packed_words
 from qins.codec.config import WeightConfig
 from qins.weights.linear import QINSEmbedding, QINSLinear
-from reference_decode import reference_decode
+from tests.reference_decode import reference_decode
 
 STD = 0.02
 SHAPES = [((64, 128), 32), ((37, 200), 64), ((37, 200), None)]

@@ -99,7 +99,7 @@ def test_cli_stream_gptq(phi3_dir, tmp_path, capsys):
     corpus into calibration windows, then the library runs as above."""
     import shutil
 
-    from test_cli import tiny_tokenizer
+    from tests.test_cli import tiny_tokenizer
 
     from qins.cli import main
     from qins.metrics.models import read_corpus
