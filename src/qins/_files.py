@@ -5,28 +5,37 @@ models, key plans, reports, JSON) goes through here.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` to `path` through a temporary sibling and os.replace; an interrupted
-    write leaves the previous file (or none) in place. Parent folders are created."""
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike):
+    """A binary file to stream into; on a clean exit it is fsynced and renamed to `path`, on
+    an exception removed, so `path` holds the previous file (or none). Parents are created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """Write `data` to `path` through a temporary sibling and os.replace; an interrupted
+    write leaves the previous file (or none) in place. Parent folders are created."""
+    with atomic_open(path) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
 
 
 def temp_dir_beside(path: str | os.PathLike) -> Path:

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .._files import atomic_open
 from .._version import __version__
 from . import coders
 from .policy import DEFAULT_THRESHOLD, bits_of_plan, choose
@@ -76,38 +77,29 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, policy: dict | None = N
         raise FileNotFoundError(f"{src / WEIGHTS_NAME} is missing: not a directory written by qins.save")
     bits_of = bits_of_plan(read_plan(src)["modules"])
     chosen = (policy or {}).get("tensors", {})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     records, files, counts, raw_total = [], [], {}, 0
-    try:
-        with os.fdopen(fd, "wb") as f, safe_open(str(src / WEIGHTS_NAME), framework="pt") as st:
-            f.write(HEADER.pack(MAGIC, VERSION, 0))
-            names = list(st.keys())
-            for name in (progress(names) if progress else names):
-                t = st.get_tensor(name)
-                rec, blob = _code_tensor(name, t, bits_of, chosen.get(name), threshold)
+    with atomic_open(out) as f, safe_open(str(src / WEIGHTS_NAME), framework="pt") as st:
+        f.write(HEADER.pack(MAGIC, VERSION, 0))
+        names = list(st.keys())
+        for name in (progress(names) if progress else names):
+            t = st.get_tensor(name)
+            rec, blob = _code_tensor(name, t, bits_of, chosen.get(name), threshold)
+            rec.update(_write(f, blob))
+            records.append(rec)
+            counts[rec["codec"]] = counts.get(rec["codec"], 0) + 1
+            raw_total += rec["raw_bytes"]
+        for p in sorted(src.iterdir()):
+            if p.is_file() and p.name != WEIGHTS_NAME and not p.name.startswith("."):
+                data = p.read_bytes()
+                blob = coders.encode(np.frombuffer(data, dtype=np.uint8), "zstd", level=19)
+                rec = {"name": p.name, "raw_bytes": len(data), "raw_xxh3": _xxh3(data)}
                 rec.update(_write(f, blob))
-                records.append(rec)
-                counts[rec["codec"]] = counts.get(rec["codec"], 0) + 1
-                raw_total += rec["raw_bytes"]
-            for p in sorted(src.iterdir()):
-                if p.is_file() and p.name != WEIGHTS_NAME and not p.name.startswith("."):
-                    data = p.read_bytes()
-                    blob = coders.encode(np.frombuffer(data, dtype=np.uint8), "zstd", level=19)
-                    rec = {"name": p.name, "raw_bytes": len(data), "raw_xxh3": _xxh3(data)}
-                    rec.update(_write(f, blob))
-                    files.append(rec)
-            index = json.dumps({"format": "qins-archive", "version": VERSION, "qins_version": __version__,
-                                "tensors": records, "files": files}, separators=(",", ":")).encode()
-            at = f.tell()
-            f.write(index)
-            f.write(FOOTER.pack(at, len(index), int(_xxh3(index), 16), END))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+                files.append(rec)
+        index = json.dumps({"format": "qins-archive", "version": VERSION, "qins_version": __version__,
+                            "tensors": records, "files": files}, separators=(",", ":")).encode()
+        at = f.tell()
+        f.write(index)
+        f.write(FOOTER.pack(at, len(index), int(_xxh3(index), 16), END))
     return {"tensors": len(records), "raw_bytes": raw_total, "archive_bytes": out.stat().st_size,
             "codecs": counts}
 

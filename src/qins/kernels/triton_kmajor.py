@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..codec.packing import padded_length, planes
-from .triton_qlinear import _prmt_decode, _prmt_regs
+from .triton_qlinear import _finish, _output, _prmt_decode, _prmt_regs
 
 
 @triton.jit
@@ -58,6 +58,17 @@ def _values(c, tab_ptr, a_ptr, cols, col_ok, TS: tl.constexpr, MODE: tl.constexp
 
 
 @triton.jit
+def _step(qw_ptr, tab_ptr, a_ptr, k0, ks, cols, col_ok, K, stride_qn, stride_qw, PLANE1,
+          W0: tl.constexpr, W1: tl.constexpr, TS: tl.constexpr, MODE: tl.constexpr,
+          PER_ROW: tl.constexpr):
+    """Columns kk = k0 + ks of the step, their mask, and the (BK, BN) decoded values."""
+    kk = k0 + ks
+    k_ok = kk < K
+    c = _codes(qw_ptr, kk, cols, k_ok[:, None] & col_ok[None, :], stride_qn, stride_qw, PLANE1, W0, W1)
+    return kk, k_ok, _values(c, tab_ptr, a_ptr, cols, col_ok, TS, MODE, PER_ROW)
+
+
+@triton.jit
 def _kgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
                   M, N, K, PLANE1, G, GS, STEPS, stride_xm, stride_ym,
                   stride_qn, stride_qw, stride_sn, stride_sg,
@@ -84,11 +95,8 @@ def _kgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
         # no reduction per step: (BK, BN) partial products, reduced once after the loop
         for step in range(STEPS):
             k0 = (pid_k * STEPS + step) * BK
-            kk = k0 + ks
-            k_ok = kk < K
-            c = _codes(qw_ptr, kk, cols, k_ok[:, None] & col_ok[None, :], stride_qn, stride_qw,
-                       PLANE1, W0, W1)
-            v = _values(c, tab_ptr, a_ptr, cols, col_ok, TS, MODE, PER_ROW)
+            kk, k_ok, v = _step(qw_ptr, tab_ptr, a_ptr, k0, ks, cols, col_ok, K, stride_qn, stride_qw,
+                                PLANE1, W0, W1, TS, MODE, PER_ROW)
             xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
             prod = xv[:, None] * v
             if HAS_SCALE:
@@ -99,11 +107,8 @@ def _kgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
     else:
         for step in range(STEPS):
             k0 = (pid_k * STEPS + step) * BK
-            kk = k0 + ks
-            k_ok = kk < K
-            c = _codes(qw_ptr, kk, cols, k_ok[:, None] & col_ok[None, :], stride_qn, stride_qw,
-                       PLANE1, W0, W1)
-            v = _values(c, tab_ptr, a_ptr, cols, col_ok, TS, MODE, PER_ROW)
+            kk, k_ok, v = _step(qw_ptr, tab_ptr, a_ptr, k0, ks, cols, col_ok, K, stride_qn, stride_qw,
+                                PLANE1, W0, W1, TS, MODE, PER_ROW)
             if BLOCK_M == 1:
                 xv = tl.load(x_ptr + kk, mask=k_ok, other=0.0).to(tl.float32)
                 part = tl.sum(xv[:, None] * v, axis=0)                        # (BN,)
@@ -221,18 +226,13 @@ def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
     steps_total = triton.cdiv(K, bk)
     steps = triton.cdiv(steps_total, split)
     split = triton.cdiv(steps_total, steps)
-    y = (torch.empty(1, N, device=x2.device, dtype=x2.dtype) if split == 1 else
-         torch.zeros(1, N, device=x2.device, dtype=torch.float32))
+    y = _output(1, N, split, x2)
     _kprmt_kernel[(triton.cdiv(N, bn), split)](
         x2, qweight, scales, scales if offsets is None else offsets, regs,
         bias if bias is not None else qweight, y, N, K, G, gs, steps,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None, BKW=bk // 8, BN=bn, SPLIT_K=split, **cfg)
-    if split == 1:
-        return y
-    if bias is not None:
-        y += bias.float()
-    return y.to(x2.dtype)
+    return _finish(y, split, bias, x2.dtype)
 
 
 def kgemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
@@ -270,10 +270,7 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
     steps = triton.cdiv(steps_total, split)
     split = triton.cdiv(steps_total, steps)
     per_row = (table.shape[0] > 1) if mode == "table" else (curvature.numel() > 1)
-    if split == 1:
-        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    else:
-        y = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    y = _output(M, N, split, x2)
     dummy = qweight
     sref = scales if scales is not None else None
     stride_sn, stride_sg = (sref.stride(0), sref.stride(1)) if sref is not None else (0, 0)
@@ -289,8 +286,4 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
         HAS_SCALE=scales is not None, HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None,
         BLOCK_M=1 if M == 1 else 16, BK=bk, BN=bn, SPLIT_K=split,
         IEEE=x2.dtype == torch.float32, **cfg)
-    if split == 1:
-        return y
-    if bias is not None:
-        y += bias.float()
-    return y.to(x2.dtype)
+    return _finish(y, split, bias, x2.dtype)

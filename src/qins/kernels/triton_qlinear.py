@@ -369,6 +369,22 @@ def _common(qweight, scales, offsets, table, curvature, bits, group_size, in_fea
         TAB_PER_ROW=per_row, HAS_SCALE=scales is not None, HAS_OFFSET=offsets is not None)
 
 
+def _output(M: int, N: int, split: int, x2: torch.Tensor) -> torch.Tensor:
+    """y in x's dtype, or a zeroed fp32 buffer the split-K programs add into."""
+    if split == 1:
+        return torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    return torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+
+
+def _finish(y: torch.Tensor, split: int, bias, dtype: torch.dtype) -> torch.Tensor:
+    """The split-K buffer plus the bias (added once, here), in x's dtype."""
+    if split == 1:
+        return y
+    if bias is not None:
+        y += bias.float()
+    return y.to(dtype)
+
+
 def split_k(n: int, k: int, bn: int, nb: int, sms: int = 132) -> int:
     """Splits of K so that the programs fill `sms` 4 times over, keeping >= 4 steps per split."""
     nblk = padded_length(k) // 32
@@ -399,10 +415,7 @@ def qgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
     per_split = triton.cdiv(triton.cdiv(nblk, split), nb) * nb
     split = triton.cdiv(nblk, per_split)
     dot = M > 1
-    if split == 1:
-        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    else:
-        y = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    y = _output(M, N, split, x2)
     grid = (triton.cdiv(N, bn), split)
     _qgemv_kernel[grid](
         x2, qweight, args.pop("s_ptr"), args.pop("m_ptr"), args.pop("tab_ptr"), args.pop("a_ptr"),
@@ -413,11 +426,7 @@ def qgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
         **args, HAS_BIAS=bias is not None,
         BLOCK_M=16 if dot else 1, BN=bn, NB=nb, SPLIT_K=split, DOT=dot,
         IEEE=x2.dtype == torch.float32, **cfg)
-    if split == 1:
-        return y
-    if bias is not None:
-        y += bias.float()
-    return y.to(x2.dtype)
+    return _finish(y, split, bias, x2.dtype)
 
 
 def dequantize(qweight, scales, offsets, table, curvature, bits, group_size, in_features,
@@ -466,10 +475,7 @@ def qmm_words(x2, qweight, scales, offsets, table, curvature, bias, bits, group_
     W = qweight.shape[1]
     per_split = triton.cdiv(triton.cdiv(W, split), bkw) * bkw
     split = triton.cdiv(W, per_split)
-    if split == 1:
-        y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
-    else:
-        y = torch.zeros(M, N, device=x2.device, dtype=torch.float32)
+    y = _output(M, N, split, x2)
     grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _qmm_words_kernel[grid](
         x2, qweight, args["s_ptr"], args["m_ptr"], args["tab_ptr"], args["a_ptr"],
@@ -478,8 +484,4 @@ def qmm_words(x2, qweight, scales, offsets, table, curvature, bias, bits, group_
         TAB_PER_ROW=args["TAB_PER_ROW"], HAS_SCALE=args["HAS_SCALE"], HAS_OFFSET=args["HAS_OFFSET"],
         HAS_BIAS=bias is not None, BLOCK_M=bm, BN=bn, BKW=bkw, SPLIT_K=split,
         IEEE=x2.dtype == torch.float32, **cfg)
-    if split == 1:
-        return y
-    if bias is not None:
-        y += bias.float()
-    return y.to(x2.dtype)
+    return _finish(y, split, bias, x2.dtype)

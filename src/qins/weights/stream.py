@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from .._files import atomic_write, replace_dir, temp_dir_beside
+from .._files import atomic_open, atomic_write, replace_dir, temp_dir_beside
 from .._version import __version__
 from ..codec.config import FORMAT_VERSION, WeightConfig
 from ..codec.tensor import QuantizedWeight
@@ -437,11 +437,10 @@ def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mappi
     names = sorted(where, key=lambda n: (-_ST_ORDER.index(where[n][2]["dtype"]), n))
     entries = [(n, where[n][2]["dtype"], tuple(where[n][2]["shape"]),
                 where[n][2]["data_offsets"][1] - where[n][2]["data_offsets"][0]) for n in names]
-    tmp = dest.with_name(f".{dest.name}.partial")
     handles = {}
     sums = {}
     try:
-        with open(tmp, "wb") as f:
+        with atomic_open(dest) as f:
             f.write(_header(entries, metadata))
             for n, _, _, size in entries:
                 fname, off, _ = where[n]
@@ -458,12 +457,9 @@ def _concatenate(work: Path, shard_files: list[str], dest: Path, metadata: Mappi
                     h.update(chunk)
                     size -= len(chunk)
                 sums[n] = h.hexdigest()
-            f.flush()
-            os.fsync(f.fileno())
     finally:
         for h in handles.values():
             h.close()
-    os.replace(tmp, dest)
     return sums
 
 
