@@ -47,7 +47,12 @@ def kmajor(t: torch.Tensor) -> torch.Tensor:
 
 
 def backend() -> str:
-    b = os.environ.get("QINS_KERNELS", "auto").strip().lower() or "auto"
+    return _parse_backend(os.environ.get("QINS_KERNELS", "auto"))
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_backend(raw: str) -> str:
+    b = raw.strip().lower() or "auto"
     if b not in BACKENDS:
         raise ValueError(f"QINS_KERNELS={b!r}: choose one of {BACKENDS}")
     return b
@@ -120,6 +125,22 @@ def _use_cpu(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) ->
     return False
 
 
+def cpu_fast(x: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> bool:
+    """Whether a CPU layer may call the fast path straight through a cached `cpu.plan` (the
+    conditions of `qlinear`'s CPU route, checked without building a QuantizedWeight); False
+    sends the call through `qlinear`, which warns or raises where it must."""
+    if x.device.type != "cpu" or x.dtype not in DTYPES or x.shape[-1] != in_features:
+        return False
+    if backend() not in ("auto", "cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from . import cpu
+    return cpu.available()
+
+
 def _op_args(qw: QuantizedWeight) -> tuple[tuple, str]:
     """((qweight, scales, offsets, table, curvature), mode) for the ops. A per-channel curvature
     passes no table and mode "closed" (an (O, 2^bits) table is never built); otherwise "auto"
@@ -158,4 +179,4 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
     return reference.dequantize(qw, dtype, rows)
 
 
-__all__ = ["backend", "dequantize", "is_kmajor", "kmajor", "qlinear", "triton_available", "BACKENDS"]
+__all__ = ["backend", "cpu_fast", "dequantize", "is_kmajor", "kmajor", "qlinear", "triton_available", "BACKENDS"]

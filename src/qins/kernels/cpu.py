@@ -19,6 +19,7 @@ warns once and uses the reference.
 from __future__ import annotations
 
 import functools
+import hashlib
 import sys
 from pathlib import Path
 
@@ -32,6 +33,9 @@ GEMV_MAX_ROWS = 8         # fused gemv up to here, tiles + GEMM above (chosen, n
 TILE_BYTES = 1 << 20      # fp32 decoded tile of W per GEMM: fits a core's L2 (2 MB here)
 CLOSED_BITS = (6, 8)     # qins widths decoded in closed form (gather measured ~3x slower on a 49152 x 576 layer)
 GRAIN_WORDS = 1 << 14     # rows per thread chunk ~ this many packed words
+# 4-bit tables in the gemv: activations quantized per group to int16 (|error| <= max|x_g| / 16382)
+# against int16 levels (|error| <= 2^-15 max|T|), vpmaddwd dot products; False: the fp32 gemv
+INT16_ACTIVATIONS = True
 
 
 class _State:
@@ -58,7 +62,10 @@ def _build():
     """Compile (or load torch's cached build of) the extension; raises on any failure."""
     from torch.utils import cpp_extension
     flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
-    return cpp_extension.load(name="qins_cpu_qlinear", sources=[str(SOURCE)], extra_cflags=flags,
+    # the name carries the source's hash: checkouts with different sources (worktrees, versions)
+    # never load or rebuild each other's cached build
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
+    return cpp_extension.load(name=f"qins_cpu_qlinear_{digest}", sources=[str(SOURCE)], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"], verbose=False)
 
 
@@ -108,21 +115,26 @@ def _table(qw: QuantizedWeight) -> tuple[torch.Tensor, bool]:
     return qw.decode_table().to(torch.float32).contiguous(), False
 
 
-def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
-    """y = x W^T + b through the extension; x (..., I) on the CPU, any float dtype."""
-    mod = load()
+def plan(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple:
+    """The extension's arguments for one layer after x (`run` takes them): a module builds
+    them once and keeps them while its tensors stay the same objects."""
+    O, I = qw.shape
+    tab, closed = _table(qw)
+    return (qw.qweight, qw.scales, qw.offsets, tab, bias, qw.config.bits, qw.group_size, I, closed,
+            _grain(qw), _tile_rows(I), GEMV_MAX_ROWS, INT16_ACTIVATIONS)
+
+
+def run(x: torch.Tensor, args: tuple) -> torch.Tensor:
+    """y = x W^T + b for x (..., I) on the CPU of any float dtype, through `plan(qw, bias)`."""
+    mod = _State.module or load()
     if mod is None:
         raise RuntimeError(f"the qins CPU kernels are not available: {_State.error}")
-    O, I = qw.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, I).to(torch.float32)
-    tab, closed = _table(qw)
-    args = (qw.qweight, qw.scales, qw.offsets, tab, bias, qw.config.bits, qw.group_size, I, closed)
-    if x2.shape[0] <= GEMV_MAX_ROWS:
-        y = mod.gemv(x2, *args, _grain(qw))
-    else:
-        y = mod.tiled(x2, *args, _tile_rows(I))
-    return y.to(x.dtype).reshape(*lead, O)
+    return mod.linear(x, *args)
+
+
+def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b through the extension; x (..., I) on the CPU, any float dtype."""
+    return run(x, plan(qw, bias))
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
@@ -134,4 +146,4 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return mod.decode(qw.qweight, qw.scales, qw.offsets, tab, qw.config.bits, qw.group_size, qw.shape[1], closed)
 
 
-__all__ = ["available", "dequantize", "load", "qlinear", "why_not", "SOURCE"]
+__all__ = ["available", "dequantize", "load", "plan", "qlinear", "run", "why_not", "SOURCE"]

@@ -325,7 +325,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         k_affine: tuple[float, float] | None, v_affine: tuple[float, float] | None,
                         k_bits: int, v_bits: int, group: int,
                         fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
-                        mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int = 4,
+                        mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, magic: bool = True,
                         v_closed: float | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
@@ -339,7 +339,10 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     tensor cores as they are, else None (a table lookup per code). mask (B, T) bool or None:
     which positions (pages then float tokens, T = n_tokens + F - skip) a row attends to.
     splits, block_t (tokens per tile, dividing the group), num_warps, num_stages: launch
-    parameters (defaults: about two programs per SM, min(64, group), 4, Triton's). magic:
+    parameters (defaults: about two programs per SM; below 4 rows min(32, group) tokens and 4
+    warps, from 4 rows min(64, group) and 8 warps: on the H200 (benchmarks/results/
+    gpu_kv_attention.md) 64-token tiles with 4 warps ran 3.5-5x slower than either; Triton's
+    stages). magic:
     uniform codes become fp16 by an OR with 1024.0's bits instead of an int->float conversion
     (the offset subtracted after the dot). v_closed: the values' qins curvature a when their
     table is codec.qins.qins_table(v_bits, a) (no zero point): levels computed with one fast
@@ -352,7 +355,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                          f"got Hq={Hq}, H={H}, D={D}, k{k_bits}v{v_bits}")
     QH = Hq // H
     P = kc.shape[2]
-    block_t = block_t or min(64, group)
+    wide = B >= 4
+    block_t = block_t or min(64 if wide else 32, group)
+    num_warps = num_warps or (8 if wide else 4)
     if group % block_t:
         raise ValueError(f"block_t ({block_t}) must divide the key group ({group})")
     if splits is None:

@@ -178,7 +178,22 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         src = self.tied_to if self.tied_to is not None else self
+        if src._decoded is None and kernels.cpu_fast(x, self.bias, self.in_features):
+            return kernels.cpu.run(x, self._cpu_plan(src))
         return kernels.qlinear(x, self.quantized, self.bias, weight=src._decoded)
+
+    def _cpu_plan(self, src: "_QuantizedWeightMixin") -> tuple:
+        """kernels.cpu.plan for this layer, rebuilt when a stored tensor, the curvature or the
+        bias changes (the plan holds them, so their ids stay unique while it lives)."""
+        b = src._buffers
+        c = b["curvature"]
+        key = (id(b["qweight"]), id(b["scales"]), id(b["offsets"]), id(c),
+               None if c is None or c.is_inference() else c._version, id(self.bias))
+        cached = self.__dict__.get("_plan")
+        if cached is None or cached[0] != key:
+            cached = (key, kernels.cpu.plan(self.quantized, self.bias))
+            self.__dict__["_plan"] = cached
+        return cached[1]
 
     def extra_repr(self) -> str:
         tie = ", tied" if self.tied_to is not None else ""

@@ -15,6 +15,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -177,6 +178,130 @@ void gemv_rows(const Args& a, const float* xp, const float* xs, const float* bia
     const float b = bias ? bias[o] : 0.f;
     for (int m = 0; m < M; ++m) y[m * O + o] = hsum(racc[m]) + roff[m] + b;
   }
+}
+
+// ---- 4-bit codes against int16 activations (the gemv path for 4-bit tables) ----
+// The 16 table values become int16 levels L = round(T * 16383 / max|T|) (error <= 2^-15 of
+// max|T|), split into a low-byte and a high-byte table for vpshufb. x is quantized per group of
+// each row to int16 with |xq| <= 8191 (error <= max|x_g| / 16382) and laid out in the order the
+// unpacks produce (`perm32`). One 32-code unit: 16 bytes of codes broadcast to both lanes, low
+// nibbles in lane 0 and high nibbles in lane 1, two vpshufb (low and high bytes of the levels),
+// two unpacks to 2 x 16 int16 levels, two vpmaddwd into int32 lanes. Every 128 codes at most
+// (16 products of |L xq| < 2^27 per lane: < 2^31, no overflow) the int32 sums are converted and
+// added to an fp32 accumulator with the factor s_g * f * xs_g.
+struct Lev4 {
+  __m256i lo, hi;
+  float f;                 // level -> table value
+  inline void load(const float* tab) {
+    float mx = 0.f;
+    for (int i = 0; i < 16; ++i) mx = std::max(mx, std::fabs(tab[i]));
+    const float inv = mx > 0.f ? 16383.f / mx : 0.f;
+    alignas(32) uint8_t lo8[32], hi8[32];
+    for (int i = 0; i < 16; ++i) {
+      const int v = static_cast<int>(std::lrintf(tab[i] * inv));
+      lo8[i] = lo8[i + 16] = static_cast<uint8_t>(v & 0xff);
+      hi8[i] = hi8[i + 16] = static_cast<uint8_t>((v >> 8) & 0xff);
+    }
+    lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo8));
+    hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi8));
+    f = mx / 16383.f;
+  }
+  // 32 codes at p (16 bytes) -> levels in two int16 vectors, in perm32 order
+  inline void unit(const uint8_t* p, __m256i& w0, __m256i& w1) const {
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256i nib = _mm256_blend_epi32(_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 0xF0);
+    const __m256i l = _mm256_shuffle_epi8(lo, nib), h = _mm256_shuffle_epi8(hi, nib);
+    w0 = _mm256_unpacklo_epi8(l, h);
+    w1 = _mm256_unpackhi_epi8(l, h);
+  }
+};
+
+// position of code k (0..31 within a unit) in the two int16 vectors of Lev4::unit
+inline int perm32(int k) {
+  const int half = k >> 4, r = k & 15;              // vector 0 holds codes 0..15, vector 1 16..31
+  return half * 16 + ((r & 1) ? 8 + (r >> 1) : (r >> 1));
+}
+
+// xq (M, n_pad) int16 in perm32 order, xs (M, G) the factor of each group, xsum (M, G) sums of x
+void quantize_x(const float* x, int64_t M, int64_t I, int64_t n_pad, int64_t gs, int64_t G,
+                int16_t* xq, float* xs, float* xsum) {
+  int idx[32];
+  for (int k = 0; k < 32; ++k) idx[k] = perm32(k);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * I;
+    int16_t* q = xq + m * n_pad;
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t k0 = g * gs, k1 = (g == G - 1) ? n_pad : (g + 1) * gs;
+      float mx = 0.f, sum = 0.f;
+      for (int64_t k = k0; k < std::min(k1, I); ++k) { mx = std::max(mx, std::fabs(xr[k])); sum += xr[k]; }
+      const float inv = mx > 0.f ? 8191.f / mx : 0.f;
+      xs[m * G + g] = mx / 8191.f;
+      xsum[m * G + g] = sum;
+      for (int64_t k = k0; k < k1; ++k) {
+        const float v = k < I ? xr[k] : 0.f;
+        q[(k & ~int64_t(31)) + idx[k & 31]] = static_cast<int16_t>(std::lrintf(v * inv));
+      }
+    }
+  }
+}
+
+template <int M>
+void gemv4_rows(const Args& a, const int16_t* xq, const float* xs, const float* xsum,
+                const float* bias, float* y, int64_t O, int64_t o0, int64_t o1) {
+  Lev4 lev;
+  if (a.A == 1) lev.load(a.tab);
+  const int64_t row_bytes = a.W * 4;
+  for (int64_t o = o0; o < o1; ++o) {
+    if (a.A != 1) lev.load(a.tab + o * 16);
+    const uint8_t* row = reinterpret_cast<const uint8_t*>(a.q + o * a.W);
+    __m256 facc[M];
+    float roff[M];
+    for (int m = 0; m < M; ++m) { facc[m] = _mm256_setzero_ps(); roff[m] = 0.f; }
+    for (int64_t g = 0; g < a.G; ++g) {
+      const int64_t k0 = g * a.gs, k1 = (g == a.G - 1) ? a.n_pad : (g + 1) * a.gs;
+      const float s = (a.s ? half_to_float(a.s, o * a.G + g) : 1.f) * lev.f;
+      for (int64_t kb = k0; kb < k1; kb += 128) {
+        const int64_t ke = std::min(k1, kb + 128);
+        __m256i acc[M];
+        for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
+        for (int64_t k = kb; k < ke; k += 32) {
+          __m256i w0, w1;
+          lev.unit(row + k / 2, w0, w1);
+          for (int m = 0; m < M; ++m) {
+            const __m256i* xv = reinterpret_cast<const __m256i*>(xq + m * a.n_pad + k);
+            acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
+                                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1))));
+          }
+        }
+        for (int m = 0; m < M; ++m)
+          facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(s * xs[m * a.G + g]), facc[m]);
+      }
+      if (a.m)
+        for (int m = 0; m < M; ++m) roff[m] += half_to_float(a.m, o * a.G + g) * xsum[m * a.G + g];
+    }
+    (void)row_bytes;
+    const float b = bias ? bias[o] : 0.f;
+    for (int m = 0; m < M; ++m) y[m * O + o] = hsum(facc[m]) + roff[m] + b;
+  }
+}
+
+void gemv4(const Args& a, const int16_t* xq, const float* xs, const float* xsum, const float* bias,
+           float* y, int64_t M, int64_t O, int64_t grain) {
+  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
+    for (int64_t m = 0; m < M; m += 4) {
+      const int16_t* xm = xq + m * a.n_pad;
+      const float* sm = xs + m * a.G;
+      const float* um = xsum + m * a.G;
+      float* ym = y + m * O;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: gemv4_rows<1>(a, xm, sm, um, bias, ym, O, o0, o1); break;
+        case 2: gemv4_rows<2>(a, xm, sm, um, bias, ym, O, o0, o1); break;
+        case 3: gemv4_rows<3>(a, xm, sm, um, bias, ym, O, o0, o1); break;
+        default: gemv4_rows<4>(a, xm, sm, um, bias, ym, O, o0, o1); break;
+      }
+    }
+  });
 }
 
 // decoded rows o0..o1 of W into buf (o1 - o0, n_pad) fp32: T[c] * s (+ m)
@@ -348,6 +473,43 @@ at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::o
   return y;
 }
 
+// y (..., O) = x (..., I) @ W^T + bias in x's dtype (fp32, bf16 or fp16), one call per layer:
+//   M <= gemv_max, 4-bit table, x16   the int16-activation gemv (gemv4)
+//   M <= gemv_max                      the fp32 gemv (gemv)
+//   larger M                           decoded tiles + GEMM (tiled)
+at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
+                     const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
+                     const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
+                     int64_t in_features, bool closed, int64_t grain, int64_t tile, int64_t gemv_max, bool x16) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must be (..., ", in_features, ")");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32, bfloat16 or float16");
+  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = qweight.size(0);
+  at::Tensor y;
+  if (M > gemv_max) {
+    y = tiled_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, tile);
+  } else if (bits == 4 && !closed && x16) {
+    Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
+    const int64_t O = qweight.size(0);
+    at::Tensor xq = at::empty({M, a.n_pad}, x.options().dtype(at::kShort));
+    at::Tensor xs = at::empty({2, M, a.G}, x.options().dtype(at::kFloat));
+    quantize_x(xf.data_ptr<float>(), M, in_features, a.n_pad, a.gs, a.G, xq.data_ptr<int16_t>(),
+               xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G);
+    y = at::empty({M, O}, xf.options());
+    const float* b = nullptr;
+    at::Tensor bc;
+    if (bias.has_value()) { bc = bias->to(at::kFloat).contiguous(); b = bc.data_ptr<float>(); }
+    gemv4(a, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, b,
+          y.data_ptr<float>(), M, O, grain);
+  } else {
+    y = gemv_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, grain);
+  }
+  return (dt == at::kFloat ? y : y.to(dt)).view(out_shape);
+}
+
 // (O, I) float32: the whole weight decoded (tests compare it with the reference decode)
 at::Tensor decode_op(const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
                      const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
@@ -368,5 +530,6 @@ at::Tensor decode_op(const at::Tensor& qweight, const c10::optional<at::Tensor>&
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemv", &gemv_op, "x @ W^T + b, W decoded inside the dot product (small M)");
   m.def("tiled", &tiled_op, "x @ W^T + b by decoded tiles of W and a GEMM per tile (large M)");
+  m.def("linear", &linear_op, "x @ W^T + b in x's dtype: the gemv (int16 x for 4-bit) or tiles + GEMM by M");
   m.def("decode", &decode_op, "the whole weight decoded to float32");
 }
