@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..codec.formats import get_format
+from ..codec.packing import packed_words
 from ..codec.tensor import QuantizedWeight
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_qlinear.cpp"
@@ -120,8 +121,21 @@ def plan(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple:
     them once and keeps them while its tensors stay the same objects."""
     O, I = qw.shape
     tab, closed = _table(qw)
+    _check_layout(qw.qweight, tab, qw.config.bits, I, closed)
     return (qw.qweight, qw.scales, qw.offsets, tab, bias, qw.config.bits, qw.group_size, I, closed,
             _grain(qw), _tile_rows(I), GEMV_MAX_ROWS, INT16_ACTIVATIONS)
+
+
+def _check_layout(qweight: torch.Tensor, table: torch.Tensor, bits: int, in_features: int, closed: bool) -> None:
+    """The extension checks these too, but an exception thrown inside it crashed the process on
+    one machine (torch 2.11, the H200 image): plans are checked here, in Python, first."""
+    words = packed_words(in_features, bits)
+    if qweight.dtype != torch.int32 or qweight.dim() != 2 or qweight.shape[1] != words:
+        raise ValueError(f"qweight has {tuple(qweight.shape)} {qweight.dtype}: expected int32 with {words} "
+                         f"words per row for {in_features} {bits}-bit codes")
+    cols = 1 if closed else 2 ** bits
+    if table.dim() != 2 or table.shape[1] != cols or table.shape[0] not in (1, qweight.shape[0]):
+        raise ValueError(f"table has shape {tuple(table.shape)}: expected (1 or {qweight.shape[0]}, {cols})")
 
 
 def run(x: torch.Tensor, args: tuple) -> torch.Tensor:
