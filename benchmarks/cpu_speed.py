@@ -37,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("float32", "bf16", "qins8-g128", "qins4-g64", "llama.cpp-Q4_1", "llama.cpp-Q8_0", "llama.cpp-Q4_0")
 PROMPT_TOKENS = 16
+DECODE_KL_TOKENS, DECODE_KL_CHUNK = 64, 8     # generation's path (gemv: <= 8 rows per call)
 QINS = {"qins8-g128": (8, 128), "qins4-g64": (4, 64)}
 
 
@@ -175,8 +176,29 @@ def _fast_vs_reference(model, ids) -> dict:
     os.environ["QINS_KERNELS"] = "auto"
     lp, lq = ref.log_softmax(-1), fast.log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
-    return {"kl_fast_vs_reference": kl, "max_abs_logit_diff": (ref - fast).abs().max().item(),
-            "fast_path": cpu.available()}
+    out = {"kl_fast_vs_reference": kl, "max_abs_logit_diff": (ref - fast).abs().max().item(),
+           "fast_path": cpu.available()}
+    out.update(_fast_vs_reference_decode(model, ids[:, :DECODE_KL_TOKENS]))
+    return out
+
+
+def _fast_vs_reference_decode(model, ids) -> dict:
+    """The same on generation's path: the window fed through the cache DECODE_KL_CHUNK tokens at a
+    time, so every linear runs the gemv (the approximate one: cpu.APPROX_GEMV)."""
+    from transformers import DynamicCache
+
+    def stepped(backend):
+        os.environ["QINS_KERNELS"] = backend
+        cache = DynamicCache()
+        out = [model(ids[:, i:i + DECODE_KL_CHUNK], past_key_values=cache, use_cache=True).logits.float()
+               for i in range(0, ids.shape[1], DECODE_KL_CHUNK)]
+        return torch.cat(out, 1)
+    ref, fast = stepped("reference"), stepped("cpu")
+    os.environ["QINS_KERNELS"] = "auto"
+    lp, lq = ref.log_softmax(-1), fast.log_softmax(-1)
+    return {"kl_decode_fast_vs_reference": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
+            "max_abs_logit_diff_decode": (ref - fast).abs().max().item(),
+            "top1_agree_decode": (ref.argmax(-1) == fast.argmax(-1)).float().mean().item()}
 
 
 def _profile_token(model, prompt, variant: str) -> dict:
@@ -313,7 +335,10 @@ def _md(res: dict) -> str:
         if "quantized" in r:
             L.append(f"- {r['variant']}: {r['quantized']}, {r['quantized_bpw']} bpw over the quantized weights "
                      f"(codes + scales + curvatures). Fast path vs reference path on one 512-token window: "
-                     f"KL {r['kl_fast_vs_reference']:.2e}, max |logit diff| {r['max_abs_logit_diff']:.2e}.")
+                     f"KL {r['kl_fast_vs_reference']:.2e}, max |logit diff| {r['max_abs_logit_diff']:.2e}; "
+                     f"generation's path ({DECODE_KL_TOKENS} tokens through the cache, {DECODE_KL_CHUNK} at a time: "
+                     f"the approximate gemv): KL {r['kl_decode_fast_vs_reference']:.2e}, max |logit diff| "
+                     f"{r['max_abs_logit_diff_decode']:.2e}, top-1 agreement {r['top1_agree_decode']:.3f}.")
     for r in rows:
         if "profile" in r:
             p = r["profile"]

@@ -5,7 +5,9 @@ Tolerances (the kernel sums in a different order than the reference, and qins 6/
 in closed form instead of the float64-built table):
   fp32 x   |y - ref| <= 2e-6 * B, B = |x| @ |W|^T (+ |m| sum|x| for int-asym), the bound that
            float summation order scales with; measured worst 1.7e-7 * B over every case below
-  4-bit tables in the gemv (<= 8 rows; cpu.INT16_ACTIVATIONS): x is rounded per group to int16
+  8-bit qins in the gemv (<= 8 rows; cpu.APPROX_GEMV): the reciprocal without its Newton step,
+           + RCP * B (RCP = 1.5 2^-12, the instruction's documented bound)
+  4/5/6-bit codes in the gemv (<= 8 rows; cpu.APPROX_GEMV): x is rounded per group to int16
            (step max|x_g| / 8191) and the table to int16 levels (step max|T| / 16383), so the
            bound adds the worst case of both roundings (`_int16_bound`): sum over k of
            |s T_k| step_x / 2 + |s| (|x_k| + step_x / 2) step_T / 2
@@ -53,10 +55,24 @@ def _bound(x, qw):
     return b
 
 
+RCP = 1.5 * 2 ** -12        # _mm256_rcp_ps's relative error bound (the 8-bit closed form, no Newton step)
+
+
+def _approx_bound(x, qw, m):
+    """What the approximate gemv may add to the exact one: the int16 roundings, or the 8-bit
+    qins levels' reciprocal error; 0 where the call takes an exact path."""
+    if _int16_path(qw, m):
+        return _int16_bound(x, qw)
+    fmt = get_format(qw.config.format)
+    if cpu.APPROX_GEMV and m <= cpu.GEMV_MAX_ROWS and fmt.curved and qw.config.bits == 8:
+        return RCP * _bound(x, qw)
+    return 0
+
+
 def _int16_path(qw, m):
     fmt = get_format(qw.config.format)
-    return (cpu.INT16_ACTIVATIONS and m <= cpu.GEMV_MAX_ROWS and qw.config.bits == 4
-            and not (fmt.curved and qw.config.bits in cpu.CLOSED_BITS))
+    bits, closed = qw.config.bits, fmt.curved and qw.config.bits in cpu.CLOSED_BITS
+    return cpu.APPROX_GEMV and m <= cpu.GEMV_MAX_ROWS and bits in (4, 5, 6) and (bits == 6 or not closed)
 
 
 def _int16_bound(x, qw):
@@ -83,28 +99,31 @@ def test_qlinear_matches_reference(fmt, bits, curv, group):
         y = cpu.qlinear(x, qw, bias)
         assert y.shape == (m, O) and y.dtype == torch.float32
         bound = _bound(x, qw) + bias.abs()
-        tol = 2e-6 * bound + (_int16_bound(x, qw) if _int16_path(qw, m) else 0)
+        tol = 2e-6 * bound + _approx_bound(x, qw, m)
         assert ((y - ref).abs() <= tol).all(), ((y - ref).abs() / bound).max()
         xb = x.bfloat16()
         yb = cpu.qlinear(xb, qw, bias)
         assert yb.dtype == torch.bfloat16
         y32 = reference.qlinear(xb.float(), qw, bias)
-        tol = 2e-6 * bound + (_int16_bound(xb.float(), qw) if _int16_path(qw, m) else 0)
+        tol = 2e-6 * bound + _approx_bound(xb.float(), qw, m)
         assert ((yb.float() - y32).abs() <= 2 ** -8 * y32.abs() + tol).all()
 
 
-@pytest.mark.parametrize("fmt,curv", [("qins", "tensor"), ("qins", "channel"), ("nf4", None), ("int-asym", None)])
-def test_int16_gemv_is_the_fp32_gemv_within_its_rounding(fmt, curv, monkeypatch):
-    """The int16-activation gemv against the fp32 gemv of the same layer: within the rounding
-    bound, and the bound is not vacuous (the two differ, and far less than the bound allows
+@pytest.mark.parametrize("fmt,bits,curv", [("qins", 4, "tensor"), ("qins", 4, "channel"), ("nf4", 4, None),
+                                           ("int-asym", 4, None), ("qins", 5, "tensor"), ("qins", 5, "channel"),
+                                           ("qins", 6, "tensor"), ("qins", 6, "channel"), ("int-sym", 6, None),
+                                           ("qins", 8, "tensor"), ("qins", 8, "channel")])
+def test_approximate_gemv_is_the_exact_gemv_within_its_bound(fmt, bits, curv, monkeypatch):
+    """The approximate gemv (int16 activations; 8-bit: no Newton step) against the exact fp32
+    gemv of the same layer: within its bound, and the bound is not vacuous (the two differ, and far less than the bound allows
     for a wrong lane order: a permuted x gives errors of the order of B)."""
-    qw = _qw(fmt, 4, 64, curv, o=45, i=328)                  # 328: 10 units + 8 codes, padded
+    qw = _qw(fmt, bits, 64, curv, o=45, i=328)               # 328: 10 units + 8 codes, padded
     x = torch.randn(5, 328) * torch.linspace(0.1, 3.0, 328)
-    monkeypatch.setattr(cpu, "INT16_ACTIVATIONS", False)
+    monkeypatch.setattr(cpu, "APPROX_GEMV", False)
     y32 = cpu.qlinear(x, qw, None)
-    monkeypatch.setattr(cpu, "INT16_ACTIVATIONS", True)
+    monkeypatch.setattr(cpu, "APPROX_GEMV", True)
     y16 = cpu.qlinear(x, qw, None)
-    bound = _int16_bound(x, qw) + 4e-6 * _bound(x, qw)
+    bound = _approx_bound(x, qw, 5) + 4e-6 * _bound(x, qw)
     assert ((y16 - y32).abs() <= bound).all()
     assert not torch.equal(y16, y32)
     shuffled = cpu.qlinear(x[:, torch.randperm(328)], qw, None)
@@ -183,7 +202,7 @@ def test_auto_uses_the_fast_path_and_reference_forces_the_reference(monkeypatch)
         monkeypatch.setenv("QINS_KERNELS", b)
         y = layer(x)
         assert len(calls) == (1 if b == "auto" else 2)
-        bound = 2e-6 * (_bound(x, layer.quantized) + layer.bias.abs()) + _int16_bound(x, layer.quantized)
+        bound = 2e-6 * (_bound(x, layer.quantized) + layer.bias.abs()) + _approx_bound(x, layer.quantized, 3)
         assert ((y - ref).abs() <= bound).all()
 
 

@@ -34,9 +34,11 @@ GEMV_MAX_ROWS = 8         # fused gemv up to here, tiles + GEMM above (chosen, n
 TILE_BYTES = 1 << 20      # fp32 decoded tile of W per GEMM: fits a core's L2 (2 MB here)
 CLOSED_BITS = (6, 8)     # qins widths decoded in closed form (gather measured ~3x slower on a 49152 x 576 layer)
 GRAIN_WORDS = 1 << 14     # rows per thread chunk ~ this many packed words
-# 4-bit tables in the gemv: activations quantized per group to int16 (|error| <= max|x_g| / 16382)
-# against int16 levels (|error| <= 2^-15 max|T|), vpmaddwd dot products; False: the fp32 gemv
-INT16_ACTIVATIONS = True
+# The approximate gemv (generation, <= GEMV_MAX_ROWS rows): 4/5/6-bit codes against
+# activations rounded per group to int16 (|error| <= max|x_g| / 16382; levels to 16383 steps of
+# max|T|), vpmaddwd dot products; 8-bit qins levels with the 12-bit reciprocal and no Newton
+# step (|relative error| <= 3.7e-4 per weight). False: the fp32 gemv, exact decode.
+APPROX_GEMV = True
 
 
 class _State:
@@ -123,7 +125,7 @@ def plan(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple:
     tab, closed = _table(qw)
     _check_layout(qw.qweight, tab, qw.config.bits, I, closed)
     return (qw.qweight, qw.scales, qw.offsets, tab, bias, qw.config.bits, qw.group_size, I, closed,
-            _grain(qw), _tile_rows(I), GEMV_MAX_ROWS, INT16_ACTIVATIONS)
+            _grain(qw), _tile_rows(I), GEMV_MAX_ROWS, APPROX_GEMV)
 
 
 def _check_layout(qweight: torch.Tensor, table: torch.Tensor, bits: int, in_features: int, closed: bool) -> None:

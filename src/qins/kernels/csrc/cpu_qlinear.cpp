@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -100,8 +101,10 @@ struct Table {
 
 // qins in closed form (bits 6 and 8: no gather): code c -> j = c - (N - 1), N = 2^(bits-1),
 // value j / (N (1 + a) - a |j|) = sign(j) v(|j| / N), v(t) = t / (1 + a (1 - t)) (codec/qins.py);
-// reciprocal + one Newton step: within 2 ulp of the float64-built table (tests check it)
-template <int BITS>
+// reciprocal + one Newton step: within 2 ulp of the float64-built table (tests check it);
+// NEWTON false (the approximate gemv): the 12-bit reciprocal alone, |relative error| <= 1.5 2^-12
+// (under a tenth of the 8-bit step everywhere), three fewer instructions per 8 codes
+template <int BITS, bool NEWTON = true>
 struct Closed {
   __m256 neg_a, base;
   inline void load(const float* curv) {
@@ -115,7 +118,7 @@ struct Closed {
     const __m256 aj = _mm256_andnot_ps(_mm256_set1_ps(-0.f), j);
     const __m256 den = _mm256_fmadd_ps(aj, neg_a, base);
     __m256 r = _mm256_rcp_ps(den);
-    r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.f)));
+    if constexpr (NEWTON) r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.f)));
     return _mm256_mul_ps(j, r);
   }
 };
@@ -143,7 +146,7 @@ template <int BITS, class Dec, int M>
 void gemv_rows(const Args& a, const float* xp, const float* xs, const float* bias, float* y,
                int64_t O, int64_t o0, int64_t o1) {
   constexpr int U = M == 1 ? 4 : (M == 2 ? 2 : 1);   // independent FMA chains per x row
-  constexpr int T = std::is_same_v<Dec, Closed<BITS>> ? 1 : 1 << BITS;
+  constexpr int T = std::is_same_v<Dec, Closed<BITS>> || std::is_same_v<Dec, Closed<BITS, false>> ? 1 : 1 << BITS;
   Dec tab;
   if (a.A == 1) tab.load(a.tab);
   for (int64_t o = o0; o < o1; ++o) {
@@ -180,44 +183,93 @@ void gemv_rows(const Args& a, const float* xp, const float* xs, const float* bia
   }
 }
 
-// ---- 4-bit codes against int16 activations (the gemv path for 4-bit tables) ----
-// The 16 table values become int16 levels L = round(T * 16383 / max|T|) (error <= 2^-15 of
-// max|T|), split into a low-byte and a high-byte table for vpshufb. x is quantized per group of
-// each row to int16 with |xq| <= 8191 (error <= max|x_g| / 16382) and laid out in the order the
-// unpacks produce (`perm32`). One 32-code unit: 16 bytes of codes broadcast to both lanes, low
-// nibbles in lane 0 and high nibbles in lane 1, two vpshufb (low and high bytes of the levels),
-// two unpacks to 2 x 16 int16 levels, two vpmaddwd into int32 lanes. Every 128 codes at most
-// (16 products of |L xq| < 2^27 per lane: < 2^31, no overflow) the int32 sums are converted and
+// ---- 4-, 5- and 6-bit codes against int16 activations (the gemv path for those widths) ----
+// The table values become int16 levels L = round(T * 16383 / max|T|) (error <= 2^-15 of
+// max|T|), split into low-byte and high-byte vpshufb tables of 16 entries each. x is quantized
+// per group of each row to int16 with |xq| <= 8191 (error <= max|x_g| / 16382) and laid out in
+// the order the unpacks produce (`perm32`). One 32-code unit: 16 bytes of 4-bit codes
+// broadcast to both lanes, low nibbles in lane 0 and high nibbles in lane 1, vpshufb on the
+// sub-tables (5/6 bits: the high bits of plane 1 pick the sub-table by compare + blend), two
+// unpacks to 2 x 16 int16 levels, two vpmaddwd into int32 lanes. Every 128 codes at most (16
+// products of |L xq| < 2^27 per lane: < 2^31, no overflow) the int32 sums are converted and
 // added to an fp32 accumulator with the factor s_g * f * xs_g.
-struct Lev4 {
-  __m256i lo, hi;
+// the levels of a 4-, 5- or 6-bit table: 2^(BITS-4) sub-tables of 16 entries, each as a
+// low-byte and a high-byte vpshufb table (duplicated in both lanes)
+template <int BITS>
+struct LevQ {
+  static constexpr int S = 1 << (BITS - 4);
+  __m256i lo[S], hi[S];
   float f;                 // level -> table value
   inline void load(const float* tab) {
+    constexpr int T = 1 << BITS;
     float mx = 0.f;
-    for (int i = 0; i < 16; ++i) mx = std::max(mx, std::fabs(tab[i]));
+    for (int i = 0; i < T; ++i) mx = std::max(mx, std::fabs(tab[i]));
     const float inv = mx > 0.f ? 16383.f / mx : 0.f;
     alignas(32) uint8_t lo8[32], hi8[32];
-    for (int i = 0; i < 16; ++i) {
-      const int v = static_cast<int>(std::lrintf(tab[i] * inv));
-      lo8[i] = lo8[i + 16] = static_cast<uint8_t>(v & 0xff);
-      hi8[i] = hi8[i + 16] = static_cast<uint8_t>((v >> 8) & 0xff);
+    for (int t = 0; t < S; ++t) {
+      for (int i = 0; i < 16; ++i) {
+        const int v = static_cast<int>(std::lrintf(tab[16 * t + i] * inv));
+        lo8[i] = lo8[i + 16] = static_cast<uint8_t>(v & 0xff);
+        hi8[i] = hi8[i + 16] = static_cast<uint8_t>((v >> 8) & 0xff);
+      }
+      lo[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo8));
+      hi[t] = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi8));
     }
-    lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo8));
-    hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi8));
     f = mx / 16383.f;
   }
-  // 32 codes at p (16 bytes) -> levels in two int16 vectors, in perm32 order
-  inline void unit(const uint8_t* p, __m256i& w0, __m256i& w1) const {
+  // the qins closed form of codec/qins.py for a curvature a (as Closed), then load
+  inline void load_closed(float a) {
+    constexpr int T = 1 << BITS, N = 1 << (BITS - 1);
+    float tab[T];
+    for (int c = 0; c < T; ++c) {
+      const float j = float(c - (N - 1));
+      tab[c] = j / (float(N) * (1.f + a) - a * std::fabs(j));
+    }
+    load(tab);
+  }
+  // codes [k, k + 32) of a row (plane 0: 4-bit codes; plane 1 at word offset plane1: the high
+  // 1 or 2 bits) -> levels in two int16 vectors, in perm32 order
+  inline void unit(const uint32_t* row, int64_t plane1, int64_t k, __m256i& w0, __m256i& w1) const {
     const __m256i m = _mm256_set1_epi8(0x0f);
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(row) + k / 2;
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i nib = _mm256_blend_epi32(_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 0xF0);
-    const __m256i l = _mm256_shuffle_epi8(lo, nib), h = _mm256_shuffle_epi8(hi, nib);
+    __m256i l = _mm256_shuffle_epi8(lo[0], nib), h = _mm256_shuffle_epi8(hi[0], nib);
+    if constexpr (BITS == 5) {
+      // bit of code 2q (lane 0) / 2q+1 (lane 1): byte q/4 of the plane, bit (2q) % 8 / (2q+1) % 8
+      int32_t word;
+      std::memcpy(&word, reinterpret_cast<const uint8_t*>(row + plane1) + k / 8, 4);
+      const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
+                                           0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+      const __m256i bit = _mm256_setr_epi8(1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64,
+                                           2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128);
+      const __m256i sel = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(word), idx), bit), bit);
+      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[1], nib), sel);
+      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[1], nib), sel);
+    } else if constexpr (BITS == 6) {
+      // 2 bits of code 2q (lane 0) / 2q+1 (lane 1): byte q/2, bits at 4 (q % 2) / 4 (q % 2) + 2
+      int64_t dword;
+      std::memcpy(&dword, reinterpret_cast<const uint8_t*>(row + plane1) + k / 4, 8);
+      const __m256i idx = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7,
+                                           0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+      const __m256i one = _mm256_setr_epi8(1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16,
+                                           4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64);
+      const __m256i two = _mm256_add_epi8(one, one), three = _mm256_add_epi8(two, one);
+      const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi64x(dword), idx), three);
+      const __m256i s1 = _mm256_cmpeq_epi8(hb, one), s2 = _mm256_cmpeq_epi8(hb, two), s3 = _mm256_cmpeq_epi8(hb, three);
+      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[1], nib), s1);
+      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[1], nib), s1);
+      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[2], nib), s2);
+      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[2], nib), s2);
+      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[3], nib), s3);
+      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[3], nib), s3);
+    }
     w0 = _mm256_unpacklo_epi8(l, h);
     w1 = _mm256_unpackhi_epi8(l, h);
   }
 };
 
-// position of code k (0..31 within a unit) in the two int16 vectors of Lev4::unit
+// position of code k (0..31 within a unit) in the two int16 vectors of LevQ::unit
 inline int perm32(int k) {
   const int half = k >> 4, r = k & 15;              // vector 0 holds codes 0..15, vector 1 16..31
   return half * 16 + ((r & 1) ? 8 + (r >> 1) : (r >> 1));
@@ -246,15 +298,17 @@ void quantize_x(const float* x, int64_t M, int64_t I, int64_t n_pad, int64_t gs,
   }
 }
 
-template <int M>
-void gemv4_rows(const Args& a, const int16_t* xq, const float* xs, const float* xsum,
+template <int BITS, int M>
+void gemvq_rows(const Args& a, bool closed, const int16_t* xq, const float* xs, const float* xsum,
                 const float* bias, float* y, int64_t O, int64_t o0, int64_t o1) {
-  Lev4 lev;
-  if (a.A == 1) lev.load(a.tab);
-  const int64_t row_bytes = a.W * 4;
+  LevQ<BITS> lev;
+  auto load = [&](int64_t r) {
+    if (closed) lev.load_closed(a.tab[r]); else lev.load(a.tab + r * (1 << BITS));
+  };
+  if (a.A == 1) load(0);
   for (int64_t o = o0; o < o1; ++o) {
-    if (a.A != 1) lev.load(a.tab + o * 16);
-    const uint8_t* row = reinterpret_cast<const uint8_t*>(a.q + o * a.W);
+    if (a.A != 1) load(o);
+    const uint32_t* row = a.q + o * a.W;
     __m256 facc[M];
     float roff[M];
     for (int m = 0; m < M; ++m) { facc[m] = _mm256_setzero_ps(); roff[m] = 0.f; }
@@ -267,7 +321,7 @@ void gemv4_rows(const Args& a, const int16_t* xq, const float* xs, const float* 
         for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
         for (int64_t k = kb; k < ke; k += 32) {
           __m256i w0, w1;
-          lev.unit(row + k / 2, w0, w1);
+          lev.unit(row, a.plane1, k, w0, w1);
           for (int m = 0; m < M; ++m) {
             const __m256i* xv = reinterpret_cast<const __m256i*>(xq + m * a.n_pad + k);
             acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
@@ -280,13 +334,13 @@ void gemv4_rows(const Args& a, const int16_t* xq, const float* xs, const float* 
       if (a.m)
         for (int m = 0; m < M; ++m) roff[m] += half_to_float(a.m, o * a.G + g) * xsum[m * a.G + g];
     }
-    (void)row_bytes;
     const float b = bias ? bias[o] : 0.f;
     for (int m = 0; m < M; ++m) y[m * O + o] = hsum(facc[m]) + roff[m] + b;
   }
 }
 
-void gemv4(const Args& a, const int16_t* xq, const float* xs, const float* xsum, const float* bias,
+template <int BITS>
+void gemvq(const Args& a, bool closed, const int16_t* xq, const float* xs, const float* xsum, const float* bias,
            float* y, int64_t M, int64_t O, int64_t grain) {
   at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
     for (int64_t m = 0; m < M; m += 4) {
@@ -295,10 +349,10 @@ void gemv4(const Args& a, const int16_t* xq, const float* xs, const float* xsum,
       const float* um = xsum + m * a.G;
       float* ym = y + m * O;
       switch (std::min<int64_t>(4, M - m)) {
-        case 1: gemv4_rows<1>(a, xm, sm, um, bias, ym, O, o0, o1); break;
-        case 2: gemv4_rows<2>(a, xm, sm, um, bias, ym, O, o0, o1); break;
-        case 3: gemv4_rows<3>(a, xm, sm, um, bias, ym, O, o0, o1); break;
-        default: gemv4_rows<4>(a, xm, sm, um, bias, ym, O, o0, o1); break;
+        case 1: gemvq_rows<BITS, 1>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
+        case 2: gemvq_rows<BITS, 2>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
+        case 3: gemvq_rows<BITS, 3>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
+        default: gemvq_rows<BITS, 4>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
       }
     }
   });
@@ -307,7 +361,7 @@ void gemv4(const Args& a, const int16_t* xq, const float* xs, const float* xsum,
 // decoded rows o0..o1 of W into buf (o1 - o0, n_pad) fp32: T[c] * s (+ m)
 template <int BITS, class Dec>
 void decode_rows(const Args& a, float* buf, int64_t o0, int64_t o1, int64_t base) {
-  constexpr int T = std::is_same_v<Dec, Closed<BITS>> ? 1 : 1 << BITS;
+  constexpr int T = std::is_same_v<Dec, Closed<BITS>> || std::is_same_v<Dec, Closed<BITS, false>> ? 1 : 1 << BITS;
   Dec tab;
   if (a.A == 1) tab.load(a.tab);
   for (int64_t o = o0; o < o1; ++o) {
@@ -345,7 +399,7 @@ void gemv(const Args& a, const float* xp, const float* xs, const float* bias, fl
 
 // f(Decoder<bits>{}): the table in registers / L1, or the qins closed form (bits 6, 8)
 template <typename F>
-void by_bits(int64_t bits, bool closed, F&& f) {
+void by_bits(int64_t bits, bool closed, F&& f, bool approx = false) {
   TORCH_CHECK(!closed || bits == 6 || bits == 8, "qins cpu: the closed form is built for 6 and 8 bits");
   switch (bits) {
     case 2: f(Table<2>{}); break;
@@ -353,13 +407,13 @@ void by_bits(int64_t bits, bool closed, F&& f) {
     case 4: f(Table<4>{}); break;
     case 5: f(Table<5>{}); break;
     case 6: if (closed) f(Closed<6>{}); else f(Table<6>{}); break;
-    case 8: if (closed) f(Closed<8>{}); else f(Table<8>{}); break;
+    case 8: if (closed && approx) f(Closed<8, false>{}); else if (closed) f(Closed<8>{}); else f(Table<8>{}); break;
     default: TORCH_CHECK(false, "qins cpu: unsupported bit width ", bits);
   }
 }
 template <class D> struct BitsOf;
 template <int B> struct BitsOf<Table<B>> { static constexpr int value = B; };
-template <int B> struct BitsOf<Closed<B>> { static constexpr int value = B; };
+template <int B, bool N> struct BitsOf<Closed<B, N>> { static constexpr int value = B; };
 
 Args make_args(const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
                const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
@@ -426,7 +480,7 @@ std::pair<at::Tensor, at::Tensor> prep_x(const at::Tensor& x, const Args& a, int
 at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
                    const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
                    const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
-                   int64_t in_features, bool closed, int64_t grain) {
+                   int64_t in_features, bool closed, int64_t grain, bool approx = false) {
   TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == in_features, "x must be (M, I) float32");
   Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
   auto [xp, xs] = prep_x(x.contiguous(), a, in_features);
@@ -438,7 +492,7 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& qweight, const c10::op
   by_bits(bits, closed, [&](auto D) {
     using Dec = decltype(D);
     gemv<BitsOf<Dec>::value, Dec>(a, xp.data_ptr<float>(), xs.data_ptr<float>(), b, y.data_ptr<float>(), M, O, grain);
-  });
+  }, approx);
   return y;
 }
 
@@ -474,13 +528,14 @@ at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::o
 }
 
 // y (..., O) = x (..., I) @ W^T + bias in x's dtype (fp32, bf16 or fp16), one call per layer:
-//   M <= gemv_max, 4-bit table, x16   the int16-activation gemv (gemv4)
-//   M <= gemv_max                      the fp32 gemv (gemv)
+//   M <= gemv_max, 4/5/6 bits, x16    the int16-activation gemv (gemvq; 6-bit qins closed form too)
+//   M <= gemv_max                      the fp32 gemv (gemv; approx: 8-bit qins without the Newton step)
 //   larger M                           decoded tiles + GEMM (tiled)
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
                      const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
                      const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
-                     int64_t in_features, bool closed, int64_t grain, int64_t tile, int64_t gemv_max, bool x16) {
+                     int64_t in_features, bool closed, int64_t grain, int64_t tile, int64_t gemv_max, bool approx) {
+  const bool x16 = approx;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must be (..., ", in_features, ")");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32, bfloat16 or float16");
@@ -491,7 +546,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
   at::Tensor y;
   if (M > gemv_max) {
     y = tiled_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, tile);
-  } else if (bits == 4 && !closed && x16) {
+  } else if (x16 && (bits == 4 || bits == 5 || bits == 6) && (!closed || bits == 6)) {
     Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
     const int64_t O = qweight.size(0);
     at::Tensor xq = at::empty({M, a.n_pad}, x.options().dtype(at::kShort));
@@ -502,10 +557,13 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
     const float* b = nullptr;
     at::Tensor bc;
     if (bias.has_value()) { bc = bias->to(at::kFloat).contiguous(); b = bc.data_ptr<float>(); }
-    gemv4(a, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, b,
-          y.data_ptr<float>(), M, O, grain);
+    auto run = [&](auto f) {
+      f(a, closed, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, b,
+        y.data_ptr<float>(), M, O, grain);
+    };
+    if (bits == 4) run(gemvq<4>); else if (bits == 5) run(gemvq<5>); else run(gemvq<6>);
   } else {
-    y = gemv_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, grain);
+    y = gemv_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, grain, x16);
   }
   return (dt == at::kFloat ? y : y.to(dt)).view(out_shape);
 }
@@ -528,7 +586,11 @@ at::Tensor decode_op(const at::Tensor& qweight, const c10::optional<at::Tensor>&
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv", &gemv_op, "x @ W^T + b, W decoded inside the dot product (small M)");
+  m.def("gemv", [](const at::Tensor& x, const at::Tensor& q, const c10::optional<at::Tensor>& s,
+                   const c10::optional<at::Tensor>& o, const at::Tensor& t, const c10::optional<at::Tensor>& b,
+                   int64_t bits, int64_t gs, int64_t I, bool closed, int64_t grain) {
+          return gemv_op(x, q, s, o, t, b, bits, gs, I, closed, grain, false);
+        }, "x @ W^T + b, W decoded inside the dot product (small M), exact decode");
   m.def("tiled", &tiled_op, "x @ W^T + b by decoded tiles of W and a GEMM per tile (large M)");
   m.def("linear", &linear_op, "x @ W^T + b in x's dtype: the gemv (int16 x for 4-bit) or tiles + GEMM by M");
   m.def("decode", &decode_op, "the whole weight decoded to float32");
