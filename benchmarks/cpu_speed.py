@@ -185,6 +185,7 @@ def _fast_vs_reference(model, ids) -> dict:
 def _fast_vs_reference_decode(model, ids) -> dict:
     """The same on generation's path: the window fed through the cache DECODE_KL_CHUNK tokens at a
     time, so every linear runs the gemv (the approximate one: cpu.APPROX_GEMV)."""
+    import torch
     from transformers import DynamicCache
 
     def stepped(backend):
