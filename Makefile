@@ -32,11 +32,17 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/qins demo
 
+# pytest-xdist: one worker per core, each test file on one worker (module fixtures such as the
+# real model's Harness are built once), in collection order: conftest.py puts the files that
+# load the real default model first. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest tests experiments -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: $(STAMP)
-	$(PY) -m pytest tests experiments -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest tests experiments -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # the peers (HQQ, bitsandbytes NF4) come with the test extra
 compare: $(STAMP)

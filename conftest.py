@@ -48,10 +48,31 @@ def _real_model_threads(request):
     if not marked:
         yield
         return
+    # Under pytest-xdist (`make test` runs -n auto --dist loadfile) the cores are shared by the
+    # workers: one thread each, or OpenMP spin-waits oversubscribe the machine
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     before = torch.get_num_threads()
-    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // workers)))
     yield
     torch.set_num_threads(before)
+
+
+def _slow_rank(module) -> int:
+    """0: the whole module is marked slow, 1: some test in it is, 2: none."""
+    marks = getattr(module, "pytestmark", [])
+    if any(m.name == "slow" for m in (marks if isinstance(marks, list) else [marks])):
+        return 0
+    return 1 if any(m.name == "slow" for f in vars(module).values()
+                    for m in getattr(f, "pytestmark", [])) else 2
+
+
+def pytest_collection_modifyitems(config, items):
+    # The modules that load the real default model run first (a stable sort keeps every other
+    # order): under `make test` (pytest-xdist, --dist loadfile --no-loadscope-reorder) a worker
+    # takes test_end_to_end.py (~400 s on 2 cores) at the start while the others share the rest,
+    # instead of picking it up three quarters of the way through.
+    rank = {}
+    items.sort(key=lambda it: rank.setdefault(it.module, _slow_rank(it.module)) if it.module else 2)
 
 
 def tiny_llama(tie: bool = True, seed: int = 0):
