@@ -53,6 +53,11 @@ PROMPT = [1] + [(7919 * i) % 31000 + 500 for i in range(1, 16)]
 CAPS = {"checkpoint": 240, "compress": 300, "load_cuda": 180, "load_cpu": 180}   # seconds, at most
 
 
+def tag(a) -> str:
+    """Directory name part of the checkpoint's size: 32L, or 2L-h96-v512 when shrunk."""
+    return f"{a.layers}L" + (f"-h{a.hidden}" if a.hidden else "") + (f"-v{a.vocab}" if a.vocab else "")
+
+
 def vm_status() -> dict[str, int]:
     """VmRSS, VmHWM, RssAnon, RssFile of this process, bytes."""
     out = {}
@@ -133,6 +138,8 @@ def cuda_available() -> bool:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=32, help="decoder layers (Phi-3.5-mini: 32)")
+    ap.add_argument("--hidden", type=int, default=None, help="shrink the width (tests only; default 3072)")
+    ap.add_argument("--vocab", type=int, default=None, help="shrink the vocabulary (tests only; default 32064)")
     ap.add_argument("--workdir", default=str(ROOT / "runs" / "phi35_full"),
                     help="local disk for the checkpoint (~7.6 GB at 32 layers) and the output (~2 GB)")
     ap.add_argument("--json", default=None)
@@ -153,7 +160,7 @@ def main(argv=None):
     t_start = time.perf_counter()
     work = Path(a.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    src, out = work / f"phi35-synth-{a.layers}L", work / f"phi35-{a.layers}L-qins"
+    src, out = work / f"phi35-synth-{tag(a)}", work / f"phi35-{tag(a)}-qins"
     json_path = Path(os.environ["OUT"]) / "phi35_full.json" if os.environ.get("OUT") else \
         Path(a.json) if a.json else work / "phi35_full.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,8 +201,9 @@ def main(argv=None):
             return {"ok": True, "reused": str(src), "bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
                     "params": tensor_params(src)}
         shutil.rmtree(src, ignore_errors=True)
-        r = run_child([py, str(ROOT / "benchmarks" / "synthetic_checkpoint.py"), str(src), "--layers", str(a.layers)],
-                      budget("checkpoint"), work / "checkpoint.log")
+        shrink = [x for k in ("hidden", "vocab") if getattr(a, k) for x in (f"--{k}", str(getattr(a, k)))]
+        r = run_child([py, str(ROOT / "benchmarks" / "synthetic_checkpoint.py"), str(src), "--layers", str(a.layers),
+                       *shrink], budget("checkpoint"), work / "checkpoint.log")
         if r["ok"]:
             r.update(bytes=sum(f.stat().st_size for f in src.glob("*.safetensors")), params=tensor_params(src),
                      shards=len(list(src.glob("*.safetensors"))))
@@ -228,8 +236,9 @@ def main(argv=None):
             return {"ok": False, "skipped": "no compressed model"}
         res = work / f"load_{dev}.json"
         res.unlink(missing_ok=True)
+        shrink = [x for k in ("hidden", "vocab") if getattr(a, k) for x in (f"--{k}", str(getattr(a, k)))]
         r = run_child([py, me, "--step", "load", "--device", dev, "--workdir", str(work), "--layers", str(a.layers),
-                       "--new-tokens", str(tokens), "--result", str(res)], budget(f"load_{dev}"), work / f"load_{dev}.log")
+                       *shrink, "--new-tokens", str(tokens), "--result", str(res)], budget(f"load_{dev}"), work / f"load_{dev}.log")
         if res.is_file():
             r.update(json.loads(res.read_text()))
         return r
@@ -350,7 +359,7 @@ def _load_and_generate(a, res: dict, save) -> None:
     dev = torch.device(a.device)
     cuda = dev.type == "cuda"
     work = Path(a.workdir)
-    out = work / f"phi35-{a.layers}L-qins"
+    out = work / f"phi35-{tag(a)}-qins"
     res.update(torch=torch.__version__, transformers=transformers.__version__, qins=qins.__version__,
                threads=torch.get_num_threads(), rss_before_load=vm_status()["VmRSS"])
     if cuda:
@@ -381,7 +390,7 @@ def _load_and_generate(a, res: dict, save) -> None:
         return r
     ops.choose = counting
 
-    prompt = torch.tensor([PROMPT], device=dev)
+    prompt = torch.tensor([[t % model.config.vocab_size for t in PROMPT]], device=dev)
     steps = a.new_tokens - 1                           # the prefill yields the first token
     try:
         run = greedy_decode(model, prompt, steps, mode="graph" if cuda else "eager", check_steps=min(4, steps))
