@@ -14,8 +14,8 @@ Evaluation is on text of OTHER kinds than the calibration text, never the same w
   legal   the first windows of the GNU GPL v3 text (/usr/share/common-licenses/GPL-3, Debian;
           any --legal FILE instead)
 Per text: KL(p_float || p_quant) and top-1 agreement per 512-token window; the table gives the
-mean, its standard error over windows, and the paired difference from the first config with a
-95% interval (t over windows). A noise row re-runs the first config with calibration windows
+mean, its standard error over windows, and the paired difference from the first config of the
+same rounding with a 95% interval (t over windows). A noise row re-runs the first config with calibration windows
 8..15 instead of 0..7: the spread a different calibration sample alone causes.
 
 Size: bytes of model.safetensors' tensors that `qins compress --stream` writes for the full
@@ -177,8 +177,9 @@ def main(argv=None):
 
 def table(doc: dict) -> str:
     lines = ["| linears + embeddings | rounding | calibration windows | Phi-3.5 GB | default model bpw | "
-             + " | ".join(f"{t} KL (± s.e.) | {t} ΔKL vs first (95%) | {t} top-1 % | {t} Δppl %" for t in doc["texts"])
-             + " |", "|" + "---|" * (5 + 4 * len(doc["texts"]))]
+             + " | ".join(f"{t} KL (± s.e.) | {t} ΔKL vs first (95%) | {t} top-1 % | {t} Δtop-1 pts (95%) | {t} Δppl %"
+                         for t in doc["texts"])
+             + " |", "|" + "---|" * (5 + 5 * len(doc["texts"]))]
     for r in doc["rows"]:
         cells = [r["config"], r["rounding"], r["calibration_windows"] or "-", f"{r['phi35_gb']:.3f}",
                  f"{r['default_model_bpw_all']:.3f}"]
@@ -186,7 +187,9 @@ def table(doc: dict) -> str:
             s = r["texts"][t]
             cells += [f"{s['kl']:.4f} ± {s['kl_se']:.4f}",
                       f"{s['dkl']:+.4f} ± {s['dkl_ci']:.4f}" if "dkl" in s else "-",
-                      f"{100 * s['top1']:.2f}", f"{s['dppl_pct']:+.2f}"]
+                      f"{100 * s['top1']:.2f}",
+                      f"{100 * s['dtop1']:+.2f} ± {100 * s['dtop1_ci']:.2f}" if "dtop1" in s else "-",
+                      f"{s['dppl_pct']:+.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
