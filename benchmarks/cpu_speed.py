@@ -3,11 +3,15 @@
     python benchmarks/cpu_speed.py            # the full run (about 10 min on 2 cores)
     python benchmarks/cpu_speed.py --quick    # 16 generated tokens, 128-token prefill
 
-Each variant runs in its own fresh process (so its RSS is its own), one timed run per thread
-count after one warm-up: greedy generation of GEN new tokens after a 16-token prompt, and one
+Each variant runs in its own fresh process (so its RSS is its own), REPEATS timed runs per
+thread count after one warm-up (their median counts): greedy generation of GEN new tokens after a 16-token prompt, and one
 forward over a PREFILL-token prompt (logits of the last position only, like generation's
 prefill). RSS: the process's peak resident set (VmHWM, reset after loading) while
 generating, beside the RSS before the model was loaded (python + torch + transformers).
+The 2 cores are shared with other machines' work and speed drifts by tens of percent between
+minutes, so `--rounds R` runs every variant R times, alternating the order (forward, reversed,
+...): a ratio to bf16 is taken within each round and the table shows the median of the rounds'
+ratios with their range.
 
 QINS variants: every decoder linear layer at the stated bits/group, the input embedding and
 the tied lm_head (one copy of the codes) at qins 6-bit g128, as `qins compress` defaults do
@@ -29,6 +33,7 @@ import gc
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -111,7 +116,8 @@ def _corpus_ids(tok, n: int, offset: int):
 
 
 # ----------------------------------------------------------------------------- torch worker
-def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> dict:
+def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int], repeats: int = 1,
+                  checks: bool = True) -> dict:
     import torch
     import qins
     import transformers
@@ -144,7 +150,7 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> d
 
     runs = {}
     with torch.inference_mode():
-        if variant.startswith("qins"):
+        if variant.startswith("qins") and checks:
             info.update(_fast_vs_reference(model, kl_ids))
         generate()                                              # warm-up (and the kernel build)
         model(long, logits_to_keep=1)
@@ -152,16 +158,20 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> d
             torch.set_num_threads(t)
             _trim()
             _reset_peak()
-            t0 = time.perf_counter()
-            generate()
-            dt_gen = time.perf_counter() - t0
+            gens, pres = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                generate()
+                gens.append(gen / (time.perf_counter() - t0))
             peak = _rss_mb("VmHWM")
-            t0 = time.perf_counter()
-            model(long, logits_to_keep=1)
-            dt_pre = time.perf_counter() - t0
-            runs[t] = {"gen_tok_s": gen / dt_gen, "prefill_tok_s": prefill / dt_pre,
-                       "rss_gen_mb": peak}
-        info["profile"] = _profile_token(model, prompt, variant)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model(long, logits_to_keep=1)
+                pres.append(prefill / (time.perf_counter() - t0))
+            runs[t] = {"gen_tok_s": statistics.median(gens), "prefill_tok_s": statistics.median(pres),
+                       "rss_gen_mb": peak, "gen_all": gens, "prefill_all": pres}
+        if checks:
+            info["profile"] = _profile_token(model, prompt, variant)
     info.update(base_rss_mb=base_rss, runs=runs)
     return info
 
@@ -291,9 +301,9 @@ def _llama_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> d
 
 
 # ------------------------------------------------------------------------------ the driver
-def _run_worker(variant: str, a) -> dict:
+def _run_worker(variant: str, a, checks: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--worker", variant, "--gen", str(a.gen), "--prefill", str(a.prefill),
-           "--threads", *map(str, a.threads)]
+           "--threads", *map(str, a.threads), "--repeats", str(a.repeats)] + ([] if checks else ["--no-checks"])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
     env.pop("QINS_KERNELS", None)
     t0 = time.perf_counter()
@@ -306,6 +316,43 @@ def _run_worker(variant: str, a) -> dict:
     return out
 
 
+def _combine(rounds: list[list[dict]]) -> list[dict]:
+    """Per variant: the first round's record (checks, profile, RSS), speeds replaced by the
+    median over rounds, and each round's ratio to bf16 of the same round."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        rec = dict(first)
+        if "runs" not in first:
+            out.append(rec)
+            continue
+        runs = {}
+        for t in first["runs"]:
+            per = [rd[i]["runs"][t] for rd in rounds if "runs" in rd[i]]
+            x = {k: statistics.median(p[k] for p in per) for k in ("gen_tok_s", "prefill_tok_s")}
+            x["rss_gen_mb"] = max(p["rss_gen_mb"] for p in per)
+            x["per_round"] = [{k: p[k] for k in ("gen_tok_s", "prefill_tok_s")} for p in per]
+            for k in ("gen", "prefill"):
+                ratios = []
+                for rd in rounds:
+                    bf = next((r for r in rd if r["variant"] == "bf16" and "runs" in r), None)
+                    if bf is not None and "runs" in rd[i]:
+                        ratios.append(rd[i]["runs"][t][f"{k}_tok_s"] / bf["runs"][t][f"{k}_tok_s"])
+                x[f"{k}_ratio_rounds"] = ratios
+            runs[t] = x
+        rec["runs"] = runs
+        out.append(rec)
+    return out
+
+
+def _ratio(x: dict, k: str, b: dict | None) -> str:
+    """Median of the rounds' ratios to bf16 (range when there are several)."""
+    rs = x.get(f"{k}_ratio_rounds")
+    if not rs:
+        return f"{x[f'{k}_tok_s'] / b[f'{k}_tok_s']:.2f}" if b else "–"
+    med = statistics.median(rs)
+    return f"{med:.2f}" if len(rs) == 1 else f"{med:.2f} ({min(rs):.2f}–{max(rs):.2f})"
+
+
 def _md(res: dict) -> str:
     rows = res["variants"]
     bf = next((r for r in rows if r["variant"] == "bf16" and "runs" in r), None)
@@ -314,8 +361,11 @@ def _md(res: dict) -> str:
          f"- {res['machine']}; {res['date']}; load average before the run {res['load_before']}, "
          f"after {res['load_after']} (other jobs share the 2 cores: compare ratios within this run)",
          f"- torch {res['torch']}, transformers {res['transformers']}, llama-cpp-python {res['llama_cpp']}",
-         f"- generation: greedy, {PROMPT_TOKENS}-token prompt + {res['gen']} new tokens, one timed run after one "
-         f"warm-up; prefill: one forward over {res['prefill']} tokens (last position's logits only)",
+         f"- generation: greedy, {PROMPT_TOKENS}-token prompt + {res['gen']} new tokens; prefill: one forward "
+         f"over {res['prefill']} tokens (last position's logits only); per process the median of "
+         f"{res.get('repeats', 1)} timed runs after one warm-up; {res.get('rounds', 1)} round(s) over the "
+         "variants in alternating order, × bf16 = the median of the rounds' ratios to bf16 of the same round "
+         "(range in brackets)",
          "- RSS: peak resident set of the variant's own process while generating (VmHWM reset after "
          "loading); 'before model' is the same process before the model was loaded", "",
          "| variant | threads | generation tok/s | × bf16 | prefill tok/s | × bf16 | RSS generating MB | RSS before model MB | weights MB | bpw |",
@@ -326,8 +376,7 @@ def _md(res: dict) -> str:
             continue
         for t, x in r["runs"].items():
             b = bf["runs"].get(t) if bf else None
-            rg = f"{x['gen_tok_s'] / b['gen_tok_s']:.2f}" if b else "–"
-            rp = f"{x['prefill_tok_s'] / b['prefill_tok_s']:.2f}" if b else "–"
+            rg, rp = _ratio(x, "gen", b), _ratio(x, "prefill", b)
             L.append(f"| {r['variant']} | {t} | {x['gen_tok_s']:.1f} | {rg} | {x['prefill_tok_s']:.1f} | {rp} | "
                      f"{x['rss_gen_mb']:.0f} | {r['base_rss_mb']:.0f} | {r['model_bytes'] / 1e6:.1f} | "
                      f"{r.get('quantized_bpw', '')} |")
@@ -358,13 +407,20 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_speed"),
                     help="writes OUT.json and OUT.md")
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per thread count (median)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every variant this many times, alternating the order")
+    ap.add_argument("--no-checks", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     a.gen = a.gen or (16 if a.quick else 64)
     a.prefill = a.prefill or (128 if a.quick else 512)
     if a.worker:
-        fn = _llama_worker if a.worker.startswith("llama") else _torch_worker
-        print(json.dumps(fn(a.worker, a.gen, a.prefill, a.threads)))
+        if a.worker.startswith("llama"):
+            out = _llama_worker(a.worker, a.gen, a.prefill, a.threads)
+        else:
+            out = _torch_worker(a.worker, a.gen, a.prefill, a.threads, a.repeats, not a.no_checks)
+        print(json.dumps(out))
         return 0
     import torch  # noqa: F401  (its version and CPU capability)
     import transformers
@@ -382,7 +438,15 @@ def main(argv=None) -> int:
     variants = [v for v in a.variants if not v.startswith("llama") or llama_v != "not installed"]
     print(f"preparing {variants} (once: quantize / save under {_prepared_dir('')}*)", file=sys.stderr)
     _prepare(variants)
-    res["variants"] = [_run_worker(v, a) for v in variants]
+    rounds = []
+    for r in range(a.rounds):
+        order = variants if r % 2 == 0 else variants[::-1]
+        print(f"round {r + 1}/{a.rounds}: {order}", file=sys.stderr)
+        done = {v: _run_worker(v, a, checks=r == 0) for v in order}
+        rounds.append([done[v] for v in variants])
+    res["variants"] = _combine(rounds)
+    res["rounds"] = a.rounds
+    res["repeats"] = a.repeats
     res["load_after"] = os.getloadavg()[0]
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,51 @@ def test_kmajor_refuses_what_it_cannot_run():
         kgemv(x[:1], *_args(qw, "table"), None, 4, 64, 171, config=dict(BK=128, BN=16, SPLIT_K=1))
 
 
+@pytest.mark.parametrize("group,curv", [(128, "tensor"), (32, "tensor"), (None, "channel")])
+@pytest.mark.parametrize("order", ["row", "k"])
+def test_kbyte_matches_float64(group, curv, order):
+    """8-bit qins at batch 1, the closed form over byte positions of (words, outputs) tiles."""
+    from qins.kernels.triton_kmajor import kbyte
+    shape = SHAPES[0]
+    qw = _quantized("qins", 8, group, curv, shape)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, shape[1], generator=g).to(DEVICE)
+    b = torch.randn(shape[0], generator=g).to(DEVICE)
+    q, s, m, _, a = _stored(qw, order)(qw, "closed")
+    gs = qw.group_size or 32
+    for split in (1, 3):
+        cfg = dict(BKW=min(8, gs // 4), BN=16, SPLIT_K=split, num_warps=4)
+        y = kbyte(x, q, s, m, a, b, qw.group_size, shape[1], config=cfg)
+        assert y.shape == (1, shape[0]) and y.dtype == x.dtype
+        assert _err(y, _ref64(qw, x) + b.double()) < TOL[torch.float32], split
+    with pytest.raises(ValueError, match="divide the group"):
+        kbyte(x, q, s, m, a, b, qw.group_size, shape[1], config=dict(BKW=5, BN=16, SPLIT_K=1))
+
+
+@pytest.mark.parametrize("order", ["row", "k"])
+@pytest.mark.parametrize("m", [2, 5, 16])
+def test_kprmt_mm_matches_float64(order, m):
+    """4-bit batch 2-16: the prmt decode's 8 code positions joined back into k order feed one
+    tl.dot. The interpreter reads the same bf16 table from memory (no PTX), so the joins,
+    permutes and scales are what this checks; bound 4e-3 (the table rounded to bf16)."""
+    from qins.kernels.prmt import table_registers
+    from qins.kernels.triton_kmajor import kprmt_mm
+    shape = SHAPES[0] if not CUDA else (4096, 4160)
+    qw = _quantized("qins", 4, 32 if not CUDA else 64, "tensor", shape)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, shape[1], generator=g).to(DEVICE, torch.bfloat16 if CUDA else torch.float32)
+    b = torch.randn(shape[0], generator=g).to(DEVICE)
+    q, s, _, _, _ = _stored(qw, order)(qw, "table")
+    regs = table_registers(qw.decode_table())
+    for split in (1, 3):
+        cfg = dict(BK=qw.group_size, BN=16 if not CUDA else 64, SPLIT_K=split, num_warps=4)
+        y = kprmt_mm(x, q, s, regs, b, qw.group_size, shape[1], config=cfg)
+        assert y.shape == (m, shape[0]) and y.dtype == x.dtype
+        assert _err(y, _ref64(qw, x) + b.double()) < TOL[torch.bfloat16], split
+    with pytest.raises(ValueError, match="multiple of 16"):
+        kprmt_mm(x, q, s, regs, b, qw.group_size, shape[1], config=dict(BK=8, BN=16, SPLIT_K=1))
+
+
 @pytest.mark.skipif(not CUDA, reason="inline PTX (prmt) runs on a GPU only")
 @pytest.mark.parametrize("order", ["row", "k"])
 @pytest.mark.parametrize("fmt", ["qins", "nf4", "int-asym"])

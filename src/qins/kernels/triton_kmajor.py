@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 
 from ..codec.packing import padded_length, planes
+from . import _interpreting
+from .prmt import registers_table
 from .triton_qlinear import _finish, _output, _prmt_decode, _prmt_regs
 
 
@@ -286,4 +288,183 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
         HAS_SCALE=scales is not None, HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None,
         BLOCK_M=1 if M == 1 else 16, BK=bk, BN=bn, SPLIT_K=split,
         IEEE=x2.dtype == torch.float32, **cfg)
+    return _finish(y, split, bias, x2.dtype)
+
+
+@triton.jit
+def _kbyte_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, a_ptr, bias_ptr, y_ptr, N, K, G, GS, STEPS,
+                  stride_qn, stride_qw, stride_sn, stride_sg, PER_ROW: tl.constexpr,
+                  HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, BKW: tl.constexpr,
+                  BN: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Batch 1, 8-bit qins codes by the closed form: a (BKW words, BN outputs) tile, 4 codes
+    per word, code i of word w meets x[4 w + i] (the kprmt structure: x indexed by k only,
+    each byte position a whole tile, no per-element shift amounts)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    wi0 = tl.arange(0, BKW)
+    if PER_ROW:
+        a = tl.load(a_ptr + cols, mask=col_ok, other=0.0)[None, :]
+    else:
+        a = tl.load(a_ptr)
+    den0 = 128.0 * (1.0 + a)                        # N (1 + a), N = 128
+    acc2 = tl.zeros((BKW, BN), dtype=tl.float32)
+    for step in range(STEPS):
+        w0 = (pid_k * STEPS + step) * BKW
+        wi = w0 + wi0
+        k4 = wi * 4
+        w_ok = k4 < K
+        words = tl.load(qw_ptr + wi[:, None] * stride_qw + cols[None, :] * stride_qn,
+                        mask=w_ok[:, None] & col_ok[None, :], other=0)
+        part = tl.zeros((BKW, BN), dtype=tl.float32)
+        xw = tl.zeros((BKW,), dtype=tl.float32)
+        for i in tl.static_range(4):
+            # byte i as a float's low mantissa bits: 2^23 + code, less 2^23 + N - 1 -> j
+            c = ((words >> (8 * i)) & 0xFF) | 0x4B000000
+            j = c.to(tl.float32, bitcast=True) - (8388608.0 + 127.0)
+            xi = tl.load(x_ptr + k4 + i, mask=k4 + i < K, other=0.0).to(tl.float32)
+            part += tl.fdiv(j * xi[:, None], den0 - a * tl.abs(j))
+            if HAS_OFFSET:
+                xw += xi
+        g = tl.minimum(w0 * 4 // GS, G - 1)
+        s = tl.load(s_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+        acc2 += part * s.to(tl.float32)[None, :]
+        if HAS_OFFSET:                                      # + m * (sum of the word's 4 x)
+            m = tl.load(m_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
+            acc2 += xw[:, None] * m.to(tl.float32)[None, :]
+    out = tl.sum(acc2, axis=0)[None, :]
+    ok = col_ok[None, :]
+    y_ptrs = y_ptr + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptrs, out, mask=ok)
+
+
+def kbyte_config(n: int, k: int, group_size: int, sms: int = 132) -> dict:
+    """Tile and split of kbyte: BKW words (4 codes each) divide the group."""
+    bkw = min(16, max(1, group_size // 4))
+    bn = 256
+    steps_total = triton.cdiv(k, 4 * bkw)
+    split = 1
+    while triton.cdiv(n, bn) * split < 4 * sms and steps_total // (split * 2) >= 2:
+        split *= 2
+    return dict(BKW=bkw, BN=bn, SPLIT_K=split, num_warps=4)
+
+
+def kbyte(x2, qweight, scales, offsets, curvature, bias, group_size, in_features,
+          config: dict | None = None) -> torch.Tensor:
+    """Batch 1, 8-bit qins codes (one plane), scaled, decoded by the closed form."""
+    if x2.shape[0] != 1 or scales is None or curvature is None:
+        raise ValueError("kbyte takes one row of x, 8-bit scaled codes and the qins curvature")
+    if offsets is not None and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must share one storage order")
+    K = in_features
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    gs = group_size if G > 1 else padded_length(K)
+    cfg = dict(config or kbyte_config(N, K, gs))
+    bkw, bn, split = cfg.pop("BKW"), cfg.pop("BN"), cfg.pop("SPLIT_K")
+    if gs % (4 * bkw):
+        raise ValueError(f"BKW={bkw} words of 4 codes must divide the group size {gs}")
+    steps_total = triton.cdiv(K, 4 * bkw)
+    steps = triton.cdiv(steps_total, split)
+    split = triton.cdiv(steps_total, steps)
+    y = _output(1, N, split, x2)
+    _kbyte_kernel[(triton.cdiv(N, bn), split)](
+        x2, qweight, scales, scales if offsets is None else offsets, curvature,
+        bias if bias is not None else qweight, y, N, K, G, gs, steps,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        PER_ROW=curvature.numel() > 1, HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None,
+        BKW=bkw, BN=bn, SPLIT_K=split, **cfg)
+    return _finish(y, split, bias, x2.dtype)
+
+
+@triton.jit
+def _kprmt_mm_kernel(x_ptr, qw_ptr, s_ptr, tab_ptr, ftab_ptr, bias_ptr, y_ptr, M, N, K, G, GS,
+                     STEPS, stride_xm, stride_ym, stride_qn, stride_qw, stride_sn, stride_sg,
+                     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BKW: tl.constexpr,
+                     BN: tl.constexpr, SPLIT_K: tl.constexpr, EMULATE: tl.constexpr):
+    """Batch 2-16, 4-bit codes, one table, scales without offsets: the kprmt decode of a
+    (BKW words, BN outputs) tile, its 8 code positions joined into one (8 BKW, BN) tile in k
+    order (row 8 w + i = code i of word w), scaled, and one tl.dot against x's (BLOCK_M, 8 BKW)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    ms = tl.arange(0, BLOCK_M)
+    m_ok = ms < M
+    wi0 = tl.arange(0, BKW)
+    ks0 = tl.arange(0, 8 * BKW)
+    if not EMULATE:
+        r0, r1, r2, r3, r4, r5, r6, r7 = _prmt_regs(tab_ptr)
+    acc = tl.zeros((BLOCK_M, BN), dtype=tl.float32)
+    for step in range(STEPS):
+        w0 = (pid_k * STEPS + step) * BKW
+        wi = w0 + wi0
+        words = tl.load(qw_ptr + wi[:, None] * stride_qw + cols[None, :] * stride_qn,
+                        mask=(wi * 8 < K)[:, None] & col_ok[None, :], other=0)
+        if EMULATE:
+            v0 = tl.load(ftab_ptr + (words & 15))
+            v1 = tl.load(ftab_ptr + ((words >> 4) & 15))
+            v2 = tl.load(ftab_ptr + ((words >> 8) & 15))
+            v3 = tl.load(ftab_ptr + ((words >> 12) & 15))
+            v4 = tl.load(ftab_ptr + ((words >> 16) & 15))
+            v5 = tl.load(ftab_ptr + ((words >> 20) & 15))
+            v6 = tl.load(ftab_ptr + ((words >> 24) & 15))
+            v7 = tl.load(ftab_ptr + ((words >> 28) & 15))
+        else:
+            v0, v1, v2, v3, v4, v5, v6, v7 = _prmt_decode(words, r0, r1, r2, r3, r4, r5, r6, r7)
+        g = tl.minimum(w0 * 8 // GS, G - 1)
+        s = tl.load(s_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0).to(tl.float32)
+        # join's new axis is the last, so the innermost join picks bit 2 of the code position
+        # and the outermost bit 0: (BKW, BN, 2, 2, 2) flattens to (BKW, BN, 8) in position order,
+        # then (BKW, 8, BN) -> (8 BKW, BN)
+        t = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+        t = tl.reshape(t, (BKW, BN, 8))
+        t = tl.reshape(tl.permute(t, (0, 2, 1)), (8 * BKW, BN)) * s[None, :]
+        kk = w0 * 8 + ks0
+        xt = tl.load(x_ptr + ms[:, None] * stride_xm + kk[None, :],
+                     mask=m_ok[:, None] & (kk < K)[None, :], other=0.0)
+        acc += tl.dot(xt, t.to(xt.dtype))
+    ok = m_ok[:, None] & col_ok[None, :]
+    y_ptrs = y_ptr + ms[:, None] * stride_ym + cols[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptrs, acc, mask=ok)
+
+
+def kprmt_mm(x2, qweight, scales, regs, bias, group_size, in_features,
+             config: dict | None = None) -> torch.Tensor:
+    """Batch 2-16, 4-bit scaled codes without offsets, one table given as its (1, 8) registers."""
+    M = x2.shape[0]
+    if not 1 <= M <= 16 or scales is None or regs.dtype != torch.int32:
+        raise ValueError("kprmt_mm takes 1-16 rows of x, 4-bit scaled codes and the table's registers")
+    K = in_features
+    N = qweight.shape[0]
+    G = scales.shape[1]
+    gs = group_size if G > 1 else padded_length(K)
+    cfg = dict(config or dict(BK=64, BN=64, SPLIT_K=kgemv_config(M, N, K, 4, gs)["SPLIT_K"],
+                              num_warps=4))
+    bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
+    cfg.pop("ACC2D", None)
+    if gs % bk or bk % 16:
+        raise ValueError(f"BK={bk} must be a multiple of 16 dividing the group size {gs}")
+    steps_total = triton.cdiv(K, bk)
+    steps = triton.cdiv(steps_total, split)
+    split = triton.cdiv(steps_total, steps)
+    y = _output(M, N, split, x2)
+    emulate = _interpreting()
+    ftab = registers_table(regs).reshape(16).contiguous() if emulate else regs
+    _kprmt_mm_kernel[(triton.cdiv(N, bn), split)](
+        x2, qweight, scales, regs, ftab, bias if bias is not None else qweight, y, M, N, K, G, gs, steps,
+        x2.stride(0), y.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0),
+        scales.stride(1), HAS_BIAS=bias is not None, BLOCK_M=16, BKW=bk // 8, BN=bn,
+        SPLIT_K=split, EMULATE=emulate, **cfg)
     return _finish(y, split, bias, x2.dtype)
