@@ -58,9 +58,9 @@ def sweep(kind, N, K, sms):
                         out.append(dict(BKW=bkw, BN=bn, SPLIT_K=_split(N, triton.cdiv(K, 4 * bkw), bn, sms, mult),
                                         num_warps=w))
     elif kind == "kprmt_mm":
-        for bn in (32, 64, 128):
-            for w in (4, 8):
-                for mult in (1, 2):
+        for bn in (16, 32, 64, 128):
+            for w in (2, 4, 8):
+                for mult in (0.5, 1, 2):
                     out.append(dict(BK=64, BN=bn, SPLIT_K=_split(N, triton.cdiv(K, 64), bn, sms, mult), num_warps=w))
     unique = []
     for c in out:
@@ -72,6 +72,8 @@ def sweep(kind, N, K, sms):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="first shape, default tiles only")
+    ap.add_argument("--defaults", action="store_true", help="every shape, the launchers' default tiles only")
+    ap.add_argument("--json", default="gpu_skinny.json", help="file name under $OUT")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
@@ -98,7 +100,10 @@ def main():
             return None
 
     def tuned(shape, name, M, kind, make, store, ref, base, N, K, default, first):
-        cfgs = sweep(kind, N, K, sms) if first and not a.quick else list(best_of.get(kind, []))
+        if a.quick or a.defaults:
+            cfgs = []
+        else:
+            cfgs = sweep(kind, N, K, sms) if first else list(best_of.get(kind, []))
         if default not in cfgs:
             cfgs.append(default)
         results = []
@@ -131,9 +136,9 @@ def main():
             q0 = synth(N, K, bits, g)
             qs = [q0] + [synth(N, K, bits, g) for _ in range(copies_for(qbytes(q0)) - 1)]
             kq = [dict(q, qweight=kmajor(q["qweight"]), scales=kmajor(q["scales"])) for q in qs]
-            regs = [_registers(q["table"]) for q in kq]
-            for q, r in zip(kq, regs):
-                q["regs"] = r
+            if bits == 4:
+                for q in kq:
+                    q["regs"] = _registers(q["table"])
             Ms = (1, 16) if bits == 4 else (1,)
             for M in Ms:
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -151,22 +156,20 @@ def main():
                     def make(c, x=x):
                         return lambda q: km.kprmt(x, q["qweight"], q["scales"], None, q["regs"], None, g, K,
                                                   config=dict(c))
-                    default = dict(BK=64, BN=128, SPLIT_K=km.kgemv_config(1, N, K, 4, g, sms)["SPLIT_K"],
-                                   num_warps=4)
+                    default = km.kprmt_config(N, K)
                     tuned(shape, "kprmt-4b", M, "kprmt", make, kq, ref, base[M], N, K, default, first)
                 elif bits == 4:
                     def make(c, x=x):
                         return lambda q: km.kprmt_mm(x, q["qweight"], q["scales"], q["regs"], None, g, K,
                                                      config=dict(c))
-                    default = dict(BK=64, BN=64, SPLIT_K=km.kgemv_config(M, N, K, 4, g, sms)["SPLIT_K"],
-                                   num_warps=4)
+                    default = km.kprmt_mm_config(N, K, g)
                     tuned(shape, "kprmt_mm-4b", M, "kprmt_mm", make, kq, ref, base[M], N, K, default, first)
                 else:
                     def make(c, x=x):
                         return lambda q: km.kbyte(x, q["qweight"], q["scales"], None, q["curvature"], None,
                                                   g, K, config=dict(c))
                     tuned(shape, "kbyte-8b", M, "kbyte", make, kq, ref, base[M], N, K,
-                          km.kbyte_config(N, K, g, sms), first)
+                          km.kbyte_config(N, K, g), first)
             del qs, kq, q0
             torch.cuda.empty_cache()
     regs = []
@@ -181,7 +184,7 @@ def main():
     out = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
                torch=torch.__version__, triton=triton.__version__,
                command=" ".join(["python3"] + sys.argv), bound=BOUND, rows=rows, registers=regs)
-    with open(os.path.join(os.environ.get("OUT", "."), "gpu_skinny.json"), "w") as f:
+    with open(os.path.join(os.environ.get("OUT", "."), a.json), "w") as f:
         json.dump(out, f, indent=1)
     print(f"\n{out['card']}  {out['date']}  torch {out['torch']}  triton {out['triton']}")
     for r in regs:

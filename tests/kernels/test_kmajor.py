@@ -58,7 +58,7 @@ def test_kmajor_in_half_precision(dtype, bits, group, m):
 
 
 @pytest.mark.parametrize("fmt,bits,group", [("qins", 4, 64), ("qins", 3, 32), ("nf4", 4, 64),
-                                             ("int-asym", 8, 128)])
+                                             ("int-asym", 8, 128), ("qins", 8, 128)])
 @pytest.mark.parametrize("m", [1, 5, 17])
 def test_op_routes_kmajor_codes(fmt, bits, group, m):
     """The op's whole route over K-major codes: skinny kernels up to 16 rows (closed form for
@@ -72,15 +72,25 @@ def test_op_routes_kmajor_codes(fmt, bits, group, m):
     y = triton_linear(x, *args, None, bits, qw.group_size, shape[1], mode)
     assert _err(y, _ref64(qw, x)) < TOL[torch.float32]
     route, _ = choose(mode, bits, m, x.dtype, kmajor=True, per_tensor=True)
-    assert route == ("kgemv" if m == 1 or (m <= 16 and fmt == "qins") else "unfused")
+    if fmt == "qins" and bits == 8 and m == 1:
+        assert route == "kbyte"
+    else:
+        assert route == ("kgemv" if m == 1 or (m <= 16 and fmt == "qins") else "unfused")
 
 
 def test_choose_routes():
+    from qins.kernels import _interpreting
     from qins.kernels.ops import choose
     bf = torch.bfloat16
-    assert choose("auto-qins", 8, 1, bf, kmajor=True) == ("kgemv", "closed")
-    assert choose("auto-qins", 4, 16, bf, kmajor=True) == ("kgemv", "closed")
-    assert choose("auto", 4, 16, bf, kmajor=True) == ("unfused", "table")
+    assert choose("auto-qins", 8, 1, bf, kmajor=True) == ("kbyte", "closed")
+    assert choose("auto-qins", 8, 1, bf, kmajor=True, scaled=False) == ("kgemv", "closed")
+    assert choose("auto-qins", 8, 2, bf, kmajor=True) == ("kgemv", "closed")
+    # 4 bits, one table, batch 2-16: the prmt decode feeding tl.dot, where PTX runs
+    prmt16 = ("kgemv", "closed") if _interpreting() else ("kprmt_mm", "prmt")
+    assert choose("auto-qins", 4, 16, bf, kmajor=True) == prmt16
+    assert choose("auto-qins", 4, 16, bf, kmajor=True, offsets=True) == ("kgemv", "closed")
+    assert choose("auto", 4, 16, bf, kmajor=True) == (("unfused", "table") if _interpreting() else prmt16)
+    assert choose("auto", 4, 16, bf, kmajor=True, offsets=True) == ("unfused", "table")
     assert choose("auto-qins", 4, 17, bf, kmajor=True) == ("unfused", "table")
     assert choose("closed", 4, 17, bf, kmajor=True) == ("unfused", "closed")
     assert choose("auto", 8, 1, bf, kmajor=True) == ("kgemv", "table")

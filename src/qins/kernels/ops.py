@@ -33,17 +33,20 @@ _REGISTERS: dict[int, tuple] = {}
 
 
 def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = False,
-           per_tensor: bool = True) -> tuple[str, str]:
+           per_tensor: bool = True, offsets: bool = False, scaled: bool = True) -> tuple[str, str]:
     """(route, decode mode) for a batch of m rows. `mode`: "auto" (any table), "auto-qins"
     (the closed form is allowed) or an explicit mode.
 
-    K-major codes (benchmarks/results/gpu_kmajor.md, H200, x cuBLAS bf16 at batch 1):
-        4 bits, one table: register table (prmt) over (words, outputs) tiles 1.24-1.37
+    K-major codes (benchmarks/results/gpu_kmajor.md and gpu_skinny.md, H200, x cuBLAS bf16):
+        4 bits, one table, batch 1: register table (prmt) over (words, outputs) tiles 1.22-1.35
+        4 bits, one table, no offsets, batch 2-16: the same decode feeding tl.dot 0.60-0.62
+            (the closed form below: 0.39-0.44)
+        qins 8 bits, batch 1: closed form over byte positions (kbyte) 0.67-0.70 (kgemv 0.46-0.50)
         qins, any width:   closed form 0.44-0.64 at batch 1, 0.34-0.58 at batch 16
         other tables:      table read 0.27-0.51 at batch 1; batch > 1 decodes then cuBLAS
     Row-major codes (gpu_qlinear.md): 4 bits prmt 0.48-0.84, 8 bits closed 0.43-0.55, 2 bits
     table 0.37-0.49, 3/5/6 bits table 0.33-0.66.
-    route: "kprmt", "kgemv" (K-major), "words" (row-major one plane: 2, 4, 8 bits), "gemv"
+    route: "kprmt", "kprmt_mm", "kbyte", "kgemv" (K-major), "words" (row-major one plane: 2, 4, 8 bits), "gemv"
     (row-major two planes), "unfused".
     """
     prmt_ok = bits == 4 and dtype != torch.float32 and not _interpreting() and per_tensor
@@ -54,6 +57,10 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = Fals
             return ("kprmt" if mode == "prmt" and m == 1 else "kgemv"), mode
         if m == 1 and prmt_ok:
             return "kprmt", "prmt"
+        if m <= SKINNY_MAX_BATCH and prmt_ok and not offsets:
+            return "kprmt_mm", "prmt"
+        if m == 1 and bits == 8 and mode == "auto-qins" and scaled:
+            return "kbyte", "closed"
         if m <= SKINNY_MAX_BATCH and (mode == "auto-qins" or not per_tensor):
             return "kgemv", "closed"
         if m == 1:
@@ -143,13 +150,19 @@ def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, gro
         x2 = x2.contiguous()
     route, mode = choose(mode, bits, x2.shape[0], x.dtype, kmajor=is_kmajor(qweight),
                          per_tensor=table.shape[0] == 1 and (curvature is None or curvature.numel() == 1)
-                         and scales is not None)
+                         and scales is not None, offsets=offsets is not None, scaled=scales is not None)
     if mode == "prmt":
         table = _registers(table)
     args = (qweight, scales, offsets, table, curvature)
     if route == "kprmt":
         from . import triton_kmajor as km
         y = km.kprmt(x2, qweight, scales, offsets, table, bias, group_size, in_features)
+    elif route == "kprmt_mm":
+        from . import triton_kmajor as km
+        y = km.kprmt_mm(x2, qweight, scales, table, bias, group_size, in_features)
+    elif route == "kbyte":
+        from . import triton_kmajor as km
+        y = km.kbyte(x2, qweight, scales, offsets, curvature, bias, group_size, in_features)
     elif route == "kgemv":
         from . import triton_kmajor as km
         y = km.kgemv(x2, *args, bias, bits, group_size, in_features, mode=mode)

@@ -219,8 +219,7 @@ def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
     N = qweight.shape[0]
     G = scales.shape[1]
     gs = group_size if G > 1 else padded_length(K)
-    cfg = dict(config or dict(BK=64, BN=128, SPLIT_K=kgemv_config(1, N, K, 4, gs)["SPLIT_K"],
-                              num_warps=4))
+    cfg = dict(config or kprmt_config(N, K))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
     cfg.pop("ACC2D", None)
     if gs % bk or bk % 8:
@@ -235,6 +234,22 @@ def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None, BKW=bk // 8, BN=bn, SPLIT_K=split, **cfg)
     return _finish(y, split, bias, x2.dtype)
+
+
+def _pow2_split(steps_total: int, cap: int, min_steps: int) -> int:
+    """The largest power of two <= cap that leaves each program >= min_steps steps."""
+    split = 1
+    while split * 2 <= cap and steps_total // (split * 2) >= min_steps:
+        split *= 2
+    return split
+
+
+# Tiles measured on the H200 (benchmarks/results/gpu_skinny.md, 2026-12-04): the best of the
+# sweep on the first shape, kept if it was best or within 0.07x of the best on the other two.
+def kprmt_config(n: int, k: int) -> dict:
+    """kprmt: 256 outputs x 64 codes per step, split-K to 32 (1.22-1.35x cuBLAS bf16 against
+    1.08-1.15x for the 128-output tile it replaced)."""
+    return dict(BK=64, BN=256, SPLIT_K=_pow2_split(triton.cdiv(k, 64), 32, 2), num_warps=4)
 
 
 def kgemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
@@ -344,15 +359,11 @@ def _kbyte_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, a_ptr, bias_ptr, y_ptr, N, K, G, 
         tl.atomic_add(y_ptrs, out, mask=ok)
 
 
-def kbyte_config(n: int, k: int, group_size: int, sms: int = 132) -> dict:
-    """Tile and split of kbyte: BKW words (4 codes each) divide the group."""
-    bkw = min(16, max(1, group_size // 4))
-    bn = 256
-    steps_total = triton.cdiv(k, 4 * bkw)
-    split = 1
-    while triton.cdiv(n, bn) * split < 4 * sms and steps_total // (split * 2) >= 2:
-        split *= 2
-    return dict(BKW=bkw, BN=bn, SPLIT_K=split, num_warps=4)
+def kbyte_config(n: int, k: int, group_size: int) -> dict:
+    """kbyte: 8 words (32 codes) x 512 outputs per step, 8 warps, split-K to 64 (0.67-0.70x
+    cuBLAS bf16 on the three shapes; 16-word steps measured 0.53-0.56x)."""
+    bkw = min(8, max(1, group_size // 4))
+    return dict(BKW=bkw, BN=512, SPLIT_K=_pow2_split(triton.cdiv(k, 4 * bkw), 64, 2), num_warps=8)
 
 
 def kbyte(x2, qweight, scales, offsets, curvature, bias, group_size, in_features,
@@ -440,6 +451,13 @@ def _kprmt_mm_kernel(x_ptr, qw_ptr, s_ptr, tab_ptr, ftab_ptr, bias_ptr, y_ptr, M
         tl.atomic_add(y_ptrs, acc, mask=ok)
 
 
+def kprmt_mm_config(n: int, k: int, group_size: int) -> dict:
+    """kprmt_mm: 32 outputs x 64 codes per step, split-K 4 (0.60-0.62x cuBLAS bf16 at batch 16;
+    64 outputs 0.49-0.52x)."""
+    bk = min(64, group_size)
+    return dict(BK=bk, BN=32, SPLIT_K=_pow2_split(triton.cdiv(k, bk), 4, 2), num_warps=4)
+
+
 def kprmt_mm(x2, qweight, scales, regs, bias, group_size, in_features,
              config: dict | None = None) -> torch.Tensor:
     """Batch 2-16, 4-bit scaled codes without offsets, one table given as its (1, 8) registers."""
@@ -450,8 +468,7 @@ def kprmt_mm(x2, qweight, scales, regs, bias, group_size, in_features,
     N = qweight.shape[0]
     G = scales.shape[1]
     gs = group_size if G > 1 else padded_length(K)
-    cfg = dict(config or dict(BK=64, BN=64, SPLIT_K=kgemv_config(M, N, K, 4, gs)["SPLIT_K"],
-                              num_warps=4))
+    cfg = dict(config or kprmt_mm_config(N, K, gs))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
     cfg.pop("ACC2D", None)
     if gs % bk or bk % 16:
