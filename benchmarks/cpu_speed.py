@@ -247,7 +247,7 @@ def _profile_token(model, prompt, variant: str) -> dict:
 
 
 # ------------------------------------------------------------------------- llama.cpp worker
-def _llama_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> dict:
+def _llama_worker(variant: str, gen: int, prefill: int, threads: list[int], repeats: int = 1) -> dict:
     import numpy as np
     import llama_cpp
     from qins.metrics.models import default_model_path
@@ -287,15 +287,19 @@ def _llama_worker(variant: str, gen: int, prefill: int, threads: list[int]) -> d
         llm.n_threads = llm.n_threads_batch = t
         llama_cpp.llama_set_n_threads(llm._ctx.ctx, t, t)
         _reset_peak()
-        t0 = time.perf_counter()
-        generate()
-        dt_gen = time.perf_counter() - t0
+        gens, pres = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            generate()
+            gens.append(gen / (time.perf_counter() - t0))
         peak = _rss_mb("VmHWM")
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(long)
-        dt_pre = time.perf_counter() - t0
-        runs[t] = {"gen_tok_s": gen / dt_gen, "prefill_tok_s": prefill / dt_pre, "rss_gen_mb": peak}
+        for _ in range(repeats):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(long)
+            pres.append(prefill / (time.perf_counter() - t0))
+        runs[t] = {"gen_tok_s": statistics.median(gens), "prefill_tok_s": statistics.median(pres),
+                   "rss_gen_mb": peak, "gen_all": gens, "prefill_all": pres}
     info.update(base_rss_mb=base_rss, runs=runs)
     return info
 
@@ -417,7 +421,7 @@ def main(argv=None) -> int:
     a.prefill = a.prefill or (128 if a.quick else 512)
     if a.worker:
         if a.worker.startswith("llama"):
-            out = _llama_worker(a.worker, a.gen, a.prefill, a.threads)
+            out = _llama_worker(a.worker, a.gen, a.prefill, a.threads, a.repeats)
         else:
             out = _torch_worker(a.worker, a.gen, a.prefill, a.threads, a.repeats, not a.no_checks)
         print(json.dumps(out))
