@@ -78,6 +78,20 @@ def test_op_routes_kmajor_codes(fmt, bits, group, m):
         assert route == ("kgemv" if m == 1 or (m <= 16 and fmt == "qins") else "unfused")
 
 
+@pytest.mark.parametrize("m", [1, 17])
+def test_half_activations_with_a_float32_bias(m):
+    """A module's bias stays float32 beside bf16 activations; every route casts it (the
+    decode-then-matmul route above batch 16 once raised a dtype mismatch on the H200)."""
+    from qins.kernels.ops import triton_linear
+    shape = SHAPES[0]
+    qw = _quantized("qins", 4, 64, "tensor", shape)
+    x = torch.randn(m, shape[1]).to(DEVICE, torch.bfloat16)
+    b = torch.randn(shape[0]).to(DEVICE)
+    y = triton_linear(x, *_stored(qw, "k")(qw, "table"), b, 4, qw.group_size, shape[1], "auto-qins")
+    assert y.dtype == torch.bfloat16
+    assert _err(y, _ref64(qw, x.float()) + b.double()) < TOL[torch.bfloat16]
+
+
 def test_choose_routes():
     from qins.kernels import _interpreting
     from qins.kernels.ops import choose

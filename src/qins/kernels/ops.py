@@ -172,5 +172,7 @@ def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, gro
         y = tq.qgemv(x2, *args, bias, bits, group_size, in_features, mode=mode)
     else:
         w = tq.dequantize(*args, bits, group_size, in_features, x.dtype, mode=mode)
-        y = F.linear(x2, w, bias)
+        # a module's bias keeps its own dtype (float32 beside bf16 activations): cast it, as
+        # the fused kernels' epilogue does
+        y = F.linear(x2, w, None if bias is None else bias.to(x2.dtype))
     return y.reshape(*lead, qweight.shape[0])
