@@ -55,8 +55,9 @@ def sweep(kind, N, K, sms):
             for bn in (128, 256, 512):
                 for w in (4, 8):
                     for mult in (1, 2):
-                        out.append(dict(BKW=bkw, BN=bn, SPLIT_K=_split(N, triton.cdiv(K, 4 * bkw), bn, sms, mult),
-                                        num_warps=w))
+                        for acc1d in (False, True):
+                            out.append(dict(BKW=bkw, BN=bn, SPLIT_K=_split(N, triton.cdiv(K, 4 * bkw), bn, sms, mult),
+                                            num_warps=w, ACC1D=acc1d))
     elif kind == "kprmt_mm":
         for bn in (16, 32, 64, 128):
             for w in (2, 4, 8):
@@ -74,6 +75,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="first shape, default tiles only")
     ap.add_argument("--defaults", action="store_true", help="every shape, the launchers' default tiles only")
     ap.add_argument("--json", default="gpu_skinny.json", help="file name under $OUT")
+    ap.add_argument("--only", default=None, help="comma-separated kernels to time: kprmt,kprmt_mm,kbyte")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
@@ -132,14 +134,16 @@ def main():
             base[M] = bench(lambda: F.linear(x, next(it)))
             record(shape=shape, variant="cublas-bf16", M=M, us=base[M], speedup=1.0)
         del wb
-        for bits, g in ((4, 64), (8, 128)):
+        only = set(a.only.split(",")) if a.only else {"kprmt", "kprmt_mm", "kbyte"}
+        widths = ([(4, 64)] if only & {"kprmt", "kprmt_mm"} else []) + ([(8, 128)] if "kbyte" in only else [])
+        for bits, g in widths:
             q0 = synth(N, K, bits, g)
             qs = [q0] + [synth(N, K, bits, g) for _ in range(copies_for(qbytes(q0)) - 1)]
             kq = [dict(q, qweight=kmajor(q["qweight"]), scales=kmajor(q["scales"])) for q in qs]
             if bits == 4:
                 for q in kq:
                     q["regs"] = _registers(q["table"])
-            Ms = (1, 16) if bits == 4 else (1,)
+            Ms = tuple(m for m, k in ((1, "kprmt"), (16, "kprmt_mm")) if k in only) if bits == 4 else (1,)
             for M in Ms:
                 x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
                 ref = reference64(q0, x)

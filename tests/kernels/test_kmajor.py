@@ -135,8 +135,8 @@ def test_kbyte_matches_float64(group, curv, order):
     b = torch.randn(shape[0], generator=g).to(DEVICE)
     q, s, m, _, a = _stored(qw, order)(qw, "closed")
     gs = qw.group_size or 32
-    for split in (1, 3):
-        cfg = dict(BKW=min(8, gs // 4), BN=16, SPLIT_K=split, num_warps=4)
+    for split, acc1d in ((1, False), (3, False), (3, True)):
+        cfg = dict(BKW=min(8, gs // 4), BN=16, SPLIT_K=split, num_warps=4, ACC1D=acc1d)
         y = kbyte(x, q, s, m, a, b, qw.group_size, shape[1], config=cfg)
         assert y.shape == (1, shape[0]) and y.dtype == x.dtype
         assert _err(y, _ref64(qw, x) + b.double()) < TOL[torch.float32], split

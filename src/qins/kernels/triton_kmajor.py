@@ -310,7 +310,7 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
 def _kbyte_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, a_ptr, bias_ptr, y_ptr, N, K, G, GS, STEPS,
                   stride_qn, stride_qw, stride_sn, stride_sg, PER_ROW: tl.constexpr,
                   HAS_OFFSET: tl.constexpr, HAS_BIAS: tl.constexpr, BKW: tl.constexpr,
-                  BN: tl.constexpr, SPLIT_K: tl.constexpr):
+                  BN: tl.constexpr, SPLIT_K: tl.constexpr, ACC1D: tl.constexpr = False):
     """Batch 1, 8-bit qins codes by the closed form: a (BKW words, BN outputs) tile, 4 codes
     per word, code i of word w meets x[4 w + i] (the kprmt structure: x indexed by k only,
     each byte position a whole tile, no per-element shift amounts)."""
@@ -325,6 +325,7 @@ def _kbyte_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, a_ptr, bias_ptr, y_ptr, N, K, G, 
         a = tl.load(a_ptr)
     den0 = 128.0 * (1.0 + a)                        # N (1 + a), N = 128
     acc2 = tl.zeros((BKW, BN), dtype=tl.float32)
+    acc = tl.zeros((BN,), dtype=tl.float32)         # ACC1D: each step reduced over its words
     for step in range(STEPS):
         w0 = (pid_k * STEPS + step) * BKW
         wi = w0 + wi0
@@ -344,11 +345,20 @@ def _kbyte_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, a_ptr, bias_ptr, y_ptr, N, K, G, 
                 xw += xi
         g = tl.minimum(w0 * 4 // GS, G - 1)
         s = tl.load(s_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
-        acc2 += part * s.to(tl.float32)[None, :]
+        if ACC1D:
+            acc += tl.sum(part, axis=0) * s.to(tl.float32)
+        else:
+            acc2 += part * s.to(tl.float32)[None, :]
         if HAS_OFFSET:                                      # + m * (sum of the word's 4 x)
             m = tl.load(m_ptr + cols * stride_sn + g * stride_sg, mask=col_ok, other=0.0)
-            acc2 += xw[:, None] * m.to(tl.float32)[None, :]
-    out = tl.sum(acc2, axis=0)[None, :]
+            if ACC1D:
+                acc += tl.sum(xw, axis=0) * m.to(tl.float32)
+            else:
+                acc2 += xw[:, None] * m.to(tl.float32)[None, :]
+    if ACC1D:
+        out = acc[None, :]
+    else:
+        out = tl.sum(acc2, axis=0)[None, :]
     ok = col_ok[None, :]
     y_ptrs = y_ptr + cols[None, :]
     if SPLIT_K == 1:
