@@ -160,7 +160,7 @@ def main():
                     def make(c, x=x):
                         return lambda q: km.kprmt(x, q["qweight"], q["scales"], None, q["regs"], None, g, K,
                                                   config=dict(c))
-                    default = km.kprmt_config(N, K)
+                    default = km.kprmt_config(N, K, g)
                     tuned(shape, "kprmt-4b", M, "kprmt", make, kq, ref, base[M], N, K, default, first)
                 elif bits == 4:
                     def make(c, x=x):

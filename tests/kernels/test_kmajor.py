@@ -92,6 +92,16 @@ def test_half_activations_with_a_float32_bias(m):
     assert _err(y, _ref64(qw, x.float()) + b.double()) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("group", [32, 64, 128, 96, 8192])
+def test_default_tiles_fit_the_group(group):
+    """The launchers' default tiles divide any group size the format allows (one scale per
+    step), so a routed layer never meets 'BK must divide the group size'."""
+    from qins.kernels.triton_kmajor import kbyte_config, kprmt_config, kprmt_mm_config
+    assert group % kprmt_config(4096, 4096, group)["BK"] == 0
+    assert group % (4 * kbyte_config(4096, 4096, group)["BKW"]) == 0
+    assert group % kprmt_mm_config(4096, 4096, group)["BK"] == 0
+
+
 def test_choose_routes():
     from qins.kernels import _interpreting
     from qins.kernels.ops import choose

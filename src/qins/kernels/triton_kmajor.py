@@ -219,7 +219,7 @@ def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
     N = qweight.shape[0]
     G = scales.shape[1]
     gs = group_size if G > 1 else padded_length(K)
-    cfg = dict(config or kprmt_config(N, K))
+    cfg = dict(config or kprmt_config(N, K, gs))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
     cfg.pop("ACC2D", None)
     if gs % bk or bk % 8:
@@ -246,10 +246,11 @@ def _pow2_split(steps_total: int, cap: int, min_steps: int) -> int:
 
 # Tiles measured on the H200 (benchmarks/results/gpu_skinny.md, 2026-12-04): the best of the
 # sweep on the first shape, kept if it was best or within 0.07x of the best on the other two.
-def kprmt_config(n: int, k: int) -> dict:
-    """kprmt: 256 outputs x 64 codes per step, split-K to 32 (1.22-1.35x cuBLAS bf16 against
-    1.08-1.15x for the 128-output tile it replaced)."""
-    return dict(BK=64, BN=256, SPLIT_K=_pow2_split(triton.cdiv(k, 64), 32, 2), num_warps=4)
+def kprmt_config(n: int, k: int, group_size: int = 64) -> dict:
+    """kprmt: 256 outputs x 64 codes per step (fewer when the group is smaller), split-K to 32
+    (1.22-1.35x cuBLAS bf16 against 1.08-1.15x for the 128-output tile it replaced)."""
+    bk = 64 if group_size % 64 == 0 else 32                # groups are multiples of 32
+    return dict(BK=bk, BN=256, SPLIT_K=_pow2_split(triton.cdiv(k, bk), 32, 2), num_warps=4)
 
 
 def kgemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
@@ -464,7 +465,7 @@ def _kprmt_mm_kernel(x_ptr, qw_ptr, s_ptr, tab_ptr, ftab_ptr, bias_ptr, y_ptr, M
 def kprmt_mm_config(n: int, k: int, group_size: int) -> dict:
     """kprmt_mm: 32 outputs x 64 codes per step, split-K 4 (0.60-0.62x cuBLAS bf16 at batch 16;
     64 outputs 0.49-0.52x)."""
-    bk = min(64, group_size)
+    bk = 64 if group_size % 64 == 0 else 32
     return dict(BK=bk, BN=32, SPLIT_K=_pow2_split(triton.cdiv(k, bk), 4, 2), num_warps=4)
 
 
