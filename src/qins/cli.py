@@ -454,7 +454,8 @@ def cmd_analyze(a):
         t = doc["kv"]["planes"]["total"]
         print(f"KV pages ({doc['kv']['tokens']} tokens, {a.kv_bits}-bit): {t['raw_bytes']} bytes raw; ideal "
               f"{1 - t['ideal_bytes'] / t['raw_bytes']:.2%}, zstd {1 - t['zstd'] / t['raw_bytes']:.2%}, "
-              f"ANS {1 - t['ans'] / t['raw_bytes']:.2%}, RLE {1 - t['rle'] / t['raw_bytes']:.2%} saving")
+              f"ANS {1 - t['ans'] / t['raw_bytes']:.2%} (with one table per layer and plane "
+              f"{1 - t['ans_layer'] / t['raw_bytes']:.2%}), RLE {1 - t['rle'] / t['raw_bytes']:.2%} saving")
     print(f"wrote {a.output}/policy.json, analysis.json, analysis.md")
     _maybe_json(a, doc["summary"])
 

@@ -76,3 +76,23 @@ def test_kv_pages_measured(make_model):
     r = kvpages.measure_cache(cache)
     assert r["total"]["raw_bytes"] == sum(s[5] for s in streams)
     assert r["k_codes"]["raw_bytes"] == sum(s[5] for s in streams if s[2] == "k_codes")
+    # one ANS table per layer and plane: every page round-trips under it, the pages' payloads
+    # cost at least their own entropy, and the small scale planes stop paying a table per page
+    from qins.entropy.stats import histogram
+    layer0 = [s for s in streams if s[0] == streams[0][0] and s[2] == "v_scale"]
+    table = sum(histogram(s[3], s[4]) for s in layer0)
+    for _, _, _, sym, alphabet, _ in layer0:
+        blob = coders.encode(sym, "ans", alphabet, counts=table)
+        assert np.array_equal(coders.decode(blob, "ans", sym.size, alphabet, counts=table), sym)
+        assert len(blob) < len(coders.encode(sym, "ans", alphabet))
+    with pytest.raises(ValueError, match="non-negative counts"):
+        coders.encode(layer0[0][3], "ans", layer0[0][4], counts=table[:-1])
+    for name, row in r.items():
+        assert row["ans_layer"] >= 0.999 * row["ideal_bytes"], name
+    assert r["v_scale"]["ans_layer"] < r["v_scale"]["ans"]
+    expected = 0                                     # payloads under each layer's table + tables
+    for li in {s[0] for s in streams}:
+        pages = [s for s in streams if s[0] == li and s[2] == "v_scale"]
+        t = sum(histogram(s[3], s[4]) for s in pages)
+        expected += 4 * t.size + sum(len(coders.encode(s[3], "ans", s[4], counts=t)) for s in pages)
+    assert r["v_scale"]["ans_layer"] == expected

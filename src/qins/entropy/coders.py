@@ -63,8 +63,11 @@ def _chunks(n: int) -> list[tuple[int, int]]:
     return [(s, min(n, s + CHUNK)) for s in range(0, n, CHUNK)] or [(0, 0)]
 
 
-def encode(symbols: np.ndarray, codec: str, alphabet: int = 256, level: int = ZSTD_LEVEL) -> bytes:
-    """1-D uint8 symbols (< alphabet) -> blob of `codec`."""
+def encode(symbols: np.ndarray, codec: str, alphabet: int = 256, level: int = ZSTD_LEVEL,
+           counts: np.ndarray | None = None) -> bytes:
+    """1-D uint8 symbols (< alphabet) -> blob of `codec`. ANS with `counts`: coded with that
+    shared table (e.g. one per layer and plane of a KV cache), which the blob then omits;
+    decode needs the same counts."""
     if symbols.dtype != np.uint8 or symbols.ndim != 1:
         raise TypeError(f"encode expects a 1-D uint8 array, got {symbols.dtype} {symbols.shape}")
     if not 2 <= alphabet <= 256:
@@ -78,7 +81,11 @@ def encode(symbols: np.ndarray, codec: str, alphabet: int = 256, level: int = ZS
         head = struct.pack(f"<I{len(frames)}I", len(frames), *[len(f) for f in frames])
         return head + b"".join(frames)
     if codec == "ans":
-        counts = histogram(symbols, alphabet)
+        shared = counts is not None
+        if shared:
+            counts = _shared_counts(counts, alphabet)
+        else:
+            counts = histogram(symbols, alphabet)
         model = _ans_model(counts)
         stack = _constriction().stream.stack
         parts = []
@@ -86,13 +93,16 @@ def encode(symbols: np.ndarray, codec: str, alphabet: int = 256, level: int = ZS
             coder = stack.AnsCoder()
             coder.encode_reverse(symbols[s:e].astype(np.int32), model)
             parts.append(np.ascontiguousarray(coder.get_compressed(), dtype="<u4"))
-        head = counts.astype("<u4").tobytes() + struct.pack(f"<I{len(parts)}I", len(parts), *[p.size for p in parts])
+        table = b"" if shared else counts.astype("<u4").tobytes()
+        head = table + struct.pack(f"<I{len(parts)}I", len(parts), *[p.size for p in parts])
         return head + b"".join(p.tobytes() for p in parts)
     raise ValueError(f"unknown codec {codec!r}; known: {CODECS}")
 
 
-def decode(blob: bytes | memoryview, codec: str, n: int, alphabet: int = 256) -> np.ndarray:
-    """Blob of `codec` -> (n,) uint8 symbols; CoderError when it does not hold exactly n."""
+def decode(blob: bytes | memoryview, codec: str, n: int, alphabet: int = 256,
+           counts: np.ndarray | None = None) -> np.ndarray:
+    """Blob of `codec` -> (n,) uint8 symbols; CoderError when it does not hold exactly n.
+    `counts`: the shared ANS table the blob was encoded with (see encode)."""
     blob = memoryview(blob)
     if codec == "raw":
         if len(blob) != n:
@@ -122,12 +132,16 @@ def decode(blob: bytes | memoryview, codec: str, n: int, alphabet: int = 256) ->
             raise CoderError(f"zstd blob has {len(blob) - pos} trailing bytes")
         return out
     if codec == "ans":
-        head = 4 * alphabet
-        if len(blob) < head:
-            raise CoderError(f"ans blob of {len(blob)} bytes is shorter than its table ({head})")
-        counts = np.frombuffer(blob[:head], dtype="<u4").astype(np.int64)
-        if int(counts.sum()) != n:
-            raise CoderError(f"ans table counts {int(counts.sum())} symbols, expected {n}")
+        if counts is not None:
+            head = 0
+            counts = _shared_counts(counts, alphabet)
+        else:
+            head = 4 * alphabet
+            if len(blob) < head:
+                raise CoderError(f"ans blob of {len(blob)} bytes is shorter than its table ({head})")
+            counts = np.frombuffer(blob[:head], dtype="<u4").astype(np.int64)
+            if int(counts.sum()) != n:
+                raise CoderError(f"ans table counts {int(counts.sum())} symbols, expected {n}")
         lengths, pos = _lengths(blob, len(chunks), head)
         model = _ans_model(counts) if n else None
         stack = _constriction().stream.stack
@@ -191,6 +205,13 @@ def _lengths(blob: memoryview, expected: int, pos: int) -> tuple[list[int], int]
     if len(blob) < pos + 4 + 4 * k:
         raise CoderError("blob too short for its chunk table")
     return list(struct.unpack_from(f"<{k}I", blob, pos + 4)), pos + 4 + 4 * k
+
+
+def _shared_counts(counts, alphabet: int) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.int64).reshape(-1)
+    if c.size != alphabet or (c < 0).any():
+        raise ValueError(f"a shared ANS table needs {alphabet} non-negative counts, got {c.size}")
+    return c
 
 
 def _ans_model(counts: np.ndarray):

@@ -5,10 +5,14 @@ k_zero, v_codes, v_scale, v_zero); each plane of each page is one stream, coded 
 an offloaded page would be. Codes planes become one symbol per code (symbols.unpack_codes;
 keys with per-channel widths from a key plan stay bytes), scale planes shuffled fp16 bytes.
 Per plane kind the totals: raw bytes, n * H0 / 8 of each page summed, and the blob sizes of
-zstd, ANS and RLE (rle.py) summed over pages.
+zstd, ANS and RLE (rle.py) summed over pages. "ans_layer": ANS with one table per layer and
+plane, built from that layer's pages and stored once (4 bytes per symbol of the alphabet),
+each page's blob then holding only its payload: what a coder of a whole cache at rest pays
+(an offload coder that codes pages as they seal would need its tables fixed beforehand).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import coders, rle
@@ -53,9 +57,17 @@ def page_streams(cache):
 def measure_cache(cache) -> dict:
     """{plane: {"pages", "raw_bytes", "ideal_bytes", "zstd", "ans", "rle"}} plus a "total" row."""
     out: dict[str, dict] = {}
-    for _, _, name, sym, alphabet, raw in page_streams(cache):
+    streams = list(page_streams(cache))
+    shared: dict[tuple[int, str], np.ndarray] = {}
+    for li, _, name, sym, alphabet, _ in streams:
+        h = histogram(sym, alphabet)
+        shared[(li, name)] = h if (li, name) not in shared else shared[(li, name)] + h
+    for li, name in shared:
         row = out.setdefault(name, {"pages": 0, "raw_bytes": 0, "ideal_bytes": 0.0, "zstd": 0, "ans": 0, "rle": 0,
-                                    "entropy_bits_sum": 0.0, "symbols": 0})
+                                    "ans_layer": 0, "entropy_bits_sum": 0.0, "symbols": 0})
+        row["ans_layer"] += 4 * shared[(li, name)].size                  # the table, once
+    for li, _, name, sym, alphabet, raw in streams:
+        row = out[name]
         level = coders.level_for("codes" if name.endswith("codes") else "shuffle", sym.size)
         row["pages"] += 1
         row["raw_bytes"] += raw
@@ -65,8 +77,10 @@ def measure_cache(cache) -> dict:
         row["symbols"] += sym.size
         row["zstd"] += len(coders.encode(sym, "zstd", alphabet, level=level))
         row["ans"] += len(coders.encode(sym, "ans", alphabet))
+        row["ans_layer"] += len(coders.encode(sym, "ans", alphabet, counts=shared[(li, name)]))
         row["rle"] += rle.rle_bytes(sym)
-    total = {k: sum(r[k] for r in out.values()) for k in ("pages", "raw_bytes", "ideal_bytes", "zstd", "ans", "rle")}
+    total = {k: sum(r[k] for r in out.values())
+             for k in ("pages", "raw_bytes", "ideal_bytes", "zstd", "ans", "ans_layer", "rle")}
     for r in out.values():
         r["entropy_bits"] = r.pop("entropy_bits_sum") / max(1, r.pop("symbols"))
     out["total"] = total
