@@ -109,6 +109,23 @@ def _trim() -> None:
         pass
 
 
+def _rates(fn, tokens: int, repeats: int, setup=None) -> list[float]:
+    """tokens / seconds of `repeats` timed calls of fn (`setup` runs untimed before each)."""
+    out = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        fn()
+        out.append(tokens / (time.perf_counter() - t0))
+    return out
+
+
+def _run_record(gens: list[float], pres: list[float], peak_mb: float) -> dict:
+    return {"gen_tok_s": statistics.median(gens), "prefill_tok_s": statistics.median(pres),
+            "rss_gen_mb": peak_mb, "gen_all": gens, "prefill_all": pres}
+
+
 def _corpus_ids(tok, n: int, offset: int):
     from qins.metrics.models import default_corpus
     ids = tok(default_corpus()[: 40 * (n + offset)], return_tensors="pt").input_ids
@@ -158,18 +175,10 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int], repe
             torch.set_num_threads(t)
             _trim()
             _reset_peak()
-            gens, pres = [], []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                generate()
-                gens.append(gen / (time.perf_counter() - t0))
+            gens = _rates(generate, gen, repeats)
             peak = _rss_mb("VmHWM")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model(long, logits_to_keep=1)
-                pres.append(prefill / (time.perf_counter() - t0))
-            runs[t] = {"gen_tok_s": statistics.median(gens), "prefill_tok_s": statistics.median(pres),
-                       "rss_gen_mb": peak, "gen_all": gens, "prefill_all": pres}
+            pres = _rates(lambda: model(long, logits_to_keep=1), prefill, repeats)
+            runs[t] = _run_record(gens, pres, peak)
         if checks:
             info["profile"] = _profile_token(model, prompt, variant)
     info.update(base_rss_mb=base_rss, runs=runs)
@@ -287,19 +296,10 @@ def _llama_worker(variant: str, gen: int, prefill: int, threads: list[int], repe
         llm.n_threads = llm.n_threads_batch = t
         llama_cpp.llama_set_n_threads(llm._ctx.ctx, t, t)
         _reset_peak()
-        gens, pres = [], []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            generate()
-            gens.append(gen / (time.perf_counter() - t0))
+        gens = _rates(generate, gen, repeats)
         peak = _rss_mb("VmHWM")
-        for _ in range(repeats):
-            llm.reset()
-            t0 = time.perf_counter()
-            llm.eval(long)
-            pres.append(prefill / (time.perf_counter() - t0))
-        runs[t] = {"gen_tok_s": statistics.median(gens), "prefill_tok_s": statistics.median(pres),
-                   "rss_gen_mb": peak, "gen_all": gens, "prefill_all": pres}
+        pres = _rates(lambda: llm.eval(long), prefill, repeats, setup=llm.reset)
+        runs[t] = _run_record(gens, pres, peak)
     info.update(base_rss_mb=base_rss, runs=runs)
     return info
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from qlinear import BOUND, SHAPES, bench, copies_for, qbytes, reference64, rel_err, synth  # noqa: E402
+from qlinear import BOUND, SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, rel_err, synth  # noqa: E402
 
 from qins.kernels import kmajor  # noqa: E402
 from qins.kernels import triton_kmajor as km  # noqa: E402
@@ -71,15 +71,9 @@ def main():
 
     for K, N in shapes:
         shape = f"{K}x{N}"
-        wb = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-              for _ in range(copies_for(N * K * 2))]
-        base = {}
-        for M in (1, 16):
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            it = itertools.cycle(wb)
-            base[M] = bench(lambda: F.linear(x, next(it)))
-            record(shape=shape, variant="cublas-bf16", M=M, us=base[M], speedup=1.0)
-        del wb
+        base = cublas_bf16(K, N, (1, 16), dev)
+        for M, us in base.items():
+            record(shape=shape, variant="cublas-bf16", M=M, us=us, speedup=1.0)
         for bits in (int(b) for b in a.bits.split(",")):
             g = 128 if bits == 8 else 64
             q0 = synth(N, K, bits, g)

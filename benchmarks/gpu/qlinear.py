@@ -99,6 +99,17 @@ def bench(fn):
     return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3     # us
 
 
+def cublas_bf16(K, N, Ms, dev="cuda") -> dict:
+    """{M: us} of cuBLAS bf16 F.linear (M, K) x (N, K)^T, weights rotated out of L2."""
+    wb = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(N * K * 2))]
+    out = {}
+    for M in Ms:
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+        it = itertools.cycle(wb)
+        out[M] = bench(lambda: F.linear(x, next(it)))
+    return out
+
+
 def save(a, sms, rows):
     out = dict(card=torch.cuda.get_device_name(0), sms=sms,
                date=datetime.date.today().isoformat(), torch=torch.__version__,
@@ -140,17 +151,10 @@ def main():
     for K, N in shapes:
         shape = f"{K}x{N}"
         # -- cuBLAS bf16 baselines ---------------------------------------------------------
-        wb = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02
-              for _ in range(copies_for(N * K * 2))]
-        base = {}
-        for M in (1, 16, 512):
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            it = itertools.cycle(wb)
-            t = bench(lambda: F.linear(x, next(it)))
-            base[M] = t
+        base = cublas_bf16(K, N, (1, 16, 512), dev)
+        for M, t in base.items():
             record(shape=shape, variant="cublas-bf16", M=M, us=t, speedup=1.0,
                    tbps=(N * K * 2 + M * (K + N) * 2) / t / 1e6)
-        del wb
 
         # -- gemlite (uniform asymmetric codes), same shapes -----------------------------------
         if gemlite is not None:

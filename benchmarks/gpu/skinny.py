@@ -24,11 +24,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from qlinear import BOUND, SHAPES, bench, copies_for, qbytes, reference64, rel_err, synth  # noqa: E402
+from qlinear import BOUND, SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, rel_err, synth  # noqa: E402
 
 from qins.kernels import kmajor  # noqa: E402
 from qins.kernels import triton_kmajor as km  # noqa: E402
@@ -126,14 +125,9 @@ def main():
     for si, (K, N) in enumerate(shapes):
         first = si == 0
         shape = f"{K}x{N}"
-        wb = [torch.randn(N, K, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies_for(N * K * 2))]
-        base = {}
-        for M in (1, 16):
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            it = itertools.cycle(wb)
-            base[M] = bench(lambda: F.linear(x, next(it)))
-            record(shape=shape, variant="cublas-bf16", M=M, us=base[M], speedup=1.0)
-        del wb
+        base = cublas_bf16(K, N, (1, 16), dev)
+        for M, us in base.items():
+            record(shape=shape, variant="cublas-bf16", M=M, us=us, speedup=1.0)
         only = set(a.only.split(",")) if a.only else {"kprmt", "kprmt_mm", "kbyte"}
         widths = ([(4, 64)] if only & {"kprmt", "kprmt_mm"} else []) + ([(8, 128)] if "kbyte" in only else [])
         for bits, g in widths:

@@ -3,21 +3,18 @@ matches itself, the quantized rows carry their quantization time and smaller wei
 No timing is asserted (tests never do); the GPU run is the lead's, on the device machine."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "decode.py"
+from . import GPU_SCRIPTS, load_script
+
+SCRIPT = GPU_SCRIPTS / "decode.py"
 
 
 @pytest.fixture(scope="module")
 def decode_script():
-    spec = importlib.util.spec_from_file_location("bench_gpu_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "bench_gpu_decode")
 
 
 def test_tiny_run_writes_every_variant(decode_script, tmp_path, monkeypatch, capsys):

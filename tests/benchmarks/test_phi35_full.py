@@ -3,23 +3,20 @@ the JSON lands in $OUT, the compressed model is the one `qins compress --stream`
 CPU step's greedy tokens are the ones the saved model gives in this process. No timing asserted."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "phi35_full.py"
+from . import GPU_SCRIPTS, load_script
+
+SCRIPT = GPU_SCRIPTS / "phi35_full.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("phi35_full", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "phi35_full")
 
 
 def test_a_step_past_its_cap_is_killed_and_recorded(bench, tmp_path):

@@ -2,21 +2,18 @@
 where it says, and the numbers in it are the ones of a quantized model. No timing asserted."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu" / "quantize_8b.py"
+from . import GPU_SCRIPTS, load_script
+
+SCRIPT = GPU_SCRIPTS / "quantize_8b.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("quantize_8b", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT, "quantize_8b")
 
 
 def test_tiny_run_writes_the_json(bench, tmp_path, monkeypatch, capsys):

@@ -55,23 +55,23 @@ def page_streams(cache):
 
 
 def measure_cache(cache) -> dict:
-    """{plane: {"pages", "raw_bytes", "ideal_bytes", "zstd", "ans", "rle"}} plus a "total" row."""
+    """{plane: {"pages", "raw_bytes", "ideal_bytes", "zstd", "ans", "ans_layer", "rle"}} plus a "total" row."""
     out: dict[str, dict] = {}
     streams = list(page_streams(cache))
+    hists = [histogram(sym, alphabet) for _, _, _, sym, alphabet, _ in streams]
     shared: dict[tuple[int, str], np.ndarray] = {}
-    for li, _, name, sym, alphabet, _ in streams:
-        h = histogram(sym, alphabet)
+    for (li, _, name, *_), h in zip(streams, hists):
         shared[(li, name)] = h if (li, name) not in shared else shared[(li, name)] + h
     for li, name in shared:
         row = out.setdefault(name, {"pages": 0, "raw_bytes": 0, "ideal_bytes": 0.0, "zstd": 0, "ans": 0, "rle": 0,
                                     "ans_layer": 0, "entropy_bits_sum": 0.0, "symbols": 0})
         row["ans_layer"] += 4 * shared[(li, name)].size                  # the table, once
-    for li, _, name, sym, alphabet, raw in streams:
+    for (li, _, name, sym, alphabet, raw), hist in zip(streams, hists):
         row = out[name]
         level = coders.level_for("codes" if name.endswith("codes") else "shuffle", sym.size)
         row["pages"] += 1
         row["raw_bytes"] += raw
-        h = entropy_bits(histogram(sym, alphabet))
+        h = entropy_bits(hist)
         row["ideal_bytes"] += sym.size * h / 8
         row["entropy_bits_sum"] += h * sym.size
         row["symbols"] += sym.size

@@ -95,24 +95,31 @@ class _Warned:
     cpu = False
 
 
+def _cpu_why_not(x: torch.Tensor, codes_device: torch.device, in_features: int,
+                 bias: torch.Tensor | None) -> tuple[str | None, bool]:
+    """(why the CPU fast path cannot take this call or None, whether that deserves a warning);
+    a feature count that does not match the layer raises."""
+    from . import cpu
+    if x.device.type != "cpu" or codes_device.type != "cpu":
+        return f"x is on {x.device} and the codes on {codes_device} (the fast path runs on the CPU)", False
+    if x.dtype not in DTYPES:
+        return f"x has dtype {x.dtype}; the kernels take {DTYPES}", False
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {in_features}")
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return "autograd needs a backward (the extension has none)", False
+    if torch.compiler.is_compiling():
+        return "torch.compile traces the reference", False
+    if not cpu.available():
+        return cpu.why_not(), True
+    return None, False
+
+
 def _use_cpu(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) -> bool:
     b = backend()
     if b not in ("auto", "cpu"):
         return False
-    from . import cpu
-    why, warn = None, False
-    if x.device.type != "cpu" or qw.qweight.device.type != "cpu":
-        why = f"x is on {x.device} and the codes on {qw.qweight.device} (the fast path runs on the CPU)"
-    elif x.dtype not in DTYPES:
-        why = f"x has dtype {x.dtype}; the kernels take {DTYPES}"
-    elif x.shape[-1] != qw.shape[1]:
-        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {qw.shape[1]}")
-    elif torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        why = "autograd needs a backward (the extension has none)"
-    elif torch.compiler.is_compiling():
-        why = "torch.compile traces the reference"
-    elif not cpu.available():
-        why, warn = cpu.why_not(), True
+    why, warn = _cpu_why_not(x, qw.qweight.device, qw.shape[1], bias)
     if why is None:
         return True
     if b == "cpu":
@@ -126,19 +133,12 @@ def _use_cpu(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None) ->
 
 
 def cpu_fast(x: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> bool:
-    """Whether a CPU layer may call the fast path straight through a cached `cpu.plan` (the
-    conditions of `qlinear`'s CPU route, checked without building a QuantizedWeight); False
+    """Whether a CPU layer's codes may go straight to the fast path through a cached
+    `cpu.plan` (`qlinear`'s CPU route, checked without building a QuantizedWeight); False
     sends the call through `qlinear`, which warns or raises where it must."""
-    if x.device.type != "cpu" or x.dtype not in DTYPES or x.shape[-1] != in_features:
+    if backend() not in ("auto", "cpu") or x.device.type != "cpu":
         return False
-    if backend() not in ("auto", "cpu"):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    from . import cpu
-    return cpu.available()
+    return _cpu_why_not(x, x.device, in_features, bias)[0] is None
 
 
 def _op_args(qw: QuantizedWeight) -> tuple[tuple, str]:

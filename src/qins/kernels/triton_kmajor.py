@@ -23,7 +23,7 @@ import triton.language as tl
 from ..codec.packing import padded_length, planes
 from . import _interpreting
 from .prmt import registers_table
-from .triton_qlinear import _finish, _output, _prmt_decode, _prmt_regs
+from .triton_qlinear import _epilogue, _finish, _output, _prmt_decode, _prmt_regs
 
 
 @triton.jit
@@ -149,12 +149,7 @@ def _kgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
         out = acc
         ok = m_ok[:, None] & col_ok[None, :]
         y_ptrs = y_ptr + ms[:, None] * stride_ym + cols[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, out, mask=ok)
+    _epilogue(y_ptrs, out, ok, bias_ptr, cols, col_ok, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -200,12 +195,7 @@ def _kprmt_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, bias_ptr, y_ptr, N, K, G
     out = tl.sum(acc2, axis=0)[None, :]
     ok = col_ok[None, :]
     y_ptrs = y_ptr + cols[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, out, mask=ok)
+    _epilogue(y_ptrs, out, ok, bias_ptr, cols, col_ok, HAS_BIAS, SPLIT_K)
 
 
 def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
@@ -213,20 +203,16 @@ def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
     """Batch 1, 4 bits, scaled codes, one table per tensor given as its (1, 8) registers."""
     if x2.shape[0] != 1 or scales is None or regs.dtype != torch.int32:
         raise ValueError("kprmt takes one row of x, 4-bit scaled codes and the table's registers")
-    if offsets is not None and offsets.stride() != scales.stride():
-        raise ValueError("scales and offsets must share one storage order")
+    _check_offsets(scales, offsets)
     K = in_features
     N = qweight.shape[0]
-    G = scales.shape[1]
-    gs = group_size if G > 1 else padded_length(K)
+    G, gs = _groups(scales, group_size, K)
     cfg = dict(config or kprmt_config(N, K, gs))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
     cfg.pop("ACC2D", None)
     if gs % bk or bk % 8:
         raise ValueError(f"BK={bk} must be a multiple of 8 dividing the group size {gs}")
-    steps_total = triton.cdiv(K, bk)
-    steps = triton.cdiv(steps_total, split)
-    split = triton.cdiv(steps_total, steps)
+    steps, split = _steps(K, bk, split)
     y = _output(1, N, split, x2)
     _kprmt_kernel[(triton.cdiv(N, bn), split)](
         x2, qweight, scales, scales if offsets is None else offsets, regs,
@@ -234,6 +220,25 @@ def kprmt(x2, qweight, scales, offsets, regs, bias, group_size, in_features,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
         HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None, BKW=bk // 8, BN=bn, SPLIT_K=split, **cfg)
     return _finish(y, split, bias, x2.dtype)
+
+
+def _groups(scales, group_size: int | None, k: int) -> tuple[int, int]:
+    """(G, codes per group) of scales (N, G): a single group spans the padded row."""
+    G = 1 if scales is None else scales.shape[1]
+    return G, (group_size if G > 1 else padded_length(k))
+
+
+def _steps(k: int, step: int, split: int) -> tuple[int, int]:
+    """(steps per program, programs along K) for `step` codes per step and about `split`
+    programs; the split shrinks until every program has a step."""
+    total = triton.cdiv(k, step)
+    steps = triton.cdiv(total, split)
+    return steps, triton.cdiv(total, steps)
+
+
+def _check_offsets(scales, offsets) -> None:
+    if offsets is not None and offsets.stride() != scales.stride():
+        raise ValueError("scales and offsets must share one storage order")
 
 
 def _pow2_split(steps_total: int, cap: int, min_steps: int) -> int:
@@ -278,22 +283,17 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
     N = qweight.shape[0]
     widths = planes(bits)
     w0, w1 = widths[0], (widths[1] if len(widths) > 1 else 0)
-    G = 1 if scales is None else scales.shape[1]
-    gs = group_size if scales is not None and G > 1 else padded_length(in_features)
+    G, gs = _groups(scales, group_size, in_features)
     cfg = dict(config or kgemv_config(M, N, K, bits, gs))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
     if gs % bk:
         raise ValueError(f"BK={bk} must divide the group size {gs}")
-    steps_total = triton.cdiv(K, bk)
-    steps = triton.cdiv(steps_total, split)
-    split = triton.cdiv(steps_total, steps)
+    steps, split = _steps(K, bk, split)
     per_row = (table.shape[0] > 1) if mode == "table" else (curvature.numel() > 1)
     y = _output(M, N, split, x2)
     dummy = qweight
-    sref = scales if scales is not None else None
-    stride_sn, stride_sg = (sref.stride(0), sref.stride(1)) if sref is not None else (0, 0)
-    if offsets is not None and offsets.stride() != scales.stride():
-        raise ValueError("scales and offsets must share one storage order")
+    stride_sn, stride_sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
+    _check_offsets(scales, offsets)
     grid = (triton.cdiv(N, bn), split)
     _kgemv_kernel[grid](
         x2, qweight, dummy if scales is None else scales, dummy if offsets is None else offsets,
@@ -362,12 +362,7 @@ def _kbyte_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, a_ptr, bias_ptr, y_ptr, N, K, G, 
         out = tl.sum(acc2, axis=0)[None, :]
     ok = col_ok[None, :]
     y_ptrs = y_ptr + cols[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, out, mask=ok)
+    _epilogue(y_ptrs, out, ok, bias_ptr, cols, col_ok, HAS_BIAS, SPLIT_K)
 
 
 def kbyte_config(n: int, k: int, group_size: int) -> dict:
@@ -382,19 +377,15 @@ def kbyte(x2, qweight, scales, offsets, curvature, bias, group_size, in_features
     """Batch 1, 8-bit qins codes (one plane), scaled, decoded by the closed form."""
     if x2.shape[0] != 1 or scales is None or curvature is None:
         raise ValueError("kbyte takes one row of x, 8-bit scaled codes and the qins curvature")
-    if offsets is not None and offsets.stride() != scales.stride():
-        raise ValueError("scales and offsets must share one storage order")
+    _check_offsets(scales, offsets)
     K = in_features
     N = qweight.shape[0]
-    G = scales.shape[1]
-    gs = group_size if G > 1 else padded_length(K)
+    G, gs = _groups(scales, group_size, K)
     cfg = dict(config or kbyte_config(N, K, gs))
     bkw, bn, split = cfg.pop("BKW"), cfg.pop("BN"), cfg.pop("SPLIT_K")
     if gs % (4 * bkw):
         raise ValueError(f"BKW={bkw} words of 4 codes must divide the group size {gs}")
-    steps_total = triton.cdiv(K, 4 * bkw)
-    steps = triton.cdiv(steps_total, split)
-    split = triton.cdiv(steps_total, steps)
+    steps, split = _steps(K, 4 * bkw, split)
     y = _output(1, N, split, x2)
     _kbyte_kernel[(triton.cdiv(N, bn), split)](
         x2, qweight, scales, scales if offsets is None else offsets, curvature,
@@ -454,12 +445,7 @@ def _kprmt_mm_kernel(x_ptr, qw_ptr, s_ptr, tab_ptr, ftab_ptr, bias_ptr, y_ptr, M
         acc += tl.dot(xt, t.to(xt.dtype))
     ok = m_ok[:, None] & col_ok[None, :]
     y_ptrs = y_ptr + ms[:, None] * stride_ym + cols[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, acc, mask=ok)
+    _epilogue(y_ptrs, acc, ok, bias_ptr, cols, col_ok, HAS_BIAS, SPLIT_K)
 
 
 def kprmt_mm_config(n: int, k: int, group_size: int) -> dict:
@@ -477,16 +463,12 @@ def kprmt_mm(x2, qweight, scales, regs, bias, group_size, in_features,
         raise ValueError("kprmt_mm takes 1-16 rows of x, 4-bit scaled codes and the table's registers")
     K = in_features
     N = qweight.shape[0]
-    G = scales.shape[1]
-    gs = group_size if G > 1 else padded_length(K)
+    G, gs = _groups(scales, group_size, K)
     cfg = dict(config or kprmt_mm_config(N, K, gs))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
-    cfg.pop("ACC2D", None)
     if gs % bk or bk % 16:
         raise ValueError(f"BK={bk} must be a multiple of 16 dividing the group size {gs}")
-    steps_total = triton.cdiv(K, bk)
-    steps = triton.cdiv(steps_total, split)
-    split = triton.cdiv(steps_total, steps)
+    steps, split = _steps(K, bk, split)
     y = _output(M, N, split, x2)
     emulate = _interpreting()
     ftab = registers_table(regs).reshape(16).contiguous() if emulate else regs

@@ -105,6 +105,18 @@ def _group_params(p_ptr, rows, row_ok, blocks, blk_ok, G, GS, ss_r, ss_g):
 
 
 @triton.jit
+def _epilogue(y_ptrs, out, ok, bias_ptr, cols, col_ok, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store an output tile: + bias and cast to y's dtype, or (split-K) an fp32 atomic add into
+    the buffer `_finish` completes. out (rows, BN) fp32; cols (BN,) the output columns."""
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, out.to(y_ptrs.dtype.element_ty), mask=ok)
+    else:
+        tl.atomic_add(y_ptrs, out, mask=ok)
+
+
+@triton.jit
 def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
                   M, N, K, W, PLANE1, G, GS, NBLK, BLK_PER_SPLIT, stride_xm, stride_ym,
                   sq_r, sq_w, ss_r, ss_g,
@@ -163,12 +175,7 @@ def _qgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
         ok = row_ok[None, :]
         cols_out = rows[None, :]
     y_ptrs = y_ptr + out_rows * stride_ym + cols_out
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + cols_out, mask=row_ok[None, :], other=0.0).to(tl.float32)
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, out, mask=ok)
+    _epilogue(y_ptrs, out, ok, bias_ptr, rows, row_ok, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -323,12 +330,7 @@ def _qmm_words_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_p
         out = acc
     y_ptrs = y_ptr + ms[:, None] * stride_ym + rows[None, :]
     ok = m_ok[:, None] & row_ok[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            out += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=ok)
-    else:
-        tl.atomic_add(y_ptrs, out, mask=ok)
+    _epilogue(y_ptrs, out, ok, bias_ptr, rows, row_ok, HAS_BIAS, SPLIT_K)
 
 
 # -- launchers -------------------------------------------------------------------------------
