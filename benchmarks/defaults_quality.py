@@ -4,7 +4,7 @@
         [--rounding gptq nearest] [--windows 12] [--json FILE]
 
 Each config is LINEAR_BITS:GROUP+EMBEDDING_BITS:GROUP (qins format, clip search, per-tensor
-curvature), quantized as `qins compress` does it: the float32 model, GPTQ Hessians from the
+curvature; a part ending in "s8", e.g. 4:64s8, stores its scales as log8), quantized as `qins compress` does it: the float32 model, GPTQ Hessians from the
 FIRST 8 windows x 512 tokens of the default corpus (the CPython documentation topics),
 embeddings and the tied lm_head with the same rounding, float tensors rounded to bfloat16
 (what `qins compress` stores) and computed in float32.
@@ -20,7 +20,7 @@ same rounding with a 95% interval (t over windows). A noise row re-runs the firs
 
 Size: bytes of model.safetensors' tensors that `qins compress --stream` writes for the full
 Phi-3.5-mini shapes (benchmarks/stream_size.py's method: the plan and output specs on the meta
-skeleton), and bpw all-in of the default model as quantized here.
+skeleton), and bpw all-in of the default model on disk (the same method at its config).
 """
 from __future__ import annotations
 
@@ -51,21 +51,31 @@ T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31
 
 
 def parse_config(spec: str, rounding: str) -> tuple[WeightConfig, WeightConfig]:
-    lin, emb = spec.split("+")
-    (b, g), (eb, eg) = (map(int, lin.split(":")), map(int, emb.split(":")))
-    cfg = WeightConfig("qins", b, g, rounding=rounding)
-    return cfg, cfg.replace(bits=eb, group_size=eg)
+    """BITS:GROUP+EBITS:EGROUP, a part ending in "s8" with log8 scales (codec/scales.py)."""
+    def one(part: str) -> tuple[int, int, str]:
+        dt = "log8" if part.endswith("s8") else "float16"
+        b, g = map(int, part.removesuffix("s8").split(":"))
+        return b, g, dt
+    (b, g, dt), (eb, eg, edt) = map(one, spec.split("+"))
+    cfg = WeightConfig("qins", b, g, rounding=rounding, scale_dtype=dt)
+    return cfg, cfg.replace(bits=eb, group_size=eg, scale_dtype=edt)
 
 
 def phi35_bytes(cfg: WeightConfig, emb: WeightConfig) -> tuple[int, int]:
     """(tensor bytes of the streamed model.safetensors, parameters) at Phi-3.5-mini's shapes."""
+    from qins.eval.synthetic_checkpoint import phi35_mini_config
+    return disk_bytes(phi35_mini_config(), cfg, emb)
+
+
+def disk_bytes(hf_config, cfg: WeightConfig, emb: WeightConfig) -> tuple[int, int]:
+    """(tensor bytes of model.safetensors as saved, parameters) of a model of `hf_config`
+    (bf16 float tensors; log8 scales as stored, not as held in memory)."""
     from transformers import AutoModelForCausalLM
 
-    from qins.eval.synthetic_checkpoint import phi35_mini_config
     from qins.weights.stream import _outputs
     from qins.weights.targets import plan_modules
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(phi35_mini_config())
+        model = AutoModelForCausalLM.from_config(hf_config)
     modules = plan_modules(model, cfg.replace(rounding="nearest"), embeddings=emb.replace(rounding="nearest"))
     n = sum(p.numel() for p in model.parameters())
     outs, _ = _outputs(model, modules, torch.bfloat16)
@@ -151,8 +161,10 @@ def main(argv=None):
             qs = time.perf_counter() - t0
             mem = memory_report(q)
             nbytes, nparams = phi35_bytes(cfg, emb)
+            dbytes, dparams = disk_bytes(model.config, cfg, emb)
             row = {"config": spec, "rounding": rounding, "calibration_windows": cal_name if stats is not None else None,
-                   "default_model_bpw_all": mem["bpw_all"], "phi35_bytes": nbytes, "phi35_gb": nbytes / 1e9,
+                   "default_model_bpw_held": mem["bpw_all"], "default_model_bpw_all": 8 * dbytes / dparams,
+                   "phi35_bytes": nbytes, "phi35_gb": nbytes / 1e9,
                    "phi35_bpw_all": 8 * nbytes / nparams, "quantize_s": qs, "texts": {}}
             per = {}
             for name, ref in refs.items():
@@ -176,7 +188,7 @@ def main(argv=None):
 
 
 def table(doc: dict) -> str:
-    lines = ["| linears + embeddings | rounding | calibration windows | Phi-3.5 GB | default model bpw | "
+    lines = ["| linears + embeddings | rounding | calibration windows | Phi-3.5 GB | default model bpw on disk | "
              + " | ".join(f"{t} KL (± s.e.) | {t} ΔKL vs first (95%) | {t} top-1 % | {t} Δtop-1 pts (95%) | {t} Δppl %"
                          for t in doc["texts"])
              + " |", "|" + "---|" * (5 + 5 * len(doc["texts"]))]

@@ -25,6 +25,14 @@ CONFIGS = [  # (label, linears, embeddings or None)
     ("4-bit g128, embeddings 5-bit g128", WeightConfig("qins", 4, 128), WeightConfig("qins", 5, 128)),
     ("4-bit g128, embeddings 4-bit g128", WeightConfig("qins", 4, 128), WeightConfig("qins", 4, 128)),
     ("4-bit g64, embeddings bf16", WeightConfig("qins", 4, 64), None),
+    ("4-bit g64, embeddings 6-bit g128, log8 scales", WeightConfig("qins", 4, 64, scale_dtype="log8"),
+     WeightConfig("qins", 6, 128, scale_dtype="log8")),
+    ("4-bit g64, embeddings 5-bit g128, log8 scales", WeightConfig("qins", 4, 64, scale_dtype="log8"),
+     WeightConfig("qins", 5, 128, scale_dtype="log8")),
+    ("4-bit g64, embeddings 5-bit g64, log8 scales", WeightConfig("qins", 4, 64, scale_dtype="log8"),
+     WeightConfig("qins", 5, 64, scale_dtype="log8")),
+    ("4-bit g64, embeddings 4-bit g64, log8 scales", WeightConfig("qins", 4, 64, scale_dtype="log8"),
+     WeightConfig("qins", 4, 64, scale_dtype="log8")),
 ]
 
 

@@ -95,17 +95,17 @@ def test_compress_writes_a_loadable_model(compressed, float_dir, capsys, token_i
     assert {"qins.json", "model.safetensors", "config.json", "tokenizer.json"} <= files
     assert doc["path"] == str(out)
     mem = doc["memory"]
-    # 4-bit codes + a float16 scale per 32 weights = 4.5 bpw, plus row padding and a
-    # float32 curvature per tensor
-    assert 4.5 <= mem["quantized_bpw"] < 5.0
+    # 4-bit codes + a log8 scale (--scales auto) per 32 weights = 4.25 bpw, plus a float16
+    # reference per row, row padding and a float32 curvature per tensor
+    assert 4.25 < mem["quantized_bpw"] < 4.5
     assert mem["total_bytes"] > 0 and mem["bpw_all"] > mem["quantized_bpw"]   # norms, embedding in float
     plan = json.loads((out / "qins.json").read_text())["modules"]
     assert len(plan) == 14 and all(e["config"]["format"] == "qins" and e["config"]["bits"] == 4
                                    and e["config"]["group_size"] == 32 for e in plan.values())
-    # the CLI only parses and calls: the same weights as qins.quantize with the same config,
-    # so the saved model's logits are bit-identical to the library's
+    # the CLI only parses and calls: the same weights as qins.quantize with the same config
+    # (--scales auto: log8 at 4 bits), so the saved model's logits are bit-identical to the library's
     _, want = qins.load_model(float_dir)
-    qins.quantize(want, qins.WeightConfig("qins", 4, 32), progress=False)
+    qins.quantize(want, qins.WeightConfig("qins", 4, 32, scale_dtype="log8"), progress=False)
     with torch.inference_mode():
         assert torch.equal(qins.load(out)(token_ids).logits, want(token_ids).logits)
 
@@ -491,9 +491,9 @@ def test_eval_with_a_key_plan_calibrates_on_the_first_windows(workdir, float_dir
 # -- defaults a user keeps (issue 13) -------------------------------------------------------
 def test_compress_defaults_gptq_and_6bit_embeddings(workdir, float_dir, capsys, token_ids):
     # no flags: linears qins 4-bit g64 with GPTQ rounding on the default corpus's first 8
-    # windows, embeddings (and the tied lm_head, sharing their codes) qins 6-bit g128 with GPTQ
-    # (on the embedded model: 4.649 bpw all-in, ppl +5.03%; benchmarks/results/compress_defaults.md), float
-    # tensors in the source's dtype (float32 here)
+    # windows, embeddings (and the tied lm_head, sharing their codes) qins 6-bit g128 with GPTQ,
+    # log8 scales for both (benchmarks/results/compress_defaults.md), float tensors in the
+    # source's dtype (float32 here)
     out = workdir / "q-defaults"
     assert main(["compress", str(float_dir), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -504,14 +504,16 @@ def test_compress_defaults_gptq_and_6bit_embeddings(workdir, float_dir, capsys, 
     assert (emb["config"]["format"], emb["config"]["bits"], emb["config"]["group_size"]) == ("qins", 6, 128)
     assert plan["lm_head"] == {"kind": "tied_linear", "tied_to": "model.embed_tokens"}
     up = plan["model.layers.0.mlp.up_proj"]["config"]
-    assert (up["format"], up["bits"], up["group_size"], up["rounding"]) == ("qins", 4, 64, "gptq")
+    assert (up["format"], up["bits"], up["group_size"], up["rounding"], up["scale_dtype"]) == \
+        ("qins", 4, 64, "gptq", "log8")
+    assert emb["config"]["scale_dtype"] == "log8"
     # the same as the library with the same names
     from qins.metrics.models import default_corpus
     from qins.weights.calibration import input_hessians
     tok, want = qins.load_model(float_dir)
     hess = input_hessians(want, token_windows(tok, default_corpus(), 512, max_windows=8), progress=False)
-    qins.quantize(want, qins.WeightConfig("qins", 4, 64, rounding="gptq"), calibration=hess, progress=False,
-                  embeddings=qins.WeightConfig("qins", 6, 128, rounding="gptq"))
+    qins.quantize(want, qins.WeightConfig("qins", 4, 64, rounding="gptq", scale_dtype="log8"), calibration=hess,
+                  progress=False, embeddings=qins.WeightConfig("qins", 6, 128, rounding="gptq", scale_dtype="log8"))
     with torch.inference_mode():
         assert torch.equal(qins.load(out)(token_ids).logits, want(token_ids).logits)
 
@@ -550,8 +552,9 @@ def test_compress_stores_float_tensors_in_the_dtype(workdir, float_dir, token_id
     want = torch.float32 if dtype == "auto" else torch.bfloat16
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         norm = f.get_tensor("model.norm.weight")
-        scales = f.get_tensor("model.layers.0.mlp.up_proj.scales")
-    assert norm.dtype == want and scales.dtype == torch.float16       # stored formats keep theirs
+        codes = f.get_tensor("model.layers.0.mlp.up_proj.scale_codes")      # --scales auto: log8 at 4 bits
+        refs = f.get_tensor("model.layers.0.mlp.up_proj.scale_refs")
+    assert norm.dtype == want and (codes.dtype, refs.dtype) == (torch.uint8, torch.float16)   # stored formats keep theirs
     assert json.loads((out / "config.json").read_text())["dtype"] == str(want).replace("torch.", "")
     # generate --dtype auto runs it in that dtype
     assert main(["generate", str(out), "hello", "--max-new-tokens", "2"]) == 0

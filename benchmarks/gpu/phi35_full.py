@@ -13,9 +13,10 @@ for, e.g. the compiler of the CPU kernel's first build):
                (Phi3ForCausalLM, hidden 3072, fused qkv / gate_up, vocab 32064, untied
                lm_head), random heavy-tailed weights, bf16 in 2 GB shards (reused when the
                workdir already holds one of the same depth)
-  compress     `python -m qins.cli compress SRC -o OUT --stream --device DEV`: the library's
-               defaults, no size flag; DEV = cuda when there is one (the streamed weights are
-               quantized on it), else cpu. Wall time, bytes on disk, bpw all-in, the plan
+  compress     `python -m qins.cli compress SRC -o OUT --stream --device DEV [--compress-args]`:
+               the library's defaults unless --compress-args adds flags; DEV = cuda when there
+               is one (the streamed weights are quantized on it), else cpu. Wall time, bytes
+               on disk, bpw all-in, the plan
   load_cuda    qins.load(OUT, device="cuda", dtype=bfloat16) (parameters on the meta device,
                filled from the file: no float weight of a quantized layer is made); peak RSS,
                torch.cuda.max_memory_allocated; 32 greedy tokens from a fixed prompt of token
@@ -120,7 +121,8 @@ def plan_summary(out: Path) -> dict:
         c = e.get("config")
         if c:
             g = "ch" if c.get("group_size") is None else f"g{c['group_size']}"
-            label = f"{e['kind']} {c['format']}-{c['bits']}b-{g}-{c.get('rounding', 'nearest')}"
+            s8 = "-s8" if c.get("scale_dtype") == "log8" else ""
+            label = f"{e['kind']} {c['format']}-{c['bits']}b-{g}{s8}-{c.get('rounding', 'nearest')}"
         else:
             label = e["kind"]
         counts[label] = counts.get(label, 0) + 1
@@ -147,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--cpu-tokens", type=int, default=4)
     ap.add_argument("--no-cuda", action="store_true", help="skip the GPU even if there is one")
+    ap.add_argument("--compress-args", default="",
+                    help="more `qins compress` flags, e.g. '--scales log8 --embeddings 5:128' (the <= 2.0 GB plan)")
     ap.add_argument("--caps-scale", type=float, default=1.0,
                     help="multiply each step's time cap (seconds: %s) by this, e.g. on a slow CPU" % CAPS)
     ap.add_argument("--step", default=None, help=argparse.SUPPRESS)          # internal: a child's step
@@ -215,7 +219,7 @@ def main(argv=None):
         shutil.rmtree(out, ignore_errors=True)
         shutil.rmtree(out.parent / f".{out.name}.stream-partial", ignore_errors=True)   # measure a fresh run
         dev = "cuda" if cuda else "cpu"
-        cli = ["compress", str(src), "-o", str(out), "--stream", "--device", dev]
+        cli = ["compress", str(src), "-o", str(out), "--stream", "--device", dev, *shlex.split(a.compress_args)]
         res = work / "compress.json"
         res.unlink(missing_ok=True)
         r = run_child([py, me, "--step", "compress", "--result", str(res), "--", *cli], budget("compress"),

@@ -81,7 +81,15 @@ def _weight_config(a):
     from .codec.config import WeightConfig
     return WeightConfig(format=a.format, bits=a.bits, group_size=_group(a.group_size),
                         curvature=a.curvature, clip_search=not a.no_clip_search,
-                        rounding=getattr(a, "rounding", "nearest"))
+                        rounding=getattr(a, "rounding", "nearest"), scale_dtype=_scales(a.scales, a.format, a.bits))
+
+
+def _scales(choice: str, format: str, bits: int) -> str:
+    """--scales auto: log8 where the format and width allow it (codec/config.py), else float16."""
+    from .codec.config import log8_supported
+    if choice != "auto":
+        return choice
+    return "log8" if log8_supported(format, bits) else "float16"
 
 
 def _add_protocol(p, windows=16, prompts=32):
@@ -97,6 +105,10 @@ def _add_weight(p):
     p.add_argument("--group-size", default="64", help="a multiple of 32, or 'none' for per channel")
     p.add_argument("--curvature", default="tensor", choices=("tensor", "channel"))
     p.add_argument("--no-clip-search", action="store_true")
+    p.add_argument("--scales", default=DEFAULT_SCALES, choices=("auto", "float16", "log8"),
+                   help=f"how group scales are stored (default {DEFAULT_SCALES}: log8 for symmetric formats at 2-6 "
+                        f"bits, else float16). log8: 8 bits on a log grid below each row's largest scale (0.125 bpw "
+                        f"instead of 0.25 at group size 64)")
 
 
 def _add_kv(p):
@@ -125,10 +137,13 @@ def cmd_demo(a):
     _maybe_json(a, res)
 
 
+
+DEFAULT_SCALES = "auto"              # --scales: log8 where allowed (quality-neutral at 4 bits:
+                                     # benchmarks/results/defaults_quality.md), linears and embeddings
 # flags a mixed-precision plan (--target-bpw / --max-kl / --max-ppl-increase) decides itself
 _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", None),
                    ("curvature", "--curvature", "tensor"), ("no_clip_search", "--no-clip-search", False),
-                   ("embeddings", "--embeddings", None))
+                   ("embeddings", "--embeddings", None), ("scales", "--scales", DEFAULT_SCALES))
 DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on the corpus's first windows
 DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
 DEFAULT_SHARD_GB = 0.5               # --stream: output GiB per recorded (resumable) shard
@@ -144,7 +159,8 @@ def _embedding_config(a, config):
     if spec.count(":") == 1:
         spec = f"{config.format}:{spec}"
     (cfg,) = _parse_configs([spec], "--embeddings")
-    return cfg.replace(rounding=config.rounding, curvature=config.curvature, clip_search=config.clip_search)
+    return cfg.replace(rounding=config.rounding, curvature=config.curvature, clip_search=config.clip_search,
+                       scale_dtype=_scales(a.scales, cfg.format, cfg.bits))
 
 
 def cmd_compress(a):

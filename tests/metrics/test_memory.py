@@ -92,6 +92,28 @@ def test_tied_quantized_codes_counted_once():
     assert r["classes"]["curvature"] == 0 and r["classes"]["offsets"] == 0
 
 
+def test_log8_scales_count_as_stored_in_bpw():
+    """bpw counts bytes stored: log8 scales (held float16) as a byte per group + a float16 per
+    row; the classes and total_bytes stay what memory holds."""
+    import qins
+    from qins.weights.quantize import quantized_modules
+    model = tiny_llama()
+    qins.quantize(model, qins.WeightConfig("qins", 4, 32, scale_dtype="log8"), include_embeddings=True, progress=False)
+    r = memory_report(model)
+    qs = [m.quantized for _, m in quantized_modules(model) if getattr(m, "tied_to", None) is None]
+    stored = sum(q.nbytes() for q in qs)
+    held = sum(sum(nbytes(t) for t in q.tensors().values()) for q in qs)
+    assert stored < held and r["quantized_bytes"] == held
+    assert r["quantized_bpw"] == pytest.approx(8 * stored / r["quantized_weights"], rel=1e-12)
+    assert r["stored_bytes"] == r["total_bytes"] - (held - stored)
+    assert r["bpw_all"] == pytest.approx(8 * r["stored_bytes"] / r["params"], rel=1e-12)
+    # and equal to what qins.save writes
+    from qins.weights.serialization import _state_dict_once
+    tensors, _ = _state_dict_once(model)
+    assert r["stored_bytes"] == sum(nbytes(t) for t in tensors.values()) + sum(
+        nbytes(b) for n, b in model.named_buffers() if n.endswith("inv_freq"))
+
+
 def test_format_bytes():
     assert format_bytes(0) == "0 B"
     assert format_bytes(1023) == "1023 B"

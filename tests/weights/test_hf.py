@@ -108,6 +108,36 @@ def test_stored_dtypes_survive_loading(tmp_path, make_model):
     assert (q.qweight.dtype, q.scales.dtype, q.curvature.dtype) == (torch.int32, torch.float16, torch.float32)
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_log8_scales_round_trip(tmp_path, make_model, token_ids, tie):
+    """log8 scales go to disk as 8-bit codes + a float16 per row and come back bit-exact through
+    qins.load, from_pretrained and save_pretrained."""
+    from safetensors import safe_open
+    cfg = qins.WeightConfig("qins", 4, 32, scale_dtype="log8")
+    model = qins.quantize(make_model("llama", tie), cfg, include_embeddings=True, progress=False)
+    ref = logits(model, token_ids)
+    qins.save(model, tmp_path / "qins")
+    with safe_open(str(tmp_path / "qins" / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_tensor("model.layers.0.mlp.up_proj.scale_codes").dtype == torch.uint8
+    assert not any(k.endswith(".scales") for k in keys)
+    for loaded in (qins.load(tmp_path / "qins"), from_pretrained(tmp_path / "qins")):
+        q, q0 = loaded.model.layers[1].mlp.up_proj, model.model.layers[1].mlp.up_proj
+        assert q.scales.dtype == torch.float16 and torch.equal(q.scales.view(torch.int16), q0.scales.view(torch.int16))
+        assert not hasattr(q, "scale_codes")
+        assert torch.equal(logits(loaded, token_ids), ref)
+    loaded.save_pretrained(tmp_path / "hf")
+    assert torch.equal(logits(from_pretrained(tmp_path / "hf"), token_ids), ref)
+    assert torch.equal(logits(qins.load(tmp_path / "hf"), token_ids), ref)
+    # a damaged code is caught by the checksum like any other tensor
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "qins" / "model.safetensors"))
+    state["model.layers.0.mlp.up_proj.scale_codes"][0, 0] ^= 1
+    save_file(state, str(tmp_path / "qins" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="scale_codes is corrupt"):
+        qins.load(tmp_path / "qins")
+
+
 def _set_config_version(path, version):
     f = path / "config.json"
     cfg = json.loads(f.read_text())

@@ -33,16 +33,18 @@ def assert_same_codes(a: torch.nn.Module, b: torch.nn.Module):
     assert not [n for n, p in a.named_parameters() if p.is_meta]
 
 
-@pytest.mark.parametrize("case", ["phi3", "gpt2", "llama-skip", "phi3-no-embeddings"])
+@pytest.mark.parametrize("case", ["phi3", "gpt2", "llama-skip", "phi3-no-embeddings", "phi3-log8"])
 def test_quantize_on_load_matches_quantize(case, phi3_dir, gpt2_dir, llama_dir, tmp_path):
     src = {"phi3": phi3_dir, "gpt2": gpt2_dir, "llama": llama_dir}[case.split("-")[0]]
     skip = ["model.layers.1.mlp.*"] if case == "llama-skip" else []
-    emb = None if case.endswith("no-embeddings") else EMB
+    sd = "log8" if case.endswith("log8") else "float16"      # log8: the scales `qins compress` stores
+    emb = None if case.endswith("no-embeddings") else EMB.replace(scale_dtype=sd)
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=torch.float32,
-        quantization_config=qins.QINSConfig(bits=4, group_size=64, skip=skip, embeddings=emb is not None))
+        quantization_config=qins.QINSConfig(bits=4, group_size=64, skip=skip, embeddings=emb is not None,
+                                            scale_dtype=sd))
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    qins.quantize(ref, CFG, skip=skip, embeddings=emb, progress=False)
+    qins.quantize(ref, CFG.replace(scale_dtype=sd), skip=skip, embeddings=emb, progress=False)
     assert_same_codes(model, ref)
     ids = torch.arange(30).reshape(2, 15) % 290
     with torch.no_grad():

@@ -18,14 +18,15 @@ from qins.metrics.models import SOURCE_ATTR
 from qins.weights.stream import TensorSpec, compress_checkpoint, write_safetensors
 
 CFG = WeightConfig("qins", 4, 64)
+LOG8 = CFG.replace(scale_dtype="log8")          # scales stored as scale_codes + scale_refs
 
 
-def in_memory(src, out, dtype="auto", **kw):
+def in_memory(src, out, dtype="auto", cfg=CFG, **kw):
     # as load_model(src, dtype="auto"), which also wants a tokenizer these checkpoints lack
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(src, dtype=getattr(torch, dtype, dtype)).eval()
     setattr(model, SOURCE_ATTR, {"path": str(Path(src).resolve()), "sha256": None})
-    qins.quantize(model, CFG, progress=False, **kw)
+    qins.quantize(model, cfg, progress=False, **kw)
     return qins.save(model, out)
 
 
@@ -66,14 +67,16 @@ def _non_default(raw: bytes) -> dict:
             if getattr(default, k, object()) != v and not (k.startswith("output_") and v is False)}
 
 
-@pytest.mark.parametrize("case", ["phi3", "llama", "llama-embeddings", "phi3-skip", "gpt2", "gpt2-bf16"])
+@pytest.mark.parametrize("case", ["phi3", "llama", "llama-embeddings", "phi3-skip", "gpt2", "gpt2-bf16",
+                                  "phi3-log8", "llama-embeddings-log8"])
 def test_stream_matches_quantize_then_save(case, phi3_dir, llama_dir, gpt2_dir, tmp_path):
     src = {"phi3": phi3_dir, "llama": llama_dir, "gpt2": gpt2_dir}[case.split("-")[0]]
-    kw = {"include_embeddings": True} if case == "llama-embeddings" else \
+    kw = {"include_embeddings": True} if case.startswith("llama-embeddings") else \
         {"skip": ["model.layers.1.mlp.*"]} if case == "phi3-skip" else {}
     dtype = "bfloat16" if case == "gpt2-bf16" else None          # a float32 checkpoint cast on the way
-    ref = in_memory(src, tmp_path / "mem", dtype=dtype or "auto", **kw)
-    out = compress_checkpoint(src, tmp_path / "stream", CFG, shard_bytes=60_000, progress=False, dtype=dtype, **kw)
+    cfg = LOG8 if case.endswith("log8") else CFG
+    ref = in_memory(src, tmp_path / "mem", dtype=dtype or "auto", cfg=cfg, **kw)
+    out = compress_checkpoint(src, tmp_path / "stream", cfg, shard_bytes=60_000, progress=False, dtype=dtype, **kw)
     assert_same_save(ref, out)
     assert torch.equal(logits(out), logits(ref))
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]      # no work dir left
@@ -90,16 +93,17 @@ def interrupt_after(k):
     return hook
 
 
-def test_resume_after_interruption_gives_identical_files(phi3_dir, tmp_path):
-    whole = compress_checkpoint(phi3_dir, tmp_path / "whole", CFG, shard_bytes=60_000, progress=False)
+@pytest.mark.parametrize("cfg", [CFG, LOG8], ids=["float16", "log8"])
+def test_resume_after_interruption_gives_identical_files(phi3_dir, tmp_path, cfg):
+    whole = compress_checkpoint(phi3_dir, tmp_path / "whole", cfg, shard_bytes=60_000, progress=False)
     out = tmp_path / "out"
     with pytest.raises(Stop):
-        compress_checkpoint(phi3_dir, out, CFG, shard_bytes=60_000, progress=False, _after_shard=interrupt_after(2))
+        compress_checkpoint(phi3_dir, out, cfg, shard_bytes=60_000, progress=False, _after_shard=interrupt_after(2))
     assert not out.exists()
     work = tmp_path / ".out.stream-partial"
     assert len(json.loads((work / "progress.json").read_text())["shards"]) == 3
     redone = []
-    compress_checkpoint(phi3_dir, out, CFG, shard_bytes=60_000, progress=False, _after_shard=redone.append)
+    compress_checkpoint(phi3_dir, out, cfg, shard_bytes=60_000, progress=False, _after_shard=redone.append)
     assert redone and redone[0] == 3                       # shards 0..2 were skipped
     assert files(out) == files(whole)
     assert not work.exists()
@@ -158,14 +162,21 @@ def test_cli_stream(phi3_dir, tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["compress", str(phi3_dir), "-o", str(out), "--stream", "--bits", "4", "--group-size", "64"]) == 0
     assert "GB on disk" in capsys.readouterr().out
-    # the CLI's defaults: embeddings and lm_head quantized too (6-bit g128, nearest when streaming)
-    ref = compress_checkpoint(phi3_dir, tmp_path / "lib", CFG, progress=False,
-                              embeddings=CFG.replace(bits=6, group_size=128))
+    # the CLI's defaults: log8 scales, embeddings and lm_head quantized too (6-bit g128, nearest
+    # when streaming)
+    ref = compress_checkpoint(phi3_dir, tmp_path / "lib", LOG8, progress=False,
+                              embeddings=LOG8.replace(bits=6, group_size=128))
     assert files(out) == files(ref)
     out2 = tmp_path / "q2"
     assert main(["compress", str(phi3_dir), "-o", str(out2), "--stream", "--bits", "4", "--group-size", "64",
-                 "--no-embeddings"]) == 0
+                 "--no-embeddings", "--scales", "float16"]) == 0
     assert files(out2) == files(compress_checkpoint(phi3_dir, tmp_path / "lib2", CFG, progress=False))
+    out3 = tmp_path / "q3"                  # the <= 2.0 GB plan for Phi-3.5-mini (README)
+    assert main(["compress", str(phi3_dir), "-o", str(out3), "--stream", "--embeddings", "5:128"]) == 0
+    ref3 = compress_checkpoint(phi3_dir, tmp_path / "lib3", LOG8, progress=False,
+                               embeddings=LOG8.replace(bits=5, group_size=128))
+    assert files(out3) == files(ref3)
+    assert (out3 / "model.safetensors").stat().st_size < (out / "model.safetensors").stat().st_size
     assert main(["compress", str(phi3_dir), "-o", str(out), "--stream", "--target-bpw", "4"]) == 2
     assert "cannot be combined with --stream" in capsys.readouterr().err
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats import Format, n_levels, table
+from . import scales as log8
 from .gptq import gptq_codes
 from .grid import expand_groups, group_reduce, lookup, n_groups, nearest_codes
 
@@ -135,6 +136,30 @@ def _clip_search(x, h, g, fmt, bits, levels, clips, keep: bool = False):
     return best_err, best_clip, best_codes, best_p
 
 
+def _snap_log8(x, h, g, levels, p: GroupParams):
+    """Put each group's chosen scale on the log8 grid of its row (codec/scales.py): of the two
+    grid values around it, the one with the lower error, and re-encode the codes for it.
+
+    x (R, I) rows, p.scale (R, G) their chosen scales.
+    Returns (codes (R, I) uint8, scale (R, G) float32 on the grid)."""
+    I = x.shape[1]
+    zero = group_reduce(x.abs(), g, "amax") == 0               # all-zero groups: any scale is exact
+    s = torch.where(zero, torch.zeros_like(p.scale), p.scale)
+    ref = log8.row_ref(s)
+    best = best_err = best_codes = None
+    for cand in log8.neighbours(s, ref):
+        c, q = _encode(x, levels, expand_groups(cand, g, I), None)
+        err = _group_error(x, q, h, g)
+        if best is None:
+            best, best_err, best_codes = cand, err, c.to(torch.uint8)
+            continue
+        better = err < best_err
+        best = torch.where(better, cand, best)
+        best_err = torch.where(better, err, best_err)
+        best_codes = torch.where(expand_groups(better, g, I), c.to(torch.uint8), best_codes)
+    return best_codes, best
+
+
 def _best_clip_error(x, h, g, fmt, bits, levels, clips):
     """Per-group error minimized over clip factors -> (err (O, G), best clip (O, G))."""
     err, clip, _, _ = _clip_search(x, h, g, fmt, bits, levels, clips)
@@ -165,12 +190,16 @@ def fit(
     clip_search: bool = True,
     hessian: torch.Tensor | None = None,
     rounding: str = "nearest",
+    scale_dtype: str = "float16",
 ):
     """Calibrate and encode w (O, I) in groups of `group_size` along I, on w's device.
 
     hessian   (I, I) E[x x^T] of the layer's input: its diagonal weights the error (when no
               `importance` is given) and rounding="gptq" compensates rounding errors with it
               (codec/gptq.py); the curvature and scales are fitted first either way.
+    scale_dtype "float16", or "log8": each group's chosen scale then moves to the better of
+              the two log8 grid values around it (codec/scales.py) before the codes are
+              final (the curvature search itself uses unsnapped scales).
     importance and hessian may sit on another device: they are moved to w's.
 
     Returns (codes (O, I) uint8 (nearest) or int64 (gptq), scale (O, G), offset (O, G) or
@@ -205,6 +234,9 @@ def fit(
     for r0, r1 in _row_chunks(O, I):
         lev = levels if levels.dim() == 1 else levels[r0:r1]
         _, _, c, p = _clip_search(x[r0:r1], h, group_size, fmt, bits, lev, clips, keep=True)
+        if scale_dtype == "log8":
+            c, snapped = _snap_log8(x[r0:r1], h, group_size, lev, p)
+            p = GroupParams(snapped, p.offset)
         codes[r0:r1] = c
         scale[r0:r1] = p.scale
         if offset is not None:

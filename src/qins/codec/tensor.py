@@ -7,6 +7,7 @@ import torch
 
 from .config import WeightConfig
 from . import calibrate, grid, packing
+from . import scales as log8
 from .formats import get_format, table
 from .qins import seed_encode
 
@@ -16,7 +17,9 @@ class QuantizedWeight:
     """Stored state of one quantized (O, I) weight, G = I / group_size groups per row.
 
     qweight    (O, packing.packed_words(I, bits)) int32   bit-packed codes (packing.py)
-    scales     (O, G) float16 or None                    group scale s (None: qins-seed)
+    scales     (O, G) float16 or None                    group scale s (None: qins-seed); with
+                                                         scale_dtype "log8" on that grid, and
+                                                         stored as 8-bit codes (codec/scales.py)
     offsets    (O, G) float16 or None                    group offset m (int-asym only)
     curvature  (A,) float32 or None                      a per tensor (A=1) or row (A=O); qins only
     config     the WeightConfig it was made with (format, bits, group_size)
@@ -70,7 +73,7 @@ class QuantizedWeight:
             w.detach().float(), fmt, config.bits, g,
             importance=None if hessian is not None else importance, hessian=hessian,
             curvature=config.curvature, curvature_value=config.curvature_value,
-            clip_search=config.clip_search, rounding=config.rounding)
+            clip_search=config.clip_search, rounding=config.rounding, scale_dtype=config.scale_dtype)
         return cls(
             qweight=packing.pack(codes, config.bits),
             scales=scale.to(torch.float16).contiguous(),
@@ -114,9 +117,31 @@ class QuantizedWeight:
                 out[k] = v
         return out
 
+    def stored_tensors(self, name: str = "weight") -> dict[str, torch.Tensor]:
+        """The tensors as saved: `tensors()`, except that log8 scales are saved as
+        `scale_codes` (O, G) uint8 and `scale_refs` (O,) float16 (codec/scales.py)."""
+        out = self.tensors()
+        if self.scales is None or self.config.scale_dtype != "log8":
+            return out
+        code, ref = log8.encode(out.pop("scales"), name=f"{name}.scales")
+        return {"qweight": out.pop("qweight"), "scale_codes": code, "scale_refs": ref, **out}
+
+    @classmethod
+    def from_stored(cls, t: dict[str, torch.Tensor], config: WeightConfig, shape: tuple[int, int],
+                    name: str = "weight") -> "QuantizedWeight":
+        """The inverse of `stored_tensors` (log8 scales decoded bit-exactly, on the codes' device)."""
+        scales = t.get("scales")
+        if "scale_codes" in t:
+            scales = log8.decode(t["scale_codes"], t["scale_refs"], f"{name}.scales").to(t["scale_codes"].device)
+        return cls(t["qweight"], scales, t.get("offsets"), t.get("curvature"), config, tuple(shape))
+
     def nbytes(self) -> int:
-        """Bytes stored: packed codes (with row padding) + scales + offsets + curvature."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Bytes stored: packed codes (with row padding) + scales + offsets + curvature; log8
+        scales count as stored (a byte per group and a float16 per row), not as held."""
+        n = sum(t.numel() * t.element_size() for t in self.tensors().values())
+        if self.scales is not None and self.config.scale_dtype == "log8":
+            n += log8.nbytes(*self.scales.shape) - self.scales.numel() * self.scales.element_size()
+        return n
 
     def bits_per_weight(self) -> float:
         return 8.0 * self.nbytes() / (self.shape[0] * self.shape[1])

@@ -10,11 +10,17 @@ its stored state is
 
 Every other parameter is "float_params" and every other buffer (rotary inv_freq, ...)
 "other_buffers". Each storage is counted once, so tied weights are not counted twice.
+
+The classes are bytes held in memory. Bits per weight count bytes stored (DESIGN.md): they
+differ only for log8 scales (codec/scales.py), held as float16 and stored as a byte per group
+plus a float16 per row.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..codec.scales import nbytes as log8_nbytes
 
 _QUANT_BUFFERS = {"qweight": "codes", "scales": "scales", "offsets": "offsets", "curvature": "curvature"}
 CLASSES = ("codes", "scales", "offsets", "curvature", "float_params", "other_buffers")
@@ -61,15 +67,17 @@ def memory_report(model: nn.Module) -> dict:
     Returns
       classes            {class: bytes} over CLASSES (whole storages, in bytes)
       quantized_weights  weight elements held as codes (sum of O*I over quantized modules)
-      quantized_bytes    codes + scales + offsets + curvature
-      quantized_bpw      8 * quantized_bytes / quantized_weights, bits per weight (0 if none)
-      total_bytes        all classes together
+      quantized_bytes    codes + scales + offsets + curvature, held
+      quantized_bpw      bits per stored weight of the quantized modules (0 if none): 8 * their
+                         stored bytes / quantized_weights
+      total_bytes        all classes together, held
+      stored_bytes       total_bytes with log8 scales counted as stored
       params             weight elements of the original model: quantized + float parameters
-      bpw_all            8 * total_bytes / params, bits per weight of the whole model
+      bpw_all            8 * stored_bytes / params, bits per weight of the whole model
     """
     classes = dict.fromkeys(CLASSES, 0)
     seen: set = set()
-    quantized_weights = params = 0
+    quantized_weights = params = saved = 0      # saved: held - stored bytes of log8 scales
 
     def add(t: torch.Tensor, cls: str) -> bool:
         key = _storage_key(t)
@@ -85,9 +93,12 @@ def memory_report(model: nn.Module) -> dict:
             if buf is None:
                 continue
             cls = _QUANT_BUFFERS.get(bname) if quantized else None
-            if add(buf, cls or "other_buffers") and bname == "qweight":
+            first = add(buf, cls or "other_buffers")
+            if first and bname == "qweight":
                 # count the weights once per qweight storage: a tied head shares its codes
                 quantized_weights += _quantized_numel(mname, module)
+            elif first and cls == "scales" and getattr(getattr(module, "config", None), "scale_dtype", None) == "log8":
+                saved += buf.untyped_storage().nbytes() - log8_nbytes(*buf.shape)
         for pname, p in module._parameters.items():
             if p is not None and add(p, "float_params"):
                 params += p.numel()
@@ -99,10 +110,11 @@ def memory_report(model: nn.Module) -> dict:
         "classes": classes,
         "quantized_weights": quantized_weights,
         "quantized_bytes": quantized_bytes,
-        "quantized_bpw": 8 * quantized_bytes / quantized_weights if quantized_weights else 0.0,
+        "quantized_bpw": 8 * (quantized_bytes - saved) / quantized_weights if quantized_weights else 0.0,
         "total_bytes": total,
+        "stored_bytes": total - saved,
         "params": params,
-        "bpw_all": 8 * total / params if params else 0.0,
+        "bpw_all": 8 * (total - saved) / params if params else 0.0,
     }
 
 

@@ -114,20 +114,23 @@ class QINSQuantizationConfig(QuantizationConfigMixin):
 
 
 def QINSConfig(format: str = "qins", bits: int = 4, group_size: int | None = 64, *, curvature: str = "tensor",
-               clip_search: bool = True, embeddings: WeightConfig | dict | None | bool = True,
+               clip_search: bool = True, scale_dtype: str = "float16",
+               embeddings: WeightConfig | dict | None | bool = True,
                skip: list[str] | tuple[str, ...] = ()) -> QINSQuantizationConfig:
     """The quantization_config that makes `from_pretrained` quantize a float checkpoint as it loads.
 
-    format, bits, group_size, curvature, clip_search: the WeightConfig of every linear layer.
-    embeddings   True (default): input embedding and lm_head in 6-bit g128 of `format` (the
-                 `qins compress` default); a WeightConfig (or dict of its fields); False/None:
-                 kept in float. A tied lm_head shares the embedding's codes.
+    format, bits, group_size, curvature, clip_search, scale_dtype: the WeightConfig of every
+                 linear layer ("log8": the 8-bit scales `qins compress` stores at 2-6 bits).
+    embeddings   True (default): input embedding and lm_head in 6-bit g128 of `format` with
+                 the same scale_dtype (the `qins compress` default); a WeightConfig (or dict
+                 of its fields); False/None: kept in float. A tied lm_head shares the
+                 embedding's codes.
     skip         module name patterns kept in float (as `qins.quantize`)
     Rounding is to nearest: see the module docstring.
     """
     register()                                   # so from_pretrained finds quant_method "qins"
     weights = WeightConfig(format=format, bits=bits, group_size=group_size, curvature=curvature,
-                           clip_search=clip_search)
+                           clip_search=clip_search, scale_dtype=scale_dtype)
     if embeddings is True:
         emb = weights.replace(bits=6, group_size=128)
     elif embeddings is None or embeddings is False:
@@ -182,6 +185,9 @@ class QINSHfQuantizer(HfQuantizer):
         for n in self._on_load:                 # where the loader puts the float weight: QINSQuantize
             model.get_submodule(n).register_parameter(
                 "weight", nn.Parameter(torch.empty(shapes[n], dtype=dtypes[n], device="meta"), requires_grad=False))
+        for name, e in modules.items():          # log8 scales are filled as their stored codes
+            if e["kind"] != "tied_linear":           # (QINSQuantize returns those too)
+                model.get_submodule(name).expect_stored_scales()
         drop_quantized_ties(model, modules)
         _skip_init_of_parents(model, modules)
         _check_checkpoint(checkpoint_files)
@@ -203,6 +209,9 @@ class QINSHfQuantizer(HfQuantizer):
             self.quantization_config.skip = []
             self.pre_quantized = True
         _check_all_loaded(model, self.quantization_config.modules)
+        for name, e in self.quantization_config.modules.items():
+            if e["kind"] != "tied_linear":
+                model.get_submodule(name).decode_stored_scales()
         if (getattr(model, "_tp_size", None) or 1) > 1:
             shard_for_tp(model)
         else:
@@ -238,7 +247,8 @@ class QINSQuantize(ConversionOps):
     """transformers' quantize op: one float weight in, the QINS module's buffers out.
 
     Called by the loader with {name: [tensor]} for each planned module's "weight" (in the load
-    dtype); returns {"<module>.qweight": ..., "<module>.scales": ..., ...}, which the loader
+    dtype); returns {"<module>.qweight": ..., "<module>.scales": ..., ...} (log8 scales as
+    "scale_codes" and "scale_refs", the buffers `expect_stored_scales` made), which the loader
     sets by name. The placeholder weight is removed, so no float weight stays behind.
     """
 
@@ -256,7 +266,7 @@ class QINSQuantize(ConversionOps):
         model.get_submodule(name)._parameters.pop("weight", None)
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
-        return {f"{name}.{k}": v for k, v in qw.tensors().items()}
+        return {f"{name}.{k}": v for k, v in qw.stored_tensors(name).items()}
 
 
 def _tie_on_meta(model: nn.Module) -> None:

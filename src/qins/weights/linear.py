@@ -6,6 +6,7 @@ from torch import nn
 
 from .. import kernels
 from ..codec import grid
+from ..codec import scales as log8
 from ..codec.formats import get_format
 from ..codec.packing import packed_words
 from ..codec.tensor import QuantizedWeight, build_table
@@ -16,7 +17,9 @@ class _QuantizedWeightMixin:
     """Registers the stored tensors of a QuantizedWeight as persistent buffers.
 
     qweight    (O, packed_words(I, bits)) int32
-    scales     (O, G) float16            absent for qins-seed
+    scales     (O, G) float16            absent for qins-seed; config.scale_dtype "log8": in
+                                         state dicts (so on disk) as scale_codes (O, G) uint8 +
+                                         scale_refs (O,) float16 (codec/scales.py)
     offsets    (O, G) float16            int-asym only
     curvature  (A,) float32              qins only (A = 1 per tensor, O per channel)
 
@@ -84,10 +87,45 @@ class _QuantizedWeightMixin:
             self._table_key = self._curvature_key()
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
+    # -- log8 scales (codec/scales.py): float16 in memory, 8-bit codes in every state dict ----
+    def _log8(self) -> bool:
+        return self.config.scale_dtype == "log8"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._log8() and prefix + "scales" in destination:
+            s = destination.pop(prefix + "scales")
+            if s.is_meta:                            # a skeleton: shapes only
+                code = torch.empty(s.shape, dtype=torch.uint8, device="meta")
+                ref = torch.empty(s.shape[0], dtype=torch.float16, device="meta")
+            else:
+                code, ref = (t.to(s.device) for t in log8.encode(s, name=prefix + "scales"))
+            destination[prefix + "scale_codes"], destination[prefix + "scale_refs"] = code, ref
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        codes, refs = prefix + "scale_codes", prefix + "scale_refs"
+        if self._log8() and codes in state_dict and refs in state_dict:
+            # state_dict is this module's own copy (nn.Module.load_state_dict): rewritten in place
+            code = state_dict.pop(codes)
+            state_dict[prefix + "scales"] = log8.decode(code, state_dict.pop(refs), prefix + "scales").to(code.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         if "qweight" in self._buffers:              # copies in place: inference tensors (made
             self._refresh_table()                   # under inference_mode) keep no version
+
+    def expect_stored_scales(self) -> None:
+        """Before a loader that fills buffers by name (transformers'): hold log8 scales as the
+        stored `scale_codes` / `scale_refs` buffers; `decode_stored_scales` turns them back."""
+        if self._log8() and self._buffers.get("scales") is not None:
+            s = self._buffers["scales"]
+            self._buffers["scales"] = None
+            self.register_buffer("scale_codes", torch.empty(s.shape, dtype=torch.uint8, device=s.device))
+            self.register_buffer("scale_refs", torch.empty(s.shape[0], dtype=torch.float16, device=s.device))
+
+    def decode_stored_scales(self) -> None:
+        if "scale_codes" in self._buffers:
+            code, ref = self._buffers.pop("scale_codes"), self._buffers.pop("scale_refs")
+            self._buffers["scales"] = log8.decode(code, ref, "scales").to(code.device)
+            self._refresh_table()
 
     def _set_quantized(self, qw: QuantizedWeight) -> None:
         for k, v in qw.tensors().items():

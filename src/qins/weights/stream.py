@@ -219,7 +219,7 @@ class _Output:
     spec: TensorSpec
     source: str            # source checkpoint tensor name
     module: str | None     # quantized module whose field this is, or None for a float tensor
-    field: str | None      # qweight / scales / offsets / curvature, or None
+    field: str | None      # qweight / scales (or scale_codes, scale_refs) / offsets / curvature, or None
     transpose: bool = False  # transformers Conv1D: the source weight is stored (in, out)
 
 
@@ -236,7 +236,7 @@ def _outputs(model: nn.Module, modules: dict, dtype: torch.dtype) -> tuple[list[
             continue
         seen[id(t)] = name
         mod, _, field = name.rpartition(".")
-        if mod in qnames and field in ("qweight", "scales", "offsets", "curvature"):
+        if mod in qnames and field in ("qweight", "scales", "scale_codes", "scale_refs", "offsets", "curvature"):
             outs.append(_Output(TensorSpec(name, t.dtype, tuple(t.shape)), f"{mod}.weight", mod, field,
                                 mod in conv1d))
         else:
@@ -363,9 +363,9 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
         if not all(o.spec.name in written.files for o in fields):
             return None
         got = {o.field: written.get(o.spec.name) for o in fields}
-        return QuantizedWeight(got["qweight"], got.get("scales"), got.get("offsets"), got.get("curvature"),
-                               WeightConfig.from_dict(modules[module]["config"]),
-                               model.get_submodule(module).weight_shape)   # the skeleton holds QINS modules
+        return QuantizedWeight.from_stored(got, WeightConfig.from_dict(modules[module]["config"]),
+                                           model.get_submodule(module).weight_shape,   # the skeleton holds QINS modules
+                                           name=module)
 
     if gptq:
         from .sequential import SequentialGPTQ
@@ -394,7 +394,8 @@ def compress_checkpoint(src_dir: str | os.PathLike, out_dir: str | os.PathLike, 
                     t = source_reader.get(o.source).to(o.spec.dtype)
                 else:
                     if name not in pending:
-                        pending.update({f"{o.module}.{k}": v for k, v in make(o.module).tensors().items()})
+                        pending.update({f"{o.module}.{k}": v
+                                        for k, v in make(o.module).stored_tensors(o.module).items()})
                     t = pending.pop(name)
                 bar.update(o.spec.nbytes)
                 return t
