@@ -34,7 +34,7 @@ for d in args.dirs:
     ev = tmp / (Path(d).name + ".eval.json")
     assert main(["eval", d, "--windows", "16", "--prompts", "0", "--json", str(ev)]) == 0
     r = json.loads(ev.read_text())["rows"][0]
-    params = round(r["total_bytes"] * 8 / r["bpw_all"])
+    params = r["params"] if "params" in r else round(r["total_bytes"] * 8 / r["bpw_all"])
     fp32 = 4 * params
     st = (Path(d) / "model.safetensors").stat().st_size
     rows.append({"dir": d, "params": params, "fp32_bytes": fp32, "safetensors_bytes": st,

@@ -117,6 +117,7 @@ class Harness:
         row = quality_row(label, q, bpw=bpw if bpw is not None else mem["quantized_bpw"], bpw_all=mem["bpw_all"],
                           total_bytes=mem["total_bytes"])
         row.update(match_fields(tm))
+        row.update(stored_bytes=mem["stored_bytes"], params=mem["params"])     # bpw_all = 8 stored / params
         row["seconds"] = time.perf_counter() - t0
         row.update(extra or {})
         return row
