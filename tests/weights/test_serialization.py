@@ -105,6 +105,24 @@ def copy_of_saved(tmp_path, saved):
     return dst
 
 
+def test_version_1_directory_still_loads(copy_of_saved, saved, token_ids):
+    """Format version 1 (float16 scales only, before log8): the same files with 1 everywhere
+    a version is recorded load to the same logits, with qins.load and from_pretrained."""
+    from transformers import AutoModelForCausalLM
+    doc = json.loads((copy_of_saved / "qins.json").read_text())
+    cfg = json.loads((copy_of_saved / "config.json").read_text())
+    assert doc["format_version"] == FORMAT_VERSION == 2
+    for d in (doc, cfg["quantization_config"]):
+        d["format_version"] = 1
+        for e in d["modules"].values():
+            if "config" in e:
+                e["config"]["version"] = 1
+    (copy_of_saved / "qins.json").write_text(json.dumps(doc))
+    (copy_of_saved / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(logits(qins.load(copy_of_saved), token_ids), saved[1])
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(copy_of_saved), token_ids), saved[1])
+
+
 @pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99])
 def test_newer_format_version_is_refused(copy_of_saved, version):
     f = copy_of_saved / "qins.json"
