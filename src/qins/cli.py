@@ -137,16 +137,15 @@ def cmd_demo(a):
     _maybe_json(a, res)
 
 
-
+DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on the corpus's first windows
+DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
 DEFAULT_SCALES = "auto"              # --scales: log8 where allowed (quality-neutral at 4 bits:
                                      # benchmarks/results/defaults_quality.md), linears and embeddings
+DEFAULT_SHARD_GB = 0.5               # --stream: output GiB per recorded (resumable) shard
 # flags a mixed-precision plan (--target-bpw / --max-kl / --max-ppl-increase) decides itself
 _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", None),
                    ("curvature", "--curvature", "tensor"), ("no_clip_search", "--no-clip-search", False),
                    ("embeddings", "--embeddings", None), ("scales", "--scales", DEFAULT_SCALES))
-DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on the corpus's first windows
-DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
-DEFAULT_SHARD_GB = 0.5               # --stream: output GiB per recorded (resumable) shard
 
 
 def _embedding_config(a, config):
