@@ -175,3 +175,24 @@ def test_log8_model_on_cuda_saves_and_loads_exactly(tmp_path):
     with torch.no_grad():
         # the same codes through the same kernels; split-K atomics may add in another order
         torch.testing.assert_close(back(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_log8_from_pretrained_onto_cuda(tmp_path):
+    """transformers' loader fills the stored scale codes on CUDA; decoded, the scales take the
+    codes' layout and the model computes what qins.load gives."""
+    from transformers import AutoModelForCausalLM
+    from qins import kernels
+    model = _tiny_llama()
+    qins.quantize(model, WeightConfig("qins", 4, 32, scale_dtype="log8"), include_embeddings=True, progress=False)
+    qins.save(model, tmp_path / "q")
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cuda")
+    ql = qins.load(tmp_path / "q", device="cuda")
+    for (n, a), (_, b) in zip(quantized_modules(hf), quantized_modules(ql)):
+        if getattr(a, "tied_to", None) is not None:
+            continue
+        assert not hasattr(a, "scale_codes") and a.scales.is_cuda, n
+        assert torch.equal(a.scales.cpu(), b.scales.cpu()), n
+        assert kernels.is_kmajor(a.scales) == kernels.is_kmajor(a.qweight), n
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits.float(), ql(ids).logits.float(), rtol=1e-4, atol=1e-4)

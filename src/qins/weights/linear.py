@@ -125,6 +125,10 @@ class _QuantizedWeightMixin:
         if "scale_codes" in self._buffers:
             code, ref = self._buffers.pop("scale_codes"), self._buffers.pop("scale_refs")
             self._buffers["scales"] = log8.decode(code, ref, "scales").to(code.device)
+            if hasattr(self, "_kmajor_on_cuda"):
+                # QINSLinear on CUDA keeps codes and scales K-major; tests/gpu checks the layouts
+                # agree after from_pretrained(device_map="cuda") (they did without this, too)
+                self._kmajor_on_cuda()
             self._refresh_table()
 
     def _set_quantized(self, qw: QuantizedWeight) -> None:
