@@ -70,16 +70,8 @@ def phi35_bytes(cfg: WeightConfig, emb: WeightConfig) -> tuple[int, int]:
 def disk_bytes(hf_config, cfg: WeightConfig, emb: WeightConfig) -> tuple[int, int]:
     """(tensor bytes of model.safetensors as saved, parameters) of a model of `hf_config`
     (bf16 float tensors; log8 scales as stored, not as held in memory)."""
-    from transformers import AutoModelForCausalLM
-
-    from qins.weights.stream import _outputs
-    from qins.weights.targets import plan_modules
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config)
-    modules = plan_modules(model, cfg.replace(rounding="nearest"), embeddings=emb.replace(rounding="nearest"))
-    n = sum(p.numel() for p in model.parameters())
-    outs, _ = _outputs(model, modules, torch.bfloat16)
-    return sum(o.spec.nbytes for o in outs), n
+    from qins.weights.stream import predicted_bytes
+    return predicted_bytes(hf_config, cfg, embeddings=emb)
 
 
 def per_window(model, ref: Reference) -> list[dict]:

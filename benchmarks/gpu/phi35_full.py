@@ -115,14 +115,14 @@ def tensor_params(ckpt: Path) -> int:
 
 def plan_summary(out: Path) -> dict:
     """{config label or kind: modules} of a saved qins.json."""
+    from qins.codec.config import WeightConfig
     doc = json.loads((out / "qins.json").read_text())
     counts: dict[str, int] = {}
     for e in doc["modules"].values():
         c = e.get("config")
         if c:
-            g = "ch" if c.get("group_size") is None else f"g{c['group_size']}"
-            s8 = "-s8" if c.get("scale_dtype") == "log8" else ""
-            label = f"{e['kind']} {c['format']}-{c['bits']}b-{g}{s8}-{c.get('rounding', 'nearest')}"
+            cfg = WeightConfig.from_dict(c)
+            label = f"{e['kind']} {cfg.label}" + ("" if cfg.rounding == "gptq" else "-nearest")
         else:
             label = e["kind"]
         counts[label] = counts.get(label, 0) + 1

@@ -107,33 +107,45 @@ def _expand(p: GroupParams, g: int, I: int):
     return expand_groups(p.scale, g, I), expand_groups(p.offset, g, I) if p.offset is not None else None
 
 
-def _clip_search(x, h, g, fmt, bits, levels, clips, keep: bool = False):
-    """Per-group error minimized over clip factors, on rows x (R, I).
+def _best_per_group(x, h, g, levels, candidates, keep: bool):
+    """Of the candidate GroupParams (an iterable), each group's lowest-error one, on rows x (R, I);
+    the first candidate wins a tie.
 
-    Returns (err (R, G) float64, clip (R, G), codes (R, I) uint8 or None, GroupParams or None): the
-    codes and parameters of each group's best clip when `keep` (no second encoding pass).
+    Returns (err (R, G) float64, index (R, G) int64 of each group's winner, codes (R, I) uint8 or
+    None, GroupParams or None): the winners' codes and parameters when `keep` (no second
+    encoding pass).
     """
     I = x.shape[1]
-    ext = _extremes(x, g, fmt)
-    top = max(clips)
-    best_err = best_clip = best_codes = best_p = None
-    for c in clips:
-        p = _params(ext, fmt, bits, c, check=c == top)
+    best_err = best_idx = best_codes = best_p = None
+    for i, p in enumerate(candidates):
         codes, q = _encode(x, levels, *_expand(p, g, I))
         err = _group_error(x, q, h, g)
         if best_err is None:
-            best_err, best_clip = err, torch.full(err.shape, c, device=x.device)      # float32
+            best_err, best_idx = err, torch.zeros(err.shape, dtype=torch.long, device=x.device)
             if keep:
                 best_codes, best_p = codes.to(torch.uint8), p
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_clip = torch.where(better, torch.full_like(best_clip, c), best_clip)
+        best_idx = torch.where(better, i, best_idx)
         if keep:
             best_codes = torch.where(expand_groups(better, g, I), codes.to(torch.uint8), best_codes)
             best_p = GroupParams(torch.where(better, p.scale, best_p.scale),
                                  None if p.offset is None else torch.where(better, p.offset, best_p.offset))
-    return best_err, best_clip, best_codes, best_p
+    return best_err, best_idx, best_codes, best_p
+
+
+def _clip_search(x, h, g, fmt, bits, levels, clips, keep: bool = False):
+    """Per-group error minimized over clip factors, on rows x (R, I).
+
+    Returns (err (R, G) float64, clip (R, G) float32, codes (R, I) uint8 or None, GroupParams or
+    None): the codes and parameters of each group's best clip when `keep`.
+    """
+    ext = _extremes(x, g, fmt)
+    top = max(clips)
+    cands = (_params(ext, fmt, bits, c, check=c == top) for c in clips)
+    err, idx, codes, p = _best_per_group(x, h, g, levels, cands, keep)
+    return err, torch.tensor(clips, dtype=torch.float32, device=x.device)[idx], codes, p
 
 
 def _snap_log8(x, h, g, levels, p: GroupParams):
@@ -142,22 +154,11 @@ def _snap_log8(x, h, g, levels, p: GroupParams):
 
     x (R, I) rows, p.scale (R, G) their chosen scales.
     Returns (codes (R, I) uint8, scale (R, G) float32 on the grid)."""
-    I = x.shape[1]
     zero = group_reduce(x.abs(), g, "amax") == 0               # all-zero groups: any scale is exact
     s = torch.where(zero, torch.zeros_like(p.scale), p.scale)
-    ref = log8.row_ref(s)
-    best = best_err = best_codes = None
-    for cand in log8.neighbours(s, ref):
-        c, q = _encode(x, levels, expand_groups(cand, g, I), None)
-        err = _group_error(x, q, h, g)
-        if best is None:
-            best, best_err, best_codes = cand, err, c.to(torch.uint8)
-            continue
-        better = err < best_err
-        best = torch.where(better, cand, best)
-        best_err = torch.where(better, err, best_err)
-        best_codes = torch.where(expand_groups(better, g, I), c.to(torch.uint8), best_codes)
-    return best_codes, best
+    cands = (GroupParams(c, None) for c in log8.neighbours(s, log8.row_ref(s)))
+    _, _, codes, best = _best_per_group(x, h, g, levels, cands, keep=True)
+    return codes, best.scale
 
 
 def _best_clip_error(x, h, g, fmt, bits, levels, clips):

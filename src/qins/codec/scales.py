@@ -67,12 +67,11 @@ def encode(scales: torch.Tensor, name: str = "scales") -> tuple[torch.Tensor, to
     if not torch.isfinite(ref).all() or (mag == 0).any():
         raise ValueError(f"{name}: a scale is zero or not finite: not a log8 scale")
     k = torch.round(-STEPS_PER_OCTAVE * torch.log2(mag / ref)).clamp(0, LEVELS - 1).long()
-    for step in (0, -1, 1):                     # the float32 log may land one step off
+    for step in (-1, 1):                        # the float32 log may land one step off
         cand = (k + step).clamp(0, LEVELS - 1)
-        hit = _values(ref, cand) == mag
-        k = torch.where(hit, cand, k)
-    if not (_values(ref, k) == mag).all():
-        bad = int((_values(ref, k) != mag).sum())
+        k = torch.where(_values(ref, cand) == mag, cand, k)
+    bad = int((_values(ref, k) != mag).sum())
+    if bad:
         raise ValueError(f"{name}: {bad} scales are not on the log8 grid of their row (made with "
                          f"another scale_dtype, or edited): re-quantize, or save with float16 scales")
     code = (k | torch.where(s < 0, 128, 0)).to(torch.uint8)

@@ -115,9 +115,9 @@ class Harness:
             tm = token_match(self.reference_generations(), self._generate(model)) if match else None
         mem = memory_report(model)
         row = quality_row(label, q, bpw=bpw if bpw is not None else mem["quantized_bpw"], bpw_all=mem["bpw_all"],
-                          total_bytes=mem["total_bytes"])
+                          total_bytes=mem["total_bytes"], stored_bytes=mem["stored_bytes"],  # bpw_all = 8 stored / params
+                          params=mem["params"])
         row.update(match_fields(tm))
-        row.update(stored_bytes=mem["stored_bytes"], params=mem["params"])     # bpw_all = 8 stored / params
         row["seconds"] = time.perf_counter() - t0
         row.update(extra or {})
         return row

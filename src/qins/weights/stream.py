@@ -196,16 +196,34 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------- what the output holds
 
 def _skeleton(src: Path):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
     config = AutoConfig.from_pretrained(src)
     if hasattr(config, "quantization_config"):
         raise ValueError(f"{src} is already quantized ({config.quantization_config.get('quant_method', '?')})"
                          if isinstance(config.quantization_config, dict) else f"{src} is already quantized")
+    return config, _meta_model(config)
+
+
+def _meta_model(config) -> nn.Module:
+    """The model of a HF config on the meta device, ties made: shapes only, nothing allocated."""
+    from transformers import AutoModelForCausalLM
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return config, model
+    return model
+
+
+def predicted_bytes(hf_config, config: WeightConfig, embeddings: WeightConfig | None = None,
+                    dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(bytes of the tensors `compress_checkpoint` writes to model.safetensors, parameters) for
+    a model of `hf_config` with float tensors in `dtype`: exact, from the plan and the output
+    specs on the meta skeleton, without quantizing anything (the file's JSON header, ~0.1 MB,
+    is not counted). log8 scales count as stored."""
+    model = _meta_model(hf_config)
+    params = sum(p.numel() for p in model.parameters())
+    outs, _ = _outputs(model, plan_modules(model, config, embeddings=embeddings), dtype)
+    return sum(o.spec.nbytes for o in outs), params
 
 
 def _source_dtype(config) -> torch.dtype:
