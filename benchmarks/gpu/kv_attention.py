@@ -17,8 +17,9 @@ Timing: CUDA-graph replays of R back-to-back calls, each call reading the next o
 copies of the cache so that it comes from HBM, not L2; median over replays / R. Baselines in
 the same process: SDPA with the flash backend and enable_gqa=True, and the same with the 4
 query heads of a KV head folded into 4 query rows (one K/V read, no GQA flag); the speedup is
-against the faster of the two. Launch variants (tile, warps, stages, the fp16 trick) are
-timed and the fastest reported (all in the JSON; `v_closed`: value levels computed, not looked up); `qins_4bit_vcurv0` (uniform values, no
+against the faster of the two. Launch variants (the default: the folded kernel for affine keys;
+the first kernel; inline-PTX decode forced on / off; stages; tile) are timed and the fastest
+reported (all in the JSON; `v_closed`: value levels computed, not looked up); `qins_4bit_vcurv0` (uniform values, no
 table lookup) shows what the default value curvature costs. Bytes: what each call must read (codes + scales + zero points
 + float segment; bf16 K and V for SDPA), GB/s against a device copy measured in the run.
 
@@ -291,8 +292,9 @@ def run_case(B, T, bits_list, rows, args, checked):
                     raise AssertionError(f"kernel error {row['err_vs_reference']:.3g} > {BOUND}")
             n = max(1, -(-L2_ROTATE // pg.nbytes()))
             copies = [pg] + [pg.copy() for _ in range(n - 1)]
-            launches = [dict()] + ([] if args.quick else [dict(block_t=32), dict(num_warps=8), dict(magic=False),
-                                                          dict(num_stages=3)])
+            launches = [dict()] + ([] if args.quick else [dict(fold=False), dict(fold=False, block_t=64, num_warps=4),
+                                                          dict(asm=False), dict(asm=True), dict(num_stages=2),
+                                                          dict(block_t=32)])
             if pg.v_aff is None and not pg.vcod.zero_point and not args.quick:
                 launches.append(dict(v_closed=pg.vcod.curvature))         # qins levels by a fast division
             timings = {}

@@ -89,11 +89,12 @@ def emulate(word: int, regs: list[int]) -> list[int]:
     return [r[f"${i}"] for i in range(8)]
 
 
-def table_registers(table: torch.Tensor) -> torch.Tensor:
-    """(1, 16) decode table -> (1, 8) int32 registers L0..L3 H0..H3 of its bf16 values."""
+def table_registers(table: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(1, 16) decode table -> (1, 8) int32 registers L0..L3 H0..H3 of its values in `dtype`
+    (bf16 for the weight kernels, fp16 for the KV pages)."""
     if table.numel() != 16:
         raise ValueError(f"the register lookup takes a 16-entry table, got {table.numel()}")
-    bits = table.reshape(16).to(torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
+    bits = table.reshape(16).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
     lo, hi = (bits & 0xFF).reshape(4, 4), (bits >> 8).reshape(4, 4)
     shifts = torch.arange(4, dtype=torch.int32, device=bits.device) * 8
     regs = torch.cat([(lo << shifts).sum(1), (hi << shifts).sum(1)])      # bytes disjoint: sum == or
@@ -110,3 +111,108 @@ def registers_table(regs: torch.Tensor) -> torch.Tensor:
     bits = (hi << 8) | lo
     bits = torch.where(bits < 2**15, bits, bits - 2**16).to(torch.int16)
     return bits.view(torch.bfloat16).float().reshape(1, 16)
+
+
+# ---- KV pages: 4 bytes of codes -> fp16 tensors, for tl.inline_asm_elementwise with pack=4 ----
+# Triton hands one instance 4 consecutive uint8 elements (byte e in bits 8e of one register) and
+# takes 4 fp16 results per output as two registers (element 2k in the low half of register k).
+# 4-bit bytes hold two codes (even channel in the low nibble): output 0 gets the low nibbles,
+# output 1 the high ones; 8-bit bytes are codes. Affine codes come out as exact fp16 integers
+# (the code ORed into 1024.0's bits, less 1024); table codes as the table's fp16 values, looked
+# up in 8 registers (L0..L3 H0..H3 of `table_registers(lut, torch.float16)`), inputs $5 + 4 k.
+_NIB = """prmt.b32 t0, $4, 0, 0x4140;
+prmt.b32 t1, $4, 0, 0x4342;
+shr.u32 u0, t0, 4;
+shr.u32 u1, t1, 4;
+lop3.b32 $0, t0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $1, t1, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $2, u0, 0x000F000F, 0x64006400, 0xEA;
+lop3.b32 $3, u1, 0x000F000F, 0x64006400, 0xEA;
+"""
+_SUB = "".join(f"sub.f16x2 ${i}, ${i}, k;\n" for i in range(4))
+KV_AFFINE4 = "{\n.reg .b32 t0, t1, u0, u1, k;\nmov.b32 k, 0x64006400;\n" + _NIB + _SUB + "}"
+KV_AFFINE4_CONSTRAINTS = "=r,=r,=r,=r,r"
+KV_AFFINE8 = """{
+.reg .b32 k;
+mov.b32 k, 0x64646464;
+prmt.b32 $0, $2, k, 0x4140;
+prmt.b32 $1, $2, k, 0x4342;
+mov.b32 k, 0x64006400;
+sub.f16x2 $0, $0, k;
+sub.f16x2 $1, $1, k;
+}"""
+KV_AFFINE8_CONSTRAINTS = "=r,=r,r"
+
+
+def _kv_lookup(nib: str, out0: int) -> str:
+    """PTX: 4 codes as nibbles in the low 16 bits of register `nib` -> their fp16 table values,
+    pairs (code 0, 1) in $out0 and (2, 3) in $out0+1."""
+    L = [f"${5 + 4 * k}" for k in range(8)]
+    return f"""and.b32 s, {nib}, 0x7777;
+shl.b32 t, {nib}, 4;
+prmt.b32 m, t, {nib}, 0xD9C8;
+prmt.b32 a, {L[0]}, {L[1]}, s;
+prmt.b32 b, {L[2]}, {L[3]}, s;
+lop3.b32 l, a, b, m, 0xD8;
+prmt.b32 a, {L[4]}, {L[5]}, s;
+prmt.b32 b, {L[6]}, {L[7]}, s;
+lop3.b32 h, a, b, m, 0xD8;
+prmt.b32 ${out0}, l, h, 0x5140;
+prmt.b32 ${out0 + 1}, l, h, 0x7362;
+"""
+
+
+# low nibbles of the 4 bytes -> nibbles 0-3 of n: (x & 0x0F0F0F0F), bytes 1 and 3 moved down 4
+KV_TABLE4 = ("{\n.reg .b32 a, b, l, h, s, t, m, n, v;\n"
+             "and.b32 v, $4, 0x0F0F0F0F;\nshr.b32 n, v, 4;\nor.b32 n, n, v;\nprmt.b32 n, n, 0, 0x4420;\n"
+             + _kv_lookup("n", 0)
+             + "shr.b32 v, $4, 4;\nand.b32 v, v, 0x0F0F0F0F;\nshr.b32 n, v, 4;\nor.b32 n, n, v;\n"
+             "prmt.b32 n, n, 0, 0x4420;\n" + _kv_lookup("n", 2) + "}")
+KV_TABLE4_CONSTRAINTS = ",".join(["=r"] * 4 + ["r"] * 33)
+
+
+def run_ptx(text: str, inputs: dict[int, int], outputs: int) -> list[int]:
+    """Run one of the KV programs' PTX text on the CPU (the instructions it uses: mov, and, or,
+    shl, shr, prmt, lop3, sub.f16x2) with inputs {operand number: 32-bit value}; returns the
+    output registers $0 .. $outputs-1. The tests run the very text the kernels hand to Triton."""
+    regs: dict[str, int] = {f"${k}": v & _M32 for k, v in inputs.items()}
+
+    def val(x: str) -> int:
+        x = x.strip()
+        return regs[x] if x in regs else int(x, 0) & _M32
+
+    def f16x2_sub(a: int, b: int) -> int:
+        h = lambda v: torch.tensor([[v & 0xFFFF, v >> 16]], dtype=torch.int32).to(torch.int16).view(torch.float16)  # noqa: E731
+        d = (h(a) - h(b)).view(torch.int16).to(torch.int32) & 0xFFFF
+        return int(d[0, 0]) | (int(d[0, 1]) << 16)
+    for line in text.replace("{", "").replace("}", "").split(";"):
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [t.strip() for t in rest.split(",")]
+        d, src = args[0], args[1:]
+        if op == "mov.b32":
+            r = val(src[0])
+        elif op == "and.b32":
+            r = val(src[0]) & val(src[1])
+        elif op == "or.b32":
+            r = val(src[0]) | val(src[1])
+        elif op == "shl.b32":
+            r = (val(src[0]) << val(src[1])) & _M32
+        elif op in ("shr.u32", "shr.b32"):
+            r = val(src[0]) >> val(src[1])
+        elif op == "prmt.b32":
+            r = _prmt(val(src[0]), val(src[1]), val(src[2]) & 0xFFFF)
+        elif op == "lop3.b32":
+            a, b, c, lut = (val(x) for x in src)
+            r = 0
+            for bit in range(32):
+                idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                r |= ((lut >> idx) & 1) << bit
+        elif op == "sub.f16x2":
+            r = f16x2_sub(val(src[0]), val(src[1]))
+        else:
+            raise ValueError(f"run_ptx does not know {op!r}")
+        regs[d] = r & _M32
+    return [regs[f"${k}"] for k in range(outputs)]

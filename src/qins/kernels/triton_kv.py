@@ -9,7 +9,10 @@
                      decoding), the query heads of one KV head together (GQA), online softmax
                      in base 2, then a log-sum-exp merge of the splits. The float segment
                      (sink copies, staging, residual window) is one more split of the same
-                     launch.
+                     launch. Two kernels: the folded one (affine keys, the cache's default at
+                     every width: query heads x token phases fill the tensor-core rows, inline
+                     PTX decode on CUDA) and the first one (query heads padded to 16 rows; keys
+                     with a table, closed-form values).
 
 Pool layout (kv/store.py): codes (N, H, P, W) int32, key scales / zero points (N, H, P/G, D)
 fp16, value scales / zero points (N, H, P) fp16; block table (B, columns) int32. One-plane
@@ -28,6 +31,16 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from . import _interpreting
+from . import prmt as _prmt
+
+_AFF4 = tl.constexpr(_prmt.KV_AFFINE4)
+_AFF4_C = tl.constexpr(_prmt.KV_AFFINE4_CONSTRAINTS)
+_AFF8 = tl.constexpr(_prmt.KV_AFFINE8)
+_AFF8_C = tl.constexpr(_prmt.KV_AFFINE8_CONSTRAINTS)
+_TAB4 = tl.constexpr(_prmt.KV_TABLE4)
+_TAB4_C = tl.constexpr(_prmt.KV_TABLE4_CONSTRAINTS)
 
 _FP16_MAX = 65504.0
 
@@ -298,6 +311,193 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
 
 
 @triton.jit
+def _codes_f16(words, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, N * BITS / 32) int32 words -> (ROWS, N) fp16 codes, exact (codes < 1024): the
+    code ORed into 1024.0's bits, less 1024 (no int->float conversion, a quarter-rate op)."""
+    c = _unpack(words, ROWS, N, BITS)
+    return (c | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1024.0
+
+
+@triton.jit
+def _tile_bytes(c_ptr, row0, tt, W: tl.constexpr):
+    """(BLOCK_T, 4 W) uint8: the bytes of rows row0 + tt of a (.., W) int32 code plane."""
+    b_ptr = c_ptr.to(tl.pointer_type(tl.uint8))
+    return tl.load(b_ptr + (row0 + tt)[:, None] * (4 * W) + tl.arange(0, 4 * W)[None, :])
+
+
+@triton.jit
+def _asm_affine(x, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """(ROWS, N * BITS / 8) uint8 -> (ROWS, N) fp16 exact codes, inline PTX (prmt.KV_AFFINE*)."""
+    if BITS == 4:
+        lo, hi = tl.inline_asm_elementwise(_AFF4, _AFF4_C, [x], dtype=(tl.float16, tl.float16), is_pure=True,
+                                           pack=4)
+        return tl.reshape(tl.join(lo, hi), (ROWS, N))
+    else:
+        return tl.inline_asm_elementwise(_AFF8, _AFF8_C, [x], dtype=tl.float16, is_pure=True, pack=4)
+
+
+@triton.jit
+def _asm_table4(x, regs_ptr, ROWS: tl.constexpr, N: tl.constexpr):
+    """(ROWS, N / 2) uint8 of 4-bit codes -> (ROWS, N) fp16 table values, looked up in 8 registers
+    (prmt.KV_TABLE4)."""
+    z = tl.zeros(x.shape, dtype=tl.int32)
+    lo, hi = tl.inline_asm_elementwise(
+        _TAB4, _TAB4_C,
+        [x, tl.load(regs_ptr) + z, tl.load(regs_ptr + 1) + z, tl.load(regs_ptr + 2) + z, tl.load(regs_ptr + 3) + z,
+         tl.load(regs_ptr + 4) + z, tl.load(regs_ptr + 5) + z, tl.load(regs_ptr + 6) + z, tl.load(regs_ptr + 7) + z],
+        dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    return tl.reshape(tl.join(lo, hi), (ROWS, N))
+
+
+@triton.jit
+def _phase_pick(x, ROWS: tl.constexpr, R: tl.constexpr, J: tl.constexpr):
+    """(ROWS, R * J) -> (ROWS, R): row (h, j) keeps its own phase, column r J + j."""
+    x3 = tl.reshape(x, (ROWS, R, J))
+    pick = (tl.arange(0, ROWS) % J)[:, None, None] == tl.arange(0, J)[None, None, :]
+    return tl.sum(tl.where(pick, x3, tl.zeros_like(x3)), 2)
+
+
+@triton.jit
+def _phase_spread(x, ROWS: tl.constexpr, R: tl.constexpr, J: tl.constexpr):
+    """(ROWS, R) -> (ROWS, R * J): row (h, j)'s value r goes to column r J + j, zeros elsewhere."""
+    x3 = tl.broadcast_to(tl.reshape(x, (ROWS, R, 1)), (ROWS, R, J))
+    pick = (tl.arange(0, ROWS) % J)[:, None, None] == tl.arange(0, J)[None, None, :]
+    return tl.reshape(tl.where(pick, x3, tl.zeros_like(x3)), (ROWS, R * J))
+
+
+@triton.jit
+def _rows_of(x, BLOCK_H: tl.constexpr, J: tl.constexpr):
+    """(BLOCK_H,) -> (BLOCK_H * J,): each head's value on its J phase rows."""
+    return tl.reshape(tl.broadcast_to(x[:, None], (BLOCK_H, J)), (BLOCK_H * J,))
+
+
+@triton.jit
+def _rows_of2(x, BLOCK_H: tl.constexpr, J: tl.constexpr, D: tl.constexpr):
+    """(BLOCK_H, D) -> (BLOCK_H * J, D): each head's row on its J phase rows."""
+    return tl.reshape(tl.broadcast_to(tl.reshape(x, (BLOCK_H, 1, D)), (BLOCK_H, J, D)), (BLOCK_H * J, D))
+
+
+@triton.jit
+def _kv_fold_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, vlut_ptr, vregs_ptr,
+                    table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr,
+                    H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
+                    k_alpha, k_beta, v_alpha, v_beta,
+                    G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+                    K_BASE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
+                    HAS_MASK: tl.constexpr, BLOCK_H: tl.constexpr, J: tl.constexpr, BLOCK_T: tl.constexpr,
+                    K_ASM: tl.constexpr, V_ASM: tl.constexpr):
+    """Decode attention with the query heads of a KV head folded with J token phases into the
+    BLOCK_H * J (>= 16) rows of the tensor-core tile: row (h, j) attends to the tokens t of
+    the split with t mod J == j (its own online softmax), a tile of BLOCK_T tokens is read as
+    BLOCK_T / J rows of J tokens side by side, keys meet the block-diagonal fold of q * r in
+    one dot, values the probabilities in one dot (each row keeps the block of its phase); the
+    rows of a head merge at the end like splits. Affine keys only (the key codes are exact
+    fp16 integers; the cache's keys are uniform at every width)."""
+    ROWS: tl.constexpr = BLOCK_H * J
+    R: tl.constexpr = BLOCK_T // J
+    WK: tl.constexpr = D * KB // 32
+    WV: tl.constexpr = D * VB // 32
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    i = tl.arange(0, BLOCK_H)
+    h_ok = i < QH
+    d = tl.arange(0, D)
+    qrow = (b * H * QH + h * QH + i)
+    q = tl.load(q_ptr + qrow[:, None] * D + d[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32)
+    q = q * qk_scale
+    S1 = NSPLIT + 1
+    out = qrow * S1 + pid_s
+    if pid_s < NSPLIT:
+        phase = tl.arange(0, ROWS) % J
+        rr = tl.arange(0, R)
+        tt = tl.arange(0, BLOCK_T)
+        m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+        l_i = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, D), tl.float32)
+        GP = P // G
+        start = pid_s * TPS                      # TPS: a multiple of G
+        end = tl.minimum(start + TPS, Q)
+        for g0 in range(start, end, G):
+            page = tl.load(table_ptr + b * COLS + g0 // P).to(tl.int64)
+            base = page * H + h
+            grow = base * GP + (g0 % P) // G
+            # keys: q . (m + r (alpha c + beta)) = alpha (q r) . c + [q . (beta r + m)], per group
+            r = tl.load(ks_ptr + grow * D + d).to(tl.float32)
+            kb = k_beta * r
+            if K_BASE == 1:                      # zero point per (group, channel)
+                kb += tl.load(kz_ptr + grow * D + d).to(tl.float32)
+            if K_BASE == 2:                      # fixed offset per channel
+                kb += tl.load(koff_ptr + pid_bh * D + d).to(tl.float32)
+            bias = _rows_of(tl.sum(q * kb[None, :], 1), BLOCK_H, J)
+            qd = _rows_of2((q * r[None, :]).to(tl.float16), BLOCK_H, J, D)
+            for t0 in range(g0, tl.minimum(g0 + G, end), BLOCK_T):
+                slot = t0 % P
+                tok = t0 + rr[None, :] * J + phase[:, None]          # (ROWS, R): row (h, j)'s tokens
+                ok = (tok < end) & (tok >= SKIP)
+                if HAS_MASK:
+                    ok = ok & (tl.load(mask_ptr + b * MT + tok, mask=ok, other=0) != 0)
+                if K_ASM:
+                    kt = _asm_affine(_tile_bytes(kc_ptr, base * P + slot, tt, WK), BLOCK_T, D, KB)
+                else:
+                    kt = _codes_f16(tl.load(kc_ptr + (base * P + slot + tt)[:, None] * WK + tl.arange(0, WK)[None, :]),
+                                    BLOCK_T, D, KB)
+                s = tl.dot(qd, tl.trans(kt))                                         # (ROWS, BLOCK_T)
+                s = _phase_pick(s, ROWS, R, J) * k_alpha + bias[:, None]
+                s = tl.where(ok, s, float("-inf"))
+                p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+                pv = p * tl.load(vs_ptr + base * P + slot + (tok - t0), mask=ok, other=0.0).to(tl.float32)
+                pv16 = _phase_spread(pv.to(tl.float16), ROWS, R, J)                  # (ROWS, BLOCK_T)
+                if V_ASM:
+                    vb = _tile_bytes(vc_ptr, base * P + slot, tt, WV)
+                    vt = _asm_affine(vb, BLOCK_T, D, VB) if V_AFFINE else _asm_table4(vb, vregs_ptr, BLOCK_T, D)
+                else:
+                    vw = tl.load(vc_ptr + (base * P + slot + tt)[:, None] * WV + tl.arange(0, WV)[None, :])
+                    if V_AFFINE:
+                        vt = _codes_f16(vw, BLOCK_T, D, VB)
+                    else:
+                        vt = tl.load(vlut_ptr + _unpack(vw, BLOCK_T, D, VB)).to(tl.float16)
+                if V_AFFINE:
+                    acc += tl.dot(pv16, vt) * v_alpha + (v_beta * tl.sum(pv.to(tl.float16).to(tl.float32), 1))[:, None]
+                else:
+                    acc += tl.dot(pv16, vt)
+                if V_ZERO:
+                    vm = tl.load(vz_ptr + base * P + slot + (tok - t0), mask=ok, other=0.0).to(tl.float32)
+                    acc += tl.sum(p * vm, 1)[:, None]
+        # merge the J phase rows of each head, weighted like splits
+        a3 = tl.reshape(acc, (BLOCK_H, J, D))
+        m2 = tl.reshape(m_i, (BLOCK_H, J))
+        l2 = tl.reshape(l_i, (BLOCK_H, J))
+        mh = tl.max(m2, 1)
+        w = tl.math.exp2(m2 - tl.where(mh == float("-inf"), 0.0, mh)[:, None])
+        tl.store(o_ptr + out[:, None] * D + d[None, :], tl.sum(a3 * w[:, :, None], 1), mask=h_ok[:, None])
+        tl.store(ml_ptr + out * 2, mh, mask=h_ok)
+        tl.store(ml_ptr + out * 2 + 1, tl.sum(l2 * w, 1), mask=h_ok)
+    else:
+        m_f = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+        l_f = tl.zeros((BLOCK_H,), tl.float32)
+        acc_f = tl.zeros((BLOCK_H, D), tl.float32)
+        tf = tl.arange(0, 16)
+        for f0 in range(0, F, 16):              # the float segment: sink copies, staging, residual
+            f = f0 + tf
+            fok = f < F
+            if HAS_MASK:                         # sink copies are positions 0 .. SKIP-1, then Q ..
+                pos = tl.where(f < SKIP, f, Q + f - SKIP)
+                fok = fok & (tl.load(mask_ptr + b * MT + pos, mask=fok, other=0) != 0)
+            rows = (pid_bh * F + f)[:, None] * D + d[None, :]
+            k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+            s = tl.sum(q[:, None, :] * k[None, :, :], 2)          # fp32 FMAs (BLOCK_H may be < 16)
+            s = tl.where(fok[None, :], s, float("-inf"))
+            p, m_f, l_f, acc_f = _online(s, m_f, l_f, acc_f)
+            v = tl.load(fv_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+            acc_f += tl.sum(p[:, :, None] * v[None, :, :], 1)
+        tl.store(o_ptr + out[:, None] * D + d[None, :], acc_f, mask=h_ok[:, None])
+        tl.store(ml_ptr + out * 2, m_f, mask=h_ok)
+        tl.store(ml_ptr + out * 2 + 1, l_f, mask=h_ok)
+
+
+@triton.jit
 def _kv_combine_kernel(o_ptr, ml_ptr, out_ptr, S1, D: tl.constexpr, BLOCK_S: tl.constexpr):
     """out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits of one query head."""
     row = tl.program_id(0)
@@ -314,10 +514,11 @@ def _kv_combine_kernel(o_ptr, ml_ptr, out_ptr, S1, D: tl.constexpr, BLOCK_S: tl.
     tl.store(out_ptr + row * D + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
-def splits_for(B: int, H: int, Q: int, block_t: int, device) -> int:
-    """Splits of the page tokens: about two programs per SM over B * H (row, head) pairs."""
+def splits_for(B: int, H: int, Q: int, block_t: int, device, per_sm: int = 2) -> int:
+    """Splits of the page tokens: about `per_sm` programs per SM over B * H (row, head) pairs,
+    each at least `block_t` tokens."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 8
-    return max(1, min(-(-2 * sms // (B * H)), -(-Q // block_t)))
+    return max(1, min(-(-per_sm * sms // (B * H)), -(-Q // block_t)))
 
 
 def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_tokens: int, skip: int,
@@ -327,7 +528,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         fk: torch.Tensor, fv: torch.Tensor, scale: float, splits: int | None = None,
                         mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, magic: bool = True,
-                        v_closed: float | None = None) -> torch.Tensor:
+                        v_closed: float | None = None, fold: bool | None = None,
+                        asm: bool | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -346,7 +548,10 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     uniform codes become fp16 by an OR with 1024.0's bits instead of an int->float conversion
     (the offset subtracted after the dot). v_closed: the values' qins curvature a when their
     table is codec.qins.qins_table(v_bits, a) (no zero point): levels computed with one fast
-    division instead of a table lookup per code (within 1 ulp of the table)."""
+    division instead of a table lookup per code (within 1 ulp of the table); it runs on the first
+    kernel. fold: the folded kernel (None: for affine keys and groups of 16 tokens or more).
+    asm: its inline-PTX decode (None: affine codes, and the 4-bit value table from 4 rows; never
+    under the interpreter)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -355,18 +560,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                          f"got Hq={Hq}, H={H}, D={D}, k{k_bits}v{v_bits}")
     QH = Hq // H
     P = kc.shape[2]
-    wide = B >= 4
-    block_t = block_t or min(64 if wide else 32, group)
-    num_warps = num_warps or (8 if wide else 4)
-    if group % block_t:
-        raise ValueError(f"block_t ({block_t}) must divide the key group ({group})")
-    if splits is None:
-        splits = splits_for(B, H, n_tokens, block_t, q.device)
-    tps = -(-(-(-n_tokens // splits)) // block_t) * block_t if n_tokens else block_t
     ka, va = k_affine, v_affine
-    S1 = splits + 1
-    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
-    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
     fk, fv = fk.contiguous(), fv.contiguous()
     q = q.contiguous()
     if mask is not None:
@@ -375,6 +569,25 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                              f"got {mask.dtype} {tuple(mask.shape)}")
         mask = mask.contiguous().view(torch.uint8)
     k_mode = 1 if kz is not None else 2 if k_base is not None else 0
+    if fold is None:
+        fold = ka is not None and v_closed is None and group >= 16
+    if fold:
+        if ka is None:
+            raise ValueError("the folded kernel takes affine keys (k_affine)")
+        return _fold_launch(q, planes, table, n_tokens, skip, k_base, v_lut, ka, va, k_bits, v_bits, group,
+                            fk, fv, scale, splits, mask, block_t, num_warps, num_stages, k_mode,
+                            asm=False if _interpreting() else asm)
+    wide = B >= 4
+    block_t = block_t or min(64 if wide else 32, group)
+    num_warps = num_warps or (8 if wide else 4)
+    if group % block_t:
+        raise ValueError(f"block_t ({block_t}) must divide the key group ({group})")
+    if splits is None:
+        splits = splits_for(B, H, n_tokens, block_t, q.device)
+    tps = -(-(-(-n_tokens // splits)) // block_t) * block_t if n_tokens else block_t
+    S1 = splits + 1
+    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
     _kv_decode_kernel[(B * H, S1)](
         q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
         vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml, mask if mask is not None else table,
@@ -386,6 +599,64 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic,
         V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
         BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
+    return out
+
+
+def fold_shape(qh: int, group: int) -> tuple[int, int]:
+    """(BLOCK_H, J) of the folded kernel: J token phases per head (a power of two, at most
+    16 / heads, dividing the group with at least 16 tokens per phase) and the heads padded so
+    that BLOCK_H * J >= 16 rows reach the tensor cores."""
+    qp = triton.next_power_of_2(qh)
+    j = 1
+    while j * 2 * qp <= 16 and group % (j * 2) == 0 and j * 2 <= group // 16:
+        j *= 2
+    return max(qp, 16 // j), j
+
+
+def _fold_launch(q, planes, table, n_tokens, skip, k_base, v_lut, ka, va, k_bits, v_bits, group, fk, fv, scale,
+                 splits, mask, block_t, num_warps, num_stages, k_mode, asm):
+    B, Hq, D = q.shape
+    kc, ks, kz, vc, vs, vz = planes
+    H = kc.shape[1]
+    QH = Hq // H
+    P = kc.shape[2]
+    block_h, j = fold_shape(QH, group)
+    wide = B >= 4
+    block_t = block_t or min(64, group)
+    if group % block_t or block_t % j or block_t < 16:
+        raise ValueError(f"block_t ({block_t}) must divide the key group ({group}), be a multiple of {j} and >= 16")
+    if splits is None:
+        splits = splits_for(B, H, n_tokens, group, q.device, per_sm=8 if wide else 2)
+    tps = -(-(-(-n_tokens // splits)) // group) * group if n_tokens else group
+    S1 = splits + 1
+    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
+    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
+    # 4 warps; 2 stages below 4 rows (H200: faster than Triton's default at batch 1 in 13 of 15
+    # cases, benchmarks/results/gpu_kv_attention.md)
+    opts = dict(num_warps=num_warps or 4)
+    if num_stages is not None or not wide:
+        opts["num_stages"] = num_stages or 2
+    # inline PTX decode (off under the interpreter): affine codes always; the 4-bit value table
+    # from 4 rows up (H200, benchmarks/results/gpu_kv_attention.md: it lost at batch 1). 4-bit
+    # codes need tiles of 32 tokens or more: on the H200 16-token tiles came out wrong (relative
+    # error 1.3-1.9, cause not established; 32 and 64 matched), so those take the plain decode.
+    ok4 = block_t >= 32
+    k_asm = asm is not False and (k_bits == 8 or (k_bits == 4 and ok4))
+    if va is not None:
+        v_asm = asm is not False and (v_bits == 8 or (v_bits == 4 and ok4))
+    else:
+        v_asm = (wide if asm is None else asm) and v_bits == 4 and ok4
+    vregs = _prmt.table_registers(v_lut[:16], torch.float16) if v_asm and va is None else table
+    _kv_fold_kernel[(B * H, S1)](
+        q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
+        vz if vz is not None else vs, v_lut, vregs, table, fk, fv, o, ml, mask if mask is not None else table,
+        H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits,
+        mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
+        ka[0], ka[1], va[0] if va else 1.0, va[1] if va else 0.0,
+        G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, V_ZERO=vz is not None, V_AFFINE=va is not None,
+        HAS_MASK=mask is not None, BLOCK_H=block_h, J=j, BLOCK_T=block_t, K_ASM=k_asm, V_ASM=v_asm, **opts)
     out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
     _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
     return out
