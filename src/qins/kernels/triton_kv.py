@@ -212,6 +212,34 @@ def _online(s, m_i, l_i, acc):
 
 
 @triton.jit
+def _float_segment(q, fk_ptr, fv_ptr, mask_ptr, pid_bh, b, F, SKIP, Q, MT, m_i, l_i, acc, d,
+                   D: tl.constexpr, BLOCK_F: tl.constexpr, HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+    """Online softmax over the float segment (sink copies, staging, residual) of one (row, KV
+    head): q (BLOCK_H, D) fp32. DOT: fp32 tl.dot (BLOCK_H >= 16), else fp32 FMAs."""
+    tf = tl.arange(0, BLOCK_F)
+    for f0 in range(0, F, BLOCK_F):
+        f = f0 + tf
+        fok = f < F
+        if HAS_MASK:                             # sink copies are positions 0 .. SKIP-1, then Q ..
+            pos = tl.where(f < SKIP, f, Q + f - SKIP)
+            fok = fok & (tl.load(mask_ptr + b * MT + pos, mask=fok, other=0) != 0)
+        rows = (pid_bh * F + f)[:, None] * D + d[None, :]
+        k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+        if DOT:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.sum(q[:, None, :] * k[None, :, :], 2)
+        s = tl.where(fok[None, :], s, float("-inf"))
+        p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
+        v = tl.load(fv_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
+        if DOT:
+            acc += tl.dot(p, v, input_precision="ieee")
+        else:
+            acc += tl.sum(p[:, :, None] * v[None, :, :], 1)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
                       table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr,
                       H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
@@ -289,20 +317,9 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             if V_ZERO:
                 vm = tl.load(vz_ptr + base * P + slot + tt, mask=ok, other=0.0).to(tl.float32)
                 acc += tl.sum(p * vm[None, :], 1)[:, None]
-    else:
-        for f0 in range(0, F, BLOCK_T):          # the float segment: sink copies, staging, residual
-            f = f0 + tt
-            fok = f < F
-            if HAS_MASK:                         # sink copies are positions 0 .. SKIP-1, then Q ..
-                pos = tl.where(f < SKIP, f, Q + f - SKIP)
-                fok = fok & (tl.load(mask_ptr + b * MT + pos, mask=fok, other=0) != 0)
-            rows = (pid_bh * F + f)[:, None] * D + d[None, :]
-            k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee")
-            s = tl.where(fok[None, :], s, float("-inf"))
-            p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
-            v = tl.load(fv_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
-            acc += tl.dot(p, v, input_precision="ieee")
+    else:                                        # the float segment
+        m_i, l_i, acc = _float_segment(q, fk_ptr, fv_ptr, mask_ptr, pid_bh, b, F, SKIP, Q, MT, m_i, l_i, acc, d,
+                                       D=D, BLOCK_F=BLOCK_T, HAS_MASK=HAS_MASK, DOT=True)
     S1 = NSPLIT + 1
     out = (qrow * S1 + pid_s)
     tl.store(o_ptr + out[:, None] * D + d[None, :], acc, mask=h_ok[:, None])
@@ -477,21 +494,9 @@ def _kv_fold_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_
     else:
         m_f = tl.full((BLOCK_H,), float("-inf"), tl.float32)
         l_f = tl.zeros((BLOCK_H,), tl.float32)
-        acc_f = tl.zeros((BLOCK_H, D), tl.float32)
-        tf = tl.arange(0, 16)
-        for f0 in range(0, F, 16):              # the float segment: sink copies, staging, residual
-            f = f0 + tf
-            fok = f < F
-            if HAS_MASK:                         # sink copies are positions 0 .. SKIP-1, then Q ..
-                pos = tl.where(f < SKIP, f, Q + f - SKIP)
-                fok = fok & (tl.load(mask_ptr + b * MT + pos, mask=fok, other=0) != 0)
-            rows = (pid_bh * F + f)[:, None] * D + d[None, :]
-            k = tl.load(fk_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], 2)          # fp32 FMAs (BLOCK_H may be < 16)
-            s = tl.where(fok[None, :], s, float("-inf"))
-            p, m_f, l_f, acc_f = _online(s, m_f, l_f, acc_f)
-            v = tl.load(fv_ptr + rows, mask=fok[:, None], other=0.0).to(tl.float32)
-            acc_f += tl.sum(p[:, :, None] * v[None, :, :], 1)
+        acc_f = tl.zeros((BLOCK_H, D), tl.float32)     # FMAs: BLOCK_H may be below 16
+        m_f, l_f, acc_f = _float_segment(q, fk_ptr, fv_ptr, mask_ptr, pid_bh, b, F, SKIP, Q, MT, m_f, l_f, acc_f, d,
+                                         D=D, BLOCK_F=16, HAS_MASK=HAS_MASK, DOT=False)
         tl.store(o_ptr + out[:, None] * D + d[None, :], acc_f, mask=h_ok[:, None])
         tl.store(ml_ptr + out * 2, m_f, mask=h_ok)
         tl.store(ml_ptr + out * 2 + 1, l_f, mask=h_ok)
