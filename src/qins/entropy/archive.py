@@ -106,6 +106,16 @@ def pack(src: str | os.PathLike, out: str | os.PathLike, policy: dict | None = N
 
 def _code_tensor(name, t, bits_of, codec, threshold):
     transform, bits = choose_transform(name, t, bits_of)
+    rec, blob = code_tensor(t, transform, bits, codec, threshold)
+    return {"name": name, **rec}, blob
+
+
+def code_tensor(t: torch.Tensor, transform: str, bits: int | None, codec: str | None,
+                threshold: float = DEFAULT_THRESHOLD) -> tuple[dict, bytes]:
+    """(record, blob) of one tensor under `transform` ("codes" with `bits`, "shuffle", "bytes"):
+    `codec` zstd / ans / raw, or None for the policy rule (the smaller coder where it saves at
+    least `threshold`, else raw). Codes whose padding bits are not zero are kept as bytes, so
+    `decode_tensor` always gives back every bit."""
     sym, alphabet = to_symbols(t, transform, bits)
     raw = tensor_bytes(t)
     if transform == "codes" and not torch.equal(
@@ -131,10 +141,24 @@ def _code_tensor(name, t, bits_of, codec, threshold):
         transform, bits, alphabet, n = "bytes", None, 256, raw.size
     else:
         n = sym.size
-    rec = {"name": name, "dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+    rec = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
            "transform": transform, "bits": bits, "codec": codec, "alphabet": alphabet, "n": int(n),
            "raw_bytes": int(raw.size), "raw_xxh3": _xxh3(raw)}
     return rec, blob
+
+
+def decode_tensor(rec: dict, blob) -> torch.Tensor:
+    """Inverse of `code_tensor`: a CPU tensor; raises coders.CoderError where the blob does not
+    decode and ValueError where it decodes to other bytes than were coded."""
+    dtype = DTYPES[rec["dtype"]]
+    if rec["codec"] == "raw":
+        t = from_symbols(np.frombuffer(blob, dtype=np.uint8).copy(), "bytes", tuple(rec["shape"]), dtype)
+    else:
+        sym = coders.decode(blob, rec["codec"], rec["n"], rec["alphabet"])
+        t = from_symbols(sym, rec["transform"], tuple(rec["shape"]), dtype, rec.get("bits"))
+    if _xxh3(tensor_bytes(t)) != rec["raw_xxh3"]:
+        raise ValueError("decodes to other bytes than were stored (checksum mismatch)")
+    return t
 
 
 def _write(f, blob: bytes) -> dict:
@@ -291,13 +315,11 @@ class Archive:
             return from_symbols(buf, "bytes", tuple(r["shape"]), dtype)
         blob = self._payload(r, "tensor")
         try:
-            sym = coders.decode(blob, r["codec"], r["n"], r["alphabet"])
-            t = from_symbols(sym, r["transform"], tuple(r["shape"]), dtype, r.get("bits"))
+            return decode_tensor(r, blob)
         except coders.CoderError as e:
             raise self._err(f"tensor {name!r} does not decode ({e})") from None
-        if _xxh3(tensor_bytes(t)) != r["raw_xxh3"]:
-            raise self._err(f"tensor {name!r} decodes to other bytes than were stored (checksum mismatch)")
-        return t
+        except ValueError as e:
+            raise self._err(f"tensor {name!r} {e}") from None
 
     def tensors(self, threads: int | None = None) -> dict[str, torch.Tensor]:
         """Every tensor, decoded by `threads` threads (default: one per CPU)."""

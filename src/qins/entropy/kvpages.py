@@ -12,10 +12,17 @@ each page's blob then holding only its payload: what a coder of a whole cache at
 """
 from __future__ import annotations
 
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
 from . import coders, rle
+from .archive import code_tensor, decode_tensor
+from .policy import DEFAULT_THRESHOLD
 from .stats import entropy_bits, histogram
 from .symbols import to_symbols, unpack_codes
 
@@ -104,3 +111,94 @@ def generation_cache(model, tok, tokens: int = 4096, new_tokens: int = 64, bits:
                        do_sample=False, pad_token_id=tok.eos_token_id, **{cache_kwarg(model): cache})
     return cache, cache.get_seq_length()
 
+
+
+# -- parking: a cache's pages entropy-coded on the host, the device pools given back ----------
+@dataclass
+class ParkedPages:
+    """What `park` took from a QINSCache: per layer, per plane of its page pool, the record and
+    blob of `archive.code_tensor` (the policy rule: the smaller of zstd and ANS where it saves at
+    least `threshold`, else the raw bytes), in host memory."""
+    layers: dict[int, dict[str, tuple[dict, bytes, tuple[int, ...]]]] = field(default_factory=dict)
+    device: str = "cpu"
+    seconds: float = 0.0
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(rec["raw_bytes"] for planes in self.layers.values() for rec, _, _ in planes.values())
+
+    @property
+    def coded_bytes(self) -> int:
+        return sum(len(blob) for planes in self.layers.values() for _, blob, _ in planes.values())
+
+    def summary(self) -> dict[str, dict]:
+        """{plane: {"raw_bytes", "coded_bytes", "saving", "codecs": {codec: count}}} plus "total"."""
+        out: dict[str, dict] = {}
+        for planes in self.layers.values():
+            for name, (rec, blob, _) in planes.items():
+                row = out.setdefault(name, {"raw_bytes": 0, "coded_bytes": 0, "codecs": {}})
+                row["raw_bytes"] += rec["raw_bytes"]
+                row["coded_bytes"] += len(blob)
+                row["codecs"][rec["codec"]] = row["codecs"].get(rec["codec"], 0) + 1
+        out["total"] = {"raw_bytes": self.raw_bytes, "coded_bytes": self.coded_bytes, "codecs": {}}
+        for row in out.values():
+            row["saving"] = 1 - row["coded_bytes"] / row["raw_bytes"] if row["raw_bytes"] else 0.0
+        return out
+
+
+def _plane_view(layer, name: str, t: torch.Tensor) -> tuple[torch.Tensor, str, int | None]:
+    """(2-D tensor, transform, bits) of one parked plane: code planes as packed rows of one
+    token (one symbol per code where the width is uniform), scale planes as shuffled fp16."""
+    if name.endswith("codes"):
+        bits = layer.v_codec.bits if name == "v_codes" else (layer.k_codec.bits if layer.k_widths is None else None)
+        t2 = t.reshape(-1, t.shape[-1])
+        if bits is not None and (t2.shape[1] * 32) % bits == 0:
+            return t2, "codes", bits
+        return t2, "bytes", None
+    return t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(1, -1), "shuffle", None
+
+
+def park(cache, threshold: float = DEFAULT_THRESHOLD, threads: int | None = None) -> ParkedPages:
+    """Entropy-code every QINS layer's page pool into host memory and free the pools: what a
+    cache kept for later (a paused session, pages leaving the GPU) costs at rest. The float
+    segment (residual window, staging, sink copies) and the block tables stay where they are.
+    While parked the layers refuse to be used (a clear error); `unpark` restores every page
+    bit for bit on its device. Planes are coded in `threads` threads (default: one per core)."""
+    from ..kv.layer import QINSLayer
+    t0 = time.perf_counter()
+    parked = ParkedPages()
+    jobs = []
+    for li, layer in enumerate(cache.layers):
+        if not isinstance(layer, QINSLayer) or not layer.is_initialized:
+            continue
+        parked.device = str(layer.pool.device)
+        for name, t in layer.pool.park().items():
+            jobs.append((li, name, tuple(t.shape), *_plane_view(layer, name, t.detach().cpu().contiguous())))
+
+    def code(job):
+        li, name, shape, t2, transform, bits = job
+        return li, name, (*code_tensor(t2, transform, bits, None, threshold), shape)
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:
+        for li, name, rec in ex.map(code, jobs):
+            parked.layers.setdefault(li, {})[name] = rec
+    parked.seconds = time.perf_counter() - t0
+    return parked
+
+
+def unpark(cache, parked: ParkedPages, threads: int | None = None) -> None:
+    """Decode what `park` took and give every layer its pool back on the pool's device (every
+    plane of a layer decodes before its pool is restored: a damaged blob leaves it parked)."""
+    def decode(job):
+        li, name, (rec, blob, shape) = job
+        try:
+            return li, name, decode_tensor(rec, blob).reshape(shape)
+        except ValueError as e:
+            raise ValueError(f"layer {li}, plane {name}: {e}") from None
+    jobs = [(li, name, v) for li, planes in parked.layers.items() for name, v in planes.items()]
+    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:
+        decoded = list(ex.map(decode, jobs))
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for li, name, t in decoded:
+        out.setdefault(li, {})[name] = t
+    for li, planes in out.items():
+        cache.layers[li].pool.unpark(planes)

@@ -151,7 +151,14 @@ class QINSLayer(CacheLayerMixin):
     def _max_cols(self) -> int | None:
         return None if self.max_tokens is None else -(-self.max_tokens // self.page_tokens)
 
+    def _resident(self) -> None:
+        """A clear error while the pages are parked elsewhere (entropy.kvpages.park)."""
+        if self.is_initialized and self.pool.parked:
+            raise RuntimeError("this QINSCache layer's pages are parked (qins.entropy.kvpages.park); "
+                               "unpark the cache before using it")
+
     def _check_input(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._resident()
         if k.dim() != 4 or k.shape != v.shape:
             raise ValueError(f"QINSCache expects keys and values of one shape (B, H, T, D), got "
                              f"{tuple(k.shape)} and {tuple(v.shape)}")
@@ -459,6 +466,7 @@ class QINSLayer(CacheLayerMixin):
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens as (B, H, T, D): pages decoded, staging quantized with provisional key
         scales, residual as held, sink tokens overlaid."""
+        self._resident()
         Q, F_ = self.n_quantized, self.keys.shape[2]
         n_stage = max(F_ - self.residual, 0)
         if Q == 0 and n_stage == 0:
@@ -558,6 +566,7 @@ class QINSLayer(CacheLayerMixin):
             self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def _move(self, device) -> None:
+        self._resident()
         self.sink_k, self.sink_v, self.keys, self.values = (
             t.to(device, non_blocking=True) for t in (self.sink_k, self.sink_v, self.keys, self.values))
         if self.k_offset is not None:

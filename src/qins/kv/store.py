@@ -136,7 +136,42 @@ class PagePool:
         """Bytes allocated: every page of the pool, free or not."""
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
+    @property
+    def parked(self) -> bool:
+        """True while the planes are away (`park`): the pool holds no memory and takes no reads
+        or writes until `unpark`."""
+        return self.k_codes is None
+
+    def park(self) -> dict[str, torch.Tensor]:
+        """Hand the planes out and let the pool go: {plane: its pages [0, next_id)} (the pages
+        ever handed out; the rest were never written and are zeros), on the pool's device. The
+        page ids, free list and tables stay valid for `unpark`."""
+        if self.parked:
+            raise RuntimeError("the page pool is already parked")
+        out = {n: getattr(self, n)[:self.next_id] for n in self.PLANES if getattr(self, n) is not None}
+        self.n_parked = self.n_pages
+        for n in self.PLANES:
+            setattr(self, n, None)
+        return out
+
+    def unpark(self, planes: dict[str, torch.Tensor]) -> None:
+        """Inverse of `park`: the pool again on its device, with these pages [0, next_id)."""
+        if not self.parked:
+            raise RuntimeError("the page pool is not parked")
+        want = [n for n in self.PLANES if n not in ("k_zero", "v_zero") or self.has_zero[n == "v_zero"]]
+        if sorted(planes) != sorted(want):
+            raise ValueError(f"unpark needs the planes {want}, got {sorted(planes)}")
+        self._alloc(self.n_parked)
+        for n, t in planes.items():
+            dst = getattr(self, n)
+            if tuple(t.shape) != (self.next_id, *dst.shape[1:]) or t.dtype != dst.dtype:
+                raise ValueError(f"plane {n}: expected {(self.next_id, *dst.shape[1:])} {dst.dtype}, "
+                                 f"got {tuple(t.shape)} {t.dtype}")
+            dst[:self.next_id] = t.to(dst.device)
+
     def to(self, device) -> None:
+        if self.parked:
+            raise RuntimeError("the page pool is parked (its pages are offloaded): unpark it first")
         for name in self.PLANES:
             x = getattr(self, name)
             if x is not None:
