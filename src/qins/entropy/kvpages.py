@@ -9,6 +9,10 @@ zstd, ANS and RLE (rle.py) summed over pages. "ans_layer": ANS with one table pe
 plane, built from that layer's pages and stored once (4 bytes per symbol of the alphabet),
 each page's blob then holding only its payload: what a coder of a whole cache at rest pays
 (an offload coder that codes pages as they seal would need its tables fixed beforehand).
+
+`park(cache)` / `unpark(cache, parked)` do it for real: every layer's pool, plane by plane
+(all its pages in one stream), coded by the policy rule into host memory and the pools freed;
+restored bit for bit on their device.
 """
 from __future__ import annotations
 
