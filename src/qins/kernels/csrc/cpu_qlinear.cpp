@@ -192,8 +192,9 @@ void gemv_rows(const Args& a, const float* xp, const float* xs, const float* bia
 //   block64 (4, 5 bits)  32 bytes of 4-bit codes: even codes in the low nibbles, odd in the high
 //                        ones, two vpshufb pairs and four unpacks to 4 x 16 int16 levels, four
 //                        vpmaddwd (x in `perm64` order; a group's 32-code tail as a unit)
-//   unit (6 bits)        16 bytes broadcast to both lanes, low nibbles in lane 0 and high
-//                        nibbles in lane 1, two unpacks to 2 x 16 levels, two vpmaddwd (`perm32`)
+//   unit (6 bits; tails) 16 bytes broadcast to both lanes, low nibbles in lane 0 and high
+//                        nibbles in lane 1, two unpacks to 2 x 16 levels, two vpmaddwd (`perm32`);
+//                        a 6-bit block is two units
 // Every 128 codes at most (16 products of |L xq| < 2^27 per lane: < 2^31, no overflow) the
 // int32 sums are converted and added to an fp32 accumulator with the factor s_g * f * xs_g.
 // Measured int8 activations and int8 levels (vpmaddubsw, as llama.cpp) instead: ~1.4x faster
@@ -297,6 +298,11 @@ struct LevQ {
   // codes [k, k + 64) -> levels in four int16 vectors, in perm64 order: one 32-byte load holds
   // the 64 low nibbles, even codes (k + 2p) in the low nibbles, odd codes in the high ones
   inline void block64(const uint32_t* row, int64_t plane1, int64_t k, __m256i w[4]) const {
+    if constexpr (BITS == 6) {      // two units (perm32 order): pairs of 64-code blocks measured
+      unit(row, plane1, k, w[0], w[1]);          // ~10% slower with eight table registers
+      unit(row, plane1, k + 32, w[2], w[3]);
+      return;
+    }
     const __m256i m = _mm256_set1_epi8(0x0f);
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(reinterpret_cast<const uint8_t*>(row) + k / 2));
     const __m256i n0 = _mm256_and_si256(v, m), n1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
@@ -304,7 +310,7 @@ struct LevQ {
     if constexpr (BITS == 4) {
       pick(n0, n0, n0, l0, h0);
       pick(n1, n1, n1, l1, h1);
-    } else if constexpr (BITS == 5) {
+    } else {
       // bit of code k + 2p (+1): byte p/4 of the plane's 8 bytes, bit 2 (p % 4) (+1)
       int64_t q;
       std::memcpy(&q, reinterpret_cast<const uint8_t*>(row + plane1) + k / 8, 8);
@@ -314,16 +320,6 @@ struct LevQ {
       const __m256i b0 = _mm256_set1_epi32(0x40100401);            // bytes 1, 4, 16, 64
       pick(n0, hb, b0, l0, h0);
       pick(n1, hb, _mm256_add_epi8(b0, b0), l1, h1);
-    } else {
-      // 2 bits of code k + 2p (+1): byte p/2 of the plane's 16 bytes, bits 4 (p % 2) (+2)
-      const __m256i pl = _mm256_broadcastsi128_si256(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(reinterpret_cast<const uint8_t*>(row + plane1) + k / 4)));
-      const __m256i idx = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7,
-                                           8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-      const __m256i hb = _mm256_shuffle_epi8(pl, idx);
-      const __m256i o0 = _mm256_set1_epi16(0x1001);                // bytes 1, 16
-      pick(n0, hb, o0, l0, h0);
-      pick(n1, _mm256_srli_epi16(hb, 2), o0, l1, h1);
     }
     w[0] = _mm256_unpacklo_epi8(l0, h0);
     w[1] = _mm256_unpackhi_epi8(l0, h0);
@@ -346,95 +342,13 @@ inline int perm32(int k) {
   return half * 16 + ((r & 1) ? 8 + (r >> 1) : (r >> 1));
 }
 
-// xq (M, n_pad) int16 in perm32 order, xs (M, G) the factor of each group, xsum (M, G) sums of x
-void quantize_x(const float* x, int64_t M, int64_t I, int64_t n_pad, int64_t gs, int64_t G,
-                int16_t* xq, float* xs, float* xsum) {
-  int idx[32];
-  for (int k = 0; k < 32; ++k) idx[k] = perm32(k);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = x + m * I;
-    int16_t* q = xq + m * n_pad;
-    for (int64_t g = 0; g < G; ++g) {
-      const int64_t k0 = g * gs, k1 = (g == G - 1) ? n_pad : (g + 1) * gs;
-      float mx = 0.f, sum = 0.f;
-      for (int64_t k = k0; k < std::min(k1, I); ++k) { mx = std::max(mx, std::fabs(xr[k])); sum += xr[k]; }
-      const float inv = mx > 0.f ? 8191.f / mx : 0.f;
-      xs[m * G + g] = mx / 8191.f;
-      xsum[m * G + g] = sum;
-      for (int64_t k = k0; k < k1; ++k) {
-        const float v = k < I ? xr[k] : 0.f;
-        q[(k & ~int64_t(31)) + idx[k & 31]] = static_cast<int16_t>(std::lrintf(v * inv));
-      }
-    }
-  }
-}
-
-template <int BITS, int M>
-void gemvq_rows(const Args& a, bool closed, const int16_t* xq, const float* xs, const float* xsum,
-                const float* bias, float* y, int64_t O, int64_t o0, int64_t o1) {
-  LevQ<BITS> lev;
-  auto load = [&](int64_t r) {
-    if (closed) lev.load_closed(a.tab[r]); else lev.load(a.tab + r * (1 << BITS));
-  };
-  if (a.A == 1) load(0);
-  for (int64_t o = o0; o < o1; ++o) {
-    if (a.A != 1) load(o);
-    const uint32_t* row = a.q + o * a.W;
-    __m256 facc[M];
-    float roff[M];
-    for (int m = 0; m < M; ++m) { facc[m] = _mm256_setzero_ps(); roff[m] = 0.f; }
-    for (int64_t g = 0; g < a.G; ++g) {
-      const int64_t k0 = g * a.gs, k1 = (g == a.G - 1) ? a.n_pad : (g + 1) * a.gs;
-      const float s = (a.s ? half_to_float(a.s, o * a.G + g) : 1.f) * lev.f;
-      for (int64_t kb = k0; kb < k1; kb += 128) {
-        const int64_t ke = std::min(k1, kb + 128);
-        __m256i acc[M];
-        for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
-        for (int64_t k = kb; k < ke; k += 32) {
-          __m256i w0, w1;
-          lev.unit(row, a.plane1, k, w0, w1);
-          for (int m = 0; m < M; ++m) {
-            const __m256i* xv = reinterpret_cast<const __m256i*>(xq + m * a.n_pad + k);
-            acc[m] = _mm256_add_epi32(acc[m], _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(xv)),
-                                                               _mm256_madd_epi16(w1, _mm256_loadu_si256(xv + 1))));
-          }
-        }
-        for (int m = 0; m < M; ++m)
-          facc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[m]), _mm256_set1_ps(s * xs[m * a.G + g]), facc[m]);
-      }
-      if (a.m)
-        for (int m = 0; m < M; ++m) roff[m] += half_to_float(a.m, o * a.G + g) * xsum[m * a.G + g];
-    }
-    const float b = bias ? bias[o] : 0.f;
-    for (int m = 0; m < M; ++m) y[m * O + o] = hsum(facc[m]) + roff[m] + b;
-  }
-}
-
-template <int BITS>
-void gemvq(const Args& a, bool closed, const int16_t* xq, const float* xs, const float* xsum, const float* bias,
-           float* y, int64_t M, int64_t O, int64_t grain) {
-  at::parallel_for(0, O, grain, [&](int64_t o0, int64_t o1) {
-    for (int64_t m = 0; m < M; m += 4) {
-      const int16_t* xm = xq + m * a.n_pad;
-      const float* sm = xs + m * a.G;
-      const float* um = xsum + m * a.G;
-      float* ym = y + m * O;
-      switch (std::min<int64_t>(4, M - m)) {
-        case 1: gemvq_rows<BITS, 1>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
-        case 2: gemvq_rows<BITS, 2>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
-        case 3: gemvq_rows<BITS, 3>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
-        default: gemvq_rows<BITS, 4>(a, closed, xm, sm, um, bias, ym, O, o0, o1); break;
-      }
-    }
-  });
-}
-
-// xq (M, n_pad) int16 for the block kernels: per group, blocks of 64 codes in perm64 order and
-// a tail of 32 in perm32 order; xs (M, G) the factor of each group, xsum (M, G) sums of x
+// xq (M, n_pad) int16 for the block kernels: per group, blocks of 64 codes in perm64 order (units:
+// two perm32 halves, the 6-bit decode) and a tail of 32 in perm32 order; xs (M, G) the factor of
+// each group, xsum (M, G) sums of x
 void quantize_x64(const float* x, int64_t M, int64_t I, int64_t n_pad, int64_t gs, int64_t G,
-                  int16_t* xq, float* xs, float* xsum) {
+                  int16_t* xq, float* xs, float* xsum, bool units) {
   int p64[64], p32[32];
-  for (int r = 0; r < 64; ++r) p64[r] = perm64(r);
+  for (int r = 0; r < 64; ++r) p64[r] = units ? (r & ~31) + perm32(r & 31) : perm64(r);
   for (int r = 0; r < 32; ++r) p32[r] = perm32(r);
   const __m256 absm = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; ++m) {
@@ -836,8 +750,8 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
     const int64_t O = qweight.size(0);
     at::Tensor xq = at::empty({M, a.n_pad}, x.options().dtype(at::kShort));
     at::Tensor xs = at::empty({2, M, a.G}, x.options().dtype(at::kFloat));
-    (bits == 6 ? quantize_x : quantize_x64)(xf.data_ptr<float>(), M, in_features, a.n_pad, a.gs, a.G,
-                                            xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G);
+    quantize_x64(xf.data_ptr<float>(), M, in_features, a.n_pad, a.gs, a.G, xq.data_ptr<int16_t>(),
+                 xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, bits == 6);
     y = at::empty({M, O}, xf.options());
     const float* b = nullptr;
     at::Tensor bc;
@@ -846,8 +760,7 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
       f(a, closed, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, b,
         y.data_ptr<float>(), M, O, grain);
     };
-    // 6 bits: 32-code units (blocks of 64 measured ~10% slower there: eight table registers)
-    if (bits == 4) run(gemvq64<4>); else if (bits == 5) run(gemvq64<5>); else run(gemvq<6>);
+    if (bits == 4) run(gemvq64<4>); else if (bits == 5) run(gemvq64<5>); else run(gemvq64<6>);
   } else {
     y = gemv_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, grain, x16);
   }
