@@ -167,6 +167,12 @@ def test_leading_dims_and_non_contiguous_input():
         ref = reference.qlinear(x, layer.quantized, layer.bias)
     assert y.shape == (2, 5, O)
     assert ((y - ref).abs() <= 2e-6 * bound).all()
+    xs = torch.randn(1, 3, 2 * I)[..., ::2]                  # a strided (1, 3, I) view: the gemv
+    with torch.no_grad():
+        y = cpu.qlinear(xs, layer.quantized, layer.bias)
+        ref = reference.qlinear(xs, layer.quantized, layer.bias)
+    bound = 2e-6 * (_bound(xs.reshape(3, I), layer.quantized).reshape(1, 3, O) + layer.bias.abs())
+    assert y.shape == (1, 3, O) and ((y - ref).abs() <= bound + _approx_bound(xs.reshape(3, I), layer.quantized, 3).reshape(1, 3, O)).all()
 
 
 def test_the_qins_seed_format_runs():

@@ -738,29 +738,36 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must be (..., ", in_features, ")");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, "x must be float32, bfloat16 or float16");
-  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
-  const int64_t M = xf.size(0);
   std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
   out_shape.back() = qweight.size(0);
+  const int64_t M = x.numel() / in_features;
+  // generation's path (few float32 rows, 4-6 bits): no tensor but y is made per call
+  if (x16 && M <= gemv_max && (bits == 4 || bits == 5 || bits == 6) && (!closed || bits == 6) && M > 0) {
+    Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
+    at::Tensor xc = dt == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
+    thread_local std::vector<int16_t> xq;      // (M, n_pad) int16 x, then (2, M, G) factors, sums
+    thread_local std::vector<float> xs;
+    xq.resize(M * a.n_pad);
+    xs.resize(2 * M * a.G);
+    quantize_x64(xc.data_ptr<float>(), M, in_features, a.n_pad, a.gs, a.G, xq.data(), xs.data(),
+                 xs.data() + M * a.G, bits == 6);
+    at::Tensor y = at::empty(out_shape, x.options().dtype(at::kFloat));
+    const float* b = nullptr;
+    at::Tensor bc;
+    if (bias.has_value()) {
+      bc = bias->scalar_type() == at::kFloat && bias->is_contiguous() ? *bias : bias->to(at::kFloat).contiguous();
+      b = bc.data_ptr<float>();
+    }
+    auto run = [&](auto f) {
+      f(a, closed, xq.data(), xs.data(), xs.data() + M * a.G, b, y.data_ptr<float>(), M, qweight.size(0), grain);
+    };
+    if (bits == 4) run(gemvq64<4>); else if (bits == 5) run(gemvq64<5>); else run(gemvq64<6>);
+    return dt == at::kFloat ? y : y.to(dt);
+  }
+  const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
   at::Tensor y;
   if (M > gemv_max) {
     y = tiled_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, tile);
-  } else if (x16 && (bits == 4 || bits == 5 || bits == 6) && (!closed || bits == 6)) {
-    Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
-    const int64_t O = qweight.size(0);
-    at::Tensor xq = at::empty({M, a.n_pad}, x.options().dtype(at::kShort));
-    at::Tensor xs = at::empty({2, M, a.G}, x.options().dtype(at::kFloat));
-    quantize_x64(xf.data_ptr<float>(), M, in_features, a.n_pad, a.gs, a.G, xq.data_ptr<int16_t>(),
-                 xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, bits == 6);
-    y = at::empty({M, O}, xf.options());
-    const float* b = nullptr;
-    at::Tensor bc;
-    if (bias.has_value()) { bc = bias->to(at::kFloat).contiguous(); b = bc.data_ptr<float>(); }
-    auto run = [&](auto f) {
-      f(a, closed, xq.data_ptr<int16_t>(), xs.data_ptr<float>(), xs.data_ptr<float>() + M * a.G, b,
-        y.data_ptr<float>(), M, O, grain);
-    };
-    if (bits == 4) run(gemvq64<4>); else if (bits == 5) run(gemvq64<5>); else run(gemvq64<6>);
   } else {
     y = gemv_op(xf, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, grain, x16);
   }
