@@ -130,6 +130,23 @@ def test_approximate_gemv_is_the_exact_gemv_within_its_bound(fmt, bits, curv, mo
     assert ((shuffled - y32).abs() > bound).any()
 
 
+@pytest.mark.parametrize("bits", [4, 5, 6])
+@pytest.mark.parametrize("group,i", [(64, 576), (128, 576), (64, 1536), (128, 320), (None, 640), (64, 608)])
+def test_generation_gemv_on_whole_blocks(bits, group, i):
+    """One x row, rows in pairs plus an odd one, groups of whole 64-code blocks (the unrolled
+    loop of every group but the last: the default model's shapes) or a 32-code tail (608), a
+    last group of 3 blocks (128, 320: split at 128 codes for int32), per-tensor and per-channel
+    curvature, int-asym offsets: the exact gemv within the int16 bound."""
+    for fmt, curv in (("qins", "tensor"), ("qins", "channel"), ("int-asym", None)):
+        qw = _qw(fmt, bits, group, curv, o=7, i=i, seed=bits)
+        x = torch.randn(1, i) * torch.linspace(0.1, 3.0, i)
+        bias = torch.randn(7)
+        bound = 2e-6 * (_bound(x, qw) + bias.abs()) + _approx_bound(x, qw, 1)
+        y = cpu.qlinear(x, qw, bias)
+        assert ((y - reference.qlinear(x, qw, bias)).abs() <= bound).all(), (fmt, curv)
+        assert ((cpu.qlinear(x[:, torch.randperm(i)], qw, bias) - y).abs() > bound).any()
+
+
 @pytest.mark.parametrize("fmt,bits,curv", CASES + [("qins-seed", 8, None)])
 def test_decode_matches_reference(fmt, bits, curv):
     qw = _qw(fmt, bits, 64, curv)
@@ -150,6 +167,12 @@ def test_leading_dims_and_non_contiguous_input():
         ref = reference.qlinear(x, layer.quantized, layer.bias)
     assert y.shape == (2, 5, O)
     assert ((y - ref).abs() <= 2e-6 * bound).all()
+    xs = torch.randn(1, 3, 2 * I)[..., ::2]                  # a strided (1, 3, I) view: the gemv
+    with torch.no_grad():
+        y = cpu.qlinear(xs, layer.quantized, layer.bias)
+        ref = reference.qlinear(xs, layer.quantized, layer.bias)
+    bound = 2e-6 * (_bound(xs.reshape(3, I), layer.quantized).reshape(1, 3, O) + layer.bias.abs())
+    assert y.shape == (1, 3, O) and ((y - ref).abs() <= bound + _approx_bound(xs.reshape(3, I), layer.quantized, 3).reshape(1, 3, O)).all()
 
 
 def test_the_qins_seed_format_runs():

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from ..codec.formats import get_format
 from ..codec.tensor import QuantizedWeight
-from . import reference
+from . import cpu, reference
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -99,7 +99,6 @@ def _cpu_why_not(x: torch.Tensor, codes_device: torch.device, in_features: int,
                  bias: torch.Tensor | None) -> tuple[str | None, bool]:
     """(why the CPU fast path cannot take this call or None, whether that deserves a warning);
     a feature count that does not match the layer raises."""
-    from . import cpu
     if x.device.type != "cpu" or codes_device.type != "cpu":
         return f"x is on {x.device} and the codes on {codes_device} (the fast path runs on the CPU)", False
     if x.dtype not in DTYPES:
@@ -136,9 +135,18 @@ def cpu_fast(x: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> bo
     """Whether a CPU layer's codes may go straight to the fast path through a cached
     `cpu.plan` (`qlinear`'s CPU route, checked without building a QuantizedWeight); False
     sends the call through `qlinear`, which warns or raises where it must."""
-    if backend() not in ("auto", "cpu") or x.device.type != "cpu":
+    if _parse_backend(os.environ.get("QINS_KERNELS", "auto")) not in _CPU_BACKENDS or not x.is_cpu:
         return False
+    # the common case first, with the cheapest checks (a generated token makes ~200 calls): the
+    # same conditions as _cpu_why_not, which decides (and raises, and says why) otherwise
+    if (cpu._State.module is not None and x.dtype in DTYPES and x.shape[-1] == in_features
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+        return True
     return _cpu_why_not(x, x.device, in_features, bias)[0] is None
+
+
+_CPU_BACKENDS = ("auto", "cpu")
 
 
 def _op_args(qw: QuantizedWeight) -> tuple[tuple, str]:
@@ -159,7 +167,6 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
         return F.linear(x, weight.to(x.dtype), bias)
     if not _use_triton(x, qw):
         if _use_cpu(x, qw, bias):
-            from . import cpu
             return cpu.qlinear(x, qw, bias)
         return reference.qlinear(x, qw, bias)
     from . import ops

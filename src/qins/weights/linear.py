@@ -219,22 +219,28 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
         self._kmajor_on_cuda()                       # assign=True straight onto a GPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        src = self.tied_to if self.tied_to is not None else self
-        if src._decoded is None and kernels.cpu_fast(x, self.bias, self.in_features):
-            return kernels.cpu.run(x, self._cpu_plan(src))
-        return kernels.qlinear(x, self.quantized, self.bias, weight=src._decoded)
+        src = self._tied[0] if self._tied else self
+        p = self._parameters                             # not self.bias: Module.__getattr__ is slow
+        bias = p["bias"] if "bias" in p else self.bias
+        if src._decoded is None and kernels.cpu_fast(x, bias, self.in_features):
+            return kernels.cpu.run(x, self._cpu_plan(src, bias))
+        return kernels.qlinear(x, self.quantized, bias, weight=src._decoded)
 
-    def _cpu_plan(self, src: "_QuantizedWeightMixin") -> tuple:
-        """kernels.cpu.plan for this layer, rebuilt when a stored tensor, the curvature or the
-        bias changes (the plan holds them, so their ids stay unique while it lives)."""
+    def _cpu_plan(self, src: "_QuantizedWeightMixin", bias: torch.Tensor | None) -> tuple:
+        """kernels.cpu.plan for this layer, rebuilt when a stored tensor, the curvature (object or
+        version) or the bias changes; the key holds the objects themselves (compared with `is`)."""
         b = src._buffers
         c = b["curvature"]
-        key = (id(b["qweight"]), id(b["scales"]), id(b["offsets"]), id(c),
-               None if c is None or c.is_inference() else c._version, id(self.bias))
         cached = self.__dict__.get("_plan")
-        if cached is None or cached[0] != key:
-            cached = (key, kernels.cpu.plan(self.quantized, self.bias))
-            self.__dict__["_plan"] = cached
+        if cached is not None:
+            k = cached[0]
+            if (k[0] is b["qweight"] and k[1] is b["scales"] and k[2] is b["offsets"] and k[3] is c
+                    and k[5] is bias and (c is None or k[4] is None or k[4] == c._version)):
+                return cached[1]
+        key = (b["qweight"], b["scales"], b["offsets"], c,
+               None if c is None or c.is_inference() else c._version, bias)
+        cached = (key, kernels.cpu.plan(self.quantized, bias))
+        self.__dict__["_plan"] = cached
         return cached[1]
 
     def extra_repr(self) -> str:
