@@ -13,6 +13,15 @@ import os
 import pytest
 import torch
 
+# Triton decides when triton.language and each @triton.jit function are defined whether they run
+# in its interpreter (the kernel tests' CPU path). Any test module that imports transformers
+# imports triton.language, so the switch is set here, before any test module is collected:
+# set in tests/kernels/conftest.py alone, a collected module (tests/entropy/test_kvpark.py)
+# imported triton.language first and every interpreter kernel test failed with "Cannot call
+# @triton.jit'd outside of the scope of a kernel" (tl.max was a plain JITFunction).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # On a machine without CUDA the suite runs with QINS_KERNELS=reference unless the environment
 # says otherwise: many tests assert that a quantized module's output is bit-identical to F.linear
 # over the reference decode, which is what `auto` meant on the CPU before the CPU fast path.
