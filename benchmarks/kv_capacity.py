@@ -19,18 +19,13 @@ from qins.kv.config import KVConfig
 from qins.kv.store import PagePool, page_tokens
 
 
-def page_bytes(pool: PagePool) -> int:
-    return sum(getattr(pool, p).numel() * getattr(pool, p).element_size()
-               for p in PagePool.PLANES if getattr(pool, p) is not None)
-
-
 def capacity(bits: int, H: int, D: int, budget: int) -> dict:
     cfg = KVConfig(k_bits=bits)
     G = cfg.group_for(bits)
     kz, vz = cfg.zero_for(bits, "k"), cfg.zero_for(bits, "v")
     P = page_tokens(cfg.page_kb, H, D, bits, bits, G, kz, vz)
     pool = PagePool(H, D, P, G, bits, bits, "cpu", k_zero=kz, v_zero=vz, pages=1)
-    pb = page_bytes(pool)
+    pb = pool.page_nbytes()
     float_tokens = cfg.residual + G - 1 + cfg.sink
     float_bytes = float_tokens * 2 * H * D * 2
     pages = max(0, (budget - float_bytes) // pb)

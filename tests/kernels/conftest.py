@@ -13,4 +13,3 @@ if not CUDA:
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                   reason="Triton is not installed (make test installs it)")
 DEVICE = "cuda" if CUDA else "cpu"
-

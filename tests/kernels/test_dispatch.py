@@ -125,7 +125,7 @@ def test_table_refreshed_by_load_state_dict_under_inference_mode():
 
 
 def test_prmt_registers_cached_per_table():
-    from qins.kernels.ops import _registers
+    from qins.kernels.prmt import cached_registers as _registers
     t = torch.randn(1, 16)
     a = _registers(t)
     assert _registers(t) is a                                  # a hit compares no tensors

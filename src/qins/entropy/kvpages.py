@@ -124,7 +124,6 @@ class ParkedPages:
     blob of `archive.code_tensor` (the policy rule: the smaller of zstd and ANS where it saves at
     least `threshold`, else the raw bytes), in host memory."""
     layers: dict[int, dict[str, tuple[dict, bytes, tuple[int, ...]]]] = field(default_factory=dict)
-    device: str = "cpu"
     seconds: float = 0.0
 
     @property
@@ -175,7 +174,6 @@ def park(cache, threshold: float = DEFAULT_THRESHOLD, threads: int | None = None
     for li, layer in enumerate(cache.layers):
         if not isinstance(layer, QINSLayer) or not layer.is_initialized:
             continue
-        parked.device = str(layer.pool.device)
         for name, t in layer.pool.park().items():
             jobs.append((li, name, tuple(t.shape), *_plane_view(layer, name, t.detach().cpu().contiguous())))
 

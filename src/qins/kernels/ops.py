@@ -8,7 +8,6 @@ capture them. The CUDA registration runs Triton; every other device runs the ref
 """
 from __future__ import annotations
 
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +18,7 @@ from ..codec.packing import planes
 from ..codec.qins import qins_table
 from ..codec.tensor import decode
 from . import _interpreting, is_kmajor
-from .prmt import table_registers
+from .prmt import cached_registers
 
 # rows of x up to which the skinny kernels run; above, the weight is decoded once into x's
 # dtype and cuBLAS multiplies. Measured on the H200, x cuBLAS bf16 (benchmarks/results/
@@ -29,7 +28,6 @@ from .prmt import table_registers
 SKINNY_MAX_BATCH = 16
 GEMV_MAX_BATCH = 1
 
-_REGISTERS: dict[int, tuple] = {}
 
 
 def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = False,
@@ -80,19 +78,6 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = Fals
     if mode == "auto-qins" and bits == 8:
         return route, "closed"
     return route, "table"
-
-
-def _registers(table: Tensor) -> Tensor:
-    """The prmt mode's (1, 8) register table, made once per table (and per change of it).
-    Keyed by id with a weak reference to check it (a WeakKeyDictionary compares tensors with
-    ==, which is elementwise)."""
-    version = None if table.is_inference() else table._version
-    hit = _REGISTERS.get(id(table))
-    if hit is None or hit[0]() is not table or hit[1] != version:
-        hit = (weakref.ref(table), version, table_registers(table))
-        _REGISTERS[id(table)] = hit
-        weakref.finalize(table, _REGISTERS.pop, id(table), None)
-    return hit[2]
 
 
 @torch.library.custom_op("qins::dequantize", mutates_args=())
@@ -152,7 +137,7 @@ def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, gro
                          per_tensor=table.shape[0] == 1 and (curvature is None or curvature.numel() == 1)
                          and scales is not None, offsets=offsets is not None, scaled=scales is not None)
     if mode == "prmt":
-        table = _registers(table)
+        table = cached_registers(table)
     args = (qweight, scales, offsets, table, curvature)
     if route == "kprmt":
         from . import triton_kmajor as km

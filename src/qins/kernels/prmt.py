@@ -19,6 +19,8 @@ program the GPU runs.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 # (op, dst, a, b, c): registers are names; $0..$7 the outputs (codes 0..7 as float32 bits),
@@ -100,6 +102,23 @@ def table_registers(table: torch.Tensor, dtype: torch.dtype = torch.bfloat16) ->
     regs = torch.cat([(lo << shifts).sum(1), (hi << shifts).sum(1)])      # bytes disjoint: sum == or
     regs = regs.to(torch.int64)
     return torch.where(regs < 2**31, regs, regs - 2**32).to(torch.int32).reshape(1, 8)
+
+
+_REGISTERS: dict[tuple, tuple] = {}
+
+
+def cached_registers(table: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """`table_registers` of the first 16 entries of `table`, made once per (table, dtype) and
+    per change of the table (kernels call it every launch). Keyed by id with a weak reference
+    to check it (a WeakKeyDictionary compares tensors with ==, which is elementwise)."""
+    version = None if table.is_inference() else table._version
+    key = (id(table), dtype)
+    hit = _REGISTERS.get(key)
+    if hit is None or hit[0]() is not table or hit[1] != version:
+        hit = (weakref.ref(table), version, table_registers(table.reshape(-1)[:16], dtype))
+        _REGISTERS[key] = hit
+        weakref.finalize(table, _REGISTERS.pop, key, None)
+    return hit[2]
 
 
 def registers_table(regs: torch.Tensor) -> torch.Tensor:

@@ -519,6 +519,21 @@ def _kv_combine_kernel(o_ptr, ml_ptr, out_ptr, S1, D: tl.constexpr, BLOCK_S: tl.
     tl.store(out_ptr + row * D + d, (num / den).to(out_ptr.dtype.element_ty))
 
 
+def _split_outputs(q: torch.Tensor, S1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (row, query head, split): the unnormalised output (.., D) and its (max, sum) in fp32."""
+    B, Hq, D = q.shape
+    return (torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device),
+            torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device))
+
+
+def _combine(q: torch.Tensor, o: torch.Tensor, ml: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp merge of the splits -> (B, Hq, D) in q's dtype."""
+    B, Hq, S1, D = o.shape
+    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
+    _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
+    return out
+
+
 def splits_for(B: int, H: int, Q: int, block_t: int, device, per_sm: int = 2) -> int:
     """Splits of the page tokens: about `per_sm` programs per SM over B * H (row, head) pairs,
     each at least `block_t` tokens."""
@@ -591,8 +606,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         splits = splits_for(B, H, n_tokens, block_t, q.device)
     tps = -(-(-(-n_tokens // splits)) // block_t) * block_t if n_tokens else block_t
     S1 = splits + 1
-    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
-    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
+    o, ml = _split_outputs(q, S1)
     _kv_decode_kernel[(B * H, S1)](
         q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
         vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml, mask if mask is not None else table,
@@ -604,9 +618,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic,
         V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
         BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
-    return out
+    return _combine(q, o, ml)
 
 
 def fold_shape(qh: int, group: int) -> tuple[int, int]:
@@ -636,8 +648,7 @@ def _fold_launch(q, planes, table, n_tokens, skip, k_base, v_lut, ka, va, k_bits
         splits = splits_for(B, H, n_tokens, group, q.device, per_sm=8 if wide else 2)
     tps = -(-(-(-n_tokens // splits)) // group) * group if n_tokens else group
     S1 = splits + 1
-    o = torch.empty(B, Hq, S1, D, dtype=torch.float32, device=q.device)
-    ml = torch.empty(B, Hq, S1, 2, dtype=torch.float32, device=q.device)
+    o, ml = _split_outputs(q, S1)
     # 4 warps; 2 stages below 4 rows (H200: faster than Triton's default at batch 1 in 13 of 15
     # cases, benchmarks/results/gpu_kv_attention.md)
     opts = dict(num_warps=num_warps or 4)
@@ -653,7 +664,7 @@ def _fold_launch(q, planes, table, n_tokens, skip, k_base, v_lut, ka, va, k_bits
         v_asm = asm is not False and (v_bits == 8 or (v_bits == 4 and ok4))
     else:
         v_asm = (wide if asm is None else asm) and v_bits == 4 and ok4
-    vregs = _prmt.table_registers(v_lut[:16], torch.float16) if v_asm and va is None else table
+    vregs = _prmt.cached_registers(v_lut, torch.float16) if v_asm and va is None else table
     _kv_fold_kernel[(B * H, S1)](
         q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
         vz if vz is not None else vs, v_lut, vregs, table, fk, fv, o, ml, mask if mask is not None else table,
@@ -662,6 +673,4 @@ def _fold_launch(q, planes, table, n_tokens, skip, k_base, v_lut, ka, va, k_bits
         ka[0], ka[1], va[0] if va else 1.0, va[1] if va else 0.0,
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, V_ZERO=vz is not None, V_AFFINE=va is not None,
         HAS_MASK=mask is not None, BLOCK_H=block_h, J=j, BLOCK_T=block_t, K_ASM=k_asm, V_ASM=v_asm, **opts)
-    out = torch.empty(B, Hq, D, dtype=q.dtype, device=q.device)
-    _kv_combine_kernel[(B * Hq,)](o, ml, out, S1, D=D, BLOCK_S=triton.next_power_of_2(S1), num_warps=1)
-    return out
+    return _combine(q, o, ml)

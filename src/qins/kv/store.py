@@ -72,6 +72,7 @@ class PagePool:
         self.k_codes = self.k_scale = self.k_zero = self.v_codes = self.v_scale = self.v_zero = None
         self.free: list[int] = []
         self.next_id = 0
+        self.n_parked = 0                # pages the pool had when parked
         self._alloc(pages or 0)
 
     def _alloc(self, n: int) -> None:

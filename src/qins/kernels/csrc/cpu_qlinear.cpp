@@ -241,36 +241,27 @@ struct LevQ {
     const uint8_t* p = reinterpret_cast<const uint8_t*>(row) + k / 2;
     const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     const __m256i nib = _mm256_blend_epi32(_mm256_and_si256(v, m), _mm256_and_si256(_mm256_srli_epi16(v, 4), m), 0xF0);
-    __m256i l = _mm256_shuffle_epi8(lo[0], nib), h = _mm256_shuffle_epi8(hi[0], nib);
+    __m256i hb = nib, one = nib, l, h;             // 4 bits: pick reads neither
     if constexpr (BITS == 5) {
       // bit of code 2q (lane 0) / 2q+1 (lane 1): byte q/4 of the plane, bit (2q) % 8 / (2q+1) % 8
       int32_t word;
       std::memcpy(&word, reinterpret_cast<const uint8_t*>(row + plane1) + k / 8, 4);
       const __m256i idx = _mm256_setr_epi8(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3,
                                            0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-      const __m256i bit = _mm256_setr_epi8(1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64,
-                                           2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128);
-      const __m256i sel = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(word), idx), bit), bit);
-      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[1], nib), sel);
-      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[1], nib), sel);
+      one = _mm256_setr_epi8(1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64, 1, 4, 16, 64,
+                             2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128, 2, 8, 32, -128);
+      hb = _mm256_shuffle_epi8(_mm256_set1_epi32(word), idx);
     } else if constexpr (BITS == 6) {
       // 2 bits of code 2q (lane 0) / 2q+1 (lane 1): byte q/2, bits at 4 (q % 2) / 4 (q % 2) + 2
       int64_t dword;
       std::memcpy(&dword, reinterpret_cast<const uint8_t*>(row + plane1) + k / 4, 8);
       const __m256i idx = _mm256_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7,
                                            0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-      const __m256i one = _mm256_setr_epi8(1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16,
-                                           4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64);
-      const __m256i two = _mm256_add_epi8(one, one), three = _mm256_add_epi8(two, one);
-      const __m256i hb = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi64x(dword), idx), three);
-      const __m256i s1 = _mm256_cmpeq_epi8(hb, one), s2 = _mm256_cmpeq_epi8(hb, two), s3 = _mm256_cmpeq_epi8(hb, three);
-      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[1], nib), s1);
-      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[1], nib), s1);
-      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[2], nib), s2);
-      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[2], nib), s2);
-      l = _mm256_blendv_epi8(l, _mm256_shuffle_epi8(lo[3], nib), s3);
-      h = _mm256_blendv_epi8(h, _mm256_shuffle_epi8(hi[3], nib), s3);
+      one = _mm256_setr_epi8(1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16, 1, 16,
+                             4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64, 4, 64);
+      hb = _mm256_shuffle_epi8(_mm256_set1_epi64x(dword), idx);
     }
+    pick(nib, hb, one, l, h);
     w0 = _mm256_unpacklo_epi8(l, h);
     w1 = _mm256_unpackhi_epi8(l, h);
   }
