@@ -248,6 +248,10 @@ def test_compress_to_a_budget_prints_and_saves_the_plan(workdir, float_dir, text
     bits = {e["config"]["bits"] for e in doc["modules"].values() if "config" in e}
     assert bits == {4, 8}                                                # a mix of both candidates
     assert all(e["config"]["rounding"] == "gptq" for e in doc["modules"].values() if "config" in e)
+    # --scales auto (the default) in a plan too: log8 where the width allows it (<= 6 bits)
+    scales = {e["config"]["bits"]: e["config"].get("scale_dtype", "float16")
+              for e in doc["modules"].values() if "config" in e}
+    assert scales == {4: "log8", 8: "float16"}
     assert doc["modules"]["model.embed_tokens"]["kind"] == "embedding"  # embeddings counted and quantized
     from qins.metrics.memory import memory_report
     assert memory_report(qins.load(out))["bpw_all"] == pytest.approx(doc["allocation"]["bpw_all"])

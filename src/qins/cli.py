@@ -108,7 +108,7 @@ def _add_weight(p):
     p.add_argument("--scales", default=DEFAULT_SCALES, choices=("auto", "float16", "log8"),
                    help=f"how group scales are stored (default {DEFAULT_SCALES}: log8 for symmetric formats at 2-6 "
                         f"bits, else float16). log8: 8 bits on a log grid below each row's largest scale (0.125 bpw "
-                        f"instead of 0.25 at group size 64)")
+                        f"instead of 0.25 at group size 64); in a mixed-precision plan it applies to every candidate")
 
 
 def _add_kv(p):
@@ -145,7 +145,7 @@ DEFAULT_SHARD_GB = 0.5               # --stream: output GiB per recorded (resuma
 # flags a mixed-precision plan (--target-bpw / --max-kl / --max-ppl-increase) decides itself
 _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", None),
                    ("curvature", "--curvature", "tensor"), ("no_clip_search", "--no-clip-search", False),
-                   ("embeddings", "--embeddings", None), ("scales", "--scales", DEFAULT_SCALES))
+                   ("embeddings", "--embeddings", None))
 
 
 def _embedding_config(a, config):
@@ -213,7 +213,7 @@ def cmd_compress(a):
     if modes:
         from .weights.allocate import default_candidates
         from .weights.budget import plan_table, quantize_to_budget
-        cands = default_candidates(a.format, **({"menu": menu} if menu else {}))
+        cands = default_candidates(a.format, scales=a.scales, **({"menu": menu} if menu else {}))
         rep = quantize_to_budget(model, wins, target_bpw=a.target_bpw, max_kl=a.max_kl,
                                  max_ppl_increase=a.max_ppl_increase, candidates=cands,
                                  include_embeddings=not a.no_embeddings, skip=a.skip or (),

@@ -77,6 +77,15 @@ def test_bound_mode_takes_the_fewest_bits_it_can_find(seed):
     assert bits <= 1.10 * fewest
 
 
+def test_default_candidates_take_log8_scales_where_the_width_allows():
+    labels = {(c.bits, c.group_size): c.scale_dtype for c in alloc.default_candidates()}
+    assert labels == {(3, 64): "log8", (4, 128): "log8", (4, 64): "log8", (5, 64): "log8",
+                      (6, 64): "log8", (8, 128): "float16"}
+    assert {c.scale_dtype for c in alloc.default_candidates(scales="float16")} == {"float16"}
+    assert {c.scale_dtype for c in alloc.default_candidates("int-asym")} == {"float16"}   # asymmetric: no log8
+    assert all(c.rounding == "gptq" for c in alloc.default_candidates())
+
+
 def test_allocate_errors():
     ts = _toy()
     with pytest.raises(ValueError, match="exactly one"):

@@ -26,16 +26,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.tensor import QuantizedWeight
-from ..codec.config import WeightConfig
+from ..codec.config import WeightConfig, log8_supported
 from .linear import _linear_weight, is_linear_like
 
-# (bits, group): 3.25, 4.125, 4.25, 5.25, 6.25 and 8.125 bits per weight with fp16 scales.
+# (bits, group): 3.25, 4.125, 4.25, 5.25, 6.25 and 8.125 bits per weight with fp16 scales
+# (3.125 .. 6.125 with log8 scales, which widths up to 6 take by default).
 # Each candidate costs one quantization of the whole model while measuring sensitivity.
 DEFAULT_MENU = ((3, 64), (4, 128), (4, 64), (5, 64), (6, 64), (8, 128))
 
 
-def default_candidates(fmt: str = "qins", menu=DEFAULT_MENU, rounding: str = "gptq") -> list[WeightConfig]:
-    return [WeightConfig(fmt, b, g, rounding=rounding) for b, g in menu]
+def default_candidates(fmt: str = "qins", menu=DEFAULT_MENU, rounding: str = "gptq",
+                       scales: str = "auto") -> list[WeightConfig]:
+    """One WeightConfig per (bits, group) of `menu`. scales "auto": log8 group scales where the
+    format and width allow them (as `qins compress` does for a fixed config), else float16."""
+    def scale_dtype(b: int) -> str:
+        if scales != "auto":
+            return scales
+        return "log8" if log8_supported(fmt, b) else "float16"
+    return [WeightConfig(fmt, b, g, rounding=rounding, scale_dtype=scale_dtype(b)) for b, g in menu]
 
 
 # -- sensitivity ------------------------------------------------------------------------------
