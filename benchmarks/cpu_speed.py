@@ -15,8 +15,9 @@ ratios with their range.
 
 QINS variants: every decoder linear layer at the stated bits/group, the input embedding and
 the tied lm_head (one copy of the codes) at qins 6-bit g128, as `qins compress` defaults do
-(nearest rounding here, not GPTQ: rounding does not change speed); norms in float32;
-activations float32. The QINS variants also report the KL of the fast path vs the reference
+(nearest rounding here, not GPTQ: rounding does not change speed); norms and activations in
+float32, or in bfloat16 for the "-bf16" variants (like the bf16 model: where the CPU multiplies
+bf16 natively, their prefill runs bf16 tiles through torch's bf16 GEMM). The QINS variants also report the KL of the fast path vs the reference
 path (QINS_KERNELS=reference) on one 512-token window, and where the time of one generated
 token goes (time inside the QINS linear layers vs the rest of the forward).
 
@@ -40,10 +41,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("float32", "bf16", "qins8-g128", "qins4-g64", "llama.cpp-Q4_1", "llama.cpp-Q8_0", "llama.cpp-Q4_0")
+VARIANTS = ("float32", "bf16", "qins8-g128", "qins4-g64", "qins8-g128-bf16", "qins4-g64-bf16",
+            "llama.cpp-Q4_1", "llama.cpp-Q8_0", "llama.cpp-Q4_0")
 PROMPT_TOKENS = 16
 DECODE_KL_TOKENS, DECODE_KL_CHUNK = 64, 8     # generation's path (gemv: <= 8 rows per call)
-QINS = {"qins8-g128": (8, 128), "qins4-g64": (4, 64)}
+QINS = {"qins8-g128": (8, 128), "qins4-g64": (4, 64), "qins8-g128-bf16": (8, 128), "qins4-g64-bf16": (4, 64)}
 
 
 def _prepared_dir(variant: str) -> Path:
@@ -65,6 +67,9 @@ def _prepare(variants) -> None:
             bits, group = QINS[v]
             m = qins.quantize(copy.deepcopy(model), WeightConfig("qins", bits, group),
                               embeddings=WeightConfig("qins", 6, 128), progress=False)
+            if v.endswith("-bf16"):
+                m.to(torch.bfloat16)            # norms and activations; codes and scales keep theirs
+                m.config.dtype = torch.bfloat16
             qins.save(m, d, tokenizer=tok)
         else:
             m = copy.deepcopy(model).to(torch.bfloat16 if v == "bf16" else torch.float32)
@@ -82,7 +87,7 @@ def _load_prepared(variant: str):
     tok = AutoTokenizer.from_pretrained(d)
     if variant in QINS:
         import qins
-        return tok, qins.load(d)
+        return tok, qins.load(d, dtype=torch.bfloat16 if variant.endswith("-bf16") else torch.float32)
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     return tok, AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
 
@@ -152,7 +157,8 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int], repe
         nweights = sum(m.weight_shape[0] * m.weight_shape[1] for m in mods)
         bits, group = QINS[variant]
         info["quantized"] = (f"{len(list(quantized_modules(model)))} modules: decoder linears qins {bits}-bit "
-                             f"g{group}, embedding + tied lm_head qins 6-bit g128 (one copy of the codes)")
+                             f"g{group}, embedding + tied lm_head qins 6-bit g128 (one copy of the codes), activations "
+                             f"{'bfloat16' if variant.endswith('-bf16') else 'float32'}")
         info["quantized_bpw"] = round(8 * qbytes / nweights, 3)
     model.eval()
     params = {id(t): t for t in list(model.parameters()) + list(model.buffers())}

@@ -498,14 +498,14 @@ def test_eval_with_a_key_plan_calibrates_on_the_first_windows(workdir, float_dir
 
 # -- defaults a user keeps (issue 13) -------------------------------------------------------
 def test_compress_defaults_gptq_and_6bit_embeddings(workdir, float_dir, capsys, token_ids):
-    # no flags: linears qins 4-bit g64 with GPTQ rounding on the default corpus's first 8
-    # windows, embeddings (and the tied lm_head, sharing their codes) qins 6-bit g128 with GPTQ,
+    # no flags: linears qins 4-bit g64 with GPTQ rounding on the default corpus's first 32
+    # windows (cli.DEFAULT_CALIBRATION_WINDOWS), embeddings (and the tied lm_head, sharing their codes) qins 6-bit g128 with GPTQ,
     # log8 scales for both (benchmarks/results/compress_defaults.md), float tensors in the
     # source's dtype (float32 here)
     out = workdir / "q-defaults"
     assert main(["compress", str(float_dir), "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "calibration: first 8 windows x 512 tokens of the default corpus" in printed
+    assert "calibration: first 32 windows x 512 tokens of the default corpus" in printed
     plan = json.loads((out / "qins.json").read_text())["modules"]
     emb = plan["model.embed_tokens"]
     assert emb["kind"] == "embedding"
@@ -519,7 +519,7 @@ def test_compress_defaults_gptq_and_6bit_embeddings(workdir, float_dir, capsys, 
     from qins.metrics.models import default_corpus
     from qins.weights.calibration import input_hessians
     tok, want = qins.load_model(float_dir)
-    hess = input_hessians(want, token_windows(tok, default_corpus(), 512, max_windows=8), progress=False)
+    hess = input_hessians(want, token_windows(tok, default_corpus(), 512, max_windows=32), progress=False)
     qins.quantize(want, qins.WeightConfig("qins", 4, 64, rounding="gptq", scale_dtype="log8"), calibration=hess,
                   progress=False, embeddings=qins.WeightConfig("qins", 6, 128, rounding="gptq", scale_dtype="log8"))
     with torch.inference_mode():

@@ -141,6 +141,11 @@ DEFAULT_ROUNDING = "gptq"            # qins compress without --rounding: GPTQ on
 DEFAULT_EMBEDDINGS = "6:128"         # embeddings / lm_head: BITS:GROUP unless --embeddings or --no-embeddings
 DEFAULT_SCALES = "auto"              # --scales: log8 where allowed (quality-neutral at 4 bits:
                                      # benchmarks/results/defaults_quality.md), linears and embeddings
+# GPTQ / plan calibration: 512-token windows from the start of the text. 32 against 8 on the
+# default model (4-bit defaults, benchmarks/results/calibration_windows.md): KL 0.064 vs 0.068
+# on the corpus's held-out end, 0.087 vs 0.097 on Python source, 0.162 vs 0.177 on the GPL;
+# 64 was no better on two of the three texts; about a minute longer on 2 cores
+DEFAULT_CALIBRATION_WINDOWS = 32
 DEFAULT_SHARD_GB = 0.5               # --stream: output GiB per recorded (resumable) shard
 # flags a mixed-precision plan (--target-bpw / --max-kl / --max-ppl-increase) decides itself
 _BUDGET_IGNORES = (("bits", "--bits", 4), ("group_size", "--group-size", "64"), ("rounding", "--rounding", None),
@@ -207,7 +212,7 @@ def cmd_compress(a):
     stats = wins = None
     where = "the default corpus" if not a.calibration_text else " ".join(a.calibration_text)
     if calibrate:
-        wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or 8)
+        wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or DEFAULT_CALIBRATION_WINDOWS)
         print(f"calibration: first {wins.shape[0]} windows x 512 tokens of {where}; "
               f"qins eval/compare evaluate on the last windows of the corpus (disjoint)")
     if modes:
@@ -272,7 +277,7 @@ def _compress_stream(a):
         except Exception as e:                     # transformers raises many types here
             raise ValueError(f"--stream --rounding gptq tokenizes its calibration text with {a.model}'s tokenizer, "
                              f"which does not load ({type(e).__name__}: {e})") from None
-        wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or 8)
+        wins = token_windows(tok, text, 512, max_windows=a.calibration_windows or DEFAULT_CALIBRATION_WINDOWS)
         where = "the default corpus" if not a.calibration_text else " ".join(a.calibration_text)
         print(f"calibration: first {wins.shape[0]} windows x 512 tokens of {where}, run through the already "
               f"quantized layers (sequential GPTQ, one layer in memory, on {device})")
@@ -529,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-text", nargs="*", default=None,
                    help="text file(s) for calibration (no files: the default corpus's first windows)")
     p.add_argument("--calibration-windows", type=int, default=None,
-                   help="512-token calibration windows from the start of the text (default 8 when calibrating)")
+                   help=f"512-token calibration windows from the start of the text (default "
+                        f"{DEFAULT_CALIBRATION_WINDOWS} when calibrating, fewer if the text is shorter)")
     g = p.add_argument_group("mixed precision (every tensor counted, embeddings included; --format sets the codebook)")
     g.add_argument("--target-bpw", type=float, default=None, help="best quality within this whole-model bpw")
     g.add_argument("--max-kl", type=float, default=None, help="fewest bits with KL <= this (nats/token)")

@@ -11,9 +11,11 @@ in closed form instead of the float64-built table):
            (step max|x_g| / 8191) and the table to int16 levels (step max|T| / 16383), so the
            bound adds the worst case of both roundings (`_int16_bound`): sum over k of
            |s T_k| step_x / 2 + |s| (|x_k| + step_x / 2) step_T / 2
-  bf16 x   the reference rounds W to bf16 before its matmul; the fast path decodes W in fp32,
-           so it is compared with the fp32 product: |y - y32| <= 2^-8 |y32| + 2e-6 * B (the
-           bf16 rounding of the output)
+  bf16 x   the reference rounds W to bf16 before its matmul; the fast path's gemv and its fp32
+           tiles decode W in fp32, so they are compared with the fp32 product:
+           |y - y32| <= 2^-8 |y32| + 2e-6 * B (the bf16 rounding of the output); the bf16
+           tiles (prefill where cpu.bf16_gemm()) round W to bf16 as the reference does, which
+           adds 2^-9 B, and round the product before the bias is added, another 2^-8 |y32|
   decode   symmetric table formats bit-exact; int-asym (one fused multiply-add) and the closed
            form within 4e-7 relative of the table value (measured <= 2.4e-7)
 """
@@ -90,8 +92,9 @@ def _int16_bound(x, qw):
 
 @pytest.mark.parametrize("group", [32, 64, 128, None])
 @pytest.mark.parametrize("fmt,bits,curv", CASES)
-def test_qlinear_matches_reference(fmt, bits, curv, group):
+def test_qlinear_matches_reference(fmt, bits, curv, group, monkeypatch):
     qw = _qw(fmt, bits, group, curv)
+    monkeypatch.setattr(cpu, "BF16_GEMM", False)              # bf16 tiles: the test below
     bias = torch.randn(O)
     for m in (1, 3, 6, 13):                                   # gemv (<= 8 rows) and tiles + GEMM
         x = torch.randn(m, I)
@@ -107,6 +110,33 @@ def test_qlinear_matches_reference(fmt, bits, curv, group):
         y32 = reference.qlinear(xb.float(), qw, bias)
         tol = 2e-6 * bound + _approx_bound(xb.float(), qw, m)
         assert ((yb.float() - y32).abs() <= 2 ** -8 * y32.abs() + tol).all()
+
+
+@pytest.mark.parametrize("fmt,bits,curv", [("qins", 2, "tensor"), ("qins", 4, "channel"), ("qins", 5, "tensor"),
+                                           ("qins", 6, "channel"), ("qins", 8, "tensor"), ("int-asym", 4, None),
+                                           ("nf4", 4, None), ("fp8", 8, None)])
+@pytest.mark.parametrize("group", [64, None])
+def test_bf16_prefill_tiles(fmt, bits, curv, group, monkeypatch):
+    """bf16 x above the gemv's rows with bf16 tiles (the CPU's bf16 GEMM; forced here, so CPUs
+    without native bf16 run it too): the reference's rounding of W, within the bound above, and
+    closer to the reference's bf16 path than to nothing (the fp32 tiles give the same y)."""
+    qw = _qw(fmt, bits, group, curv)
+    bias = torch.randn(O)
+    x = torch.randn(13, I).bfloat16()
+    monkeypatch.setattr(cpu, "BF16_GEMM", True)
+    yb = cpu.qlinear(x, qw, bias)
+    assert yb.dtype == torch.bfloat16 and yb.shape == (13, O)
+    y32 = reference.qlinear(x.float(), qw, bias)
+    bound = _bound(x.float(), qw) + bias.abs()
+    err = (yb.float() - y32).abs()
+    assert (err <= 2 ** -7 * y32.abs() + 2 ** -9 * bound + 2e-6 * bound).all(), (err / bound).max()
+    # the same product as the reference's bf16 path (bf16 W, bf16 x) up to summation order and
+    # the two output roundings
+    yr = reference.qlinear(x, qw, bias.bfloat16()).float()
+    assert ((yb.float() - yr).abs() <= 2 ** -7 * yr.abs() + 2e-3 * bound).all()
+    # and the tiles are rounded at all: an fp32-tiled product differs from it somewhere
+    monkeypatch.setattr(cpu, "BF16_GEMM", False)
+    assert not torch.equal(cpu.qlinear(x, qw, bias), yb)
 
 
 @pytest.mark.parametrize("fmt,bits,curv", [("qins", 4, "tensor"), ("qins", 4, "channel"), ("nf4", 4, None),

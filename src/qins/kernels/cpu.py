@@ -6,11 +6,12 @@ use and cached by torch (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions
         M <= GEMV_MAX_ROWS   gemv: codes -> table (registers or L1) -> FMA against x, the group
                              scale applied once per group, threads over output rows
         larger M (prefill)   tiles of TILE_BYTES of W decoded to fp32, one GEMM per tile: no
-                             float copy of the whole weight is ever held
+                             float copy of the whole weight is ever held; bfloat16 x on a CPU
+                             with native bf16 (bf16_gemm()): tiles rounded to bf16, bf16 GEMM
 
-x of any float dtype is computed in fp32 and the result cast back to x's dtype; the weights
-are decoded in fp32 (the reference decodes to x's dtype, so for bf16 x the fast path is the
-more exact of the two).
+Otherwise x of any float dtype is computed in fp32 and the result cast back to x's dtype; the weights
+are decoded in fp32 (the reference decodes to x's dtype, so for bf16 x the gemv is the more
+exact of the two).
 
 `available()` builds (or loads the cached build) once per process; when the CPU lacks AVX2,
 or the compiler or ninja is missing, it returns False, `why_not()` says why, and the dispatch
@@ -39,6 +40,11 @@ GRAIN_WORDS = 1 << 12     # rows per thread chunk ~ this many packed words (1 <<
 # max|T|), vpmaddwd dot products; 8-bit qins levels with the 12-bit reciprocal and no Newton
 # step (|relative error| <= 3.7e-4 per weight). False: the fp32 gemv, exact decode.
 APPROX_GEMV = True
+# Prefill with bfloat16 x (larger M): tiles rounded to bf16 and torch's bf16 GEMM where the CPU
+# multiplies bf16 natively (AVX512-BF16 or AMX: `bf16_gemm()`), the same rounding as the
+# reference's decode to bf16; elsewhere fp32 tiles, x widened to fp32 (a bf16 GEMM emulated in
+# fp32 is slower than the fp32 one). None: decide by the CPU; True / False force it.
+BF16_GEMM: bool | None = None
 
 
 class _State:
@@ -125,7 +131,20 @@ def plan(qw: QuantizedWeight, bias: torch.Tensor | None) -> tuple:
     tab, closed = _table(qw)
     _check_layout(qw.qweight, tab, qw.config.bits, I, closed)
     return (qw.qweight, qw.scales, qw.offsets, tab, bias, qw.config.bits, qw.group_size, I, closed,
-            _grain(qw), _tile_rows(I), GEMV_MAX_ROWS, APPROX_GEMV)
+            _grain(qw), _tile_rows(I), GEMV_MAX_ROWS, APPROX_GEMV, bf16_gemm())
+
+
+@functools.lru_cache(maxsize=None)
+def _native_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def bf16_gemm() -> bool:
+    """Whether prefill with bfloat16 x runs a bf16 GEMM over bf16 tiles (BF16_GEMM, else the CPU)."""
+    return _native_bf16() if BF16_GEMM is None else bool(BF16_GEMM)
 
 
 def _check_layout(qweight: torch.Tensor, table: torch.Tensor, bits: int, in_features: int, closed: bool) -> None:
@@ -162,4 +181,4 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return mod.decode(qw.qweight, qw.scales, qw.offsets, tab, qw.config.bits, qw.group_size, qw.shape[1], closed)
 
 
-__all__ = ["available", "dequantize", "load", "plan", "qlinear", "run", "why_not", "SOURCE"]
+__all__ = ["available", "bf16_gemm", "dequantize", "load", "plan", "qlinear", "run", "why_not", "SOURCE"]

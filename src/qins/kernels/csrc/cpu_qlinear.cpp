@@ -686,18 +686,22 @@ at::Tensor gemv_op(const at::Tensor& x, const at::Tensor& qweight, const c10::op
   return y;
 }
 
-// y (M, O) float32 = x @ W^T + bias by tiles of `tile` rows: decode a tile into an fp32 buffer
-// (threads over rows), then one GEMM per tile; the buffer is the only float weight held.
+// y (M, O) = x @ W^T + bias in x's dtype (float32, or bfloat16 where the CPU multiplies bf16
+// natively) by tiles of `tile` rows: decode a tile into an fp32 buffer (threads over rows),
+// round it to x's dtype if that is bf16 (what the reference's decode to bf16 gives), then one
+// GEMM per tile; the buffer is the only float weight held.
 at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
                     const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
                     const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
                     int64_t in_features, bool closed, int64_t tile) {
-  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.size(1) == in_features, "x must be (M, I) float32");
+  TORCH_CHECK((x.dtype() == at::kFloat || x.dtype() == at::kBFloat16) && x.dim() == 2 && x.size(1) == in_features,
+              "x must be (M, I) float32 or bfloat16");
   Args a = make_args(qweight, scales, offsets, table, bits, group_size, in_features, closed);
   const int64_t M = x.size(0), O = qweight.size(0);
+  const bool bf16 = x.dtype() == at::kBFloat16;
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, O}, x.options());
-  at::Tensor buf = at::empty({std::min(tile, O), a.n_pad}, x.options());
+  at::Tensor buf = at::empty({std::min(tile, O), a.n_pad}, x.options().dtype(at::kFloat));
   at::Tensor part = at::empty({M, std::min(tile, O)}, x.options());
   for (int64_t o0 = 0; o0 < O; o0 += tile) {
     const int64_t n = std::min(tile, O - o0);
@@ -709,22 +713,25 @@ at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::o
       });
     });
     at::Tensor w = buf.narrow(0, 0, n).narrow(1, 0, in_features);
+    if (bf16) w = w.to(at::kBFloat16);
     at::Tensor out = part.narrow(1, 0, n);
     at::mm_out(out, xc, w.t());
     y.narrow(1, o0, n).copy_(out);
   }
-  if (bias.has_value()) y.add_(bias->to(at::kFloat));
+  if (bias.has_value()) y.add_(bias->to(y.scalar_type()));
   return y;
 }
 
 // y (..., O) = x (..., I) @ W^T + bias in x's dtype (fp32, bf16 or fp16), one call per layer:
 //   M <= gemv_max, 4/5/6 bits, x16    the int16-activation gemv (gemvq; 6-bit qins closed form too)
 //   M <= gemv_max                      the fp32 gemv (gemv; approx: 8-bit qins without the Newton step)
-//   larger M                           decoded tiles + GEMM (tiled)
+//   larger M, bf16 x, bf16_gemm        bf16 tiles + the CPU's bf16 GEMM (tiled, no fp32 copy of x)
+//   larger M                           fp32 tiles + fp32 GEMM (tiled)
 at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::optional<at::Tensor>& scales,
                      const c10::optional<at::Tensor>& offsets, const at::Tensor& table,
                      const c10::optional<at::Tensor>& bias, int64_t bits, int64_t group_size,
-                     int64_t in_features, bool closed, int64_t grain, int64_t tile, int64_t gemv_max, bool approx) {
+                     int64_t in_features, bool closed, int64_t grain, int64_t tile, int64_t gemv_max, bool approx,
+                     bool bf16_gemm) {
   const bool x16 = approx;
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == in_features, "x must be (..., ", in_features, ")");
   const auto dt = x.scalar_type();
@@ -754,6 +761,11 @@ at::Tensor linear_op(const at::Tensor& x, const at::Tensor& qweight, const c10::
     };
     if (bits == 4) run(gemvq64<4>); else if (bits == 5) run(gemvq64<5>); else run(gemvq64<6>);
     return dt == at::kFloat ? y : y.to(dt);
+  }
+  if (M > gemv_max && dt == at::kBFloat16 && bf16_gemm) {   // bf16 x, bf16 tiles, the CPU's bf16 GEMM
+    at::Tensor xb = x.reshape({-1, in_features}).contiguous();
+    return tiled_op(xb, qweight, scales, offsets, table, bias, bits, group_size, in_features, closed, tile)
+        .view(out_shape);
   }
   const at::Tensor xf = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
   at::Tensor y;
