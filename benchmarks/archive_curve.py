@@ -2,6 +2,7 @@
 .qins archive? (issue 14: >= 8x smaller than FP32 on disk at <= +5% ppl; the curve 6x-10x)
 
     PYTHONPATH=src python benchmarks/archive_curve.py DIR [DIR ...] [--out benchmarks/results/archive_curve]
+        [--also code=/path/to/argparse.py legal=/usr/share/common-licenses/GPL-3]
 
 For each DIR (qins compress output of the default model): the directory's model.safetensors
 size, the .qins archive size (measured policy, threshold 5%; tokenizer and configs included),
@@ -24,7 +25,10 @@ from qins.entropy import archive
 ap = argparse.ArgumentParser()
 ap.add_argument("dirs", nargs="+")
 ap.add_argument("--out", default="benchmarks/results/archive_curve")
+ap.add_argument("--also", nargs="*", default=[], metavar="NAME=FILE",
+                help="also evaluate every DIR on the last 10 windows of these texts (other kinds than the corpus)")
 args = ap.parse_args()
+also = dict(a.split("=", 1) for a in args.also)
 
 rows = []
 tmp = Path(tempfile.mkdtemp())
@@ -42,16 +46,24 @@ for d in args.dirs:
                  "x_safetensors": fp32 / st, "x_archive": fp32 / packed["archive_bytes"],
                  "bpw_all": r["bpw_all"], "ppl": r["ppl"], "ppl_ref": r["ppl_ref"],
                  "ppl_increase_pct": r["ppl_increase_pct"], "kl": r["kl"], "windows": r["windows"], "tokens": r["tokens"]})
+    for name, path in also.items():
+        ev = tmp / f"{Path(d).name}.{name}.json"
+        assert main(["eval", d, "--windows", "10", "--prompts", "0", "--text", path, "--json", str(ev)]) == 0
+        r = json.loads(ev.read_text())["rows"][0]
+        rows[-1][name] = {"text": path, "ppl_increase_pct": r["ppl_increase_pct"], "kl": r["kl"], "ppl_ref": r["ppl_ref"]}
     print(rows[-1], flush=True)
 json.dump({"date": datetime.date.today().isoformat(), "command": "PYTHONPATH=src python " + " ".join(sys.argv),
            "rows": rows}, open(args.out + ".json", "w"), indent=1)
 lines = [f"# Size vs quality of packed archives ({datetime.date.today()})", "",
          f"command: `PYTHONPATH=src python {' '.join(sys.argv)}`; ppl on {rows[0]['windows']} windows "
          f"({rows[0]['tokens']} tokens) of the default corpus's held-out end, reference ppl {rows[0]['ppl_ref']:.4f}", "",
-         "| dir | bpw (all-in) | model.safetensors | x vs FP32 | .qins archive | x vs FP32 | ppl | ppl vs float | KL |",
-         "|---|---|---|---|---|---|---|---|---|"]
+         *([f"also on the last 10 windows of: " + ", ".join(f"{k} = `{v}`" for k, v in also.items()), ""] if also else []),
+         "| dir | bpw (all-in) | model.safetensors | x vs FP32 | .qins archive | x vs FP32 | ppl | ppl vs float | KL |"
+         + "".join(f" {k} ppl vs float | {k} KL |" for k in also),
+         "|---|---|---|---|---|---|---|---|---|" + "---|---|" * len(also)]
 for r in rows:
     lines.append(f"| {r['dir']} | {r['bpw_all']:.3f} | {r['safetensors_bytes']} | {r['x_safetensors']:.2f}x | "
-                 f"{r['archive_bytes']} | {r['x_archive']:.2f}x | {r['ppl']:.4f} | {r['ppl_increase_pct']:+.2f}% | {r['kl']:.4f} |")
+                 f"{r['archive_bytes']} | {r['x_archive']:.2f}x | {r['ppl']:.4f} | {r['ppl_increase_pct']:+.2f}% | {r['kl']:.4f} |"
+                 + "".join(f" {r[k]['ppl_increase_pct']:+.2f}% | {r[k]['kl']:.4f} |" for k in also))
 open(args.out + ".md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))

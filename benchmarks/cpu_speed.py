@@ -187,13 +187,13 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int], repe
             # after the timed runs: the reference path's full-weight decode must not leave its
             # allocations in the RSS measured while generating (bf16 runs no such check)
             if variant.startswith("qins"):
-                info.update(_fast_vs_reference(model, kl_ids))
+                info.update(_fast_vs_reference(model, kl_ids, _prepared_dir(variant) if variant.endswith("-bf16") else None))
             info["profile"] = _profile_token(model, prompt, variant)
     info.update(base_rss_mb=base_rss, runs=runs)
     return info
 
 
-def _fast_vs_reference(model, ids) -> dict:
+def _fast_vs_reference(model, ids, anchor_dir=None) -> dict:
     """KL(p_reference || p_fast) over the positions of one window, and the max |logit| change."""
     from qins.kernels import cpu
     os.environ["QINS_KERNELS"] = "reference"
@@ -206,10 +206,35 @@ def _fast_vs_reference(model, ids) -> dict:
     out = {"kl_fast_vs_reference": kl, "max_abs_logit_diff": (ref - fast).abs().max().item(),
            "fast_path": cpu.available()}
     out.update(_fast_vs_reference_decode(model, ids[:, :DECODE_KL_TOKENS]))
+    if anchor_dir is not None:
+        import torch
+        import qins
+        out.update(_bf16_anchor(model, ids, ref, fast, qins.load(anchor_dir, dtype=torch.float32).eval()))
     return out
 
 
-def _fast_vs_reference_decode(model, ids) -> dict:
+def _kl(p_logits, q_logits) -> float:
+    lp, lq = p_logits.log_softmax(-1), q_logits.log_softmax(-1)
+    return (lp.exp() * (lp - lq)).sum(-1).mean().item()
+
+
+def _bf16_anchor(model, ids, ref, fast, anchor_model) -> dict:
+    """bf16 activations: two bf16 computations of one model drift apart by bf16 rounding alone,
+    so each path is measured against the same saved weights loaded in float32 (`anchor_model`,
+    reference path): the fast path is right when it is no farther from that anchor than the
+    reference path is."""
+    os.environ["QINS_KERNELS"] = "reference"
+    try:
+        anchor = anchor_model(ids).logits.float()
+        dec = _fast_vs_reference_decode(anchor_model, ids[:, :DECODE_KL_TOKENS], logits=True)
+    finally:
+        os.environ["QINS_KERNELS"] = "auto"
+    ref_d, fast_d = _fast_vs_reference_decode(model, ids[:, :DECODE_KL_TOKENS], logits=True)
+    return {"kl_fp32_vs_reference": _kl(anchor, ref), "kl_fp32_vs_fast": _kl(anchor, fast),
+            "kl_decode_fp32_vs_reference": _kl(dec[0], ref_d), "kl_decode_fp32_vs_fast": _kl(dec[0], fast_d)}
+
+
+def _fast_vs_reference_decode(model, ids, logits: bool = False):
     """The same on generation's path: the window fed through the cache DECODE_KL_CHUNK tokens at a
     time, so every linear runs the gemv (the approximate one: cpu.APPROX_GEMV)."""
     import torch
@@ -223,6 +248,8 @@ def _fast_vs_reference_decode(model, ids) -> dict:
         return torch.cat(out, 1)
     ref, fast = stepped("reference"), stepped("cpu")
     os.environ["QINS_KERNELS"] = "auto"
+    if logits:
+        return ref, fast
     lp, lq = ref.log_softmax(-1), fast.log_softmax(-1)
     return {"kl_decode_fast_vs_reference": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
             "max_abs_logit_diff_decode": (ref - fast).abs().max().item(),
@@ -401,6 +428,11 @@ def _md(res: dict) -> str:
                      f"generation's path ({DECODE_KL_TOKENS} tokens through the cache, {DECODE_KL_CHUNK} at a time: "
                      f"the approximate gemv): KL {r['kl_decode_fast_vs_reference']:.2e}, max |logit diff| "
                      f"{r['max_abs_logit_diff_decode']:.2e}, top-1 agreement {r['top1_agree_decode']:.3f}.")
+            if "kl_fp32_vs_fast" in r:
+                L.append(f"  - bf16 activations drift by bf16 rounding alone, so against the same weights run in "
+                         f"float32 (reference path): window KL reference {r['kl_fp32_vs_reference']:.2e}, fast "
+                         f"{r['kl_fp32_vs_fast']:.2e}; generation's path KL reference "
+                         f"{r['kl_decode_fp32_vs_reference']:.2e}, fast {r['kl_decode_fp32_vs_fast']:.2e}.")
     for r in rows:
         if "profile" in r:
             p = r["profile"]
