@@ -45,7 +45,8 @@ VARIANTS = ("float32", "bf16", "qins8-g128", "qins4-g64", "qins8-g128-bf16", "qi
             "llama.cpp-Q4_1", "llama.cpp-Q8_0", "llama.cpp-Q4_0")
 PROMPT_TOKENS = 16
 DECODE_KL_TOKENS, DECODE_KL_CHUNK = 64, 8     # generation's path (gemv: <= 8 rows per call)
-QINS = {"qins8-g128": (8, 128), "qins4-g64": (4, 64), "qins8-g128-bf16": (8, 128), "qins4-g64-bf16": (4, 64)}
+BF16_ACT = "-bf16"                            # QINS variant suffix: norms and activations in bfloat16
+QINS = {f"{v}{act}": bg for v, bg in {"qins8-g128": (8, 128), "qins4-g64": (4, 64)}.items() for act in ("", BF16_ACT)}
 
 
 def _prepared_dir(variant: str) -> Path:
@@ -67,7 +68,7 @@ def _prepare(variants) -> None:
             bits, group = QINS[v]
             m = qins.quantize(copy.deepcopy(model), WeightConfig("qins", bits, group),
                               embeddings=WeightConfig("qins", 6, 128), progress=False)
-            if v.endswith("-bf16"):
+            if v.endswith(BF16_ACT):
                 m.to(torch.bfloat16)            # norms and activations; codes and scales keep theirs
                 m.config.dtype = torch.bfloat16
             qins.save(m, d, tokenizer=tok)
@@ -87,7 +88,7 @@ def _load_prepared(variant: str):
     tok = AutoTokenizer.from_pretrained(d)
     if variant in QINS:
         import qins
-        return tok, qins.load(d, dtype=torch.bfloat16 if variant.endswith("-bf16") else torch.float32)
+        return tok, qins.load(d, dtype=torch.bfloat16 if variant.endswith(BF16_ACT) else torch.float32)
     dtype = torch.bfloat16 if variant == "bf16" else torch.float32
     return tok, AutoModelForCausalLM.from_pretrained(d, dtype=dtype)
 
@@ -158,7 +159,7 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int], repe
         bits, group = QINS[variant]
         info["quantized"] = (f"{len(list(quantized_modules(model)))} modules: decoder linears qins {bits}-bit "
                              f"g{group}, embedding + tied lm_head qins 6-bit g128 (one copy of the codes), activations "
-                             f"{'bfloat16' if variant.endswith('-bf16') else 'float32'}")
+                             f"{'bfloat16' if variant.endswith(BF16_ACT) else 'float32'}")
         info["quantized_bpw"] = round(8 * qbytes / nweights, 3)
     model.eval()
     params = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
@@ -187,30 +188,28 @@ def _torch_worker(variant: str, gen: int, prefill: int, threads: list[int], repe
             # after the timed runs: the reference path's full-weight decode must not leave its
             # allocations in the RSS measured while generating (bf16 runs no such check)
             if variant.startswith("qins"):
-                info.update(_fast_vs_reference(model, kl_ids, _prepared_dir(variant) if variant.endswith("-bf16") else None))
+                anchor = _prepared_dir(variant) if variant.endswith(BF16_ACT) else None
+                info.update(_fast_vs_reference(model, kl_ids, anchor))
             info["profile"] = _profile_token(model, prompt, variant)
     info.update(base_rss_mb=base_rss, runs=runs)
     return info
 
 
-def _fast_vs_reference(model, ids, anchor_dir=None) -> dict:
-    """KL(p_reference || p_fast) over the positions of one window, and the max |logit| change."""
-    from qins.kernels import cpu
-    os.environ["QINS_KERNELS"] = "reference"
-    ref = model(ids).logits.float()
-    os.environ["QINS_KERNELS"] = "cpu"
-    fast = model(ids).logits.float()
-    os.environ["QINS_KERNELS"] = "auto"
-    lp, lq = ref.log_softmax(-1), fast.log_softmax(-1)
-    kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
-    out = {"kl_fast_vs_reference": kl, "max_abs_logit_diff": (ref - fast).abs().max().item(),
-           "fast_path": cpu.available()}
-    out.update(_fast_vs_reference_decode(model, ids[:, :DECODE_KL_TOKENS]))
-    if anchor_dir is not None:
-        import torch
-        import qins
-        out.update(_bf16_anchor(model, ids, ref, fast, qins.load(anchor_dir, dtype=torch.float32).eval()))
-    return out
+def _logits(model, ids, backend: str, stepped: bool = False):
+    """float32 logits of `ids` with QINS_KERNELS=backend: one forward over the window, or
+    (stepped) generation's path: fed through the cache DECODE_KL_CHUNK tokens at a time, so every
+    linear runs the gemv (the approximate one: cpu.APPROX_GEMV)."""
+    import torch
+    from transformers import DynamicCache
+    os.environ["QINS_KERNELS"] = backend
+    try:
+        if not stepped:
+            return model(ids).logits.float()
+        cache = DynamicCache()
+        return torch.cat([model(ids[:, i:i + DECODE_KL_CHUNK], past_key_values=cache, use_cache=True).logits.float()
+                          for i in range(0, ids.shape[1], DECODE_KL_CHUNK)], 1)
+    finally:
+        os.environ["QINS_KERNELS"] = "auto"
 
 
 def _kl(p_logits, q_logits) -> float:
@@ -218,42 +217,31 @@ def _kl(p_logits, q_logits) -> float:
     return (lp.exp() * (lp - lq)).sum(-1).mean().item()
 
 
-def _bf16_anchor(model, ids, ref, fast, anchor_model) -> dict:
-    """bf16 activations: two bf16 computations of one model drift apart by bf16 rounding alone,
-    so each path is measured against the same saved weights loaded in float32 (`anchor_model`,
-    reference path): the fast path is right when it is no farther from that anchor than the
-    reference path is."""
-    os.environ["QINS_KERNELS"] = "reference"
-    try:
-        anchor = anchor_model(ids).logits.float()
-        dec = _fast_vs_reference_decode(anchor_model, ids[:, :DECODE_KL_TOKENS], logits=True)
-    finally:
-        os.environ["QINS_KERNELS"] = "auto"
-    ref_d, fast_d = _fast_vs_reference_decode(model, ids[:, :DECODE_KL_TOKENS], logits=True)
-    return {"kl_fp32_vs_reference": _kl(anchor, ref), "kl_fp32_vs_fast": _kl(anchor, fast),
-            "kl_decode_fp32_vs_reference": _kl(dec[0], ref_d), "kl_decode_fp32_vs_fast": _kl(dec[0], fast_d)}
+def _fast_vs_reference(model, ids, anchor_dir=None) -> dict:
+    """KL(p_reference || p_fast) over the positions of one window and on generation's path
+    (its first DECODE_KL_TOKENS tokens), with the max |logit| changes.
 
-
-def _fast_vs_reference_decode(model, ids, logits: bool = False):
-    """The same on generation's path: the window fed through the cache DECODE_KL_CHUNK tokens at a
-    time, so every linear runs the gemv (the approximate one: cpu.APPROX_GEMV)."""
-    import torch
-    from transformers import DynamicCache
-
-    def stepped(backend):
-        os.environ["QINS_KERNELS"] = backend
-        cache = DynamicCache()
-        out = [model(ids[:, i:i + DECODE_KL_CHUNK], past_key_values=cache, use_cache=True).logits.float()
-               for i in range(0, ids.shape[1], DECODE_KL_CHUNK)]
-        return torch.cat(out, 1)
-    ref, fast = stepped("reference"), stepped("cpu")
-    os.environ["QINS_KERNELS"] = "auto"
-    if logits:
-        return ref, fast
-    lp, lq = ref.log_softmax(-1), fast.log_softmax(-1)
-    return {"kl_decode_fast_vs_reference": (lp.exp() * (lp - lq)).sum(-1).mean().item(),
-            "max_abs_logit_diff_decode": (ref - fast).abs().max().item(),
-            "top1_agree_decode": (ref.argmax(-1) == fast.argmax(-1)).float().mean().item()}
+    anchor_dir (bf16 activations): two bf16 computations of one model drift apart by bf16
+    rounding alone, so each path is also measured against the same saved weights loaded in
+    float32 (reference path): the fast path is right when it is no farther from that anchor
+    than the reference path is."""
+    from qins.kernels import cpu
+    short = ids[:, :DECODE_KL_TOKENS]
+    ref, fast = _logits(model, ids, "reference"), _logits(model, ids, "cpu")
+    ref_d, fast_d = _logits(model, short, "reference", True), _logits(model, short, "cpu", True)
+    out = {"kl_fast_vs_reference": _kl(ref, fast), "max_abs_logit_diff": (ref - fast).abs().max().item(),
+           "fast_path": cpu.available(),
+           "kl_decode_fast_vs_reference": _kl(ref_d, fast_d),
+           "max_abs_logit_diff_decode": (ref_d - fast_d).abs().max().item(),
+           "top1_agree_decode": (ref_d.argmax(-1) == fast_d.argmax(-1)).float().mean().item()}
+    if anchor_dir is not None:
+        import torch
+        import qins
+        anchor_model = qins.load(anchor_dir, dtype=torch.float32).eval()
+        anchor, anchor_d = _logits(anchor_model, ids, "reference"), _logits(anchor_model, short, "reference", True)
+        out.update(kl_fp32_vs_reference=_kl(anchor, ref), kl_fp32_vs_fast=_kl(anchor, fast),
+                   kl_decode_fp32_vs_reference=_kl(anchor_d, ref_d), kl_decode_fp32_vs_fast=_kl(anchor_d, fast_d))
+    return out
 
 
 def _profile_token(model, prompt, variant: str) -> dict:

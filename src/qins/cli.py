@@ -78,18 +78,11 @@ def _device(a):
 
 
 def _weight_config(a):
-    from .codec.config import WeightConfig
+    from .codec.config import WeightConfig, scale_dtype_for
     return WeightConfig(format=a.format, bits=a.bits, group_size=_group(a.group_size),
                         curvature=a.curvature, clip_search=not a.no_clip_search,
-                        rounding=getattr(a, "rounding", "nearest"), scale_dtype=_scales(a.scales, a.format, a.bits))
-
-
-def _scales(choice: str, format: str, bits: int) -> str:
-    """--scales auto: log8 where the format and width allow it (codec/config.py), else float16."""
-    from .codec.config import log8_supported
-    if choice != "auto":
-        return choice
-    return "log8" if log8_supported(format, bits) else "float16"
+                        rounding=getattr(a, "rounding", "nearest"),
+                        scale_dtype=scale_dtype_for(a.scales, a.format, a.bits))
 
 
 def _add_protocol(p, windows=16, prompts=32):
@@ -163,8 +156,9 @@ def _embedding_config(a, config):
     if spec.count(":") == 1:
         spec = f"{config.format}:{spec}"
     (cfg,) = _parse_configs([spec], "--embeddings")
+    from .codec.config import scale_dtype_for
     return cfg.replace(rounding=config.rounding, curvature=config.curvature, clip_search=config.clip_search,
-                       scale_dtype=_scales(a.scales, cfg.format, cfg.bits))
+                       scale_dtype=scale_dtype_for(a.scales, cfg.format, cfg.bits))
 
 
 def cmd_compress(a):

@@ -45,8 +45,8 @@ def _kl(model_f, model_q, ids) -> float:
 
 def _stored_bits(model) -> int:
     """Bits of every distinct storage of the model's parameters and buffers (a tied pair once),
-    a quantized weight's as saved (`stored_tensors`: log8 scales are held as float16 but stored
-    as a byte per group and a float16 per row)."""
+    a quantized weight's as saved (`QuantizedWeight.nbytes`: log8 scales are held as float16 but
+    stored as a byte per group and a float16 per row)."""
     from qins.weights.quantize import quantized_modules
     seen, total = set(), 0
     for _, m in quantized_modules(model):
@@ -54,7 +54,7 @@ def _stored_bits(model) -> int:
             continue
         for t in m.quantized.tensors().values():
             seen.add(t.untyped_storage().data_ptr())
-        total += sum(8 * t.numel() * t.element_size() for t in m.quantized.stored_tensors().values())
+        total += 8 * m.quantized.nbytes()
     for t in list(model.parameters()) + list(model.buffers()):
         s = t.untyped_storage()
         if s.data_ptr() not in seen:

@@ -58,6 +58,14 @@ def log8_supported(format: str, bits: int) -> bool:
     return fmt.scaled and not fmt.asymmetric and bits <= LOG8_MAX_BITS
 
 
+def scale_dtype_for(choice: str, format: str, bits: int) -> str:
+    """A scale_dtype from a choice of "auto", "float16" or "log8": auto is log8 where the format
+    and width allow it (`log8_supported`), else float16 (`qins compress --scales`)."""
+    if choice != "auto":
+        return choice
+    return "log8" if log8_supported(format, bits) else "float16"
+
+
 @dataclass(frozen=True)
 class WeightConfig(JsonConfig):
     """How to quantize a weight tensor.

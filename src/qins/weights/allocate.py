@@ -26,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..codec.tensor import QuantizedWeight
-from ..codec.config import WeightConfig, log8_supported
+from ..codec.config import WeightConfig, scale_dtype_for
 from .linear import _linear_weight, is_linear_like
 
 # (bits, group): 3.25, 4.125, 4.25, 5.25, 6.25 and 8.125 bits per weight with fp16 scales
@@ -39,11 +39,7 @@ def default_candidates(fmt: str = "qins", menu=DEFAULT_MENU, rounding: str = "gp
                        scales: str = "auto") -> list[WeightConfig]:
     """One WeightConfig per (bits, group) of `menu`. scales "auto": log8 group scales where the
     format and width allow them (as `qins compress` does for a fixed config), else float16."""
-    def scale_dtype(b: int) -> str:
-        if scales != "auto":
-            return scales
-        return "log8" if log8_supported(fmt, b) else "float16"
-    return [WeightConfig(fmt, b, g, rounding=rounding, scale_dtype=scale_dtype(b)) for b, g in menu]
+    return [WeightConfig(fmt, b, g, rounding=rounding, scale_dtype=scale_dtype_for(scales, fmt, b)) for b, g in menu]
 
 
 # -- sensitivity ------------------------------------------------------------------------------

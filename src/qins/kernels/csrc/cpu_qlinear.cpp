@@ -703,6 +703,7 @@ at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::o
   at::Tensor y = at::empty({M, O}, x.options());
   at::Tensor buf = at::empty({std::min(tile, O), a.n_pad}, x.options().dtype(at::kFloat));
   at::Tensor part = at::empty({M, std::min(tile, O)}, x.options());
+  at::Tensor wbuf = bf16 ? at::empty({std::min(tile, O), in_features}, x.options()) : at::Tensor();
   for (int64_t o0 = 0; o0 < O; o0 += tile) {
     const int64_t n = std::min(tile, O - o0);
     float* bp = buf.data_ptr<float>();
@@ -713,7 +714,7 @@ at::Tensor tiled_op(const at::Tensor& x, const at::Tensor& qweight, const c10::o
       });
     });
     at::Tensor w = buf.narrow(0, 0, n).narrow(1, 0, in_features);
-    if (bf16) w = w.to(at::kBFloat16);
+    if (bf16) w = wbuf.narrow(0, 0, n).copy_(w);   // rounded to bf16 into the one tile buffer
     at::Tensor out = part.narrow(1, 0, n);
     at::mm_out(out, xc, w.t());
     y.narrow(1, o0, n).copy_(out);
