@@ -27,7 +27,7 @@ from qlinear import BOUND, SHAPES, bench, copies_for, cublas_bf16, qbytes, refer
 from qins.kernels import kmajor  # noqa: E402
 from qins.kernels import triton_kmajor as km  # noqa: E402
 from qins.kernels import triton_qlinear as tq  # noqa: E402
-from qins.kernels.ops import _registers  # noqa: E402
+from qins.kernels.prmt import table_registers as _registers  # noqa: E402
 
 
 def configs(M, N, K, bits, g, sms, quick):

@@ -122,11 +122,28 @@ def test_choose_routes():
     assert choose("auto-qins", 4, 2, bf, kmajor=False)[0] == "unfused"
 
 
+@pytest.mark.parametrize("mode", ["table", "closed"])
+@pytest.mark.parametrize("m", [17, 40])
+def test_kgemv_row_tiles(mode, m):
+    """More than 16 rows: programs over tiles of rows (a ragged last one), the group scale on
+    each step's tl.dot; against float64 within the half-precision bound (x in fp32 here, so
+    the decoded tile is fp32 too: the fp32 bound)."""
+    shape = SHAPES[-1]
+    qw = _quantized("qins", 4, 32, "tensor", shape)
+    g = torch.Generator().manual_seed(m)
+    x = torch.randn(m, shape[1], generator=g).to(DEVICE)
+    b = torch.randn(shape[0], generator=g).to(DEVICE)
+    ref = _ref64(qw, x) + b.double()
+    for cfg in (dict(BK=32, BN=16, SPLIT_K=1, BLOCK_M=16, num_warps=4),
+                dict(BK=32, BN=32, SPLIT_K=2, BLOCK_M=32, num_warps=4), None):
+        y = kgemv(x, *_kmajor_args(qw, mode), b, 4, qw.group_size, shape[1], mode=mode, config=cfg)
+        assert y.shape == (m, shape[0])
+        assert _err(y, ref) < TOL[torch.float32], cfg
+
+
 def test_kmajor_refuses_what_it_cannot_run():
     qw = _quantized("qins", 4, 64)
     x = torch.randn(17, 171).to(DEVICE)
-    with pytest.raises(ValueError, match="at most 16"):
-        kgemv(x, *_args(qw, "table"), None, 4, 64, 171)
     with pytest.raises(ValueError, match="prmt"):
         kgemv(x[:1], *_args(qw, "table"), None, 4, 64, 171, mode="prmt")
     with pytest.raises(ValueError, match="divide the group"):
@@ -155,7 +172,7 @@ def test_kbyte_matches_float64(group, curv, order):
 
 
 @pytest.mark.parametrize("order", ["row", "k"])
-@pytest.mark.parametrize("m", [2, 5, 16])
+@pytest.mark.parametrize("m", [2, 5, 16, 37])
 def test_kprmt_mm_matches_float64(order, m):
     """4-bit batch 2-16: the prmt decode's 8 code positions joined back into k order feed one
     tl.dot. The interpreter reads the same bf16 table from memory (no PTX), so the joins,
@@ -169,11 +186,14 @@ def test_kprmt_mm_matches_float64(order, m):
     b = torch.randn(shape[0], generator=g).to(DEVICE)
     q, s, _, _, _ = _stored(qw, order)(qw, "table")
     regs = table_registers(qw.decode_table())
-    for split in (1, 3):
-        cfg = dict(BK=qw.group_size, BN=16 if not CUDA else 64, SPLIT_K=split, num_warps=4)
+    # more than 16 rows: tiles of 16 rows (a ragged last one) or one tile of 64, and the default
+    tiles = [(16, 1), (16, 3)] + ([(16, 1), (64, 1), (None, None)] if m > 16 else [])
+    for bm, split in tiles:
+        cfg = None if bm is None else dict(BK=qw.group_size, BN=16 if not CUDA else 64, SPLIT_K=split,
+                                           BLOCK_M=bm, num_warps=4)
         y = kprmt_mm(x, q, s, regs, b, qw.group_size, shape[1], config=cfg)
         assert y.shape == (m, shape[0]) and y.dtype == x.dtype
-        assert _err(y, _ref64(qw, x) + b.double()) < TOL[torch.bfloat16], split
+        assert _err(y, _ref64(qw, x) + b.double()) < TOL[torch.bfloat16], (bm, split)
     with pytest.raises(ValueError, match="multiple of 16"):
         kprmt_mm(x, q, s, regs, b, qw.group_size, shape[1], config=dict(BK=8, BN=16, SPLIT_K=1))
 

@@ -10,9 +10,9 @@ x is indexed by k only, so it broadcasts over the outputs with no layout change.
 
 Each step covers BK codes of one group: the tile's values (table[code] or the QINS closed
 form) meet x, and the group's scale (and offset times sum x) multiply the step's partial
-sum once. BLOCK_M == 1 reduces on the CUDA cores; BLOCK_M == 16 (batch 2..16) feeds one
-tl.dot per step with the decoded tile in x's dtype. Split-K programs add fp32 partials with
-atomics.
+sum once. BLOCK_M == 1 reduces on the CUDA cores; BLOCK_M >= 16 feeds one tl.dot per step
+with the decoded tile in x's dtype (batch 2..16; above that, tiles of rows on a third program
+axis). Split-K programs add fp32 partials with atomics.
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ def _kgemv_kernel(x_ptr, qw_ptr, s_ptr, m_ptr, tab_ptr, a_ptr, bias_ptr, y_ptr,
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
     ks = tl.arange(0, BK)
-    ms = tl.arange(0, BLOCK_M)
+    ms = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)      # rows of x (tiles over M)
     m_ok = ms < M
     if BLOCK_M == 1 and ACC2D:
         acc2 = tl.zeros((BK, BN), dtype=tl.float32)
@@ -259,7 +259,11 @@ def kprmt_config(n: int, k: int, group_size: int = 64) -> dict:
 
 
 def kgemv_config(m: int, n: int, k: int, bits: int, group_size: int, sms: int = 132) -> dict:
-    """Tile and split of the K-major kernel; BK divides the group (one scale per step)."""
+    """Tile and split of the K-major kernel; BK divides the group (one scale per step). Above
+    16 rows: (128 rows, 64 outputs) tiles, no split (the best of benchmarks/gpu/prefill.py's
+    sweep: 0.23-0.25x cuBLAS bf16 at batch 512, so ops.choose decodes then calls cuBLAS there)."""
+    if m > 16:
+        return dict(BK=min(64, group_size), BN=64, SPLIT_K=1, BLOCK_M=128, num_warps=8, num_stages=3)
     bk = min(64 if m == 1 else 32, group_size)
     bn = 128 if m == 1 else 64
     steps_total = triton.cdiv(k, bk)
@@ -278,14 +282,13 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
     if mode == "closed" and curvature is None:
         raise ValueError("mode='closed' needs the qins curvature")
     M, K = x2.shape
-    if M > 16:
-        raise ValueError(f"the skinny kernel takes at most 16 rows of x, got {M}")
     N = qweight.shape[0]
     widths = planes(bits)
     w0, w1 = widths[0], (widths[1] if len(widths) > 1 else 0)
     G, gs = _groups(scales, group_size, in_features)
     cfg = dict(config or kgemv_config(M, N, K, bits, gs))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
+    bm = 1 if M == 1 else cfg.pop("BLOCK_M", 16)
     if gs % bk:
         raise ValueError(f"BK={bk} must divide the group size {gs}")
     steps, split = _steps(K, bk, split)
@@ -294,7 +297,7 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
     dummy = qweight
     stride_sn, stride_sg = (scales.stride(0), scales.stride(1)) if scales is not None else (0, 0)
     _check_offsets(scales, offsets)
-    grid = (triton.cdiv(N, bn), split)
+    grid = (triton.cdiv(N, bn), split, triton.cdiv(M, bm))
     _kgemv_kernel[grid](
         x2, qweight, dummy if scales is None else scales, dummy if offsets is None else offsets,
         table, dummy if curvature is None else curvature, bias if bias is not None else dummy, y,
@@ -302,7 +305,7 @@ def kgemv(x2, qweight, scales, offsets, table, curvature, bias, bits, group_size
         qweight.stride(0), qweight.stride(1), stride_sn, stride_sg,
         W0=w0, W1=w1, TS=2 ** bits, MODE=0 if mode == "table" else 1, PER_ROW=per_row,
         HAS_SCALE=scales is not None, HAS_OFFSET=offsets is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=1 if M == 1 else 16, BK=bk, BN=bn, SPLIT_K=split,
+        BLOCK_M=bm, BK=bk, BN=bn, SPLIT_K=split,
         IEEE=x2.dtype == torch.float32, **cfg)
     return _finish(y, split, bias, x2.dtype)
 
@@ -408,7 +411,7 @@ def _kprmt_mm_kernel(x_ptr, qw_ptr, s_ptr, tab_ptr, ftab_ptr, bias_ptr, y_ptr, M
     pid_k = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < N
-    ms = tl.arange(0, BLOCK_M)
+    ms = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)      # rows of x (tiles over M)
     m_ok = ms < M
     wi0 = tl.arange(0, BKW)
     ks0 = tl.arange(0, 8 * BKW)
@@ -448,10 +451,14 @@ def _kprmt_mm_kernel(x_ptr, qw_ptr, s_ptr, tab_ptr, ftab_ptr, bias_ptr, y_ptr, M
     _epilogue(y_ptrs, acc, ok, bias_ptr, cols, col_ok, HAS_BIAS, SPLIT_K)
 
 
-def kprmt_mm_config(n: int, k: int, group_size: int) -> dict:
-    """kprmt_mm: 32 outputs x 64 codes per step, split-K 4 (0.60-0.62x cuBLAS bf16 at batch 16;
-    64 outputs 0.49-0.52x)."""
+def kprmt_mm_config(n: int, k: int, group_size: int, m: int = 16) -> dict:
+    """kprmt_mm: up to 16 rows, 32 outputs x 64 codes per step, split-K 4 (0.60-0.62x cuBLAS
+    bf16 at batch 16; 64 outputs 0.49-0.52x); more rows: (256 rows, 64 outputs) tiles, no split,
+    the best of benchmarks/gpu/prefill.py's sweep at batch 512 (0.39-0.52x cuBLAS bf16, slower
+    than decode-then-cuBLAS's 0.67-0.69x, so ops.choose does not route rows above 16 here)."""
     bk = 64 if group_size % 64 == 0 else 32
+    if m > 16:
+        return dict(BK=bk, BN=64, SPLIT_K=1, BLOCK_M=256, num_warps=8, num_stages=3)
     return dict(BK=bk, BN=32, SPLIT_K=_pow2_split(triton.cdiv(k, bk), 4, 2), num_warps=4)
 
 
@@ -459,22 +466,23 @@ def kprmt_mm(x2, qweight, scales, regs, bias, group_size, in_features,
              config: dict | None = None) -> torch.Tensor:
     """Batch 2-16, 4-bit scaled codes without offsets, one table given as its (1, 8) registers."""
     M = x2.shape[0]
-    if not 1 <= M <= 16 or scales is None or regs.dtype != torch.int32:
-        raise ValueError("kprmt_mm takes 1-16 rows of x, 4-bit scaled codes and the table's registers")
+    if M < 1 or scales is None or regs.dtype != torch.int32:
+        raise ValueError("kprmt_mm takes rows of x, 4-bit scaled codes and the table's registers")
     K = in_features
     N = qweight.shape[0]
     G, gs = _groups(scales, group_size, K)
-    cfg = dict(config or kprmt_mm_config(N, K, gs))
+    cfg = dict(config or kprmt_mm_config(N, K, gs, M))
     bk, bn, split = cfg.pop("BK"), cfg.pop("BN"), cfg.pop("SPLIT_K")
+    bm = cfg.pop("BLOCK_M", 16)
     if gs % bk or bk % 16:
         raise ValueError(f"BK={bk} must be a multiple of 16 dividing the group size {gs}")
     steps, split = _steps(K, bk, split)
     y = _output(M, N, split, x2)
     emulate = _interpreting()
     ftab = registers_table(regs).reshape(16).contiguous() if emulate else regs
-    _kprmt_mm_kernel[(triton.cdiv(N, bn), split)](
+    _kprmt_mm_kernel[(triton.cdiv(N, bn), split, triton.cdiv(M, bm))](
         x2, qweight, scales, regs, ftab, bias if bias is not None else qweight, y, M, N, K, G, gs, steps,
         x2.stride(0), y.stride(0), qweight.stride(0), qweight.stride(1), scales.stride(0),
-        scales.stride(1), HAS_BIAS=bias is not None, BLOCK_M=16, BKW=bk // 8, BN=bn,
+        scales.stride(1), HAS_BIAS=bias is not None, BLOCK_M=bm, BKW=bk // 8, BN=bn,
         SPLIT_K=split, EMULATE=emulate, **cfg)
     return _finish(y, split, bias, x2.dtype)
