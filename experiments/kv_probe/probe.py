@@ -52,10 +52,28 @@ def capture_qkv(model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch
     return rec
 
 
+ROTATION_VARIANTS: list[tuple[str, int, dict]] = [
+    ("k", 4, dict(group=64, zero=True, sink=1)), ("k", 4, dict(group=64, zero=True, sink=1, rotate=True)),
+    ("v", 4, dict(a=0.5, sink=1)), ("v", 4, dict(a=0.5, sink=1, rotate=True)),
+    ("v", 4, dict(a=0.0, sink=1, rotate=True)), ("v", 4, dict(a=1.0, sink=1, rotate=True))]
+
+
+def hadamard(d: int) -> torch.Tensor:
+    """(d, d) orthonormal Sylvester-Hadamard matrix (d a power of two): symmetric, its own inverse."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / d ** 0.5
+
+
 def fake_quantize(x: torch.Tensor, which: str, bits: int, fmt: str = "qins", a: float = 0.0, group: int = 128,
-                  zero: bool | None = None, sink: int = 0) -> torch.Tensor:
+                  zero: bool | None = None, sink: int = 0, rotate: bool = False) -> torch.Tensor:
     """Keys per (group, channel) or values per token, all T tokens in whole groups; the first
-    `sink` tokens exact and left out of the ranges (as QINSLayer does)."""
+    `sink` tokens exact and left out of the ranges (as QINSLayer does). rotate: quantize x H
+    (a per-head Hadamard rotation of the channels) and return the result rotated back."""
+    if rotate:
+        h = hadamard(x.shape[-1]).to(x.dtype)
+        return fake_quantize(x @ h, which, bits, fmt, a, group, zero, sink) @ h
     zero = (which == "k") if zero is None else zero
     codec = Codec.build(fmt, bits, a, zero)
     y = x.clone()
@@ -91,27 +109,31 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m experiments.kv_probe.probe")
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--out", default="benchmarks/results/kv_attention_error.md")
+    ap.add_argument("--rotation", action="store_true",
+                    help="the Hadamard-rotation variants, on the corpus's first (calibration) windows")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     import qins
     from qins.metrics.quality import token_windows
     from qins.metrics.models import default_corpus
     tok, model = qins.load_default_model()
-    ids = token_windows(tok, default_corpus(), 512)[-a.windows:]
+    windows = token_windows(tok, default_corpus(), 512)
+    ids = windows[:a.windows] if a.rotation else windows[-a.windows:]
     qkv = capture_qkv(model, ids)
     command = "OMP_NUM_THREADS=1 python -m experiments.kv_probe.probe " + " ".join(argv if argv is not None else sys.argv[1:])
     md = [f"# Attention-output error of quantized K or V ({datetime.date.today().isoformat()})", "",
           f"Command: `{command}`", "",
-          f"Default model, last {a.windows} windows of 512 tokens of the default corpus, float32; see "
+          f"Default model, {'first' if a.rotation else 'last'} {a.windows} windows of 512 tokens of the default "
+          "corpus, float32; see "
           "src/qins/kv/probe.py for the definition (mean over the 30 layers of ||o_q - o||^2 / ||o||^2, the "
           "other tensor exact). A screening signal, not a quality result.", "",
-          "| tensor | bits | format | curvature a | key group | zero point | sink | error |",
-          "|---|---|---|---|---|---|---|---|"]
-    for which, bits, fields in VARIANTS:
+          "| tensor | bits | format | curvature a | key group | zero point | sink | Hadamard | error |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for which, bits, fields in (ROTATION_VARIANTS if a.rotation else VARIANTS):
         e = attention_error(qkv, which, bits, **fields)
-        f = dict(fmt="qins", a=0.0, group=128, zero=which == "k", sink=0) | fields
+        f = dict(fmt="qins", a=0.0, group=128, zero=which == "k", sink=0, rotate=False) | fields
         row = (f"| {which.upper()} | {bits} | {f['fmt']} | {f['a']} | {f['group'] if which == 'k' else '-'} | "
-               f"{f['zero']} | {f['sink']} | {sum(e) / len(e):.3e} |")
+               f"{f['zero']} | {f['sink']} | {f['rotate']} | {sum(e) / len(e):.3e} |")
         md.append(row)
         print(row, flush=True)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

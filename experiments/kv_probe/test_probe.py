@@ -25,3 +25,16 @@ def test_fake_quantize_keeps_sink_exact():
     assert torch.equal(y[:, :, 0], x[:, :, 0])
     # the outlier is out of the first group's range: the others keep a 4-bit error (measured 0.18)
     assert (y[:, :, 1:] - x[:, :, 1:]).abs().max() < 0.5
+
+
+def test_rotation_is_undone():
+    """The Hadamard rotation is orthonormal: at 8 bits the rotated round trip stays as close as
+    the plain one, and the matrix is its own inverse."""
+    from experiments.kv_probe.probe import hadamard
+    h = hadamard(16)
+    assert torch.allclose(h @ h, torch.eye(16), atol=1e-6)
+    x = torch.randn(1, 2, 64, 16, generator=torch.Generator().manual_seed(1))
+    for which in ("k", "v"):
+        plain = (fake_quantize(x, which, 8, group=16) - x).norm()
+        rot = (fake_quantize(x, which, 8, group=16, rotate=True) - x).norm()
+        assert rot < 3 * plain and rot < 0.05 * x.norm()
