@@ -10,8 +10,10 @@ batch-1 floor probes, per layer on the issue's three shapes (issue 11).
 - Probes at batch 1 (4096 x 14336, kprmt's default grid): the same walk over the codes that
   (0) only loads the words, (1) decodes them with prmt and sums the values (no x), (2) decodes
   and multiplies by x (kprmt without scales), (3) decodes 4-bit codes as uniform integers (shift,
-  mask, exponent trick) and multiplies by x. Their times bound what any kernel with that decode
-  can reach on this card.
+  mask, exponent trick) and multiplies by x, (4) looks the codes up as fp16 pairs and multiplies
+  them by x's fp16 pairs with packed half-precision FMAs (one fp32 per word: fewer instructions,
+  half-precision rounding; a probe, not a kernel). Their times bound what any kernel with that
+  decode can reach on this card; (2)-(4) are checked against float64 over the same codes.
 Correctness first (float64 over the same codes, bound 4e-3 as qlinear.py), then medians of
 CUDA-graph replays over weight copies rotated out of L2. Writes $OUT/gpu_prefill.json and
 prints a table last.
@@ -31,6 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from qins.codec import packing
+
 sys.path.insert(0, os.path.dirname(__file__))
 from qlinear import BOUND, SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, rel_err, synth  # noqa: E402
 
@@ -39,6 +43,26 @@ from qins.kernels import triton_kmajor as km  # noqa: E402
 from qins.kernels import triton_qlinear as tq  # noqa: E402
 from qins.kernels.prmt import table_registers as _registers  # noqa: E402
 from qins.kernels.triton_qlinear import _prmt_decode, _prmt_regs  # noqa: E402
+
+
+# MODE 4: the prmt lookup into fp16 pairs (a fp16 table), multiplied by x's fp16 pairs and summed
+# over the word with packed half-precision FMAs, one fp32 per word: fewer instructions per code
+# (no widening to fp32 per code, 4 FMAs per 8 codes) at half-precision rounding. A probe only.
+_LOOK = """prmt.b32 a, $2, $3, {s}; prmt.b32 b, $4, $5, {s}; lop3.b32 l, a, b, {m}, 0xD8;
+prmt.b32 a, $6, $7, {s}; prmt.b32 b, $8, $9, {s}; lop3.b32 h, a, b, {m}, 0xD8;
+"""
+_F16DOT = tl.constexpr("{\n.reg .b32 s, sh, t, m0, m1, a, b, l, h, p, acc;\n.reg .b16 lo, hi;\n.reg .f32 f0, f1;\n"
+                       "and.b32 s, $1, 0x77777777;\nshr.b32 sh, s, 16;\nshl.b32 t, $1, 4;\n"
+                       "prmt.b32 m0, t, $1, 0xd9c8;\nprmt.b32 m1, t, $1, 0xfbea;\n"
+                       + _LOOK.format(s="s", m="m0")
+                       + "prmt.b32 p, l, h, 0x5140;\nmul.rn.f16x2 acc, p, $10;\n"
+                       "prmt.b32 p, l, h, 0x7362;\nfma.rn.f16x2 acc, p, $11, acc;\n"
+                       + _LOOK.format(s="sh", m="m1")
+                       + "prmt.b32 p, l, h, 0x5140;\nfma.rn.f16x2 acc, p, $12, acc;\n"
+                       "prmt.b32 p, l, h, 0x7362;\nfma.rn.f16x2 acc, p, $13, acc;\n"
+                       "mov.b32 {lo, hi}, acc;\ncvt.f32.f16 f0, lo;\ncvt.f32.f16 f1, hi;\n"
+                       "add.f32 f0, f0, f1;\nmov.b32 $0, f0;\n}")
+_F16DOT_C = tl.constexpr(",".join(["=r"] + ["r"] * 13))
 
 
 @triton.jit
@@ -61,6 +85,16 @@ def _probe_kernel(x_ptr, qw_ptr, tab_ptr, y_ptr, N, K, STEPS, stride_qn, stride_
                         mask=w_ok[:, None] & col_ok[None, :], other=0)
         if MODE == 0:
             acci = acci ^ words
+        elif MODE == 4:                                 # x_ptr: x as fp16 pairs (int32)
+            z = tl.zeros(words.shape, dtype=tl.int32)
+            xp = wi * 4
+            d = tl.inline_asm_elementwise(
+                _F16DOT, _F16DOT_C,
+                [words, r0 + z, r1 + z, r2 + z, r3 + z, r4 + z, r5 + z, r6 + z, r7 + z,
+                 tl.load(x_ptr + xp)[:, None] + z, tl.load(x_ptr + xp + 1)[:, None] + z,
+                 tl.load(x_ptr + xp + 2)[:, None] + z, tl.load(x_ptr + xp + 3)[:, None] + z],
+                dtype=tl.int32, is_pure=True, pack=1)
+            acc2 += d.to(tl.float32, bitcast=True)
         elif MODE == 3:
             for i in tl.static_range(8):
                 v = (((words >> (4 * i)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388615.0
@@ -96,20 +130,36 @@ def probes(record, sms):
     for q in qs:
         q["qweight"], q["scales"] = kmajor(q["qweight"]), kmajor(q["scales"])
         q["regs"] = _registers(q["table"])
+        q["regs16"] = _registers(q["table"], torch.float16)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    xp16 = x.to(torch.float16).view(torch.int32).contiguous()          # (1, K/2) fp16 pairs
     cfg = km.kprmt_config(N, K, 64)
     steps, split = km._steps(K, cfg["BK"], cfg["SPLIT_K"])
     y = torch.zeros(N, device="cuda")
-    names = ["load-only", "prmt-decode-only", "prmt-decode-x", "uniform-int-decode-x"]
+    codes = packing.unpack(q0["qweight"].contiguous(), 4, K).long()
+    names = ["load-only", "prmt-decode-only", "prmt-decode-x", "uniform-int-decode-x", "prmt-fp16-pairs-hfma2-x"]
     for mode, name in enumerate(names):
-        def run(q, mode=mode):
+        xin = xp16 if mode == 4 else x
+        rk = "regs16" if mode == 4 else "regs"
+
+        def run(q, mode=mode, xin=xin, rk=rk):
             _probe_kernel[(triton.cdiv(N, cfg["BN"]), split)](
-                x, q["qweight"], q["regs"], y, N, K, steps, q["qweight"].stride(0), q["qweight"].stride(1),
+                xin, q["qweight"], q[rk], y, N, K, steps, q["qweight"].stride(0), q["qweight"].stride(1),
                 MODE=mode, BKW=cfg["BK"] // 8, BN=cfg["BN"], num_warps=cfg["num_warps"])
+        err = None
+        if mode in (2, 3, 4):                          # the product over the same codes, float64
+            y.zero_()
+            run(q0)
+            if mode == 3:
+                vals = (codes - 7).double()
+            else:
+                vals = q0["table"][0].to(torch.float16 if mode == 4 else torch.bfloat16).double()[codes]
+            ref = vals @ (x.to(torch.float16) if mode == 4 else x).double()[0]
+            err = float((y.double() - ref).norm() / ref.norm())
         it = itertools.cycle(qs)
         us = bench(lambda: run(next(it)))
         record(shape=f"{K}x{N}", variant=f"probe-{name}", M=1, us=us, speedup=base / us, cfg=cfg,
-               gbps=qbytes(q0) / us / 1e3)
+               gbps=qbytes(q0) / us / 1e3, err=err)
     it = itertools.cycle(qs)
     us = bench(lambda: (lambda q: km.kprmt(x, q["qweight"], q["scales"], None, q["regs"], None, 64, K))(next(it)))
     record(shape=f"{K}x{N}", variant="kprmt-4b (shipped)", M=1, us=us, speedup=base / us, cfg=cfg)
@@ -218,7 +268,7 @@ def main():
             record(shape=shape, variant=name, M=M, cfg=cfg, error=repr(e)[-300:])
             return None
 
-    shapes = [] if a.probe_sweep else (SHAPES[:1] if a.quick else SHAPES)
+    shapes = [] if a.probe_sweep or not a.batches else (SHAPES[:1] if a.quick else SHAPES)
     for si, (K, N) in enumerate(shapes):
         shape = f"{K}x{N}"
         base = cublas_bf16(K, N, tuple(a.batches))
@@ -300,7 +350,7 @@ def main():
         if r.get("sweep") or "us" not in r:
             continue
         print(f"{r['shape']:>12} {r['variant']:>26} {r['M']:>5} {r['us']:9.1f} {r['speedup']:6.2f}x "
-              f"{r.get('err', 0):8.1e} {r.get('cfg', '')}")
+              f"{r.get('err') or 0:8.1e} {r.get('cfg', '')}")
 
 
 if __name__ == "__main__":
