@@ -21,6 +21,7 @@ import torch
 from qins.eval.harness import Harness, Protocol
 from qins.eval.kv import measure_dynamic, measure_kv, measure_quantized_cache
 from qins.kv.config import KVConfig
+from qins.kv.plan import resolve_key_plan
 from qins.metrics.render import Column, markdown_table
 
 # (label, KVConfig fields, token match?)
@@ -66,6 +67,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", default=None,
                     help="row labels to run: substrings, or =LABEL for exactly LABEL")
     ap.add_argument("--no-hqq", action="store_true")
+    ap.add_argument("--also", nargs="*", default=[], metavar="NAME=FILE",
+                    help="also evaluate every QINSCache row on the last --also-windows windows of these texts "
+                         "(other kinds than the corpus; key plans stay calibrated on the corpus)")
+    ap.add_argument("--also-windows", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results/kv_quality")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -87,14 +92,28 @@ def main(argv=None) -> int:
         jl.flush()
         print(markdown_table([r], COLUMNS).splitlines()[-1], flush=True)
 
+    also = {}
+    for spec in a.also:
+        name, path = spec.split("=", 1)
+        also[name] = (path, Harness(tok, model, Protocol(windows=a.also_windows, prompts=0, calibration_windows=0),
+                                    text=Path(path).read_text(), progress=True))
     emit(measure_dynamic(h, model, a.chunk))
     for label, fields, match in ROWS:
         if a.only and not any(label == s[1:] if s.startswith("=") else s in label for s in a.only):
             continue
         fields = dict(fields)
-        plan = "auto" if fields.pop("plan", False) else None          # calibrated on windows 0..7
-        emit(measure_kv(h, model, KVConfig(**fields), a.chunk, match=match and a.prompts > 0, label=label,
-                        key_plan=plan))
+        want_plan = fields.pop("plan", False)
+        config = KVConfig(**fields)
+        # a key plan is calibrated once, on the corpus's windows 0..7, and used on every text
+        plan = resolve_key_plan("auto", model, config, lambda: h.calibration_windows,
+                                f"calibration {h.describe()['calibration_windows']}", h.protocol.batch_size,
+                                True) if want_plan else None
+        r = measure_kv(h, model, config, a.chunk, match=match and a.prompts > 0, label=label, key_plan=plan)
+        for name, (path, ha) in also.items():
+            ra = measure_kv(ha, model, config, a.chunk, match=False, label=label, key_plan=plan)
+            r[name] = {"text": path, "windows": ha.describe()["eval_windows"], "ppl_ref": ra["ppl_ref"],
+                       "ppl_increase_pct": ra["ppl_increase_pct"], "kl": ra["kl"], "top1": ra["top1"]}
+        emit(r)
     if not a.no_hqq:
         try:
             import hqq  # noqa: F401
@@ -127,7 +146,13 @@ def main(argv=None) -> int:
           "Token match: greedy, "
           f"{a.prompts} prompts x {a.new_tokens} new tokens against the float model with its default cache: "
           "share of tokens equal / sequences identical / mean first divergence.", "",
-          markdown_table(rows, COLUMNS)]
+          *([f"Other texts (key plans calibrated on the corpus as above): "
+             + "; ".join(f"{k} = `{p}`, {ha.describe()['eval_windows']}, reference ppl {ha.reference.ppl:.4f}"
+                         for k, (p, ha) in also.items()), ""] if also else []),
+          markdown_table(rows, COLUMNS + tuple(
+              c for k in also for c in (
+                  Column(k, f"{k}: vs ref", lambda r, k=k: f"{r[k]['ppl_increase_pct']:+.2f}%" if k in r else ""),
+                  Column(k, f"{k}: KL", lambda r, k=k: f"{r[k]['kl']:.2e}" if k in r else ""))))]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.jsonl')}")
     return 0
