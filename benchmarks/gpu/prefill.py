@@ -36,7 +36,8 @@ import triton.language as tl
 from qins.codec import packing
 
 sys.path.insert(0, os.path.dirname(__file__))
-from qlinear import BOUND, SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, rel_err, synth  # noqa: E402
+from qlinear import (BOUND, SHAPES, bench, copies_for, cublas_bf16, kernel_registers, print_rows, qbytes,  # noqa: E402
+                     reference64, rel_err, synth)
 
 from qins.kernels import kmajor  # noqa: E402
 from qins.kernels import triton_kmajor as km  # noqa: E402
@@ -326,31 +327,13 @@ def main():
                             record(**dict(d[0], variant=name + "-default"))
             del qs, kq, q0
             torch.cuda.empty_cache()
-    regs = []
-    for kern in (km._kprmt_mm_kernel, km._kgemv_kernel, _probe_kernel):
-        try:
-            for dev_cache in kern.device_caches.values():
-                for key, k in dev_cache[0].items():
-                    regs.append(dict(kernel=kern.fn.__name__, n_regs=k.n_regs, n_spills=k.n_spills,
-                                     key=str(key)[-160:]))
-        except Exception as e:
-            regs.append(dict(kernel=str(kern), error=repr(e)[:200]))
+    regs = kernel_registers((km._kprmt_mm_kernel, km._kgemv_kernel, _probe_kernel))
     out = dict(card=torch.cuda.get_device_name(0), date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
                torch=torch.__version__, triton=triton.__version__,
                command=" ".join(["python3"] + sys.argv), bound=BOUND, rows=rows, registers=regs)
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
-    print(f"\n{out['card']}  {out['date']}  torch {out['torch']}  triton {out['triton']}")
-    for r in rows:
-        if "error" in r and r.get("error") != "over bound":
-            print("FAILED", r["shape"], r["variant"], r.get("M"), r.get("cfg"), r["error"][:200])
-        elif "error" in r:
-            print("OVER BOUND", r["shape"], r["variant"], r.get("cfg"), r["err"])
-    for r in rows:
-        if r.get("sweep") or "us" not in r:
-            continue
-        print(f"{r['shape']:>12} {r['variant']:>26} {r['M']:>5} {r['us']:9.1f} {r['speedup']:6.2f}x "
-              f"{r.get('err') or 0:8.1e} {r.get('cfg', '')}")
+    print_rows(out, rows)
 
 
 if __name__ == "__main__":

@@ -110,6 +110,35 @@ def cublas_bf16(K, N, Ms, dev="cuda") -> dict:
     return out
 
 
+def kernel_registers(kernels) -> list[dict]:
+    """Registers and spills of every compiled variant of these Triton kernels (Triton's report)."""
+    regs = []
+    for kern in kernels:
+        try:
+            for dev_cache in kern.device_caches.values():
+                for key, k in dev_cache[0].items():
+                    regs.append(dict(kernel=kern.fn.__name__, n_regs=k.n_regs, n_spills=k.n_spills,
+                                     key=str(key)[-200:]))
+        except Exception as e:
+            regs.append(dict(kernel=str(kern), error=repr(e)[:200]))
+    return regs
+
+
+def print_rows(out: dict, rows: list[dict]) -> None:
+    """The run's card line, failures and variants over the bound, then one line per timed row."""
+    print(f"\n{out['card']}  {out['date']}  torch {out['torch']}  triton {out['triton']}")
+    for r in rows:
+        if "error" in r and r.get("error") != "over bound":
+            print("FAILED", r["shape"], r["variant"], r.get("M"), r.get("cfg"), r["error"][:200])
+        elif "error" in r:
+            print("OVER BOUND", r["shape"], r["variant"], r.get("cfg"), r["err"])
+    for r in rows:
+        if r.get("sweep") or "us" not in r:
+            continue
+        print(f"{r['shape']:>12} {r['variant']:>26} {r['M']:>5} {r['us']:9.1f} {r['speedup']:6.2f}x "
+              f"{r.get('err') or 0:8.1e} {r.get('cfg', '')}")
+
+
 def save(a, sms, rows):
     out = dict(card=torch.cuda.get_device_name(0), sms=sms,
                date=datetime.date.today().isoformat(), torch=torch.__version__,

@@ -27,7 +27,8 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from qlinear import BOUND, SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, rel_err, synth  # noqa: E402
+from qlinear import (BOUND, SHAPES, bench, copies_for, cublas_bf16, kernel_registers, print_rows, qbytes,  # noqa: E402
+                     reference64, rel_err, synth)
 
 from qins.kernels import kmajor  # noqa: E402
 from qins.kernels import triton_kmajor as km  # noqa: E402
@@ -170,33 +171,15 @@ def main():
                           km.kbyte_config(N, K, g), first)
             del qs, kq, q0
             torch.cuda.empty_cache()
-    regs = []
-    for kern in (km._kprmt_kernel, km._kbyte_kernel, km._kprmt_mm_kernel, km._kgemv_kernel):
-        try:
-            for dev_cache in kern.device_caches.values():
-                for key, k in dev_cache[0].items():
-                    regs.append(dict(kernel=kern.fn.__name__, n_regs=k.n_regs, n_spills=k.n_spills,
-                                     key=str(key)[-200:]))
-        except Exception as e:
-            regs.append(dict(kernel=str(kern), error=repr(e)[:200]))
+    regs = kernel_registers((km._kprmt_kernel, km._kbyte_kernel, km._kprmt_mm_kernel, km._kgemv_kernel))
     out = dict(card=torch.cuda.get_device_name(0), date=datetime.date.today().isoformat(),
                torch=torch.__version__, triton=triton.__version__,
                command=" ".join(["python3"] + sys.argv), bound=BOUND, rows=rows, registers=regs)
     with open(os.path.join(os.environ.get("OUT", "."), a.json), "w") as f:
         json.dump(out, f, indent=1)
-    print(f"\n{out['card']}  {out['date']}  torch {out['torch']}  triton {out['triton']}")
+    print_rows(out, rows)
     for r in regs:
         print("regs", r.get("kernel"), r.get("n_regs"), r.get("n_spills"))
-    for r in rows:
-        if "error" in r and r.get("error") != "over bound":
-            print("FAILED", r["shape"], r["variant"], r.get("M"), r.get("cfg"), r["error"][:200])
-        elif "error" in r:
-            print("OVER BOUND", r["shape"], r["variant"], r.get("cfg"), r["err"])
-    for r in rows:
-        if r.get("sweep") or "us" not in r:
-            continue
-        print(f"{r['shape']:>12} {r['variant']:>24} {r['M']:>3} {r['us']:8.1f} {r['speedup']:6.2f}x "
-              f"{r.get('err', 0):8.1e} {r.get('cfg', '')}")
 
 
 if __name__ == "__main__":
