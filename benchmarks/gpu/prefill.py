@@ -37,7 +37,8 @@ from qins.codec import packing
 
 sys.path.insert(0, os.path.dirname(__file__))
 from qlinear import (BOUND, SHAPES, bench, copies_for, cublas_bf16, kernel_registers, print_rows, qbytes,  # noqa: E402
-                     reference64, rel_err, synth)
+                     reference64, synth)
+from qlinear import timed as run_timed  # noqa: E402
 
 from qins.kernels import kmajor  # noqa: E402
 from qins.kernels import triton_kmajor as km  # noqa: E402
@@ -256,18 +257,8 @@ def main():
     elif not a.no_probes:
         probes(record, sms)
 
-    def timed(shape, name, M, fn, store, ref, base, cfg=None):
-        try:
-            err = rel_err(fn(store[0]), ref)
-            if err > BOUND:
-                record(shape=shape, variant=name, M=M, cfg=cfg, err=err, error="over bound")
-                return None
-            it = itertools.cycle(store)
-            t = bench(lambda: fn(next(it)))
-            return dict(shape=shape, variant=name, M=M, cfg=cfg, err=err, us=t, speedup=base / t)
-        except Exception as e:                                    # a tile that does not compile
-            record(shape=shape, variant=name, M=M, cfg=cfg, error=repr(e)[-300:])
-            return None
+    def timed(*args, **kw):
+        return run_timed(record, *args, **kw)
 
     shapes = [] if a.probe_sweep or not a.batches else (SHAPES[:1] if a.quick else SHAPES)
     for si, (K, N) in enumerate(shapes):

@@ -110,6 +110,23 @@ def cublas_bf16(K, N, Ms, dev="cuda") -> dict:
     return out
 
 
+def timed(record, shape, name, M, fn, store, ref, base, cfg=None) -> dict | None:
+    """One variant: its error against `ref` (over BOUND: recorded, not timed), then the median
+    of CUDA-graph replays of fn over the weight copies in `store`, as a row against `base` us.
+    A tile that does not compile is recorded with its error; None when not timed."""
+    try:
+        err = rel_err(fn(store[0]), ref)
+        if err > BOUND:
+            record(shape=shape, variant=name, M=M, cfg=cfg, err=err, error="over bound")
+            return None
+        it = itertools.cycle(store)
+        t = bench(lambda: fn(next(it)))
+        return dict(shape=shape, variant=name, M=M, cfg=cfg, err=err, us=t, speedup=base / t)
+    except Exception as e:
+        record(shape=shape, variant=name, M=M, cfg=cfg, error=repr(e)[-300:])
+        return None
+
+
 def kernel_registers(kernels) -> list[dict]:
     """Registers and spills of every compiled variant of these Triton kernels (Triton's report)."""
     regs = []
