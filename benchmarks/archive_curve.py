@@ -2,10 +2,10 @@
 .qins archive? (issue 14: >= 8x smaller than FP32 on disk at <= +5% ppl; the curve 6x-10x)
 
     PYTHONPATH=src python benchmarks/archive_curve.py DIR [DIR ...] [--out benchmarks/results/archive_curve]
-        [--also code=/path/to/argparse.py legal=/usr/share/common-licenses/GPL-3]
+        [--also code=/path/to/argparse.py legal=/usr/share/common-licenses/GPL-3] [--threshold 0.05]
 
 For each DIR (qins compress output of the default model): the directory's model.safetensors
-size, the .qins archive size (measured policy, threshold 5%; tokenizer and configs included),
+size, the .qins archive size (measured policy, `qins pack --threshold`, default 5%; tokenizer and configs included),
 both as x vs the FP32 size of the same parameters (4 bytes each), and the perplexity of
 `qins eval DIR --windows 16 --prompts 0` (the archive restores the same bytes, so the same ppl:
 tests/entropy/test_archive.py checks logits are equal).
@@ -27,6 +27,8 @@ ap.add_argument("dirs", nargs="+")
 ap.add_argument("--out", default="benchmarks/results/archive_curve")
 ap.add_argument("--also", nargs="*", default=[], metavar="NAME=FILE",
                 help="also evaluate every DIR on the last 10 windows of these texts (other kinds than the corpus)")
+ap.add_argument("--threshold", type=float, default=0.05,
+                help="qins pack's threshold: a tensor is entropy-coded where that saves at least this share")
 args = ap.parse_args()
 also = dict(a.split("=", 1) for a in args.also)
 
@@ -34,7 +36,7 @@ rows = []
 tmp = Path(tempfile.mkdtemp())
 for d in args.dirs:
     q = tmp / (Path(d).name + ".qins")
-    packed = archive.pack(d, q)
+    packed = archive.pack(d, q, threshold=args.threshold)
     ev = tmp / (Path(d).name + ".eval.json")
     assert main(["eval", d, "--windows", "16", "--prompts", "0", "--json", str(ev)]) == 0
     r = json.loads(ev.read_text())["rows"][0]
@@ -42,7 +44,7 @@ for d in args.dirs:
     fp32 = 4 * params
     st = (Path(d) / "model.safetensors").stat().st_size
     rows.append({"dir": d, "params": params, "fp32_bytes": fp32, "safetensors_bytes": st,
-                 "archive_bytes": packed["archive_bytes"], "codecs": packed["codecs"],
+                 "archive_bytes": packed["archive_bytes"], "codecs": packed["codecs"], "threshold": args.threshold,
                  "x_safetensors": fp32 / st, "x_archive": fp32 / packed["archive_bytes"],
                  "bpw_all": r["bpw_all"], "ppl": r["ppl"], "ppl_ref": r["ppl_ref"],
                  "ppl_increase_pct": r["ppl_increase_pct"], "kl": r["kl"], "windows": r["windows"], "tokens": r["tokens"]})
@@ -56,7 +58,8 @@ json.dump({"date": datetime.date.today().isoformat(), "command": "PYTHONPATH=src
            "rows": rows}, open(args.out + ".json", "w"), indent=1)
 lines = [f"# Size vs quality of packed archives ({datetime.date.today()})", "",
          f"command: `PYTHONPATH=src python {' '.join(sys.argv)}`; ppl on {rows[0]['windows']} windows "
-         f"({rows[0]['tokens']} tokens) of the default corpus's held-out end, reference ppl {rows[0]['ppl_ref']:.4f}", "",
+         f"({rows[0]['tokens']} tokens) of the default corpus's held-out end, reference ppl {rows[0]['ppl_ref']:.4f}; "
+         f"archives packed with threshold {args.threshold:g}", "",
          *([f"also on the last 10 windows of: " + ", ".join(f"{k} = `{v}`" for k, v in also.items()), ""] if also else []),
          "| dir | bpw (all-in) | model.safetensors | x vs FP32 | .qins archive | x vs FP32 | ppl | ppl vs float | KL |"
          + "".join(f" {k} ppl vs float | {k} KL |" for k in also),

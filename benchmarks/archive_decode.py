@@ -2,6 +2,7 @@
 (issue 14: >= 300 MB/s of codes on the 2-core machine)
 
     PYTHONPATH=src python benchmarks/archive_decode.py DIR [--repeats 7] [--out benchmarks/results/archive_decode]
+        [--threshold 0.05]
 
 Packs DIR (a qins.save directory) with the measured policy, then decodes every tensor
 (Archive.tensors) with 1 and 2 threads, `repeats` times each, alternating; reports the median.
@@ -30,12 +31,13 @@ ap = argparse.ArgumentParser()
 ap.add_argument("dir")
 ap.add_argument("--repeats", type=int, default=7)
 ap.add_argument("--out", default="benchmarks/results/archive_decode")
+ap.add_argument("--threshold", type=float, default=0.05, help="qins pack's threshold (the policy's rule)")
 args = ap.parse_args()
 
 tmp = Path(tempfile.mkdtemp())
 qfile = tmp / "model.qins"
 t0 = time.perf_counter()
-packed = archive.pack(args.dir, qfile)
+packed = archive.pack(args.dir, qfile, threshold=args.threshold)
 pack_s = time.perf_counter() - t0
 with archive.Archive(qfile) as a:
     recs = a.records

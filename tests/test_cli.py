@@ -257,6 +257,26 @@ def test_compress_to_a_budget_prints_and_saves_the_plan(workdir, float_dir, text
     assert memory_report(qins.load(out))["bpw_all"] == pytest.approx(doc["allocation"]["bpw_all"])
 
 
+def test_compress_coded_plan_is_charged_what_pack_writes(workdir, float_dir, text_file, capsys):
+    # --coded: each candidate charged its .qins records (codes, scale codes, refs, curvature) under
+    # the --coded-threshold pack rule; the archive packed with that threshold holds exactly them
+    from qins.entropy import archive
+    out = workdir / "q-coded"
+    rc = main(["compress", str(float_dir), "-o", str(out), "--target-bpw", "5", "--candidates", "4:32", "8:32",
+               "--coded", "--coded-threshold", "0", "--calibration-text", str(text_file),
+               "--calibration-windows", "2"])
+    assert rc == 0
+    assert "bpw archive-coded (threshold 0)" in capsys.readouterr().out       # the plan table's total
+    doc = json.loads((out / "qins.json").read_text())
+    alloc = doc["allocation"]
+    assert alloc["charged"] == "archive-coded (threshold 0)" and alloc["charged_bpw_all"] <= 5
+    archive.pack(out, workdir / "q-coded.qins", threshold=0.0)
+    planned = {t["name"] for t in alloc["tensors"]}
+    with archive.Archive(workdir / "q-coded.qins") as a:
+        coded = sum(r["length"] for n, r in a.records.items() if n.rpartition(".")[0] in planned)
+    assert 8 * coded == sum(t["charged_bits"] for t in alloc["tensors"])
+
+
 def test_compress_gptq_and_compare_gptq_rows(workdir, float_dir, text_file, capsys):
     out = workdir / "q-gptq"
     assert main(["compress", str(float_dir), "-o", str(out), "--bits", "3", "--group-size", "32",
@@ -321,6 +341,10 @@ def no_model_load(monkeypatch):
     (["compress", "{float}", "-o", "{tmp}/x", "--format", "int-asym", "--scales", "log8"], "log8.*symmetric"),
     (["compress", "{float}", "-o", "{tmp}/x", "--bits", "3", "--embeddings", "int-asym:4:64",
       "--scales", "log8"], "log8.*symmetric"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--coded"], "--coded applies to a mixed-precision plan only"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--target-bpw", "5", "--coded-threshold", "0"],
+     "--coded-threshold applies with --coded only"),
+    (["compress", "{float}", "-o", "{tmp}/x", "--stream", "--coded"], "--coded cannot be combined with --stream"),
     (["compress", "{tmp}/no-such-model", "-o", "{tmp}/x"], "model not found"),
     (["eval", "{tmp}/no-such-model", "--reference", "{float}"], "model not found"),
     (["generate", "{tmp}/no-such-model", "hi"], "model not found"),

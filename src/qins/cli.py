@@ -183,9 +183,11 @@ def cmd_compress(a):
                              f"--max-kl, --max-ppl-increase): the plan picks bits and groups per tensor from "
                              f"--candidates, with GPTQ rounding, and covers embeddings unless --no-embeddings")
         menu = _parse_menu(a.candidates) if a.candidates else None
-    elif a.candidates is not None:
-        raise ValueError("--candidates applies to a mixed-precision plan only "
-                         "(--target-bpw, --max-kl or --max-ppl-increase)")
+    elif a.candidates is not None or a.coded:
+        raise ValueError(f"{'--candidates' if a.candidates is not None else '--coded'} applies to a mixed-precision "
+                         f"plan only (--target-bpw, --max-kl or --max-ppl-increase)")
+    if a.coded_threshold is not None and not a.coded:
+        raise ValueError("--coded-threshold applies with --coded only")
     a.rounding = a.rounding or DEFAULT_ROUNDING
     config = _weight_config(a)                 # bad options fail before the model loads
     emb_config = None if modes else _embedding_config(a, config)
@@ -213,10 +215,15 @@ def cmd_compress(a):
         from .weights.allocate import default_candidates
         from .weights.budget import plan_table, quantize_to_budget
         cands = default_candidates(a.format, scales=a.scales, **({"menu": menu} if menu else {}))
+        size = None
+        if a.coded:
+            from .entropy.archive import WeightCodedSize
+            from .entropy.policy import DEFAULT_THRESHOLD
+            size = WeightCodedSize(DEFAULT_THRESHOLD if a.coded_threshold is None else a.coded_threshold)
         rep = quantize_to_budget(model, wins, target_bpw=a.target_bpw, max_kl=a.max_kl,
                                  max_ppl_increase=a.max_ppl_increase, candidates=cands,
                                  include_embeddings=not a.no_embeddings, skip=a.skip or (),
-                                 describe=f"first windows of {where}")
+                                 describe=f"first windows of {where}", size=size)
         print(plan_table(rep))
     else:
         if calibrate:
@@ -247,7 +254,8 @@ def _compress_stream(a):
         raise ValueError("--stream reads a local safetensors checkpoint directory: give MODEL")
     given = [flag for flag, on in (("--target-bpw", a.target_bpw is not None), ("--max-kl", a.max_kl is not None),
                                    ("--max-ppl-increase", a.max_ppl_increase is not None),
-                                   ("--candidates", a.candidates is not None)) if on]
+                                   ("--candidates", a.candidates is not None), ("--coded", a.coded),
+                                   ("--coded-threshold", a.coded_threshold is not None)) if on]
     if given:
         raise ValueError(f"{', '.join(given)} cannot be combined with --stream: streaming compression applies one "
                          f"fixed config (mixed-precision plans need the whole model)")
@@ -535,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-kl", type=float, default=None, help="fewest bits with KL <= this (nats/token)")
     g.add_argument("--max-ppl-increase", type=float, default=None, help="fewest bits with ppl <= +this percent")
     g.add_argument("--candidates", nargs="*", default=None, help="BITS:GROUP choices (default 3:64 4:128 4:64 5:64 6:64 8:128)")
+    g.add_argument("--coded", action="store_true",
+                   help="charge each candidate its entropy-coded bytes in the .qins archive (its codes, scales and "
+                        "curvature coded as `qins pack` codes them), not its raw packed bytes: --target-bpw then "
+                        "bounds the packed archive's tensors (float tensors still counted raw)")
+    g.add_argument("--coded-threshold", type=float, default=None,
+                   help="with --coded: the `qins pack --threshold` the archive will be written with (default 0.05); "
+                        "a tensor whose coding saves less is charged raw")
     _add_device(p, "the model, its calibration and the quantization run (the saved files are the same)")
     _add_dtype(p, "auto", "dtype of the tensors stored in float (norms, biases, float embeddings); "
                           "calibration and quantization compute in float32")

@@ -147,6 +147,31 @@ def code_tensor(t: torch.Tensor, transform: str, bits: int | None, codec: str | 
     return rec, blob
 
 
+def coded_nbytes(tensors: dict[str, torch.Tensor], bits_of: dict[str, int],
+                 threshold: float = DEFAULT_THRESHOLD) -> int:
+    """Payload bytes `pack` (no policy, `threshold`) writes for these saved tensors, by name
+    as in model.safetensors: each one coded by `code_tensor`, the blobs' lengths summed (the
+    index entries and the 64-byte alignment are the archive's, not the tensors')."""
+    return sum(len(_code_tensor(n, t, bits_of, None, threshold)[1]) for n, t in tensors.items())
+
+
+class WeightCodedSize:
+    """Bytes of one quantized weight in a .qins archive, as a bit allocator's cost:
+    `WeightCodedSize(threshold)(qw, name)` codes `qw.stored_tensors(name)` (packed codes,
+    log8 scale codes and row references, curvature) as `pack` would; weights/allocate.py's
+    `sensitivities(size=...)` takes it."""
+
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD):
+        self.threshold = threshold
+
+    def __call__(self, qw, name: str) -> int:
+        stored = {f"{name}.{k}": v for k, v in qw.stored_tensors(name).items()}
+        return coded_nbytes(stored, {name: qw.config.bits}, self.threshold)
+
+    def __repr__(self) -> str:
+        return f"archive-coded (threshold {self.threshold:g})"
+
+
 def decode_tensor(rec: dict, blob) -> torch.Tensor:
     """Inverse of `code_tensor`: a CPU tensor; raises coders.CoderError where the blob does not
     decode and ValueError where it decodes to other bytes than were coded."""

@@ -11,6 +11,14 @@ sampled from the float model, averaged over calibration tokens (so E[l] is the K
 curvature, not the training loss'). An embedding read as input adds
 1/2 sum_n sum_d G[n, d] dE[v_n, d]^2 over calibration positions n with token v_n.
 
+b_t(c) is by default the raw stored size (QuantizedWeight.nbytes). `sensitivities(size=...)`
+charges another size instead, measured on the candidate's own codes: the .qins archive's
+entropy-coded bytes (entropy.archive.WeightCodedSize, passed in from above: weights does not
+import entropy), so widths and groups that code below their raw size are charged what they
+cost on disk. Near-uniform 4-bit QINS codes code to 3.84-3.90 bits, 3-bit to 2.82, an
+embedding's 4-bit codes to 3.50, log8 scale codes to 4.2-5.6 bits (t410 plan of
+benchmarks/results/archive_curve_s5.md).
+
 The allocator picks one candidate per tensor to minimise sum_t d_t under a bit budget (or the
 fewest bits under a bound on sum_t d_t): a multiple-choice knapsack, solved by a Lagrange
 multiplier (each tensor minimises d + lambda * b) and a greedy fill of what the budget has
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -111,14 +120,22 @@ def fisher(model: nn.Module, windows: torch.Tensor, embedding: str | None = None
 
 @dataclass
 class Tensor:
-    """One quantizable tensor: its roles and, per candidate, stored bits and estimated loss."""
+    """One quantizable tensor: its roles and, per candidate, charged bits and estimated loss."""
     name: str                          # module that owns the weight (the input embedding if tied)
     numel: int
     linear: str | None                 # the linear reading the weight (lm_head when tied)
     embedding: bool                    # also (or only) read as the input embedding
-    bits: list[int] = field(default_factory=list)
+    bits: list[int] = field(default_factory=list)      # what the allocator charges (see `size`)
     loss: list[float] = field(default_factory=list)
     weights: list[QuantizedWeight] = field(default_factory=list)
+    stored: list[int] = field(default_factory=list)    # raw stored bits (8 nbytes); [] = `bits`
+
+    def stored_bits(self, i: int) -> int:
+        return self.stored[i] if self.stored else self.bits[i]
+
+
+# bytes charged for a candidate: size(quantized weight, module name) -> int
+Size = Callable[[QuantizedWeight, str], int]
 
 
 def _out_err(dW: torch.Tensor, H: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -133,8 +150,11 @@ def _out_err(dW: torch.Tensor, H: torch.Tensor, chunk: int = 8192) -> torch.Tens
 def sensitivities(model: nn.Module, candidates: list[WeightConfig], hessians: dict[str, torch.Tensor],
                   gains: dict[str, torch.Tensor], emb_gain: torch.Tensor | None,
                   include_embeddings: bool = True, skip=(), keep: bool = True,
-                  progress: bool = True) -> list[Tensor]:
-    """Quantize every tensor with every candidate; return bits and estimated loss of each."""
+                  progress: bool = True, size: Size | None = None) -> list[Tensor]:
+    """Quantize every tensor with every candidate; return bits and estimated loss of each.
+
+    size  bytes to charge a candidate, `size(qw, name)`; None charges the raw stored bytes
+          (`qw.nbytes()`). Tensor.stored keeps the raw bits either way."""
     from .targets import _embedding_name, _matches, _tied_output
 
     in_name = _embedding_name(model, "get_input_embeddings")
@@ -170,7 +190,8 @@ def sensitivities(model: nn.Module, candidates: list[WeightConfig], hessians: di
             loss += 0.5 * float((g.double() * e).sum()) if g is not None else float(e.sum())
         if t.embedding and emb_gain is not None:
             loss += 0.5 * float((emb_gain.double() * dW.double().pow(2)).sum())
-        t.bits.append(8 * qw.nbytes())
+        t.stored.append(8 * qw.nbytes())
+        t.bits.append(8 * (size(qw, t.name) if size is not None else qw.nbytes()))
         t.loss.append(loss)
         if keep:
             t.weights.append(qw)

@@ -7,6 +7,10 @@
 
 Every tensor counts: bpw is the whole model's stored bits (codes, scales, the float norms and
 biases, buffers) over its weight count, embeddings and lm_head included (a tied pair once).
+`size=entropy.archive.WeightCodedSize()` charges each quantized tensor its bytes in the .qins
+archive instead of its raw packed bytes, so target_bpw bounds the archive (the float tensors
+are still charged raw, a slight overcount; the archive's index and other files are not
+counted); the report then gives both, "bpw_all" (raw) and "charged_bpw_all" (coded).
 `windows` (N, T) is calibration text, never evaluation text. In a bound mode the last quarter
 of it is held out: the plan is chosen from statistics of the rest, quantized, and measured on
 the held-out windows; if the measurement misses the bound, the estimate is scaled by what was
@@ -57,6 +61,7 @@ def quantize_to_budget(
     progress: bool = True,
     describe: str = "calibration windows",
     sensitivity: list[alloc.Tensor] | None = None,
+    size: alloc.Size | None = None,
 ) -> dict:
     """Quantize `model` in place to a per-tensor plan; returns the report (also on the model).
 
@@ -64,7 +69,8 @@ def quantize_to_budget(
     max_ppl_increase (percent) is given. `candidates` default to
     `allocate.default_candidates()`: qins 3b-g64 .. 8b-g128 with GPTQ rounding.
     `sensitivity`: the output of `measure_sensitivity` for this model, windows and
-    candidates, to share one measurement between several targets.
+    candidates (and `size`), to share one measurement between several targets.
+    `size`: the bytes charged per candidate (allocate.sensitivities); None: raw stored bytes.
     """
     given = [x is not None for x in (target_bpw, max_kl, max_ppl_increase)]
     if sum(given) != 1:
@@ -89,7 +95,7 @@ def quantize_to_budget(
     else:
         fit_w, check_w = windows, windows
     tensors = sensitivity if sensitivity is not None else measure_sensitivity(
-        model, fit_w, candidates, include_embeddings=include_embeddings, skip=skip, progress=progress)
+        model, fit_w, candidates, include_embeddings=include_embeddings, skip=skip, progress=progress, size=size)
     if len(tensors[0].bits) != len(candidates):
         raise ValueError("`sensitivity` was measured for other candidates")
     other_bits, params = _float_bits(model, tensors)
@@ -128,7 +134,9 @@ def quantize_to_budget(
     report = {
         "mode": "target_bpw" if not bound else ("max_kl" if max_kl is not None else "max_ppl_increase"),
         "target": target_bpw if not bound else (max_kl if max_kl is not None else max_ppl_increase),
-        "bpw_all": _bits(tensors, choice, other_bits, params),
+        "bpw_all": _stored(tensors, choice, other_bits, params),
+        "charged": "raw" if size is None else repr(size),
+        "charged_bpw_all": _bits(tensors, choice, other_bits, params),
         "estimated_kl": sum(t.loss[i] for t, i in zip(tensors, choice)),
         "candidates": [c.label for c in candidates],
         "statistics": f"{describe}: {fit_w.shape[0]} x {fit_w.shape[1]} tokens for Hessians and Fisher",
@@ -136,7 +144,8 @@ def quantize_to_budget(
                   if check_w is not fit_w else f"{describe} (too few to hold any out)"),
         "rounds": rounds_log,
         "tensors": [{"name": t.name, "numel": t.numel, "config": candidates[i].label,
-                     "bits": t.bits[i], "bpw": t.bits[i] / t.numel, "estimated_kl": t.loss[i]}
+                     "bits": t.stored_bits(i), "bpw": t.stored_bits(i) / t.numel, "charged_bits": t.bits[i],
+                     "estimated_kl": t.loss[i]}
                     for t, i in zip(tensors, choice)],
     }
     record_plan(model, getattr(model, PLAN_ATTR)["modules"], allocation=report)
@@ -144,16 +153,23 @@ def quantize_to_budget(
 
 
 def measure_sensitivity(model: nn.Module, windows: torch.Tensor, candidates: list[WeightConfig],
-                        include_embeddings: bool = True, skip=(), progress: bool = True) -> list[alloc.Tensor]:
+                        include_embeddings: bool = True, skip=(), progress: bool = True,
+                        size: alloc.Size | None = None) -> list[alloc.Tensor]:
     """Hessians and Fisher of `model` on `windows`, then every tensor under every candidate."""
     H = input_hessians(model, windows, progress=progress)
     gains, emb_gain = alloc.fisher(model, windows, progress=progress)
-    return alloc.sensitivities(model, candidates, H, gains, emb_gain,
-                               include_embeddings=include_embeddings, skip=skip, progress=progress)
+    return alloc.sensitivities(model, candidates, H, gains, emb_gain, include_embeddings=include_embeddings,
+                               skip=skip, progress=progress, size=size)
 
 
 def _bits(tensors, choice, other_bits, params) -> float:
+    """Charged bits per weight of a choice (raw, or coded with `size`)."""
     return (sum(t.bits[i] for t, i in zip(tensors, choice)) + other_bits) / params
+
+
+def _stored(tensors, choice, other_bits, params) -> float:
+    """Raw stored bits per weight of a choice."""
+    return (sum(t.stored_bits(i) for t, i in zip(tensors, choice)) + other_bits) / params
 
 
 def plan_table(report: dict) -> str:
@@ -174,7 +190,10 @@ def plan_table(report: dict) -> str:
     lines = [head, "-" * len(head)]
     for r, cells in rows.items():
         lines.append(r.ljust(namew) + "".join(cells.get(c, "").rjust(max(width, 9)) for c in cols))
-    lines.append(f"whole model: {report['bpw_all']:.3f} bpw (every tensor), estimated KL {report['estimated_kl']:.4f} "
+    coded = report.get("charged", "raw") != "raw"
+    lines.append(f"whole model: {report['bpw_all']:.3f} bpw (every tensor)"
+                 + (f", {report['charged_bpw_all']:.3f} bpw {report['charged']}" if coded else "")
+                 + f", estimated KL {report['estimated_kl']:.4f} "
                  f"({report['mode']} {report['target']}); statistics from {report['statistics']}")
     for r in report["rounds"]:
         m = r["measured"]
