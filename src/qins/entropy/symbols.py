@@ -80,6 +80,9 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     for w in widths:
         if w == 8:
             out.append(codes)
+        elif w == 1:                                            # numpy's bit packer: 8 codes a byte
+            bit = (codes >> np.uint8(shift)) & np.uint8(1) if shift else codes & np.uint8(1)
+            out.append(np.packbits(bit, axis=1, bitorder="little"))
         else:
             per = 8 // w
             kind, mask, folds = _GATHER[per]
