@@ -216,3 +216,14 @@ def test_coded_sizes_are_charged_and_bound_the_archive(make_model, tmp_path):
         recs = [r for n, r in a.records.items() if n.rpartition(".")[0] in planned]
     assert sum(r["length"] for r in recs) * 8 == sum(t["charged_bits"] for t in rep["tensors"])
     assert sum(t["charged_bits"] for t in rep["tensors"]) < sum(t["bits"] for t in rep["tensors"])
+
+
+def test_plan_table_keeps_long_configs_apart():
+    """Configs longer than the column names (log8 scales: '4b-g128-s8') stay separated by a space."""
+    cfgs = ["qins-4b-g64-s8-gptq", "qins-4b-g128-s8-gptq", "qins-6b-g128-s8-gptq"]
+    rep = {"tensors": [{"name": f"model.layers.0.mlp.{c}", "config": cfg}
+                       for c, cfg in zip(("up", "down", "gate"), cfgs)],
+           "bpw_all": 4.5, "estimated_kl": 0.01, "mode": "target_bpw", "target": 4.5, "statistics": "x",
+           "rounds": []}
+    row = plan_table(rep).splitlines()[2]
+    assert row.split() == ["model.layers.0", "4b-g64-s8", "4b-g128-s8", "6b-g128-s8"]

@@ -184,7 +184,8 @@ def plan_table(report: dict) -> str:
         rows.setdefault(row, {})[col] = cfg
         if col not in cols:
             cols.append(col)
-    width = max(len(c) for c in cols) + 1
+    # a column is as wide as its name or its longest config (e.g. 4b-g128-s8), plus a space
+    width = max([len(c) for c in cols] + [len(v) for cells in rows.values() for v in cells.values()]) + 1
     namew = max(len(r) for r in rows) + 1
     head = "module".ljust(namew) + "".join(c.rjust(max(width, 9)) for c in cols)
     lines = [head, "-" * len(head)]
