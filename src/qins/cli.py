@@ -188,6 +188,8 @@ def cmd_compress(a):
                          f"plan only (--target-bpw, --max-kl or --max-ppl-increase)")
     if a.coded_threshold is not None and not a.coded:
         raise ValueError("--coded-threshold applies with --coded only")
+    if a.coded_threshold is not None:
+        _check_threshold(a.coded_threshold, "--coded-threshold")
     a.rounding = a.rounding or DEFAULT_ROUNDING
     config = _weight_config(a)                 # bad options fail before the model loads
     emb_config = None if modes else _embedding_config(a, config)
@@ -460,9 +462,16 @@ def cmd_generate(a):
     _maybe_json(a, doc)
 
 
+def _check_threshold(value: float, flag: str) -> None:
+    """A policy threshold is the least saving worth coding: a fraction in [0, 1)."""
+    if not (0.0 <= value < 1.0):                     # also refuses nan
+        raise ValueError(f"{flag} is the least saving worth entropy-coding, a fraction in [0, 1): got {value}")
+
+
 def cmd_analyze(a):
     from .entropy.report import analyze
     from .weights.plan import is_saved_model
+    _check_threshold(a.threshold, "--threshold")
     if not is_saved_model(a.dir):
         raise ValueError(f"{a.dir} is not a directory written by qins compress / qins.save "
                          f"(analyze measures the stored codes: compress the model first)")
@@ -485,6 +494,7 @@ def cmd_analyze(a):
 def cmd_pack(a):
     from .entropy.archive import pack
     from .entropy.policy import read_policy
+    _check_threshold(a.threshold, "--threshold")
     policy = read_policy(a.policy) if a.policy else None
     r = pack(a.dir, a.output, policy=policy, threshold=a.threshold)
     on_disk = sum(p.stat().st_size for p in Path(a.dir).iterdir() if p.is_file())
