@@ -71,13 +71,14 @@ def _menu(a):
             t.bits = [8 * size(qw, t.name) for qw in t.weights]
     tensors = []
     for t in doc["tensors"]:
-        bits = [t.bits[j] if a.charge == "coded" else t.stored[j] for j in keep]
+        charged = t.bits if a.charge == "coded" else t.stored
+        bits = [charged[j] for j in keep]
         loss = [t.loss[j] for j in keep]
         if emb is not None and t.embedding:
             k = labels.index(emb)
             if k not in keep:
                 raise SystemExit(f"--embeddings {a.embeddings} is not among --candidates")
-            bits = [(t.bits[j] if a.charge == "coded" else t.stored[j]) if j == k else EXCLUDED for j in keep]
+            bits = [charged[j] if j == k else EXCLUDED for j in keep]
             loss = [t.loss[j] if j == k else EXCLUDED for j in keep]
         tensors.append(alloc.Tensor(t.name, t.numel, t.linear, t.embedding, bits, loss,
                                     [t.weights[j] for j in keep], [t.stored[j] for j in keep]))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import itertools
 import json
 import os
@@ -124,7 +125,9 @@ def _probe_kernel(x_ptr, qw_ptr, tab_ptr, y_ptr, N, K, STEPS, stride_qn, stride_
     tl.atomic_add(y_ptr + cols, out, mask=col_ok)
 
 
-def probes(record, sms):
+def _probe_setup():
+    """The first shape's cuBLAS bf16 time at batch 1, 4-bit g64 weight copies stored K-major
+    with their bf16 and fp16 table registers, x and a zeroed fp32 output."""
     K, N = SHAPES[0]
     base = cublas_bf16(K, N, (1,))[1]
     q0 = synth(N, K, 4, 64)
@@ -134,10 +137,14 @@ def probes(record, sms):
         q["regs"] = _registers(q["table"])
         q["regs16"] = _registers(q["table"], torch.float16)
     x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
+    return K, N, base, q0, qs, x, torch.zeros(N, device="cuda")
+
+
+def probes(record, sms):
+    K, N, base, q0, qs, x, y = _probe_setup()
     xp16 = x.to(torch.float16).view(torch.int32).contiguous()          # (1, K/2) fp16 pairs
     cfg = km.kprmt_config(N, K, 64)
     steps, split = km._steps(K, cfg["BK"], cfg["SPLIT_K"])
-    y = torch.zeros(N, device="cuda")
     codes = packing.unpack(q0["qweight"].contiguous(), 4, K).long()
     names = ["load-only", "prmt-decode-only", "prmt-decode-x", "uniform-int-decode-x", "prmt-fp16-pairs-hfma2-x"]
     for mode, name in enumerate(names):
@@ -171,15 +178,7 @@ def probes(record, sms):
 def probe_sweep(record):
     """Which (BKW, BN, split, warps) walk streams the 4-bit codes fastest (load-only), and how
     the prmt decode with x does on the best five walks and kprmt's default."""
-    K, N = SHAPES[0]
-    base = cublas_bf16(K, N, (1,))[1]
-    q0 = synth(N, K, 4, 64)
-    qs = [q0] + [synth(N, K, 4, 64) for _ in range(copies_for(qbytes(q0)) - 1)]
-    for q in qs:
-        q["qweight"] = kmajor(q["qweight"])
-        q["regs"] = _registers(q["table"])
-    x = torch.randn(1, K, device="cuda", dtype=torch.bfloat16)
-    y = torch.zeros(N, device="cuda")
+    K, N, base, q0, qs, x, y = _probe_setup()
 
     def time_walk(mode, bkw, bn, split, w):
         steps, split = km._steps(K, 8 * bkw, split)
@@ -257,8 +256,7 @@ def main():
     elif not a.no_probes:
         probes(record, sms)
 
-    def timed(*args, **kw):
-        return run_timed(record, *args, **kw)
+    timed = functools.partial(run_timed, record)
 
     shapes = [] if a.probe_sweep or not a.batches else (SHAPES[:1] if a.quick else SHAPES)
     for si, (K, N) in enumerate(shapes):

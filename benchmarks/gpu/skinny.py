@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -88,8 +89,7 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    def timed(*args, **kw):
-        return run_timed(record, *args, **kw)
+    timed = functools.partial(run_timed, record)
 
     def tuned(shape, name, M, kind, make, store, ref, base, N, K, default, first):
         if a.quick or a.defaults:

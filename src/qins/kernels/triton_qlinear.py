@@ -355,8 +355,8 @@ def _common(qweight, scales, offsets, table, curvature, bits, group_size, in_fea
             raise ValueError("mode='prmt' takes 4-bit codes with one table per tensor")
         if table.dtype != torch.int32:                   # (1, 16) values, not yet (1, 8) registers
             table = _prmt.table_registers(table)
-    # one table (prmt), a table per row, or a curvature per row (closed form)
-    per_row = {"table": table.shape[0] > 1, "prmt": False}.get(mode) if mode != "closed" else curvature.numel() > 1
+    # a table per row (prmt has one, checked above), or a curvature per row (closed form)
+    per_row = curvature.numel() > 1 if mode == "closed" else table.shape[0] > 1
     G = 1 if scales is None else scales.shape[1]
     dummy = qweight                                          # never read: its flag is off
     if offsets is not None and offsets.stride() != scales.stride():

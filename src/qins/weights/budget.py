@@ -134,7 +134,7 @@ def quantize_to_budget(
     report = {
         "mode": "target_bpw" if not bound else ("max_kl" if max_kl is not None else "max_ppl_increase"),
         "target": target_bpw if not bound else (max_kl if max_kl is not None else max_ppl_increase),
-        "bpw_all": _stored(tensors, choice, other_bits, params),
+        "bpw_all": _bits(tensors, choice, other_bits, params, stored=True),
         "charged": "raw" if size is None else repr(size),
         "charged_bpw_all": _bits(tensors, choice, other_bits, params),
         "estimated_kl": sum(t.loss[i] for t, i in zip(tensors, choice)),
@@ -162,14 +162,9 @@ def measure_sensitivity(model: nn.Module, windows: torch.Tensor, candidates: lis
                                skip=skip, progress=progress, size=size)
 
 
-def _bits(tensors, choice, other_bits, params) -> float:
-    """Charged bits per weight of a choice (raw, or coded with `size`)."""
-    return (sum(t.bits[i] for t, i in zip(tensors, choice)) + other_bits) / params
-
-
-def _stored(tensors, choice, other_bits, params) -> float:
-    """Raw stored bits per weight of a choice."""
-    return (sum(t.stored_bits(i) for t, i in zip(tensors, choice)) + other_bits) / params
+def _bits(tensors, choice, other_bits, params, stored: bool = False) -> float:
+    """Bits per weight of a choice: charged (raw, or coded with `size`), or raw stored."""
+    return (sum(t.stored_bits(i) if stored else t.bits[i] for t, i in zip(tensors, choice)) + other_bits) / params
 
 
 def plan_table(report: dict) -> str:
