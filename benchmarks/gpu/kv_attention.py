@@ -53,6 +53,8 @@ SINK, RESIDUAL, PAGE_KB = 1, 128, 32
 BOUND = 2e-2          # fp16 operands on the tensor cores (2^-11 per product) and bf16 output (2^-9): measured far below
 L2_ROTATE = 256 << 20  # bytes of cache copies per graph replay, > 4x the H200's 50 MB L2
 DEV = "cuda"
+CUDA_WHY: str | None = "not checked"   # why the CUDA kernel cannot run (None: it runs), set in main
+SMS = 132
 
 
 def log(*a):
@@ -287,16 +289,24 @@ def run_case(B, T, bits_list, rows, args, checked):
                 got = pg.attend(q).float()
                 row["err_vs_reference"] = float((got - ref).abs().max() / ref.abs().max())
                 row["err_vs_bf16_cache"] = float((got - ref16).abs().max() / ref16.abs().max())
+                tri = pg.attend(q, cuda=False).float()
+                row["triton_err_vs_reference"] = float((tri - ref).abs().max() / ref.abs().max())
+                row["default_vs_triton"] = float((got - tri).abs().max() / ref.abs().max())
                 del Kr, Vr
                 if not row["err_vs_reference"] <= BOUND:
                     raise AssertionError(f"kernel error {row['err_vs_reference']:.3g} > {BOUND}")
             n = max(1, -(-L2_ROTATE // pg.nbytes()))
             copies = [pg] + [pg.copy() for _ in range(n - 1)]
-            launches = [dict()] + ([] if args.quick else [dict(fold=False), dict(fold=False, block_t=64, num_warps=4),
-                                                          dict(asm=False), dict(asm=True), dict(num_stages=2),
-                                                          dict(block_t=32)])
-            if pg.v_aff is None and not pg.vcod.zero_point and not args.quick:
-                launches.append(dict(v_closed=pg.vcod.curvature))         # qins levels by a fast division
+            launches = [dict(), dict(cuda=False)]
+            if CUDA_WHY is None:                                          # the CUDA kernel's split counts
+                launches += [dict(cuda=True, splits=max(1, -(-per_sm * SMS // (B * HKV))), minb=m)
+                             for per_sm in (2, 4, 8) for m in (1, 4)]
+            if args.triton_variants:
+                launches += [dict(lc, cuda=False) for lc in (
+                    dict(fold=False), dict(fold=False, block_t=64, num_warps=4), dict(asm=False), dict(asm=True),
+                    dict(num_stages=2), dict(block_t=32))]
+                if pg.v_aff is None and not pg.vcod.zero_point:
+                    launches.append(dict(v_closed=pg.vcod.curvature))     # qins levels by a fast division
             timings = {}
             for lc in launches:
                 key = ",".join(f"{k}={v}" for k, v in lc.items()) or "default"
@@ -312,6 +322,10 @@ def run_case(B, T, bits_list, rows, args, checked):
                 row.update(ms=ms, launch=cfg, gbps=row["bytes"] / (ms * 1e-3) / 1e9)
                 if best:
                     row["speedup_vs_sdpa"] = best / ms
+                    for key, name in (("default", "default"), ("cuda=False", "triton")):
+                        if isinstance(timings.get(key), float):
+                            row[f"{name}_ms"] = timings[key]
+                            row[f"{name}_vs_sdpa"] = best / timings[key]
             del copies, pg
         except Exception as e:                                        # noqa: BLE001
             row.update(error=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc()[-1500:])
@@ -329,6 +343,7 @@ def main():
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 8])
     ap.add_argument("--bits", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--replays", type=int, default=None)
+    ap.add_argument("--triton-variants", action="store_true", help="also time the Triton kernel's launch variants")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -342,6 +357,12 @@ def main():
                 shape=dict(query_heads=HQ, kv_heads=HKV, head_dim=D), sink=SINK, residual=RESIDUAL, page_kb=PAGE_KB,
                 bound=BOUND)
     rows: list[dict] = []
+    global CUDA_WHY, SMS
+    from qins.kernels.cuda_kv import why_not
+    CUDA_WHY = why_not(DEV)
+    SMS = torch.cuda.get_device_properties(DEV).multi_processor_count
+    meta["cuda_kernel"] = CUDA_WHY or "built"
+    log("CUDA kernel:", meta["cuda_kernel"])
     try:
         meta["copy_gbps"] = copy_bandwidth()
     except Exception as e:                                            # noqa: BLE001
@@ -360,7 +381,8 @@ def main():
     print(f"# decode attention, {meta['card']}, {meta['date'][:16]}, torch {meta['torch']}, triton {meta['triton']}")
     print(f"# Llama-3-8B shape ({HQ} q heads, {HKV} KV heads, dim {D}); copy bandwidth "
           f"{meta.get('copy_gbps', float('nan')):.0f} GB/s; JSON: {out_path}")
-    print(f"{'B':>2} {'ctx':>7} {'variant':<18} {'ms':>8} {'GB/s':>7} {'x SDPA':>7} {'err':>9}  note")
+    print(f"# CUDA kernel: {meta['cuda_kernel']}")
+    print(f"{'B':>2} {'ctx':>7} {'variant':<18} {'ms':>8} {'GB/s':>7} {'x SDPA':>7} {'default x':>9} {'triton x':>8} {'err':>9}  note")
     for r in rows:
         err = r.get("err_vs_reference", r.get("err_vs_fp32"))
         note = r.get("error", "")[:60] or (f"launch {r['launch']}" if "launch" in r else "")
@@ -368,6 +390,7 @@ def main():
             note += f" append equal {min(r['append_equal'].values()):.4f}"
         print(f"{r['batch']:>2} {r['context']:>7} {r['variant']:<18} {r.get('ms', float('nan')):>8.4f} "
               f"{r.get('gbps', float('nan')):>7.0f} {r.get('speedup_vs_sdpa', float('nan')):>7.2f} "
+              f"{r.get('default_vs_sdpa', float('nan')):>9.2f} {r.get('triton_vs_sdpa', float('nan')):>8.2f} "
               f"{'' if err is None else f'{err:.2e}':>9}  {note}")
 
 

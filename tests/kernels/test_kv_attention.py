@@ -77,7 +77,7 @@ def test_closed_form_values_match_the_table(monkeypatch):
     args = (q, tuple(getattr(layer.pool, p) for p in layer.pool.PLANES), layer.table.ids, layer.n_quantized, skip,
             None, layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine, 4, 4, 32, fk, fv, 32 ** -0.5)
     assert layer._v_affine is None
-    table, closed = kv_decode_attention(*args), kv_decode_attention(*args, v_closed=0.5)
+    table, closed = kv_decode_attention(*args, cuda=False), kv_decode_attention(*args, v_closed=0.5)
     # measured 0 difference under the interpreter (the levels round to the same fp16 values)
     torch.testing.assert_close(closed, table, rtol=1e-3, atol=1e-4)
 
@@ -102,12 +102,12 @@ def test_folded_kernel_agrees_with_the_first(bits, group, qh, monkeypatch):
             layer.k_offset, layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine, bits, bits, group,
             fk, fv, D ** -0.5)
     assert layer._k_affine is not None and fold_shape(qh, group)[0] * fold_shape(qh, group)[1] >= 16
-    first = kv_decode_attention(*args, fold=False)
-    folded = kv_decode_attention(*args, fold=True, splits=3)
+    first = kv_decode_attention(*args, fold=False, cuda=False)
+    folded = kv_decode_attention(*args, fold=True, splits=3, cuda=False)
     torch.testing.assert_close(folded, first, rtol=1e-3, atol=1e-4)
     if CUDA:
-        torch.testing.assert_close(kv_decode_attention(*args, fold=True, asm=True),
-                                   kv_decode_attention(*args, fold=True, asm=False), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(kv_decode_attention(*args, fold=True, asm=True, cuda=False),
+                                   kv_decode_attention(*args, fold=True, asm=False, cuda=False), rtol=1e-3, atol=1e-4)
 
 
 def test_fold_shape_fills_sixteen_rows():

@@ -109,13 +109,19 @@ _REGISTERS: dict[tuple, tuple] = {}
 
 def cached_registers(table: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """`table_registers` of the first 16 entries of `table`, made once per (table, dtype) and
-    per change of the table (kernels call it every launch). Keyed by id with a weak reference
-    to check it (a WeakKeyDictionary compares tensors with ==, which is elementwise)."""
+    per change of the table (kernels call it every launch)."""
+    return cached_derived(table, ("registers", dtype), lambda t: table_registers(t.reshape(-1)[:16], dtype))
+
+
+def cached_derived(table: torch.Tensor, tag, build) -> torch.Tensor:
+    """build(table), made once per (table, tag) and per change of the table. Keyed by id with a
+    weak reference to check it (a WeakKeyDictionary compares tensors with ==, which is
+    elementwise)."""
     version = None if table.is_inference() else table._version
-    key = (id(table), dtype)
+    key = (id(table), tag)
     hit = _REGISTERS.get(key)
     if hit is None or hit[0]() is not table or hit[1] != version:
-        hit = (weakref.ref(table), version, table_registers(table.reshape(-1)[:16], dtype))
+        hit = (weakref.ref(table), version, build(table))
         _REGISTERS[key] = hit
         weakref.finalize(table, _REGISTERS.pop, key, None)
     return hit[2]

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import _interpreting
+from . import cuda_kv as _cuda_kv
 from . import prmt as _prmt
 
 _AFF4 = tl.constexpr(_prmt.KV_AFFINE4)
@@ -549,7 +550,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, magic: bool = True,
                         v_closed: float | None = None, fold: bool | None = None,
-                        asm: bool | None = None) -> torch.Tensor:
+                        asm: bool | None = None, cuda: bool | None = None, minb: int | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -571,7 +572,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     division instead of a table lookup per code (within 1 ulp of the table); it runs on the first
     kernel. fold: the folded kernel (None: for affine keys and groups of 16 tokens or more).
     asm: its inline-PTX decode (None: affine codes, and the 4-bit value table from 4 rows; never
-    under the interpreter)."""
+    under the interpreter). cuda: the CUDA kernel (kernels/cuda_kv.py; None: wherever it runs and
+    takes the shape, with no mask and no v_closed; True: it or a clear error; False: Triton); minb:
+    its register fit (cuda_kv.MIN_BLOCKS)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -589,6 +592,15 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                              f"got {mask.dtype} {tuple(mask.shape)}")
         mask = mask.contiguous().view(torch.uint8)
     k_mode = 1 if kz is not None else 2 if k_base is not None else 0
+    if cuda is not False:
+        why = _cuda_path(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va)
+        if why is None:
+            if splits is None:
+                splits = splits_for(B, H, n_tokens, CUDA_SPLIT_TOKENS, q.device, per_sm=CUDA_PER_SM)
+            return _cuda_kv.decode(q, planes, table, n_tokens, skip, k_base, v_lut, ka, va, k_bits, v_bits, group,
+                                   fk, fv, scale, splits, minb)
+        if cuda:
+            raise ValueError(f"cuda=True: {why}")
     if fold is None:
         fold = ka is not None and v_closed is None and group >= 16
     if fold:
@@ -619,6 +631,23 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
         BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
     return _combine(q, o, ml)
+
+
+CUDA_PER_SM = 8              # programs per SM the CUDA kernel's splits aim at (H200: 8 beat 4 at batch 8)
+CUDA_SPLIT_TOKENS = 64       # fewest page tokens per split (16 per warp)
+
+
+def _cuda_path(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va) -> str | None:
+    """None when the CUDA kernel runs this call, else why not."""
+    if mask is not None:
+        return "a key padding mask is read by the Triton kernel"
+    if v_closed is not None:
+        return "v_closed is a Triton variant"
+    if _interpreting():
+        return "TRITON_INTERPRET=1 runs the Triton kernels"
+    dtypes = (q.dtype, fk.dtype) + ((k_base.dtype,) if k_base is not None else ())
+    return (_cuda_kv.why_not(q.device)
+            or _cuda_kv.unsupported(q.shape[2], qh, k_bits, v_bits, group, ka, va, dtypes))
 
 
 def fold_shape(qh: int, group: int) -> tuple[int, int]:
