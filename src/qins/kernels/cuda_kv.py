@@ -37,6 +37,7 @@ _INTS = ("B", "H", "QH", "Q", "P", "COLS", "SKIP", "F", "TPS", "NSPLIT", "FS", "
 FLOAT_TOKENS = 64              # float-segment tokens per program (16 per warp)
 MIN_BLOCKS = 4                 # programs per SM the kernel's registers are fitted to (4 or 1: none)
 COUNTERS = 1 << 16             # (row, KV head) pairs whose splits the last program merges; more: a merge launch
+MERGE_WEIGHTS = 4096           # query heads x splits the last program merges (its shared memory); more: a launch
 _COUNTERS: dict = {}
 
 
@@ -180,7 +181,8 @@ def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, 
     args = _Args(
         q=ptr(q), kc=ptr(kc), ks=ptr(ks), kz=ptr(kz), koff=ptr(koff), vc=ptr(vc), vs=ptr(vs), vz=ptr(vz),
         vtab=ptr(vtab), table=ptr(table), fk=ptr(fk), fv=ptr(fv), o=ptr(o), ml=ptr(ml), out=ptr(out),
-        counters=ptr(_counters(q.device)) if fused_merge and B * H <= COUNTERS and not probe & 4 else None,
+        counters=ptr(_counters(q.device)) if fused_merge and B * H <= COUNTERS and (Hq // H) * (fs + splits)
+        <= MERGE_WEIGHTS and not probe & 4 else None,
         B=B, H=H, QH=Hq // H, Q=n_tokens, P=P, COLS=table.shape[1], SKIP=skip, F=F, TPS=tps,
         NSPLIT=splits, FS=fs, G=group, D=D, KB=k_bits, VB=v_bits, kmode=k_mode, use_tab=int(vtab is not None),
         vzero=int(vz is not None), q_dtype=_DTYPES[q.dtype], f_dtype=_DTYPES[fk.dtype],

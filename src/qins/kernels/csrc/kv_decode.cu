@@ -55,6 +55,19 @@ DEVI float ldf(const void* p, size_t i, int dt) {       // 0 fp32, 1 fp16, 2 bf1
     return reinterpret_cast<const float*>(p)[i];
 }
 
+DEVI float tof(float x) { return x; }
+DEVI float tof(__half x) { return __half2float(x); }
+DEVI float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Calls f(T{}) with T the element type of dtype code dt (0 fp32, 1 fp16, 2 bf16): one branch,
+// then loops without per-element dtype branches (which keep loads from being issued together).
+template <typename Fn>
+DEVI void by_dtype(int dt, Fn&& f) {
+    if (dt == 1) f(__half{});
+    else if (dt == 2) f(__nv_bfloat16{});
+    else f(0.f);
+}
+
 DEVI float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -160,8 +173,35 @@ DEVI void load_tile(const KVArgs& a, int b, int h, int tok, int end, int g, int 
 struct Merge {                                   // per-warp partial results, merged at the end
     float o[4][8][128];
     float m[4][8], l[4][8];
-    float q[8][128];                            // the float segment's scaled queries
+    float q[8][128];                            // the scaled queries of this (row, KV head)
+    float koff[128];                            // the fixed key offset (kmode 2), else zeros
 };
+
+// q * qk_scale of the QH query heads of (b, h) into sm.q (rows QH.. zero), the key offset into
+// sm.koff: every load issued before any is used.
+template <int D>
+DEVI void stage_queries(const KVArgs& a, Merge& sm, int b, int h) {
+    const size_t q0 = ((size_t)b * a.H * a.QH + h * a.QH) * D;
+    by_dtype(a.q_dtype, [&](auto z) {
+        using E = decltype(z);
+        const E* q = reinterpret_cast<const E*>(a.q) + q0;
+#pragma unroll
+        for (int k = 0; k < 8 * D / 128; ++k) {
+            const int i = threadIdx.x + 128 * k;
+            sm.q[i / D][i % D] = i / D < a.QH ? tof(q[i]) * a.qk_scale : 0.f;
+        }
+    });
+    if (a.kmode == 2) {
+        by_dtype(a.koff_dtype, [&](auto z) {
+            using E = decltype(z);
+            const E* o = reinterpret_cast<const E*>(a.koff) + ((size_t)b * a.H + h) * D;
+            for (int c = threadIdx.x; c < D; c += blockDim.x) sm.koff[c] = tof(o[c]);
+        });
+    } else {
+        for (int c = threadIdx.x; c < D; c += blockDim.x) sm.koff[c] = 0.f;
+    }
+    __syncthreads();
+}
 
 template <int D>
 DEVI void finish(const KVArgs& a, Merge& sm, int b, int h, int split) {
@@ -196,78 +236,62 @@ DEVI void finish(const KVArgs& a, Merge& sm, int b, int h, int split) {
     __syncthreads();
     if (!last) return;
     __threadfence();
-    float* w = &sm.o[0][0][0];                  // split weights (S1 <= 1024 floats), then two sums
-    float* red = w + 1024;
-    for (int hh = 0; hh < a.QH; ++hh) {
-        const size_t row = (size_t)b * a.H * a.QH + h * a.QH + hh;
-        const float* ml = a.ml + row * S1 * 2;
+    // split weights of every head (QH * S1 <= MERGE_WEIGHTS floats, checked by the caller), a warp
+    // per head; then a thread per channel sums all heads, QH x 8 loads in flight
+    float* w = &sm.o[0][0][0];
+    float* den = &sm.m[0][0];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const size_t row0 = (size_t)b * a.H * a.QH + h * a.QH;
+    for (int hh = warp; hh < a.QH; hh += 4) {
+        const float* ml = a.ml + (row0 + hh) * S1 * 2;
         float M = -INFINITY;
-        for (int s = threadIdx.x; s < S1; s += blockDim.x) M = fmaxf(M, __ldcg(ml + 2 * s));
+        for (int s = lane; s < S1; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
         for (int x = 16; x; x >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, x));
-        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = M;
-        __syncthreads();
-        M = fmaxf(fmaxf(red[0], red[1]), fmaxf(red[2], red[3]));
-        float den = 0.f;
-        for (int s = threadIdx.x; s < S1; s += blockDim.x) {
+        float d = 0.f;
+        for (int s = lane; s < S1; s += 32) {
             const float m = __ldcg(ml + 2 * s);
             const float e = m == -INFINITY ? 0.f : ex2(m - M);
-            w[s] = e;
-            den = fmaf(e, __ldcg(ml + 2 * s + 1), den);
+            w[hh * S1 + s] = e;
+            d = fmaf(e, __ldcg(ml + 2 * s + 1), d);
         }
-        for (int x = 16; x; x >>= 1) den += __shfl_xor_sync(0xffffffffu, den, x);
-        __syncthreads();                        // red[] read above; w[] written
-        if ((threadIdx.x & 31) == 0) red[4 + (threadIdx.x >> 5)] = den;
-        __syncthreads();
-        den = red[4] + red[5] + red[6] + red[7];
-        for (int c = threadIdx.x; c < D; c += blockDim.x) {
-            const float* o = a.o + row * S1 * D + c;
-            float num = 0.f;
-#pragma unroll 8
-            for (int s = 0; s < S1; ++s) num = fmaf(w[s], __ldcg(o + (size_t)s * D), num);
-            const float r = num / den;
-            if (a.q_dtype == 1) reinterpret_cast<__half*>(a.out)[row * D + c] = __float2half_rn(r);
-            else if (a.q_dtype == 2) reinterpret_cast<__nv_bfloat16*>(a.out)[row * D + c] = __float2bfloat16_rn(r);
-            else reinterpret_cast<float*>(a.out)[row * D + c] = r;
+        for (int x = 16; x; x >>= 1) d += __shfl_xor_sync(0xffffffffu, d, x);
+        if (lane == 0) den[hh] = d;
+    }
+    __syncthreads();
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        float num[8];
+#pragma unroll
+        for (int hh = 0; hh < 8; ++hh) num[hh] = 0.f;
+#pragma unroll 4
+        for (int s = 0; s < S1; ++s) {
+#pragma unroll
+            for (int hh = 0; hh < 8; ++hh)
+                if (hh < a.QH) num[hh] = fmaf(w[hh * S1 + s], __ldcg(a.o + ((row0 + hh) * S1 + s) * D + c), num[hh]);
         }
-        __syncthreads();                        // before w[] and red[] are reused
+#pragma unroll
+        for (int hh = 0; hh < 8; ++hh) {
+            if (hh >= a.QH) break;
+            const float r = num[hh] / den[hh];
+            const size_t i = (row0 + hh) * D + c;
+            if (a.q_dtype == 1) reinterpret_cast<__half*>(a.out)[i] = __float2half_rn(r);
+            else if (a.q_dtype == 2) reinterpret_cast<__nv_bfloat16*>(a.out)[i] = __float2bfloat16_rn(r);
+            else reinterpret_cast<float*>(a.out)[i] = r;
+        }
     }
     if (threadIdx.x == 0) a.counters[(size_t)b * a.H + h] = 0;
 }
 
-// The float segment (sink copies, staging, residual window), 128 tokens per block: scores with a
-// lane per token (the queries in shared memory), the values with a lane per D/32 channels.
-DEVI void ld8(const void* p, size_t i, int dt, float (&x)[8]) {      // 8 elements from i (a multiple of 8)
-    if (dt == 0) {
-        const float4 u = *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p) + i);
-        const float4 v = *reinterpret_cast<const float4*>(reinterpret_cast<const float*>(p) + i + 4);
-        x[0] = u.x; x[1] = u.y; x[2] = u.z; x[3] = u.w; x[4] = v.x; x[5] = v.y; x[6] = v.z; x[7] = v.w;
-        return;
-    }
-    const uint4 u = *reinterpret_cast<const uint4*>(reinterpret_cast<const uint16_t*>(p) + i);
-    const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-        if (dt == 1) {
-            const float2 f = __half22float2(as_h2(w[j]));
-            x[2 * j] = f.x; x[2 * j + 1] = f.y;
-        } else {
-            x[2 * j] = __uint_as_float(w[j] << 16);
-            x[2 * j + 1] = __uint_as_float(w[j] & 0xFFFF0000u);
-        }
-    }
-}
-
-template <int D>
+// The float segment (sink copies, staging, residual window), 64 tokens per program: scores with a
+// lane per token (16 per warp; the queries in shared memory), the values with a lane per D/32
+// channels; element type E.
+template <int D, typename E>
 DEVI void float_segment(const KVArgs& a, Merge& sm, int b, int h, int part) {
     constexpr int C = D / 32;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int i = threadIdx.x; i < 8 * D; i += blockDim.x) {
-        const int hh = i / D;
-        sm.q[hh][i % D] = hh < a.QH ? ldf(a.q, ((size_t)b * a.H * a.QH + h * a.QH) * D + i, a.q_dtype) * a.qk_scale : 0.f;
-    }
-    __syncthreads();
-    const size_t rows = ((size_t)b * a.H + h) * a.F;
     if (a.probe & 2) return;
+    const E* fk = reinterpret_cast<const E*>(a.fk);
+    const E* fv = reinterpret_cast<const E*>(a.fv);
+    const size_t rows = ((size_t)b * a.H + h) * a.F;
     const int f0 = part * 64 + warp * 16;
     const int f = lane < 16 ? f0 + lane : a.F;     // lanes 16.. hold no token
     float s[8];
@@ -277,7 +301,8 @@ DEVI void float_segment(const KVArgs& a, Merge& sm, int b, int h, int part) {
 #pragma unroll 4
         for (int c = 0; c < D; c += 8) {
             float k[8];
-            ld8(a.fk, (rows + f) * D + c, a.f_dtype, k);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) k[j] = tof(fk[(rows + f) * D + c + j]);
 #pragma unroll
             for (int hh = 0; hh < 8; ++hh)
 #pragma unroll
@@ -305,7 +330,7 @@ DEVI void float_segment(const KVArgs& a, Merge& sm, int b, int h, int part) {
     for (int tt = 0; tt < 16; ++tt) {
         const size_t r = rows + min(f0 + tt, a.F - 1);
 #pragma unroll
-        for (int j = 0; j < C; ++j) v[tt][j] = ldf(a.fv, r * D + lane * C + j, a.f_dtype);
+        for (int j = 0; j < C; ++j) v[tt][j] = tof(fv[r * D + lane * C + j]);
     }
 #pragma unroll
     for (int tt = 0; tt < 16; ++tt) {
@@ -338,8 +363,9 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
     const int g = lane >> 2, t = lane & 3;
     const int bh = blockIdx.x, y = blockIdx.y;  // y < FS: a part of the float segment; else page split y - FS
     const int b = bh / a.H, h = bh % a.H;
+    stage_queries<D>(a, sm, b, h);
     if (y < a.FS) {
-        float_segment<D>(a, sm, b, h, y);
+        by_dtype(a.f_dtype, [&](auto z) { float_segment<D, decltype(z)>(a, sm, b, h, y); });
         finish<D>(a, sm, b, h, y);
         return;
     }
@@ -352,8 +378,6 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
     const int end = min(start + a.TPS, a.Q);
     const int ntiles = (max(end - start, 0) + 15) / 16;   // the last may end inside (an open group)
     const int first = warp * ntiles / 4, last = (warp + 1) * ntiles / 4;
-    const bool hok = g < a.QH;
-    const size_t qrow = ((size_t)b * a.H * a.QH + h * a.QH + g) * D + t * CH;
 
     float acc[KS][4];
 #pragma unroll
@@ -382,7 +406,19 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
         }
         if (cur.grow != cur_grow) {             // a new key group: q * r and the bias
             cur_grow = cur.grow;
-            const __half* r = a.ks + (size_t)cur_grow * D + t * CH;
+            // this lane's CH scales (and zero points) of the group: vector loads, all in flight
+            __half rz[2][CH];
+            const uint4* r4 = reinterpret_cast<const uint4*>(a.ks + (size_t)cur_grow * D + t * CH);
+#pragma unroll
+            for (int i = 0; i < CH / 8; ++i) *reinterpret_cast<uint4*>(&rz[0][8 * i]) = __ldg(r4 + i);
+            if (a.kmode == 1) {
+                const uint4* z4 = reinterpret_cast<const uint4*>(a.kz + (size_t)cur_grow * D + t * CH);
+#pragma unroll
+                for (int i = 0; i < CH / 8; ++i) *reinterpret_cast<uint4*>(&rz[1][8 * i]) = __ldg(z4 + i);
+            } else {
+#pragma unroll
+                for (int i = 0; i < CH; ++i) rz[1][i] = __float2half(0.f);
+            }
             float bp = 0.f;
 #pragma unroll
             for (int s = 0; s < KS; ++s) {
@@ -390,12 +426,10 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     const int e = key_elem<KB>(s, j);
-                    const float qv = hok ? ldf(a.q, qrow + e, a.q_dtype) * a.qk_scale : 0.f;
-                    const float rv = __half2float(r[e]);
+                    const float qv = sm.q[g][t * CH + e];
+                    const float rv = __half2float(rz[0][e]);
                     v[j] = qv * rv * a.k_alpha;
-                    float mv = a.k_beta * rv;
-                    if (a.kmode == 1) mv += __half2float(a.kz[(size_t)cur_grow * D + t * CH + e]);
-                    if (a.kmode == 2) mv += ldf(a.koff, ((size_t)b * a.H + h) * D + t * CH + e, a.koff_dtype);
+                    const float mv = a.k_beta * rv + __half2float(rz[1][e]) + sm.koff[t * CH + e];
                     bp = fmaf(qv, mv, bp);
                 }
                 qb[s][0] = h2(__floats2half2_rn(v[0], v[1]));
