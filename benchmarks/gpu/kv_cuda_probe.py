@@ -4,8 +4,7 @@ parts left out, against SDPA (flash) over bf16 and the Triton kernel, in one pro
     PYTHONPATH=$PWD/src python3 benchmarks/gpu/kv_cuda_probe.py [--contexts 4096 32768] [--batches 1 8]
 
 Probes (the result is then wrong; timing only): 1 no values (keys and softmax), 2 no float
-segment, 4 no merge, 8 the page loads alone (no decode, no math); merge2: the merge as a second
-launch instead of by the last program. Same pages, shape and
+segment, 4 no merge launch, 8 the page loads alone (no decode, no math). Same pages, shape and
 CUDA-graph timing as kv_attention.py. Writes $OUT/gpu_kv_cuda_probe.json and prints a table.
 """
 from __future__ import annotations
@@ -59,10 +58,7 @@ def main():
                 for probe in (1, 2, 4, 8, 6, 14):
                     variants[f"probe{probe}"] = lambda c, p=probe: call(c, p)
                 variants["minb1"] = lambda c: call(c, minb=1)
-                variants["merge2"] = lambda c: cuda_kv.decode(q, c.planes, c.table, c.Q, 1, c.k_offset, c.v_lut, c.k_aff,
-                                                              c.v_aff, bits, bits, c.G, c.fk, c.fv, D ** -0.5, splits,
-                                                              fused_merge=False)
-                for f in (0.5, 2):
+                for f in (0.5, 2, 4):
                     s2 = max(1, int(splits * f))
                     variants[f"splits{s2}"] = lambda c, s2=s2: call(c, s=s2)
                 row = dict(batch=B, context=T, bits=bits, sdpa_us=sd * 1e3, splits=splits, err=err, us={})

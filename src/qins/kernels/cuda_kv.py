@@ -30,31 +30,12 @@ HEAD_DIMS = (64, 128)
 BITS = ((4, 4), (8, 8))
 MAX_QUERY_HEADS = 8            # query heads per KV head: the 8 columns of one mma n-tile
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_PTRS = ("q", "kc", "ks", "kz", "koff", "vc", "vs", "vz", "vtab", "table", "fk", "fv", "o", "ml", "out", "counters")
+_PTRS = ("q", "kc", "ks", "kz", "koff", "vc", "vs", "vz", "vtab", "table", "fk", "fv", "o", "ml", "out")
 _INTS = ("B", "H", "QH", "Q", "P", "COLS", "SKIP", "F", "TPS", "NSPLIT", "FS", "G",
          "D", "KB", "VB", "kmode", "use_tab", "vzero", "q_dtype", "f_dtype", "koff_dtype", "minb",
          "probe")
 FLOAT_TOKENS = 64              # float-segment tokens per program (16 per warp)
 MIN_BLOCKS = 4                 # programs per SM the kernel's registers are fitted to (4 or 1: none)
-COUNTERS = 1 << 16             # (row, KV head) pairs whose splits the last program merges; more: a merge launch
-MERGE_WEIGHTS = 4096           # query heads x splits the last program merges (its shared memory); more: a launch
-_COUNTERS: dict = {}
-
-
-def _counters(device) -> torch.Tensor:
-    """Per device, COUNTERS int32 zeros the kernel counts finished splits in (each (row, KV head)
-    reset by its last program, so the buffer stays zero between calls and inside CUDA graphs).
-    Calls on one device must not overlap in time (one stream, as decoding is)."""
-    key = torch.device(device)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
-_FLOATS = ("qk_scale", "k_alpha", "k_beta", "v_alpha", "v_beta")
-
-
-class _Args(ctypes.Structure):
-    _fields_ = ([(n, ctypes.c_void_p) for n in _PTRS] + [(n, ctypes.c_int) for n in _INTS]
-                + [(n, ctypes.c_float) for n in _FLOATS])
 
 
 def _nvcc() -> str | None:
@@ -154,18 +135,21 @@ def pair_table(v_lut: torch.Tensor) -> torch.Tensor:
 
 
 def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, k_bits, v_bits, group,
-           fk, fv, scale, splits, minb: int | None = None, probe: int = 0, fused_merge: bool = True) -> torch.Tensor:
+           fk, fv, scale, splits, minb: int | None = None, probe: int = 0) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row, q (B, Hq, D) -> (B, Hq, D) in q's dtype,
     with the arguments of triton_kv.kv_decode_attention: `splits` programs per (row, KV head) over
-    the page tokens, ceil(F / FLOAT_TOKENS) over the float segment; the last program of each
-    (row, KV head) merges its splits (fused_merge, up to COUNTERS pairs), else a second launch. probe: timing probes that leave work out (benchmarks/gpu/kv_cuda_probe.py;
-    the result is then wrong): 1 the values, 2 the float segment, 4 the merge, 8 all but the loads."""
+    the page tokens, ceil(F / FLOAT_TOKENS) over the float segment, then a launch that merges the
+    splits (a program per query head); at most 1000 page splits. probe: timing probes that leave
+    work out (benchmarks/gpu/kv_cuda_probe.py; the result is then wrong): 1 the values, 2 the float
+    segment, 4 the merge, 8 all but the loads."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H, P = kc.shape[1], kc.shape[2]
     for t in (q, kc, ks, vc, vs, table, fk, fv) + tuple(x for x in (kz, vz) if x is not None):
         if not t.is_contiguous():
             raise ValueError("the CUDA KV kernel takes contiguous queries, pool planes and float segment")
+    if not 1 <= splits <= 1000:
+        raise ValueError(f"the CUDA KV kernel takes 1..1000 page splits, got {splits}")
     tps = -(-n_tokens // splits) if n_tokens else 16
     tps = -(-tps // 16) * 16
     F = fk.shape[2]
@@ -181,8 +165,6 @@ def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, 
     args = _Args(
         q=ptr(q), kc=ptr(kc), ks=ptr(ks), kz=ptr(kz), koff=ptr(koff), vc=ptr(vc), vs=ptr(vs), vz=ptr(vz),
         vtab=ptr(vtab), table=ptr(table), fk=ptr(fk), fv=ptr(fv), o=ptr(o), ml=ptr(ml), out=ptr(out),
-        counters=ptr(_counters(q.device)) if fused_merge and B * H <= COUNTERS and (Hq // H) * (fs + splits)
-        <= MERGE_WEIGHTS and not probe & 4 else None,
         B=B, H=H, QH=Hq // H, Q=n_tokens, P=P, COLS=table.shape[1], SKIP=skip, F=F, TPS=tps,
         NSPLIT=splits, FS=fs, G=group, D=D, KB=k_bits, VB=v_bits, kmode=k_mode, use_tab=int(vtab is not None),
         vzero=int(vz is not None), q_dtype=_DTYPES[q.dtype], f_dtype=_DTYPES[fk.dtype],

@@ -1,9 +1,9 @@
 // Decode attention over the QINS KV page pool on the tensor cores, codes decoded straight into
 // the mma.sync operand registers (no shared-memory round trip). Built by kernels/cuda_kv.py with
 // nvcc into a shared library and called through ctypes on the caller's stream (CUDA graphs
-// capture it). Same inputs and outputs as triton_kv.kv_decode_attention's split kernels: the
-// unnormalised output and (max, sum) per (row, query head, split), base-2 softmax, the float
-// segment as the last split; triton_kv._combine merges the splits.
+// capture it). Two launches: programs per (row, KV head) over splits of the page tokens and over
+// parts of the float segment write the unnormalised output and (max, sum) per (row, query head,
+// split), base-2 softmax; kv_combine_kernel merges the splits into the query's dtype.
 //
 // Per warp, a tile of 16 tokens of one KV head:
 //   S^T (16 tokens x 8 query heads) = K (16 x D, codes) . (q * r)^T        D/16 mma m16n8k16
@@ -41,7 +41,6 @@ struct KVArgs {
     float* o;                   // (B, Hq, S1, D), S1 = FS + NSPLIT
     float* ml;                  // (B, Hq, S1, 2)
     void* out;                  // (B, Hq, D), q_dtype: the merged result
-    int* counters;              // (B * H,) zeros: splits done per (row, KV head); the last merges. NULL: a merge launch
     int B, H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, FS, G;
     int D, KB, VB, kmode, use_tab, vzero, q_dtype, f_dtype, koff_dtype;
     int minb;                   // blocks per SM the registers are fitted to: 4, or 1 (no limit)
@@ -227,58 +226,6 @@ DEVI void finish(const KVArgs& a, Merge& sm, int b, int h, int split) {
             a.ml[out * 2 + 1] = l;
         }
     }
-    if (a.counters == nullptr) return;
-    // the last program of this (row, KV head) to finish merges the splits (and resets the count)
-    __shared__ int last;
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) last = atomicAdd(a.counters + (size_t)b * a.H + h, 1) == S1 - 1;
-    __syncthreads();
-    if (!last) return;
-    __threadfence();
-    // split weights of every head (QH * S1 <= MERGE_WEIGHTS floats, checked by the caller), a warp
-    // per head; then a thread per channel sums all heads, QH x 8 loads in flight
-    float* w = &sm.o[0][0][0];
-    float* den = &sm.m[0][0];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const size_t row0 = (size_t)b * a.H * a.QH + h * a.QH;
-    for (int hh = warp; hh < a.QH; hh += 4) {
-        const float* ml = a.ml + (row0 + hh) * S1 * 2;
-        float M = -INFINITY;
-        for (int s = lane; s < S1; s += 32) M = fmaxf(M, __ldcg(ml + 2 * s));
-        for (int x = 16; x; x >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, x));
-        float d = 0.f;
-        for (int s = lane; s < S1; s += 32) {
-            const float m = __ldcg(ml + 2 * s);
-            const float e = m == -INFINITY ? 0.f : ex2(m - M);
-            w[hh * S1 + s] = e;
-            d = fmaf(e, __ldcg(ml + 2 * s + 1), d);
-        }
-        for (int x = 16; x; x >>= 1) d += __shfl_xor_sync(0xffffffffu, d, x);
-        if (lane == 0) den[hh] = d;
-    }
-    __syncthreads();
-    for (int c = threadIdx.x; c < D; c += blockDim.x) {
-        float num[8];
-#pragma unroll
-        for (int hh = 0; hh < 8; ++hh) num[hh] = 0.f;
-#pragma unroll 4
-        for (int s = 0; s < S1; ++s) {
-#pragma unroll
-            for (int hh = 0; hh < 8; ++hh)
-                if (hh < a.QH) num[hh] = fmaf(w[hh * S1 + s], __ldcg(a.o + ((row0 + hh) * S1 + s) * D + c), num[hh]);
-        }
-#pragma unroll
-        for (int hh = 0; hh < 8; ++hh) {
-            if (hh >= a.QH) break;
-            const float r = num[hh] / den[hh];
-            const size_t i = (row0 + hh) * D + c;
-            if (a.q_dtype == 1) reinterpret_cast<__half*>(a.out)[i] = __float2half_rn(r);
-            else if (a.q_dtype == 2) reinterpret_cast<__nv_bfloat16*>(a.out)[i] = __float2bfloat16_rn(r);
-            else reinterpret_cast<float*>(a.out)[i] = r;
-        }
-    }
-    if (threadIdx.x == 0) a.counters[(size_t)b * a.H + h] = 0;
 }
 
 // The float segment (sink copies, staging, residual window), 64 tokens per program: scores with a
@@ -562,42 +509,63 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
     finish<D>(a, sm, b, h, y);
 }
 
-// out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits of one query head (a block):
-// the split weights computed once in shared memory, then a thread per channel.
-__global__ void __launch_bounds__(128) kv_combine_kernel(const KVArgs a) {
+// out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s over the splits of one query head (a block of
+// 256 threads): the split weights once in shared memory, then 8 groups of 32 lanes, each lane 4
+// channels and each group every 8th split (few loads per thread, all in flight), summed at the end.
+__global__ void __launch_bounds__(256) kv_combine_kernel(const KVArgs a) {
     __shared__ float w[1024];
-    __shared__ float red[2][4];
-    const int row = blockIdx.x, c = threadIdx.x;
+    __shared__ float red[2][8];
+    __shared__ float4 part[8][32];
+    const int row = blockIdx.x, tid = threadIdx.x, lane = tid & 31, grp = tid >> 5;
     const int S1 = a.FS + a.NSPLIT;
     const float* ml = a.ml + (size_t)row * S1 * 2;
     float M = -INFINITY;
-    for (int s = threadIdx.x; s < S1; s += blockDim.x) M = fmaxf(M, ml[2 * s]);
+    for (int s = tid; s < S1; s += 256) M = fmaxf(M, ml[2 * s]);
     for (int x = 16; x; x >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, x));
-    if ((threadIdx.x & 31) == 0) red[0][threadIdx.x >> 5] = M;
+    if (lane == 0) red[0][grp] = M;
     __syncthreads();
-    M = -INFINITY;
-    for (int i = 0; i < (int)(blockDim.x + 31) / 32; ++i) M = fmaxf(M, red[0][i]);
-    float den = 0.f;
-    for (int s = threadIdx.x; s < S1; s += blockDim.x) {
+    M = red[0][0];
+#pragma unroll
+    for (int i = 1; i < 8; ++i) M = fmaxf(M, red[0][i]);
+    float d = 0.f;
+    for (int s = tid; s < S1; s += 256) {
         const float m = ml[2 * s];
         const float e = m == -INFINITY ? 0.f : ex2(m - M);
         w[s] = e;
-        den = fmaf(e, ml[2 * s + 1], den);
+        d = fmaf(e, ml[2 * s + 1], d);
     }
-    for (int x = 16; x; x >>= 1) den += __shfl_xor_sync(0xffffffffu, den, x);
-    if ((threadIdx.x & 31) == 0) red[1][threadIdx.x >> 5] = den;
+    for (int x = 16; x; x >>= 1) d += __shfl_xor_sync(0xffffffffu, d, x);
+    if (lane == 0) red[1][grp] = d;
     __syncthreads();
-    den = 0.f;
-    for (int i = 0; i < (int)(blockDim.x + 31) / 32; ++i) den += red[1][i];
-    const float* o = a.o + (size_t)row * S1 * a.D + c;
-    float num = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < S1; ++s) num = fmaf(w[s], o[(size_t)s * a.D], num);
-    const float r = num / den;
-    const size_t i = (size_t)row * a.D + c;
-    if (a.q_dtype == 1) reinterpret_cast<__half*>(a.out)[i] = __float2half_rn(r);
-    else if (a.q_dtype == 2) reinterpret_cast<__nv_bfloat16*>(a.out)[i] = __float2bfloat16_rn(r);
-    else reinterpret_cast<float*>(a.out)[i] = r;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (4 * lane < a.D) {
+        const float* o = a.o + (size_t)row * S1 * a.D + 4 * lane;
+#pragma unroll 4
+        for (int s = grp; s < S1; s += 8) {
+            const float4 v = *reinterpret_cast<const float4*>(o + (size_t)s * a.D);
+            const float e = w[s];
+            acc.x = fmaf(e, v.x, acc.x); acc.y = fmaf(e, v.y, acc.y);
+            acc.z = fmaf(e, v.z, acc.z); acc.w = fmaf(e, v.w, acc.w);
+        }
+    }
+    part[grp][lane] = acc;
+    __syncthreads();
+    if (grp == 0 && 4 * lane < a.D) {
+        float den = 0.f, r[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            den += red[1][i];
+            r[0] += part[i][lane].x; r[1] += part[i][lane].y; r[2] += part[i][lane].z; r[3] += part[i][lane].w;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const size_t i = (size_t)row * a.D + 4 * lane + j;
+            const float v = r[j] / den;
+            if (a.q_dtype == 1) reinterpret_cast<__half*>(a.out)[i] = __float2half_rn(v);
+            else if (a.q_dtype == 2) reinterpret_cast<__nv_bfloat16*>(a.out)[i] = __float2bfloat16_rn(v);
+            else reinterpret_cast<float*>(a.out)[i] = v;
+        }
+    }
 }
 
 template <int D, int KB, int VB, bool VTAB>
@@ -607,7 +575,7 @@ static int launch(const KVArgs& a, cudaStream_t stream) {
     else kv_decode_kernel<D, KB, VB, VTAB, 1><<<grid, 128, 0, stream>>>(a);
     const int rc = (int)cudaGetLastError();
     if (rc) return rc;
-    if (!(a.probe & 4) && a.counters == nullptr) kv_combine_kernel<<<a.B * a.H * a.QH, D, 0, stream>>>(a);
+    if (!(a.probe & 4)) kv_combine_kernel<<<a.B * a.H * a.QH, 256, 0, stream>>>(a);
     return (int)cudaGetLastError();
 }
 
