@@ -36,6 +36,12 @@ _INTS = ("B", "H", "QH", "Q", "P", "COLS", "SKIP", "F", "TPS", "NSPLIT", "FS", "
          "probe")
 FLOAT_TOKENS = 64              # float-segment tokens per program (16 per warp)
 MIN_BLOCKS = 4                 # programs per SM the kernel's registers are fitted to (4 or 1: none)
+_FLOATS = ("qk_scale", "k_alpha", "k_beta", "v_alpha", "v_beta")
+
+
+class _Args(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_void_p) for n in _PTRS] + [(n, ctypes.c_int) for n in _INTS]
+                + [(n, ctypes.c_float) for n in _FLOATS])
 
 
 def _nvcc() -> str | None:
