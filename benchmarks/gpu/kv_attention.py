@@ -299,8 +299,7 @@ def run_case(B, T, bits_list, rows, args, checked):
             copies = [pg] + [pg.copy() for _ in range(n - 1)]
             launches = [dict(), dict(cuda=False)]
             if CUDA_WHY is None:                                          # the CUDA kernel's split counts
-                launches += [dict(cuda=True, splits=max(1, -(-per_sm * SMS // (B * HKV))), minb=m)
-                             for per_sm in (2, 4, 8) for m in (1, 4)]
+                launches += [dict(cuda=True, splits=max(1, -(-per_sm * SMS // (B * HKV)))) for per_sm in (2, 8)]
             if args.triton_variants:
                 launches += [dict(lc, cuda=False) for lc in (
                     dict(fold=False), dict(fold=False, block_t=64, num_warps=4), dict(asm=False), dict(asm=True),

@@ -35,7 +35,10 @@ _INTS = ("B", "H", "QH", "Q", "P", "COLS", "SKIP", "F", "TPS", "NSPLIT", "FS", "
          "D", "KB", "VB", "kmode", "use_tab", "vzero", "q_dtype", "f_dtype", "koff_dtype", "minb",
          "probe")
 FLOAT_TOKENS = 64              # float-segment tokens per program (16 per warp)
-MIN_BLOCKS = 4                 # programs per SM the kernel's registers are fitted to (4 or 1: none)
+# programs per SM the kernel's registers are fitted to, by code width (4, or 1: no limit). H200
+# (benchmarks/gpu/kv_cuda_probe.py): 4 at 4 bits (batch 8, 32k tokens: 225 against 275 us); at 8
+# bits the fit spills (256 bytes) and no limit was faster (281 against 340 us)
+MIN_BLOCKS = {4: 4, 8: 1}
 _FLOATS = ("qk_scale", "k_alpha", "k_beta", "v_alpha", "v_beta")
 
 
@@ -174,7 +177,7 @@ def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, 
         B=B, H=H, QH=Hq // H, Q=n_tokens, P=P, COLS=table.shape[1], SKIP=skip, F=F, TPS=tps,
         NSPLIT=splits, FS=fs, G=group, D=D, KB=k_bits, VB=v_bits, kmode=k_mode, use_tab=int(vtab is not None),
         vzero=int(vz is not None), q_dtype=_DTYPES[q.dtype], f_dtype=_DTYPES[fk.dtype],
-        koff_dtype=_DTYPES[koff.dtype] if koff is not None else 0, minb=MIN_BLOCKS if minb is None else minb, probe=probe,
+        koff_dtype=_DTYPES[koff.dtype] if koff is not None else 0, minb=MIN_BLOCKS[k_bits] if minb is None else minb, probe=probe,
         qk_scale=scale * 1.4426950408889634, k_alpha=ka[0], k_beta=ka[1], v_alpha=va[0], v_beta=va[1])
     lib = _library(_arch(q.device))
     rc = lib.qins_kv_decode(ctypes.byref(args), ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream))

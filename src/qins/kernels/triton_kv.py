@@ -633,7 +633,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     return _combine(q, o, ml)
 
 
-CUDA_PER_SM = 8              # programs per SM the CUDA kernel's splits aim at (H200: 8 beat 4 at batch 8)
+CUDA_PER_SM = 4              # programs per SM the CUDA kernel's splits aim at (H200, kv_cuda_probe: half of 8
+                             # was faster at batch 1 and 8, 4k and 32k tokens)
 CUDA_SPLIT_TOKENS = 64       # fewest page tokens per split (16 per warp)
 
 
