@@ -17,9 +17,11 @@ Timing: CUDA-graph replays of R back-to-back calls, each call reading the next o
 copies of the cache so that it comes from HBM, not L2; median over replays / R. Baselines in
 the same process: SDPA with the flash backend and enable_gqa=True, and the same with the 4
 query heads of a KV head folded into 4 query rows (one K/V read, no GQA flag); the speedup is
-against the faster of the two. Launch variants (the default: the folded kernel for affine keys;
-the first kernel; inline-PTX decode forced on / off; stages; tile) are timed and the fastest
-reported (all in the JSON; `v_closed`: value levels computed, not looked up); `qins_4bit_vcurv0` (uniform values, no
+against the faster of the two. Launch variants are timed and the fastest reported (all in the
+JSON): the default (on CUDA the CUDA kernel, kernels/cuda_kv.py, where it builds), the Triton
+kernel (`cuda=False`), the CUDA kernel at 2 and 8 programs per SM, and with --triton-variants the
+Triton kernel's own launches (first kernel; inline-PTX decode on / off; stages; tile; `v_closed`:
+value levels computed, not looked up); `qins_4bit_vcurv0` (uniform values, no
 table lookup) shows what the default value curvature costs. Bytes: what each call must read (codes + scales + zero points
 + float segment; bf16 K and V for SDPA), GB/s against a device copy measured in the run.
 
