@@ -79,13 +79,6 @@ def test_cuda_kernel_matches_reference(case, monkeypatch):
     terr = float((triton - ref).abs().max() / ref.abs().max())
     for splits in (None, 1, 7):
         got = _call(layer, q, cuda=True, splits=splits).float()
-        # the other load path (registers / shared-memory ring) reads the same tiles: the same sums
-        other = cuda_kv.PIPELINE
-        cuda_kv.PIPELINE = not other
-        try:
-            torch.testing.assert_close(_call(layer, q, cuda=True, splits=splits).float(), got, rtol=0, atol=0)
-        finally:
-            cuda_kv.PIPELINE = other
         assert torch.isfinite(got).all()
         err = float((got - ref).abs().max() / ref.abs().max())
         assert err <= TOL[dtype], f"splits={splits}: relative max error {err:.2e} against the reference (Triton {terr:.2e})"

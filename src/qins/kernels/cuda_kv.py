@@ -33,13 +33,12 @@ _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _PTRS = ("q", "kc", "ks", "kz", "koff", "vc", "vs", "vz", "vtab", "table", "fk", "fv", "o", "ml", "out")
 _INTS = ("B", "H", "QH", "Q", "P", "COLS", "SKIP", "F", "TPS", "NSPLIT", "FS", "G",
          "D", "KB", "VB", "kmode", "use_tab", "vzero", "q_dtype", "f_dtype", "koff_dtype", "minb",
-         "probe", "pipe")
+         "probe")
 FLOAT_TOKENS = 64              # float-segment tokens per program (16 per warp)
 # programs per SM the kernel's registers are fitted to, by code width (4, or 1: no limit). H200
 # (benchmarks/gpu/kv_cuda_probe.py): 4 at 4 bits (batch 8, 32k tokens: 225 against 275 us); at 8
 # bits the fit spills (256 bytes) and no limit was faster (281 against 340 us)
 MIN_BLOCKS = {4: 4, 8: 1}
-PIPELINE = True                # tiles staged through shared memory by cp.async (csrc: Stage), else registers
 _FLOATS = ("qk_scale", "k_alpha", "k_beta", "v_alpha", "v_beta")
 
 
@@ -145,8 +144,7 @@ def pair_table(v_lut: torch.Tensor) -> torch.Tensor:
 
 
 def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, k_bits, v_bits, group,
-           fk, fv, scale, splits, minb: int | None = None, probe: int = 0,
-           pipe: bool | None = None) -> torch.Tensor:
+           fk, fv, scale, splits, minb: int | None = None, probe: int = 0) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row, q (B, Hq, D) -> (B, Hq, D) in q's dtype,
     with the arguments of triton_kv.kv_decode_attention: `splits` programs per (row, KV head) over
     the page tokens, ceil(F / FLOAT_TOKENS) over the float segment, then a launch that merges the
@@ -180,7 +178,6 @@ def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, 
         NSPLIT=splits, FS=fs, G=group, D=D, KB=k_bits, VB=v_bits, kmode=k_mode, use_tab=int(vtab is not None),
         vzero=int(vz is not None), q_dtype=_DTYPES[q.dtype], f_dtype=_DTYPES[fk.dtype],
         koff_dtype=_DTYPES[koff.dtype] if koff is not None else 0, minb=MIN_BLOCKS[k_bits] if minb is None else minb, probe=probe,
-        pipe=int(PIPELINE if pipe is None else pipe),
         qk_scale=scale * 1.4426950408889634, k_alpha=ka[0], k_beta=ka[1], v_alpha=va[0], v_beta=va[1])
     lib = _library(_arch(q.device))
     rc = lib.qins_kv_decode(ctypes.byref(args), ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream))

@@ -45,7 +45,6 @@ struct KVArgs {
     int D, KB, VB, kmode, use_tab, vzero, q_dtype, f_dtype, koff_dtype;
     int minb;                   // blocks per SM the registers are fitted to: 4, or 1 (no limit)
     int probe;                  // timing probes (0 in use): 1 no values, 2 no float segment, 4 no merge, 8 loads only
-    int pipe;                   // 1: tiles staged through shared memory by cp.async, Stage::STAGES deep; 0: registers, 1 ahead
     float qk_scale, k_alpha, k_beta, v_alpha, v_beta;
 };
 
@@ -168,89 +167,6 @@ DEVI void load_tile(const KVArgs& a, int b, int h, int tok, int end, int g, int 
         x.vz0 = x.vz1 = 0.f;
     }
     x.grow = (long long)(base * (a.P / a.G) + slot / a.G);
-}
-
-// A warp's ring of tiles in shared memory (pipe = 1): codes of 16 token rows (value rows padded by
-// 16 bytes, so the lanes' reads meet distinct banks), value scales and zero points, the key-group row.
-template <int D, int KB, int VB>
-struct Stage {
-    static constexpr int WK = D * KB / 32, WV = D * VB / 32;
-    static constexpr int VSTRIDE = WV * 4 + 16;
-    static constexpr int V_OFF = 16 * WK * 4;
-    static constexpr int S_OFF = V_OFF + 16 * VSTRIDE;
-    static constexpr int G_OFF = S_OFF + 64;
-    static constexpr int BYTES = G_OFF + 16;
-    static constexpr int STAGES = KB == 4 ? 3 : 2;
-};
-
-DEVI void cp16(void* dst, const void* src) {
-    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(d), "l"(src) : "memory");
-}
-DEVI void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-DEVI void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-template <int N>
-DEVI void ldv(uint32_t (&r)[N], const char* p) {           // N words from any space, vector loads
-    if constexpr (N == 1) {
-        r[0] = *reinterpret_cast<const uint32_t*>(p);
-    } else if constexpr (N == 2) {
-        const uint2 v = *reinterpret_cast<const uint2*>(p);
-        r[0] = v.x; r[1] = v.y;
-    } else {
-#pragma unroll
-        for (int i = 0; i < N; i += 4) {
-            const uint4 v = reinterpret_cast<const uint4*>(p)[i / 4];
-            r[i] = v.x; r[i + 1] = v.y; r[i + 2] = v.z; r[i + 3] = v.w;
-        }
-    }
-}
-
-// Copies the tile at token `tok` into a ring stage (asynchronously; the caller commits). The page
-// id comes from (pcol, ppage), refreshed from the block table when the tile enters a new page, with
-// the next page's id loaded ahead (pnext) so that the switch does not wait on it.
-template <int D, int KB, int VB>
-DEVI void issue(const KVArgs& a, int b, int h, int tok, char* st, int lane, int& pcol, int& ppage, int& pnext) {
-    using S = Stage<D, KB, VB>;
-    const int col = tok / a.P;
-    if (col != pcol) {
-        ppage = col == pcol + 1 ? pnext : __ldg(a.table + (size_t)b * a.COLS + col);
-        pnext = __ldg(a.table + (size_t)b * a.COLS + min(col + 1, a.COLS - 1));
-        pcol = col;
-    }
-    const int slot = tok % a.P;
-    const size_t base = (size_t)ppage * a.H + h;
-    const size_t row = base * a.P + slot;
-    const char* kg = reinterpret_cast<const char*>(a.kc + row * S::WK);
-#pragma unroll
-    for (int i = lane; i < 4 * S::WK; i += 32) cp16(st + 16 * i, kg + 16 * i);
-    const char* vg = reinterpret_cast<const char*>(a.vc + row * S::WV);
-#pragma unroll
-    for (int i = lane; i < 4 * S::WV; i += 32)
-        cp16(st + S::V_OFF + (i / (S::WV / 4)) * S::VSTRIDE + 16 * (i % (S::WV / 4)), vg + 16 * i);
-    if (lane < 2) cp16(st + S::S_OFF + 16 * lane, reinterpret_cast<const char*>(a.vs + row) + 16 * lane);
-    else if (lane < 4 && a.vzero) cp16(st + S::S_OFF + 32 + 16 * (lane - 2), reinterpret_cast<const char*>(a.vz + row) + 16 * (lane - 2));
-    if (lane == 0) *reinterpret_cast<long long*>(st + S::G_OFF) = (long long)(base * (a.P / a.G) + slot / a.G);
-}
-
-template <int D, int KB, int VB>
-DEVI void read_stage(const char* st, int g, int t, int tok, int end, bool vzero, Tile<D, KB, VB>& x) {
-    using S = Stage<D, KB, VB>;
-    using T = Tile<D, KB, VB>;
-    ldv<T::CK>(x.k0, st + (g * S::WK + t * T::CK) * 4);
-    ldv<T::CK>(x.k1, st + ((g + 8) * S::WK + t * T::CK) * 4);
-    ldv<T::CV>(x.v[0], st + S::V_OFF + (2 * t) * S::VSTRIDE + g * T::CV * 4);
-    ldv<T::CV>(x.v[1], st + S::V_OFF + (2 * t + 1) * S::VSTRIDE + g * T::CV * 4);
-    ldv<T::CV>(x.v[2], st + S::V_OFF + (2 * t + 8) * S::VSTRIDE + g * T::CV * 4);
-    ldv<T::CV>(x.v[3], st + S::V_OFF + (2 * t + 9) * S::VSTRIDE + g * T::CV * 4);
-    const __half* vs = reinterpret_cast<const __half*>(st + S::S_OFF);
-    const bool ok0 = tok + g < end, ok1 = tok + g + 8 < end;    // stale scales past the end: never read
-    x.vs0 = ok0 ? __half2float(vs[g]) : 0.f;
-    x.vs1 = ok1 ? __half2float(vs[g + 8]) : 0.f;
-    x.vz0 = vzero && ok0 ? __half2float(vs[16 + g]) : 0.f;
-    x.vz1 = vzero && ok1 ? __half2float(vs[16 + g + 8]) : 0.f;
-    x.grow = *reinterpret_cast<const long long*>(st + S::G_OFF);
 }
 
 struct Merge {                                   // per-warp partial results, merged at the end
@@ -383,13 +299,11 @@ DEVI void float_segment(const KVArgs& a, Merge& sm, int b, int h, int part) {
     }
 }
 
-template <int D, int KB, int VB, bool VTAB, int MINB, bool PIPE>
+template <int D, int KB, int VB, bool VTAB, int MINB>
 __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
     constexpr int KS = D / 16;                  // k-steps of S^T, m-tiles of O^T
     constexpr int CH = D / 4;                   // channels of a lane's key chunk
     using T = Tile<D, KB, VB>;
-    using S = Stage<D, KB, VB>;
-    extern __shared__ __align__(16) char ring_all[];
     __shared__ Merge sm;
     __shared__ uint32_t tab[VTAB ? 256 : 1];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -421,30 +335,10 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
     long long cur_grow = -1;
 
     T cur, nxt;
-    char* ring = ring_all + warp * S::STAGES * S::BYTES;
-    int pcol = -1, ppage = 0, pnext = 0;
-    if constexpr (PIPE) {
-#pragma unroll
-        for (int j = 0; j < S::STAGES - 1; ++j) {
-            if (first + j < last) issue<D, KB, VB>(a, b, h, start + (first + j) * 16, ring + j * S::BYTES, lane, pcol, ppage, pnext);
-            cp_commit();
-        }
-    } else {
-        if (first < last) load_tile<D, KB, VB>(a, b, h, start + first * 16, end, g, t, cur);
-    }
+    if (first < last) load_tile<D, KB, VB>(a, b, h, start + first * 16, end, g, t, cur);
     for (int k = first; k < last; ++k) {
         const int tok = start + k * 16;
-        if constexpr (PIPE) {
-            const int j = k + S::STAGES - 1;
-            if (j < last) issue<D, KB, VB>(a, b, h, start + j * 16, ring + (j % S::STAGES) * S::BYTES, lane, pcol, ppage, pnext);
-            cp_commit();
-            cp_wait<S::STAGES - 1>();           // this tile's copies have landed (this lane's)
-            __syncwarp();                       // and every lane's
-            read_stage<D, KB, VB>(ring + (k % S::STAGES) * S::BYTES, g, t, tok, end, a.vzero, cur);
-            __syncwarp();                       // every lane has read the stage before it is refilled
-        } else {
-            if (k + 1 < last) load_tile<D, KB, VB>(a, b, h, tok + 16, end, g, t, nxt);
-        }
+        if (k + 1 < last) load_tile<D, KB, VB>(a, b, h, tok + 16, end, g, t, nxt);
         if (a.probe & 8) {                      // timing probe: the loads alone
             uint32_t x = 0;
 #pragma unroll
@@ -454,7 +348,7 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
 #pragma unroll
                 for (int i = 0; i < T::CV; ++i) x ^= cur.v[r][i];
             acc[0][0] += __uint_as_float(x & 0x007FFFFFu) + cur.vs0 + cur.vs1;
-            if (!PIPE && k + 1 < last) cur = nxt;
+            if (k + 1 < last) cur = nxt;
             continue;
         }
         if (cur.grow != cur_grow) {             // a new key group: q * r and the bias
@@ -580,7 +474,7 @@ __global__ void __launch_bounds__(128, MINB) kv_decode_kernel(const KVArgs a) {
             }
             mma16816(acc[i], af, pb);
         }
-        if (!PIPE && k + 1 < last) cur = nxt;
+        if (k + 1 < last) cur = nxt;
     }
     // per-lane partial sums over its tokens -> per head
 #pragma unroll
@@ -674,31 +568,12 @@ __global__ void __launch_bounds__(256) kv_combine_kernel(const KVArgs a) {
     }
 }
 
-template <int D, int KB, int VB, bool VTAB, int MINB, bool PIPE>
-static int launch_one(const KVArgs& a, dim3 grid, cudaStream_t stream) {
-    using S = Stage<D, KB, VB>;
-    const int ring = PIPE ? 4 * S::STAGES * S::BYTES : 0;
-    static unsigned raised = 0;                 // devices whose shared-memory limit was raised
-    int dev = 0;
-    cudaGetDevice(&dev);
-    if (ring && !(raised & (1u << (dev & 31)))) {
-        const cudaError_t e = cudaFuncSetAttribute(kv_decode_kernel<D, KB, VB, VTAB, MINB, PIPE>,
-                                                   cudaFuncAttributeMaxDynamicSharedMemorySize, ring);
-        if (e != cudaSuccess) return (int)e;
-        raised |= 1u << (dev & 31);
-    }
-    kv_decode_kernel<D, KB, VB, VTAB, MINB, PIPE><<<grid, 128, ring, stream>>>(a);
-    return (int)cudaGetLastError();
-}
-
 template <int D, int KB, int VB, bool VTAB>
 static int launch(const KVArgs& a, cudaStream_t stream) {
     const dim3 grid(a.B * a.H, a.FS + a.NSPLIT);
-    int rc;
-    if (a.pipe) rc = a.minb == 4 ? launch_one<D, KB, VB, VTAB, 4, true>(a, grid, stream)
-                                 : launch_one<D, KB, VB, VTAB, 1, true>(a, grid, stream);
-    else rc = a.minb == 4 ? launch_one<D, KB, VB, VTAB, 4, false>(a, grid, stream)
-                          : launch_one<D, KB, VB, VTAB, 1, false>(a, grid, stream);
+    if (a.minb == 4) kv_decode_kernel<D, KB, VB, VTAB, 4><<<grid, 128, 0, stream>>>(a);
+    else kv_decode_kernel<D, KB, VB, VTAB, 1><<<grid, 128, 0, stream>>>(a);
+    const int rc = (int)cudaGetLastError();
     if (rc) return rc;
     if (!(a.probe & 4)) kv_combine_kernel<<<a.B * a.H * a.QH, 256, 0, stream>>>(a);
     return (int)cudaGetLastError();
