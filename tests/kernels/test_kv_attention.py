@@ -9,10 +9,13 @@ cores, relative 2^-11 per product (measured under the interpreter: 2.9e-5 to 4.2
 import pytest
 import torch
 
+from qins.kernels import cuda_kv
 from qins.kv.attention import decode_attention, reference_attention
 from qins.kv.layer import QINSLayer
 
 from .conftest import CUDA, DEVICE, needs_triton
+
+GPU_KERNEL = CUDA and cuda_kv.why_not("cuda") is None   # the CUDA kernel builds: it takes k4v4 and k8v8
 
 pytestmark = needs_triton
 TOL = {torch.float32: 2e-3, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
@@ -47,7 +50,7 @@ def test_decode_attention_matches_reference(case, monkeypatch):
         monkeypatch.setenv("QINS_KERNELS", "triton")
         assert layer.kernels
         got = decode_attention(layer, q, D ** -0.5)
-        assert layer.last_path == "triton"
+        assert layer.last_path == ("cuda" if GPU_KERNEL and (kb, vb) in ((4, 4), (8, 8)) else "triton")
         ref = reference_attention(layer, q.float(), D ** -0.5)
         err = float((got.float() - ref).abs().max() / ref.abs().max())
         assert err <= TOL[dtype], f"relative max error {err:.2e}"

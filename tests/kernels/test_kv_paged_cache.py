@@ -48,7 +48,7 @@ def test_generate_paged_kernels_match_reference(bits, padded, monkeypatch):
     paged = QINSCache(model, bits=bits, residual=0, group=16, paged=True)
     beams = 2 if padded else 1
     seq_k, scores_k = _generate(model, ids, paged, mask, beams)
-    assert paged.paged and set(paged.paths().values()) == {"triton"}
+    assert paged.paged and set(paged.paths().values()) <= {"triton", "cuda"}
     monkeypatch.setenv("QINS_KERNELS", "reference")
     ref = QINSCache(model, bits=bits, residual=0, group=16, paged=False)
     seq_r, scores_r = _generate(model, ids, ref, mask, beams)

@@ -593,7 +593,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         mask = mask.contiguous().view(torch.uint8)
     k_mode = 1 if kz is not None else 2 if k_base is not None else 0
     if cuda is not False:
-        why = _cuda_path(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va)
+        why = cuda_reason(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va)
         if why is None:
             if splits is None:
                 splits = splits_for(B, H, n_tokens, CUDA_SPLIT_TOKENS, q.device, per_sm=CUDA_PER_SM)
@@ -638,8 +638,8 @@ CUDA_PER_SM = 4              # programs per SM the CUDA kernel's splits aim at (
 CUDA_SPLIT_TOKENS = 64       # fewest page tokens per split (16 per warp)
 
 
-def _cuda_path(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va) -> str | None:
-    """None when the CUDA kernel runs this call, else why not."""
+def cuda_reason(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va) -> str | None:
+    """None when kv_decode_attention(cuda=None) runs this call on the CUDA kernel, else why not."""
     if mask is not None:
         return "a key padding mask is read by the Triton kernel"
     if v_closed is not None:

@@ -77,21 +77,25 @@ def reference_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor
 def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query token per row over every token `layer` holds: q (B, Hq, 1, D) ->
     (B, Hq, 1, D); mask (B, T) bool (True = attend) or None. The Triton kernel over the pages
-    where the dispatch allows (`layer.kernels`), else the reference; `layer.last_path` records
-    which ran."""
+    where the dispatch allows (`layer.kernels`: the CUDA kernel where it builds and takes the
+    layer, else Triton), else the reference; `layer.last_path` records which ran ("cuda",
+    "triton" or "reference")."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode_attention takes one query token: (B, Hq, 1, D), got {tuple(q.shape)}")
     if not layer.kernels:
         layer.last_path = "reference"
         return reference_attention(layer, q, scale, mask)
-    from ..kernels.triton_kv import kv_decode_attention
+    from ..kernels.triton_kv import cuda_reason, kv_decode_attention
     fk, fv, skip = float_segment(layer)
     pool = layer.pool
     planes = tuple(getattr(pool, p) for p in pool.PLANES)
+    kb, vb = layer.k_codec.bits, layer.v_codec.bits
     out = kv_decode_attention(q[:, :, 0], planes, layer.table.ids, layer.n_quantized, skip, layer.k_offset,
                               layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine,
-                              layer.k_codec.bits, layer.v_codec.bits, layer.group, fk, fv, scale, mask=mask)
-    layer.last_path = "triton"
+                              kb, vb, layer.group, fk, fv, scale, mask=mask)
+    on_cuda = cuda_reason(q[:, :, 0], fk, layer.k_offset, mask, None, q.shape[1] // planes[0].shape[1], kb, vb,
+                          layer.group, layer._k_affine, layer._v_affine) is None
+    layer.last_path = "cuda" if on_cuda else "triton"
     return out.unsqueeze(2)
 
 

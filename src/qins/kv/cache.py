@@ -138,7 +138,7 @@ class QINSCache(Cache):
         return ok
 
     def paths(self) -> dict[int, str | None]:
-        """{layer index: "triton" or "reference"}: how the last attention call read each QINS
+        """{layer index: "cuda", "triton" or "reference"}: how the last attention call read each QINS
         layer (None before the first)."""
         return {i: layer.last_path for i, layer in enumerate(self.layers) if isinstance(layer, QINSLayer)}
 

@@ -115,7 +115,7 @@ class QINSLayer(CacheLayerMixin):
         self.sink_k = self.sink_v = None
         self.k_offset = None
         self.page_tokens = None
-        self.last_path = None            # "reference" or "triton": how the last attention read this layer
+        self.last_path = None            # "reference", "triton" or "cuda": how the last attention read this layer
         self.paged = False               # the model's attention reads PagedKV handles (QINSCache sets it)
 
     def __repr__(self):
