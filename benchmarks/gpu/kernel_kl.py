@@ -68,38 +68,58 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                     help="activations and float tensors (qins.load's dtype)")
+    ap.add_argument("--fp32-baseline", action="store_true",
+                    help="also the same QINS model in float32 on the reference path: KL of both paths to it "
+                         "(which path rounds less)")
+    ap.add_argument("--routes", nargs="*", default=["whole", "8", "1"], help="whole, 8 (steps of 8), 1 (steps of 1)")
+    ap.add_argument("--tokens", type=int, default=TOKENS)
+    ap.add_argument("--step1-tokens", type=int, default=64)
     args = ap.parse_args()
     if args.make_ids:
         return make_ids(args.make_ids)
     import qins
     from qins.weights.linear import QINSLinear
     model = qins.load(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    base = qins.load(args.model, device=args.device, dtype=torch.float32).eval() if args.fp32_baseline else None
     n_linear = sum(isinstance(m, QINSLinear) for m in model.modules())
     ids = {k: v.to(args.device) for k, v in torch.load(args.ids).items()}
     rows = []
+    routes = {"whole": ("whole window", None, args.tokens), "8": ("steps of 8", 8, args.tokens),
+              "1": ("steps of 1", 1, args.step1_tokens)}
+    path = os.path.join(os.environ.get("OUT", "out"), "kernel_kl.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for text, x in ids.items():
-        for name, step, n in (("whole window", None, x.shape[0]), ("steps of 8", 8, x.shape[0]), ("steps of 1", 1, 64)):
+        for name, step, n in (routes[r] for r in args.routes):
             out = {}
             for backend in ("reference", "triton"):
                 os.environ["QINS_KERNELS"] = backend
                 out[backend] = logprobs(model, x[:n], step)
             row = dict(text=text, route=name, **compare(out["reference"], out["triton"]))
+            if base is not None:
+                os.environ["QINS_KERNELS"] = "reference"
+                b = logprobs(base, x[:n], step)
+                row["fp32_vs_reference"] = compare(b, out["reference"])
+                row["fp32_vs_kernels"] = compare(b, out["triton"])
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
+            with open(path, "w") as f:                               # after every row: a timeout keeps them
+                json.dump(dict(rows=rows), f, indent=1)
     os.environ["QINS_KERNELS"] = "auto"
     meta = dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(), model=args.model,
                 quantized_linears=n_linear, dtype=args.dtype,
                 command=" ".join([sys.executable] + sys.argv), torch=torch.__version__)
-    path = os.path.join(os.environ.get("OUT", "out"), "kernel_kl.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(meta, rows=rows), f, indent=1)
     print(f"# {meta['device']} {meta['date'][:16]}: {args.model}, {n_linear} QINS linears; reference path vs Triton kernels")
     print(f"{'text':<7} {'route':<13} {'tokens':>6} {'KL mean':>9} {'KL max':>9} {'max|dlogp|':>10} {'top-1':>6}")
     for r in rows:
+        extra = ""
+        if "fp32_vs_reference" in r:
+            extra = (f"  KL to fp32: reference {r['fp32_vs_reference']['kl_mean']:.2e}, "
+                     f"kernels {r['fp32_vs_kernels']['kl_mean']:.2e}")
         print(f"{r['text']:<7} {r['route']:<13} {r['tokens']:>6} {r['kl_mean']:>9.2e} {r['kl_max']:>9.2e} "
-              f"{r['max_abs_logp']:>10.3g} {r['top1']:>6.3f}")
+              f"{r['max_abs_logp']:>10.3g} {r['top1']:>6.3f}{extra}")
 
 
 if __name__ == "__main__":
