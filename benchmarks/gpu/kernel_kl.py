@@ -71,6 +71,10 @@ def main() -> None:
     ap.add_argument("--fp32-baseline", action="store_true",
                     help="also the same QINS model in float32 on the reference path: KL of both paths to it "
                          "(which path rounds less)")
+    ap.add_argument("--float-default", action="store_true",
+                    help="MODEL_DIR is the default model compressed: also KL of both paths to the float default "
+                         "model (the issue's measure; needs its package, so not on a GPU machine without it)")
+    ap.add_argument("--texts", nargs="*", default=None, help="which texts of the ids file (default: all)")
     ap.add_argument("--routes", nargs="*", default=["whole", "8", "1"], help="whole, 8 (steps of 8), 1 (steps of 1)")
     ap.add_argument("--tokens", type=int, default=TOKENS)
     ap.add_argument("--step1-tokens", type=int, default=64)
@@ -81,6 +85,10 @@ def main() -> None:
     from qins.weights.linear import QINSLinear
     model = qins.load(args.model, device=args.device, dtype=getattr(torch, args.dtype)).eval()
     base = qins.load(args.model, device=args.device, dtype=torch.float32).eval() if args.fp32_baseline else None
+    fmodel = None
+    if args.float_default:
+        _, fmodel = qins.load_default_model()
+        fmodel = fmodel.to(args.device, getattr(torch, args.dtype)).eval()
     n_linear = sum(isinstance(m, QINSLinear) for m in model.modules())
     ids = {k: v.to(args.device) for k, v in torch.load(args.ids).items()}
     rows = []
@@ -89,6 +97,8 @@ def main() -> None:
     path = os.path.join(os.environ.get("OUT", "out"), "kernel_kl.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for text, x in ids.items():
+        if args.texts and text not in args.texts:
+            continue
         for name, step, n in (routes[r] for r in args.routes):
             out = {}
             for backend in ("reference", "triton"):
@@ -100,6 +110,10 @@ def main() -> None:
                 b = logprobs(base, x[:n], step)
                 row["fp32_vs_reference"] = compare(b, out["reference"])
                 row["fp32_vs_kernels"] = compare(b, out["triton"])
+            if fmodel is not None:
+                f = logprobs(fmodel, x[:n], step)
+                row["float_vs_reference"] = compare(f, out["reference"])
+                row["float_vs_kernels"] = compare(f, out["triton"])
             rows.append(row)
             print(row, file=sys.stderr, flush=True)
             with open(path, "w") as f:                               # after every row: a timeout keeps them
@@ -118,6 +132,9 @@ def main() -> None:
         if "fp32_vs_reference" in r:
             extra = (f"  KL to fp32: reference {r['fp32_vs_reference']['kl_mean']:.2e}, "
                      f"kernels {r['fp32_vs_kernels']['kl_mean']:.2e}")
+        if "float_vs_reference" in r:
+            extra += (f"  KL to the float model: reference {r['float_vs_reference']['kl_mean']:.4e}, "
+                      f"kernels {r['float_vs_kernels']['kl_mean']:.4e}")
         print(f"{r['text']:<7} {r['route']:<13} {r['tokens']:>6} {r['kl_mean']:>9.2e} {r['kl_max']:>9.2e} "
               f"{r['max_abs_logp']:>10.3g} {r['top1']:>6.3f}{extra}")
 
