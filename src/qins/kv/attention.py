@@ -90,11 +90,12 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
     pool = layer.pool
     planes = tuple(getattr(pool, p) for p in pool.PLANES)
     kb, vb = layer.k_codec.bits, layer.v_codec.bits
-    out = kv_decode_attention(q[:, :, 0], planes, layer.table.ids, layer.n_quantized, skip, layer.k_offset,
-                              layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine,
-                              kb, vb, layer.group, fk, fv, scale, mask=mask)
+    # the route is decided here once and handed down, so the label is what ran
     on_cuda = cuda_reason(q[:, :, 0], fk, layer.k_offset, mask, None, q.shape[1] // planes[0].shape[1], kb, vb,
                           layer.group, layer._k_affine, layer._v_affine) is None
+    out = kv_decode_attention(q[:, :, 0], planes, layer.table.ids, layer.n_quantized, skip, layer.k_offset,
+                              layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine,
+                              kb, vb, layer.group, fk, fv, scale, mask=mask, cuda=on_cuda)
     layer.last_path = "cuda" if on_cuda else "triton"
     return out.unsqueeze(2)
 

@@ -48,12 +48,6 @@ struct KVArgs {
     float qk_scale, k_alpha, k_beta, v_alpha, v_beta;
 };
 
-DEVI float ldf(const void* p, size_t i, int dt) {       // 0 fp32, 1 fp16, 2 bf16
-    if (dt == 1) return __half2float(reinterpret_cast<const __half*>(p)[i]);
-    if (dt == 2) return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(p)[i]);
-    return reinterpret_cast<const float*>(p)[i];
-}
-
 DEVI float tof(float x) { return x; }
 DEVI float tof(__half x) { return __half2float(x); }
 DEVI float tof(__nv_bfloat16 x) { return __bfloat162float(x); }
