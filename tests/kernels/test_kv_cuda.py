@@ -13,7 +13,7 @@ import ctypes
 import pytest
 import torch
 
-from qins.kernels import cuda_kv
+from qins.kernels import _nvcc, cuda_kv
 from qins.kv.attention import float_segment, reference_attention
 from qins.kv.layer import QINSLayer
 
@@ -134,7 +134,7 @@ def test_pair_table_holds_both_levels():
     assert cuda_kv.pair_table(lut) is pairs                  # cached per table
 
 
-@pytest.mark.skipif(cuda_kv._nvcc() is None, reason="needs nvcc")
+@pytest.mark.skipif(_nvcc.nvcc() is None, reason="needs nvcc")
 def test_library_builds_and_its_argument_block_matches(tmp_path, monkeypatch):
     # the build path of every GPU machine, checked where there is only a compiler: the library
     # compiles for Hopper, lands atomically in the cache, and reads the same argument block

@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import torch
 
+from . import _nvcc
 from . import prmt as _prmt
 
-SOURCE = Path(__file__).with_name("csrc") / "kv_decode.cu"
+SOURCE = _nvcc.CSRC / "kv_decode.cu"
 HEAD_DIMS = (64, 128)
 BITS = ((4, 4), (8, 8))
 MAX_QUERY_HEADS = 8            # query heads per KV head: the 8 columns of one mma n-tile
@@ -47,38 +42,10 @@ class _Args(ctypes.Structure):
                 + [(n, ctypes.c_float) for n in _FLOATS])
 
 
-def _nvcc() -> str | None:
-    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
-    if home and (Path(home) / "bin" / "nvcc").exists():
-        return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("QINS_CACHE") or Path.home() / ".cache" / "qins") / "cuda"
-
-
 @functools.lru_cache(maxsize=4)
 def _library(arch: str) -> ctypes.CDLL:
     """Build (or load the cached build of) the kernel library for sm_`arch`; raises on failure."""
-    nvcc = _nvcc()
-    if nvcc is None:
-        raise RuntimeError("nvcc was not found (set CUDA_HOME or put nvcc on PATH)")
-    flags = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", f"-arch=sm_{arch}"]
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:12]
-    path = _cache_dir() / f"kv_decode_{digest}_sm{arch}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            run = subprocess.run([nvcc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True)
-            if run.returncode:
-                raise RuntimeError(f"nvcc failed on {SOURCE.name}: {run.stderr.strip()[-2000:]}")
-            os.replace(tmp, path)              # atomic: a reader never sees half a library
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    path = _nvcc.build(SOURCE, arch)
     lib = ctypes.CDLL(str(path))
     lib.qins_kv_decode.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p]
     lib.qins_kv_decode.restype = ctypes.c_int
@@ -88,9 +55,7 @@ def _library(arch: str) -> ctypes.CDLL:
     return lib
 
 
-def _arch(device) -> str:
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"{major}{minor}"
+_arch = _nvcc.arch
 
 
 @functools.lru_cache(maxsize=8)

@@ -31,9 +31,11 @@ GEMV_MAX_BATCH = 1
 
 
 def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = False,
-           per_tensor: bool = True, offsets: bool = False, scaled: bool = True) -> tuple[str, str]:
+           per_tensor: bool = True, offsets: bool = False, scaled: bool = True,
+           mma: bool = False) -> tuple[str, str]:
     """(route, decode mode) for a batch of m rows. `mode`: "auto" (any table), "auto-qins"
-    (the closed form is allowed) or an explicit mode.
+    (the closed form is allowed) or an explicit mode. `mma`: the CUDA tensor-core kernel
+    (kernels/cuda_qlinear.py) takes this call.
 
     K-major codes (benchmarks/results/gpu_kmajor.md and gpu_skinny.md, H200, x cuBLAS bf16):
         4 bits, one table, batch 1: register table (prmt) over (words, outputs) tiles 1.22-1.35
@@ -44,9 +46,11 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = Fals
         other tables:      table read 0.27-0.51 at batch 1; batch > 1 decodes then cuBLAS
     Row-major codes (gpu_qlinear.md): 4 bits prmt 0.48-0.84, 8 bits closed 0.43-0.55, 2 bits
     table 0.37-0.49, 3/5/6 bits table 0.33-0.66.
-    route: "kprmt", "kprmt_mm", "kbyte", "kgemv" (K-major), "words" (row-major one plane: 2, 4, 8 bits), "gemv"
-    (row-major two planes), "unfused".
+    route: "mma" (CUDA), "kprmt", "kprmt_mm", "kbyte", "kgemv" (K-major), "words" (row-major one plane:
+    2, 4, 8 bits), "gemv" (row-major two planes), "unfused".
     """
+    if mma and kmajor and mode.startswith("auto") and m <= SKINNY_MAX_BATCH:
+        return "mma", "table"
     prmt_ok = bits == 4 and dtype != torch.float32 and not _interpreting() and per_tensor
     if kmajor:
         if not mode.startswith("auto"):
@@ -125,6 +129,15 @@ def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_
                          in_features, mode)
 
 
+def _mma_takes(x2, qweight, scales, offsets, table, bits, group_size, in_features) -> bool:
+    """Whether the CUDA tensor-core kernel runs this call (4 bits, one table, 1..16 rows)."""
+    if bits != 4 or not x2.is_cuda or x2.shape[0] > SKINNY_MAX_BATCH or _interpreting():
+        return False
+    from . import cuda_qlinear
+    return (cuda_qlinear.unsupported(x2, qweight, scales, offsets, table, bits, group_size, in_features) is None
+            and cuda_qlinear.why_not(x2.device) is None)
+
+
 def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, group_size,
                   in_features, mode):
     """The Triton path on any device Triton runs on (CUDA; the CPU under TRITON_INTERPRET=1)."""
@@ -133,9 +146,16 @@ def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, gro
     x2 = x.reshape(-1, in_features)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
         x2 = x2.contiguous()
-    route, mode = choose(mode, bits, x2.shape[0], x.dtype, kmajor=is_kmajor(qweight),
+    kmajor = is_kmajor(qweight)
+    route, mode = choose(mode, bits, x2.shape[0], x.dtype, kmajor=kmajor,
                          per_tensor=table.shape[0] == 1 and (curvature is None or curvature.numel() == 1)
-                         and scales is not None, offsets=offsets is not None, scaled=scales is not None)
+                         and scales is not None, offsets=offsets is not None, scaled=scales is not None,
+                         mma=kmajor and mode.startswith("auto") and _mma_takes(x2, qweight, scales, offsets,
+                                                                             table, bits, group_size, in_features))
+    if route == "mma":
+        from . import cuda_qlinear
+        y = cuda_qlinear.qlinear(x2, qweight, scales, table, bias, group_size, in_features)
+        return y.reshape(*lead, qweight.shape[0])
     if mode == "prmt":
         table = cached_registers(table)
     args = (qweight, scales, offsets, table, curvature)

@@ -1,0 +1,153 @@
+"""The CUDA tensor-core weight kernel (kernels/cuda_qlinear.py) against cuBLAS bf16, the Triton
+routes it replaces (kprmt at batch 1, kprmt_mm at 2-16) and gemlite, per layer, on the issue's
+three shapes, 4-bit g64, bf16 activations.
+
+    PYTHONPATH=$PWD/src python3 benchmarks/gpu/mma.py [--batches 1 4 8 16] [--sweep] [--no-gemlite]
+
+Correctness first (float64 over the same codes, bound 4e-3 as in qlinear.py; a variant over it
+is recorded and not timed), then medians of CUDA-graph replays over enough weight copies that
+they come from HBM. --sweep also times every built (warps, depth) with splits 1..32 and records
+the best. Writes $OUT/gpu_mma.json and prints a table last (>1x: faster than cuBLAS bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import itertools
+import json
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(__file__))
+from qlinear import SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, synth  # noqa: E402
+from qlinear import timed as run_timed  # noqa: E402
+
+from qins.kernels import cuda_qlinear, kmajor  # noqa: E402
+from qins.kernels import triton_kmajor as km  # noqa: E402
+from qins.kernels.prmt import table_registers  # noqa: E402
+
+BITS, GROUP = 4, 64
+
+
+def gemlite_rows(record, shape, K, N, Ms, base, dev):
+    """gemlite 4-bit g64 (uniform asymmetric codes), the same shapes and rotation."""
+    try:
+        from gemlite import DType, GemLiteLinear
+    except Exception as e:                                        # not installed on this machine
+        record(shape=shape, variant="gemlite-4b-g64", error=f"unavailable: {e!r}"[:300])
+        return
+    try:
+        layers = []
+        for _ in range(copies_for(N * K // 2)):
+            gl = GemLiteLinear(4, group_size=GROUP, in_features=K, out_features=N,
+                               input_dtype=DType.BF16, output_dtype=DType.BF16)
+            wq = torch.randint(0, 16, (N, K), device=dev, dtype=torch.uint8)
+            sc = torch.rand(N, K // GROUP, device=dev, dtype=torch.bfloat16) * 0.01
+            zr = torch.full((N, K // GROUP), 8, device=dev, dtype=torch.bfloat16)
+            gl.pack(wq, sc, zr, None)
+            layers.append(gl)
+        for M in Ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            for gl in layers:
+                gl(x)
+            it = itertools.cycle(layers)
+            t = bench(lambda: next(it)(x))
+            record(shape=shape, variant="gemlite-4b-g64", M=M, us=t, speedup=base[M] / t)
+    except Exception as e:
+        record(shape=shape, variant="gemlite-4b-g64", error=repr(e)[:300])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
+    ap.add_argument("--sweep", action="store_true", help="time every (warps, depth) at splits 1..32")
+    ap.add_argument("--no-gemlite", action="store_true")
+    ap.add_argument("--shapes", default=None, help="KxN,KxN (default: the issue's three)")
+    ap.add_argument("--json", default="gpu_mma.json", help="file name under $OUT")
+    a = ap.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    torch.manual_seed(0)
+    dev = "cuda"
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    shapes = SHAPES if a.shapes is None else [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    rows = []
+
+    def record(**r):
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+
+    timed = functools.partial(run_timed, record)
+    for K, N in shapes:
+        shape = f"{K}x{N}"
+        base = cublas_bf16(K, N, tuple(a.batches), dev)
+        for M, us in base.items():
+            record(shape=shape, variant="cublas-bf16", M=M, us=us, speedup=1.0,
+                   tbps=(N * K * 2 + M * (K + N) * 2) / us / 1e6)
+        if not a.no_gemlite:
+            gemlite_rows(record, shape, K, N, a.batches, base, dev)
+        q0 = synth(N, K, BITS, GROUP)
+        qs = [q0] + [synth(N, K, BITS, GROUP) for _ in range(copies_for(qbytes(q0)) - 1)]
+        kq = [dict(q, qweight=kmajor(q["qweight"]), scales=kmajor(q["scales"]), regs=table_registers(q["table"]))
+              for q in qs]
+        nbytes = qbytes(q0)
+        for M in a.batches:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            ref = reference64(q0, x)
+            moved = nbytes + M * (K + N) * 2
+
+            def row(r):
+                if r is not None:
+                    r["tbps"] = moved / r["us"] / 1e6
+                    record(**r)
+                return r
+
+            if M == 1:
+                row(timed(shape, "triton-kprmt", M, lambda q, x=x: km.kprmt(
+                    x, q["qweight"], q["scales"], None, q["regs"], None, GROUP, K), kq, ref, base[M]))
+            else:
+                row(timed(shape, "triton-kprmt_mm", M, lambda q, x=x: km.kprmt_mm(
+                    x, q["qweight"], q["scales"], q["regs"], None, GROUP, K), kq, ref, base[M]))
+            why = cuda_qlinear.unsupported(x, kq[0]["qweight"], kq[0]["scales"], None, kq[0]["table"], BITS, GROUP, K)
+            if why is not None:
+                record(shape=shape, variant="cuda-mma", M=M, error=why)
+                continue
+            cfgs = [cuda_qlinear.default_config(M, N, K, GROUP, x.device)]
+            if a.sweep:
+                cfgs += [(s, w, d) for (w, d) in cuda_qlinear.SHAPES for s in (1, 2, 4, 8)
+                         if (s, w, d) not in cfgs]
+            results = []
+            for s, w, d in cfgs:
+                r = timed(shape, "cuda-mma", M, lambda q, x=x, s=s, w=w, d=d: cuda_qlinear.qlinear(
+                    x, q["qweight"], q["scales"], q["table"], None, GROUP, K, splits=s, warps=w, depth=d),
+                    kq, ref, base[M], cfg=dict(splits=s, warps=w, depth=d))
+                if r is not None:
+                    r["tbps"] = moved / r["us"] / 1e6
+                    results.append(r)
+                    rows.append(dict(r, sweep=True))
+            if results:
+                record(**dict(results[0], variant="cuda-mma-default"))
+                best = min(results, key=lambda r: r["us"])
+                record(**dict(best, variant="cuda-mma-best"))
+
+    out = dict(card=torch.cuda.get_device_name(0), sms=sms, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+               torch=torch.__version__, triton=triton.__version__, command=" ".join(["python3"] + sys.argv),
+               rows=rows)
+    with open(os.path.join(os.environ.get("OUT", "."), a.json), "w") as f:
+        json.dump(out, f, indent=1)
+    print(f"\n{out['card']}  {out['date']}  torch {out['torch']}")
+    for r in rows:
+        if "error" in r:
+            print("FAILED/OVER", r["shape"], r["variant"], r.get("M"), r.get("cfg"), str(r["error"])[:200], r.get("err"))
+    for r in rows:
+        if r.get("sweep") or "us" not in r:
+            continue
+        print(f"{r['shape']:>11} {r['variant']:>18} {r['M']:>3} {r['us']:8.1f} us {r['speedup']:5.2f}x "
+              f"{r.get('tbps', 0):5.2f} TB/s {r.get('err') or 0:8.1e} {r.get('cfg') or ''}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""y = x W^T (+ b) for 1..16 rows over 4-bit K-major codes on the tensor cores (csrc/qlinear_mma.cu):
+each byte of two codes is one lookup in a pair table in shared memory, straight into the mma.sync
+operand registers; group scales multiply each group's fp32 products once.
+
+    why_not(device)         None when the kernel can run on `device` (builds it), else the reason
+    unsupported(x, ...)     None when it takes this call, else the reason
+    qlinear(x, ...)         the product, in x's dtype
+
+It takes 4-bit codes with one decode table per tensor, fp16 group scales and no offsets, x in
+fp16 or bf16 with K a multiple of 8, N a multiple of 4, groups a multiple of 32. The library is
+built by nvcc on first use (kernels/_nvcc.py); where it cannot be, the Triton kernels run.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import _nvcc
+from .prmt import cached_derived
+
+SOURCE = _nvcc.CSRC / "qlinear_mma.cu"
+MAX_ROWS = 16
+_DTYPES = {torch.float16: 1, torch.bfloat16: 2}
+_BIAS_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+GROUPS = (32, 64, 128)
+SHAPES = ((8, 4), (8, 2), (4, 4))        # (warps per block, loads in flight per warp) built
+MAX_SPLITS = 8                          # blocks of a tile along K: one thread-block cluster (sm_90)
+_PTRS = ("x", "qw", "s", "tab", "bias", "y")
+_INTS = ("M", "N", "K", "QS", "SS", "LDX", "G", "SPLITS", "dtype", "bias_dtype", "warps", "depth")
+
+
+class _Args(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_void_p) for n in _PTRS] + [(n, ctypes.c_int) for n in _INTS]
+
+
+@functools.lru_cache(maxsize=4)
+def _library(arch: str) -> ctypes.CDLL:
+    """Build (or load the cached build of) the kernel library for sm_`arch`; raises on failure."""
+    path = _nvcc.build(SOURCE, arch)
+    lib = ctypes.CDLL(str(path))
+    lib.qins_qlinear4.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p]
+    lib.qins_qlinear4.restype = ctypes.c_int
+    lib.qins_qlinear_abi.restype = ctypes.c_int
+    if lib.qins_qlinear_abi() != ctypes.sizeof(_Args):
+        raise RuntimeError(f"{path.name}: argument block of {lib.qins_qlinear_abi()} bytes, "
+                           f"expected {ctypes.sizeof(_Args)}")
+    return lib
+
+
+@functools.lru_cache(maxsize=8)
+def _why_not_cached(arch: str) -> str | None:
+    if int(arch) < 80:
+        return f"sm_{arch}: the kernel needs mma.sync m16n8k16 with bf16 (sm_80 or newer)"
+    try:
+        _library(arch)
+    except (RuntimeError, OSError) as e:
+        return f"the CUDA weight kernel could not be built: {e}"
+    return None
+
+
+def why_not(device) -> str | None:
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"the CUDA weight kernel runs on CUDA devices, not {device}"
+    return _why_not_cached(_nvcc.arch(device))
+
+
+def _kmajor_stride(t: torch.Tensor) -> int | None:
+    """The row stride of a K-major (N, W) tensor's transpose, or None when it is not K-major."""
+    return t.stride(1) if t.dim() == 2 and t.stride(0) == 1 else None
+
+
+def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales, offsets, table: torch.Tensor,
+                bits: int, group_size: int, in_features: int) -> str | None:
+    """None when `qlinear` takes this call (x (M, K) two-dimensional), else the reason."""
+    if bits != 4:
+        return f"{bits}-bit codes (the CUDA kernel reads 4 bits)"
+    if x.dtype not in _DTYPES:
+        return f"x in {x.dtype} (the CUDA kernel takes fp16 and bf16)"
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        return f"{x.shape[0]} rows (the CUDA kernel takes 1..{MAX_ROWS})"
+    if offsets is not None or scales is None or scales.dtype != torch.float16:
+        return "the CUDA kernel takes fp16 group scales and no offsets"
+    if table.shape[0] != 1:
+        return "a table per channel (the CUDA kernel takes one per tensor)"
+    N, K = qweight.shape[0], in_features
+    if K % 8 or N % 4 or group_size not in GROUPS:
+        return f"K={K}, N={N}, group {group_size} (the CUDA kernel takes K % 8 == 0, N % 4 == 0, groups {GROUPS})"
+    # a single group's scales (N, 1) have no stride along groups to check
+    qs, ss = _kmajor_stride(qweight), _kmajor_stride(scales) if scales.shape[1] > 1 else 4
+    if qs is None or ss is None or qs % 4 or ss % 4:
+        return "codes and scales must be K-major with rows of 16 bytes (QINSLinear on CUDA stores them so)"
+    if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16 or qweight.data_ptr() % 16 or scales.data_ptr() % 8:
+        return "x, codes and scales must be contiguous along K and 16-byte aligned"
+    if qweight.shape[1] * 8 < -(-K // 32) * 32:
+        return f"{qweight.shape[1]} words per output hold fewer than the {K} codes"
+    return None
+
+
+def pair_table(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(256,) int32: entry b is (table[b & 15], table[b >> 4]) in `dtype`, the low half first, so
+    one lookup by a byte of two codes gives both values. Cached per table and dtype."""
+    def build(t):
+        bits = t.reshape(-1)[:16].to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        i = torch.arange(256, device=t.device)
+        word = bits[i & 15] | (bits[i >> 4] << 16)
+        return torch.where(word < 2**31, word, word - 2**32).to(torch.int32)
+    return cached_derived(table, ("cuda_qlinear_pairs", dtype), build)
+
+
+def default_config(M: int, N: int, K: int, group_size: int, device) -> tuple[int, int, int]:
+    """(splits, warps, depth) for a call. H200 sweep (benchmarks/gpu/mma.py --sweep, 4-bit g64,
+    bf16): with tiles of 32 outputs enough for about 12 warps per SM, 4 warps per tile and no
+    split are best at batch 1-16 (4096 x 14336: 18.1 us; 8192 x 28672: 53.0 us); with fewer
+    tiles, 8 warps and blocks along K up to about 12 warps per SM (14336 x 4096: 2 blocks of 8
+    warps, 16.6 us, against 30.1 us for one block of 4); split blocks cost more above that (a
+    cluster of 8 took twice as long) and at batch 9-16 (registers), and need sm_90."""
+    tiles = -(-N // 32)
+    props = torch.cuda.get_device_properties(device)
+    want = props.multi_processor_count * 12                     # warps in flight
+    if tiles * 4 >= want:
+        return 1, 4, 4
+    if M > 8 or (props.major, props.minor) < (9, 0):
+        return 1, 8, 4
+    groups = max(1, K // group_size)
+    return max(1, min(-(-want // (tiles * 8)), MAX_SPLITS, groups // 8)), 8, 4
+
+
+def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
+            bias: torch.Tensor | None, group_size: int, in_features: int, *, splits: int | None = None,
+            warps: int | None = None, depth: int | None = None) -> torch.Tensor:
+    """x (M, K) @ W^T (+ bias) -> (M, N) in x's dtype; `unsupported` must have returned None.
+    splits, warps, depth: the launch (default_config where not given)."""
+    M = x.shape[0]
+    N, K = qweight.shape[0], in_features
+    if splits is None or warps is None or depth is None:
+        d = default_config(M, N, K, group_size, x.device)
+        splits, warps, depth = (d[0] if splits is None else splits, d[1] if warps is None else warps,
+                                d[2] if depth is None else depth)
+    if (warps, depth) not in SHAPES:
+        raise ValueError(f"(warps, depth) = {(warps, depth)}; built: {SHAPES}")
+    if not 1 <= splits <= MAX_SPLITS or (splits > 1 and torch.cuda.get_device_capability(x.device) < (9, 0)):
+        raise ValueError(f"splits={splits}: 1..{MAX_SPLITS} on sm_90 and newer, 1 below")
+    stream = torch.cuda.current_stream(x.device).cuda_stream
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    tab = pair_table(table, x.dtype)
+    if bias is not None and (bias.dtype not in _BIAS_DTYPES or not bias.is_contiguous()):
+        bias = bias.float().contiguous()
+    ptr = lambda t: None if t is None else t.data_ptr()
+    args = _Args(x=ptr(x), qw=ptr(qweight), s=ptr(scales), tab=ptr(tab), bias=ptr(bias), y=ptr(y),
+                 M=M, N=N, K=K, QS=qweight.stride(1),
+                 SS=scales.stride(1) if scales.shape[1] > 1 else 4, LDX=x.stride(0) if M > 1 else K, G=group_size, SPLITS=splits,
+                 dtype=_DTYPES[x.dtype], bias_dtype=_BIAS_DTYPES[bias.dtype] if bias is not None else 0,
+                 warps=warps, depth=depth)
+    rc = _library(_nvcc.arch(x.device)).qins_qlinear4(ctypes.byref(args), ctypes.c_void_p(stream))
+    if rc < 0:
+        raise ValueError(f"the CUDA weight kernel does not take this call (code {rc}): M={M}, N={N}, K={K}, "
+                         f"group {group_size}, {x.dtype}")
+    if rc > 0:
+        raise RuntimeError(f"the CUDA weight kernel failed to launch: CUDA error {rc}")
+    return y
