@@ -12,6 +12,9 @@ import functools
 import pytest
 import torch
 
+from qins.codec.packing import packed_words
+from qins.codec.tensor import QuantizedWeight
+from qins.codec.config import WeightConfig
 from qins.kernels import _nvcc, cuda_qlinear, kmajor
 
 from .conftest import CUDA, DEVICE
@@ -28,8 +31,17 @@ def _kmajor(qw):
 
 @functools.lru_cache(maxsize=4)
 def _weight(n, k, group):
-    """One quantized weight per shape (quantizing 4096 x 4096 on the CPU takes seconds)."""
-    return _quantized("qins", 4, group, "tensor", (n, k))
+    """One weight per shape: quantized below 256 outputs; above, random codes and scales with a
+    QINS table (quantizing 4096 x 4096 on the CPU takes tens of seconds; the kernel reads codes)."""
+    if n < 256:
+        return _quantized("qins", 4, group, "tensor", (n, k))
+    g = torch.Generator().manual_seed(n + k)
+    words = packed_words(k, 4)
+    codes = torch.randint(-2**31, 2**31 - 1, (n, words), generator=g, dtype=torch.int32)
+    codes[:, -(-k // 8):] = 0                                  # padding past K stays zero
+    scales = (torch.rand(n, max(1, k // group), generator=g) * 0.02 + 0.001).half()
+    cfg = WeightConfig("qins", 4, group, curvature="tensor")
+    return QuantizedWeight(codes.to(DEVICE), scales.to(DEVICE), None, torch.tensor([0.6], device=DEVICE), cfg, (n, k))
 
 
 # (N, K, group): odd tiles (N not a multiple of 32, K not of the group or of 32), each group size
