@@ -37,7 +37,9 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = Fals
     (the closed form is allowed) or an explicit mode. `mma`: the CUDA tensor-core kernel
     (kernels/cuda_qlinear.py) takes this call.
 
-    K-major codes (benchmarks/results/gpu_kmajor.md and gpu_skinny.md, H200, x cuBLAS bf16):
+    K-major codes (benchmarks/results/gpu_kmajor.md, gpu_skinny.md and gpu_mma.md, H200, x cuBLAS bf16):
+        4 bits, one table, fp16/bf16, batch 1-16, where the CUDA kernel builds (mma): pair-table
+            lookups into tensor-core operands 1.71-2.00 at batch 1, 1.60-1.80 at 8, 1.07-1.31 at 16
         4 bits, one table, batch 1: register table (prmt) over (words, outputs) tiles 1.22-1.35
         4 bits, one table, no offsets, batch 2-16: the same decode feeding tl.dot 0.60-0.62
             (the closed form below: 0.39-0.44)
