@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import itertools
 import json
 import os
 import sys
@@ -23,7 +22,7 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(__file__))
-from qlinear import SHAPES, bench, copies_for, cublas_bf16, qbytes, reference64, synth  # noqa: E402
+from qlinear import SHAPES, copies_for, cublas_bf16, gemlite_rows, qbytes, reference64, synth  # noqa: E402
 from qlinear import timed as run_timed  # noqa: E402
 
 from qins.kernels import cuda_qlinear, kmajor  # noqa: E402
@@ -31,34 +30,6 @@ from qins.kernels import triton_kmajor as km  # noqa: E402
 from qins.kernels.prmt import table_registers  # noqa: E402
 
 BITS, GROUP = 4, 64
-
-
-def gemlite_rows(record, shape, K, N, Ms, base, dev):
-    """gemlite 4-bit g64 (uniform asymmetric codes), the same shapes and rotation."""
-    try:
-        from gemlite import DType, GemLiteLinear
-    except Exception as e:                                        # not installed on this machine
-        record(shape=shape, variant="gemlite-4b-g64", error=f"unavailable: {e!r}"[:300])
-        return
-    try:
-        layers = []
-        for _ in range(copies_for(N * K // 2)):
-            gl = GemLiteLinear(4, group_size=GROUP, in_features=K, out_features=N,
-                               input_dtype=DType.BF16, output_dtype=DType.BF16)
-            wq = torch.randint(0, 16, (N, K), device=dev, dtype=torch.uint8)
-            sc = torch.rand(N, K // GROUP, device=dev, dtype=torch.bfloat16) * 0.01
-            zr = torch.full((N, K // GROUP), 8, device=dev, dtype=torch.bfloat16)
-            gl.pack(wq, sc, zr, None)
-            layers.append(gl)
-        for M in Ms:
-            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-            for gl in layers:
-                gl(x)
-            it = itertools.cycle(layers)
-            t = bench(lambda: next(it)(x))
-            record(shape=shape, variant="gemlite-4b-g64", M=M, us=t, speedup=base[M] / t)
-    except Exception as e:
-        record(shape=shape, variant="gemlite-4b-g64", error=repr(e)[:300])
 
 
 def main():
@@ -88,7 +59,7 @@ def main():
             record(shape=shape, variant="cublas-bf16", M=M, us=us, speedup=1.0,
                    tbps=(N * K * 2 + M * (K + N) * 2) / us / 1e6)
         if not a.no_gemlite:
-            gemlite_rows(record, shape, K, N, a.batches, base, dev)
+            gemlite_rows(record, shape, K, N, BITS, GROUP, a.batches, base, dev)
         q0 = synth(N, K, BITS, GROUP)
         qs = [q0] + [synth(N, K, BITS, GROUP) for _ in range(copies_for(qbytes(q0)) - 1)]
         kq = [dict(q, qweight=kmajor(q["qweight"]), scales=kmajor(q["scales"]), regs=table_registers(q["table"]))

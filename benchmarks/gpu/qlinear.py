@@ -95,6 +95,37 @@ def word_configs(M, N, K, bits, sms, quick):
     return out
 
 
+def gemlite_rows(record, shape, K, N, bits, g, Ms, base, dev):
+    """gemlite (uniform asymmetric codes, its own packing) at `bits`, group g: one row per batch
+    in Ms, timed like ours over enough layer copies to come from HBM; an error row where gemlite
+    is missing or fails."""
+    name = f"gemlite-{bits}b-g{g}"
+    try:
+        from gemlite import DType, GemLiteLinear
+    except Exception as e:                                        # not installed on this machine
+        record(shape=shape, variant=name, error=f"unavailable: {e!r}"[:300])
+        return
+    try:
+        layers = []
+        for _ in range(copies_for(N * K * bits // 8)):
+            gl = GemLiteLinear(bits, group_size=g, in_features=K, out_features=N,
+                               input_dtype=DType.BF16, output_dtype=DType.BF16)
+            wq = torch.randint(0, 2**bits, (N, K), device=dev, dtype=torch.uint8)
+            sc = torch.rand(N, K // g, device=dev, dtype=torch.bfloat16) * 0.01
+            zr = torch.full((N, K // g), 2**(bits - 1), device=dev, dtype=torch.bfloat16)
+            gl.pack(wq, sc, zr, None)
+            layers.append(gl)
+        for M in Ms:
+            x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+            for gl in layers:
+                gl(x)
+            it = itertools.cycle(layers)
+            t = bench(lambda: next(it)(x))
+            record(shape=shape, variant=name, M=M, us=t, speedup=base[M] / t)
+    except Exception as e:
+        record(shape=shape, variant=name, error=repr(e)[:300])
+
+
 def bench(fn):
     return do_bench_cudagraph(fn, rep=60, return_mode="median") * 1e3     # us
 
@@ -187,13 +218,6 @@ def main():
         rows.append(r)
         print(json.dumps(r), flush=True)
 
-    try:
-        import gemlite
-        from gemlite import DType, GemLiteLinear
-    except Exception as e:                                        # not installed on this machine
-        gemlite = None
-        print(f"gemlite unavailable: {e}", file=sys.stderr)
-
     for K, N in shapes:
         shape = f"{K}x{N}"
         # -- cuBLAS bf16 baselines ---------------------------------------------------------
@@ -203,29 +227,8 @@ def main():
                    tbps=(N * K * 2 + M * (K + N) * 2) / t / 1e6)
 
         # -- gemlite (uniform asymmetric codes), same shapes -----------------------------------
-        if gemlite is not None:
-            for bits, g, Ms in ((4, 64, (1, 16)), (8, 128, (1,))):
-                try:
-                    layers = []
-                    for _ in range(copies_for(N * K * bits // 8)):
-                        gl = GemLiteLinear(bits, group_size=g, in_features=K, out_features=N,
-                                           input_dtype=DType.BF16, output_dtype=DType.BF16)
-                        wq = torch.randint(0, 2**bits, (N, K), device=dev, dtype=torch.uint8)
-                        sc = torch.rand(N, K // g, device=dev, dtype=torch.bfloat16) * 0.01
-                        zr = torch.full((N, K // g), 2**(bits - 1), device=dev, dtype=torch.bfloat16)
-                        gl.pack(wq, sc, zr, None)
-                        layers.append(gl)
-                    for M in Ms:
-                        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-                        for gl in layers:
-                            gl(x)
-                        it = itertools.cycle(layers)
-                        t = bench(lambda: next(it)(x))
-                        record(shape=shape, variant=f"gemlite-{bits}b-g{g}", M=M, us=t,
-                               speedup=base[M] / t)
-                    del layers
-                except Exception as e:
-                    record(shape=shape, variant=f"gemlite-{bits}b-g{g}", error=repr(e)[:300])
+        for bits, g, Ms in ((4, 64, (1, 16)), (8, 128, (1,))):
+            gemlite_rows(record, shape, K, N, bits, g, Ms, base, dev)
 
         # -- QINS ----------------------------------------------------------------------------
         for bits, g in BITS.items():

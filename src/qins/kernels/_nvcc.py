@@ -5,10 +5,15 @@ graphs capture the kernels.
 
     nvcc()                 the nvcc path, or None
     build(source, arch)    the cached library's path, built on first call; raises on failure
+    load(source, arch, entry, abi, args)
+                           the library with its entry point typed and its argument block checked
+    why_not(device, what, library)
+                           None when `library(arch)` loads for `device`, else the reason (cached)
     arch(device)           "90" for an sm_90 device
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -60,3 +65,42 @@ def build(source: Path, arch: str) -> Path:
 def arch(device) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     return f"{major}{minor}"
+
+
+def load(source: Path, arch_: str, entry: str, abi: str, args: type) -> ctypes.CDLL:
+    """The library of `source` with `entry(const Args*, stream) -> int` typed, after checking that
+    its `abi()` (sizeof the C argument block) equals ctypes' `args` (an edit that loses a field
+    on one side is caught here, not as a wrong answer)."""
+    path = build(source, arch_)
+    lib = ctypes.CDLL(str(path))
+    fn = getattr(lib, entry)
+    fn.argtypes = [ctypes.POINTER(args), ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    size = getattr(lib, abi)
+    size.restype = ctypes.c_int
+    if size() != ctypes.sizeof(args):
+        raise RuntimeError(f"{path.name}: argument block of {size()} bytes, expected {ctypes.sizeof(args)}")
+    return lib
+
+
+_STATUS: dict[tuple, str | None] = {}
+
+
+def why_not(device, what: str, library) -> str | None:
+    """None when `library(arch)` (an mma.sync kernel) loads for `device`, else why not; the answer
+    is kept per (library, arch), so a failed build is not retried on every call."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return f"{what} runs on CUDA devices, not {device}"
+    a = arch(device)
+    key = (library, a)
+    if key not in _STATUS:
+        if int(a) < 80:
+            _STATUS[key] = f"sm_{a}: {what} needs mma.sync m16n8k16 (sm_80 or newer)"
+        else:
+            try:
+                library(a)
+                _STATUS[key] = None
+            except (RuntimeError, OSError) as e:
+                _STATUS[key] = f"{what} could not be built: {e}"
+    return _STATUS[key]

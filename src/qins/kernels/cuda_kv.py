@@ -45,36 +45,15 @@ class _Args(ctypes.Structure):
 @functools.lru_cache(maxsize=4)
 def _library(arch: str) -> ctypes.CDLL:
     """Build (or load the cached build of) the kernel library for sm_`arch`; raises on failure."""
-    path = _nvcc.build(SOURCE, arch)
-    lib = ctypes.CDLL(str(path))
-    lib.qins_kv_decode.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p]
-    lib.qins_kv_decode.restype = ctypes.c_int
-    lib.qins_kv_abi.restype = ctypes.c_int
-    if lib.qins_kv_abi() != ctypes.sizeof(_Args):
-        raise RuntimeError(f"{path.name}: argument block of {lib.qins_kv_abi()} bytes, expected {ctypes.sizeof(_Args)}")
-    return lib
+    return _nvcc.load(SOURCE, arch, "qins_kv_decode", "qins_kv_abi", _Args)
 
 
 _arch = _nvcc.arch
 
 
-@functools.lru_cache(maxsize=8)
-def _why_not_cached(arch: str) -> str | None:
-    if int(arch) < 80:
-        return f"sm_{arch}: the kernel needs mma.sync m16n8k16 (sm_80 or newer)"
-    try:
-        _library(arch)
-    except (RuntimeError, OSError) as e:
-        return f"the CUDA KV kernel could not be built: {e}"
-    return None
-
-
 def why_not(device) -> str | None:
     """None when the CUDA kernel can run on `device` (builds it on first call), else the reason."""
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"the CUDA KV kernel runs on CUDA devices, not {device}"
-    return _why_not_cached(_arch(device))
+    return _nvcc.why_not(device, "the CUDA KV kernel", _library)
 
 
 def unsupported(D: int, qh: int, k_bits: int, v_bits: int, group: int, k_affine, v_affine, dtypes) -> str | None:

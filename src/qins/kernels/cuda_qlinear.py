@@ -38,33 +38,12 @@ class _Args(ctypes.Structure):
 @functools.lru_cache(maxsize=4)
 def _library(arch: str) -> ctypes.CDLL:
     """Build (or load the cached build of) the kernel library for sm_`arch`; raises on failure."""
-    path = _nvcc.build(SOURCE, arch)
-    lib = ctypes.CDLL(str(path))
-    lib.qins_qlinear4.argtypes = [ctypes.POINTER(_Args), ctypes.c_void_p]
-    lib.qins_qlinear4.restype = ctypes.c_int
-    lib.qins_qlinear_abi.restype = ctypes.c_int
-    if lib.qins_qlinear_abi() != ctypes.sizeof(_Args):
-        raise RuntimeError(f"{path.name}: argument block of {lib.qins_qlinear_abi()} bytes, "
-                           f"expected {ctypes.sizeof(_Args)}")
-    return lib
-
-
-@functools.lru_cache(maxsize=8)
-def _why_not_cached(arch: str) -> str | None:
-    if int(arch) < 80:
-        return f"sm_{arch}: the kernel needs mma.sync m16n8k16 with bf16 (sm_80 or newer)"
-    try:
-        _library(arch)
-    except (RuntimeError, OSError) as e:
-        return f"the CUDA weight kernel could not be built: {e}"
-    return None
+    return _nvcc.load(SOURCE, arch, "qins_qlinear4", "qins_qlinear_abi", _Args)
 
 
 def why_not(device) -> str | None:
-    device = torch.device(device)
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return f"the CUDA weight kernel runs on CUDA devices, not {device}"
-    return _why_not_cached(_nvcc.arch(device))
+    """None when the kernel can run on `device` (builds it on first call), else the reason."""
+    return _nvcc.why_not(device, "the CUDA weight kernel", _library)
 
 
 def _kmajor_stride(t: torch.Tensor) -> int | None:
