@@ -9,6 +9,8 @@ graphs capture the kernels.
                            the library with its entry point typed and its argument block checked
     why_not(device, what, library)
                            None when `library(arch)` loads for `device`, else the reason (cached)
+    launch(fn, args, device)
+                           fn(&args, current stream of `device`) with `device` current, -> its code
     arch(device)           "90" for an sm_90 device
 """
 from __future__ import annotations
@@ -104,3 +106,13 @@ def why_not(device, what: str, library) -> str | None:
             except (RuntimeError, OSError) as e:
                 _STATUS[key] = f"{what} could not be built: {e}"
     return _STATUS[key]
+
+
+def launch(fn, args: ctypes.Structure, device: torch.device) -> int:
+    """Call a library entry on `device`'s current stream with `device` the current CUDA device
+    (the runtime launches on the current device, which a tensor on another GPU does not set)."""
+    stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
+    if device.index is None or device.index == torch.cuda.current_device():
+        return fn(ctypes.byref(args), stream)
+    with torch.cuda.device(device):
+        return fn(ctypes.byref(args), stream)

@@ -124,7 +124,7 @@ def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, 
         koff_dtype=_DTYPES[koff.dtype] if koff is not None else 0, minb=MIN_BLOCKS[k_bits] if minb is None else minb, probe=probe,
         qk_scale=scale * 1.4426950408889634, k_alpha=ka[0], k_beta=ka[1], v_alpha=va[0], v_beta=va[1])
     lib = _library(_arch(q.device))
-    rc = lib.qins_kv_decode(ctypes.byref(args), ctypes.c_void_p(torch.cuda.current_stream(q.device).cuda_stream))
+    rc = _nvcc.launch(lib.qins_kv_decode, args, q.device)
     if rc < 0:
         raise ValueError(f"the CUDA KV kernel does not hold this combination (code {rc}): D={D}, k{k_bits}v{v_bits}, "
                          f"{Hq // H} query heads per KV head, group {group}, page {P}")

@@ -122,7 +122,6 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table:
         raise ValueError(f"(warps, depth) = {(warps, depth)}; built: {SHAPES}")
     if not 1 <= splits <= MAX_SPLITS or (splits > 1 and torch.cuda.get_device_capability(x.device) < (9, 0)):
         raise ValueError(f"splits={splits}: 1..{MAX_SPLITS} on sm_90 and newer, 1 below")
-    stream = torch.cuda.current_stream(x.device).cuda_stream
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     tab = pair_table(table, x.dtype)
     if bias is not None and (bias.dtype not in _BIAS_DTYPES or not bias.is_contiguous()):
@@ -133,7 +132,7 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table:
                  SS=scales.stride(1) if scales.shape[1] > 1 else 4, LDX=x.stride(0) if M > 1 else K, G=group_size, SPLITS=splits,
                  dtype=_DTYPES[x.dtype], bias_dtype=_BIAS_DTYPES[bias.dtype] if bias is not None else 0,
                  warps=warps, depth=depth)
-    rc = _library(_nvcc.arch(x.device)).qins_qlinear4(ctypes.byref(args), ctypes.c_void_p(stream))
+    rc = _nvcc.launch(_library(_nvcc.arch(x.device)).qins_qlinear4, args, x.device)
     if rc < 0:
         raise ValueError(f"the CUDA weight kernel does not take this call (code {rc}): M={M}, N={N}, K={K}, "
                          f"group {group_size}, {x.dtype}")
