@@ -105,6 +105,18 @@ def test_refusals_name_the_reason():
     assert cuda_qlinear.why_not("cpu") is not None
 
 
+def test_qins_kernels_triton_keeps_the_nvcc_kernels_out(monkeypatch):
+    from qins.kernels import cuda_refused
+    from qins.kernels.triton_kv import cuda_reason
+    monkeypatch.setenv("QINS_KERNELS", "triton")
+    assert "Triton kernels only" in cuda_refused()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q = torch.zeros(1, 4, 64)
+    assert "Triton kernels only" in cuda_reason(q, q[:, :, None], None, None, None, 4, 4, 4, 16, (1.0, 0.0), None)
+    monkeypatch.setenv("QINS_KERNELS", "auto")
+    assert cuda_refused() is None
+
+
 def test_pair_table_holds_both_codes_of_a_byte():
     lut = torch.linspace(-1, 1, 16).reshape(1, 16) ** 3
     for dtype in (torch.float16, torch.bfloat16):

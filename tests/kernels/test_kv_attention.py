@@ -47,10 +47,17 @@ def test_decode_attention_matches_reference(case, monkeypatch):
     assert layer.n_quantized % group
     for _ in range(2 if CUDA else 1):                         # CPU: one step (the interpreter is slow)
         q = (torch.randn(B, H * QH, 1, D, generator=g) * 2).to(DEVICE, dtype)
-        monkeypatch.setenv("QINS_KERNELS", "triton")
+        # auto: the CUDA kernel where it builds and takes the layer, else Triton (the CPU needs
+        # QINS_KERNELS=triton for the interpreter); triton on a GPU: Triton only
+        monkeypatch.setenv("QINS_KERNELS", "auto" if CUDA else "triton")
         assert layer.kernels
         got = decode_attention(layer, q, D ** -0.5)
         assert layer.last_path == ("cuda" if GPU_KERNEL and (kb, vb) in ((4, 4), (8, 8)) else "triton")
+        if CUDA:
+            monkeypatch.setenv("QINS_KERNELS", "triton")
+            torch.testing.assert_close(decode_attention(layer, q, D ** -0.5).float(), got.float(),
+                                       rtol=TOL[dtype], atol=TOL[dtype] * float(got.abs().max()))
+            assert layer.last_path == "triton"
         ref = reference_attention(layer, q.float(), D ** -0.5)
         err = float((got.float() - ref).abs().max() / ref.abs().max())
         assert err <= TOL[dtype], f"relative max error {err:.2e}"

@@ -4,13 +4,16 @@
     dequantize(qw, dtype)  W (or selected rows) as floats
 
 Backends, chosen per call by `QINS_KERNELS` (read on every call):
-    auto (default)  CUDA tensors -> Triton (kernels/triton_qlinear.py through the torch.library
-                    ops in kernels/ops.py); CPU tensors -> the CPU fast path (kernels/cpu.py, a
-                    C++ extension built on first use), or the reference with one warning where
-                    it cannot build or run; no Triton on CUDA -> the reference
+    auto (default)  CUDA tensors -> the GPU kernels through the torch.library ops in
+                    kernels/ops.py: the CUDA kernels built with nvcc (cuda_qlinear.py, cuda_kv.py)
+                    where they build and take the call, else Triton; CPU tensors -> the CPU fast
+                    path (kernels/cpu.py, a C++ extension built on first use), or the reference
+                    with one warning where it cannot build or run; no Triton on CUDA -> the
+                    reference
     reference       the pure-PyTorch reference everywhere (kernels/reference.py)
-    triton          Triton, or a clear error where it cannot run; on the CPU this needs
-                    TRITON_INTERPRET=1 (how the tests check the kernels without a GPU)
+    triton          the Triton kernels only (never the nvcc-built ones), or a clear error where
+                    they cannot run; on the CPU this needs TRITON_INTERPRET=1 (how the tests
+                    check the kernels without a GPU)
     cpu             the CPU fast path, or a clear error where it cannot run
 
 Under autograd (x or the bias requires grad) and inside torch.compile the CPU path defers to
@@ -67,6 +70,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+
+
+def cuda_refused() -> str | None:
+    """Why the nvcc-built CUDA kernels may not run under the current backend, or None."""
+    if backend() == "triton":
+        return "QINS_KERNELS=triton runs the Triton kernels only"
+    return None
 
 
 def _use_triton(x: torch.Tensor, qw: QuantizedWeight) -> bool:
@@ -186,4 +196,4 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
     return reference.dequantize(qw, dtype, rows)
 
 
-__all__ = ["backend", "cpu_fast", "dequantize", "is_kmajor", "kmajor", "qlinear", "triton_available", "BACKENDS"]
+__all__ = ["backend", "cpu_fast", "cuda_refused", "dequantize", "is_kmajor", "kmajor", "qlinear", "triton_available", "BACKENDS"]

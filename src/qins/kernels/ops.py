@@ -17,7 +17,7 @@ from ..codec.packing import planes
 
 from ..codec.qins import qins_table
 from ..codec.tensor import decode
-from . import _interpreting, is_kmajor
+from . import _interpreting, cuda_refused, is_kmajor
 from .prmt import cached_registers
 
 # rows of x up to which the skinny kernels run; above, the weight is decoded once into x's
@@ -133,7 +133,7 @@ def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_
 
 def _mma_takes(x2, qweight, scales, offsets, table, bits, group_size, in_features) -> bool:
     """Whether the CUDA tensor-core kernel runs this call (4 bits, one table, 1..16 rows)."""
-    if bits != 4 or not x2.is_cuda or x2.shape[0] > SKINNY_MAX_BATCH or _interpreting():
+    if bits != 4 or not x2.is_cuda or x2.shape[0] > SKINNY_MAX_BATCH or _interpreting() or cuda_refused():
         return False
     from . import cuda_qlinear
     return (cuda_qlinear.unsupported(x2, qweight, scales, offsets, table, bits, group_size, in_features) is None

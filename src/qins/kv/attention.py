@@ -7,8 +7,9 @@
                            QINS_KERNELS=triton TRITON_INTERPRET=1), else the reference (pages
                            decoded to float, SDPA). `layer.last_path` says which ran.
 
-The backend follows `QINS_KERNELS` (kernels/__init__.py): auto = Triton on CUDA, the
-reference elsewhere; reference; triton = Triton or a clear error.
+The backend follows `QINS_KERNELS` (kernels/__init__.py): auto = the CUDA kernel where it builds
+and takes the layer, else Triton, on CUDA; the reference elsewhere; reference; triton = Triton
+only, or a clear error.
 """
 from __future__ import annotations
 
