@@ -7,8 +7,9 @@ operand registers; group scales multiply each group's fp32 products once.
     qlinear(x, ...)         the product, in x's dtype
 
 It takes 4-bit codes with one decode table per tensor, fp16 group scales and no offsets, x in
-fp16 or bf16 with K a multiple of 8, N a multiple of 4, groups a multiple of 32. The library is
-built by nvcc on first use (kernels/_nvcc.py); where it cannot be, the Triton kernels run.
+fp16 or bf16 with K a multiple of 8, N a multiple of 4, groups of 32, 64 or 128 codes (the
+last group takes the remainder of K, as the codec's). The library is built by nvcc on first use
+(kernels/_nvcc.py); where it cannot be, or QINS_KERNELS=triton, the Triton kernels run.
 """
 from __future__ import annotations
 

@@ -7,8 +7,9 @@
 // output n at qw[w * QS + n], 8 codes along K, code i in bits 4i..4i+3. Group scales likewise:
 // scale (n, group) at s[group * SS + n] (fp16).
 //
-// A warp owns 32 outputs and a run of whole groups along K; a step ("chunk") is 32 codes along
-// K. Lane (g, t) = (lane / 4, lane % 4) loads 16 bytes: word 4c + t of outputs 4g .. 4g + 3.
+// A warp owns 32 outputs and a run of whole groups along K (groups of G = 32, 64 or 128 codes;
+// the tensor's last group takes the remainder of K, as codec/grid.py); a step ("chunk") is 32
+// codes along K. Lane (g, t) = (lane / 4, lane % 4) loads 16 bytes: word 4c + t of outputs 4g .. 4g + 3.
 // Those four words feed two m16n8k16 products per half chunk: tile 0 takes outputs 4g (row g)
 // and 4g + 1 (row g + 8), tile 1 outputs 4g + 2 and 4g + 3. The order of K inside a product is
 // free as long as x follows it: k-slots 2t, 2t+1, 2t+8, 2t+9 of the first product are codes
