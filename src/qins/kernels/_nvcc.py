@@ -9,8 +9,9 @@ graphs capture the kernels.
                            the library with its entry point typed and its argument block checked
     why_not(device, what, library)
                            None when `library(arch)` loads for `device`, else the reason (cached)
-    launch(fn, args, device)
-                           fn(&args, current stream of `device`) with `device` current, -> its code
+    launch(fn, args, device, what)
+                           fn(&args, current stream of `device`) with `device` current; raises
+                           on a CUDA error, else returns the entry's code (< 0: refused)
     arch(device)           "90" for an sm_90 device
 """
 from __future__ import annotations
@@ -108,11 +109,17 @@ def why_not(device, what: str, library) -> str | None:
     return _STATUS[key]
 
 
-def launch(fn, args: ctypes.Structure, device: torch.device) -> int:
+def launch(fn, args: ctypes.Structure, device: torch.device, what: str) -> int:
     """Call a library entry on `device`'s current stream with `device` the current CUDA device
-    (the runtime launches on the current device, which a tensor on another GPU does not set)."""
+    (the runtime launches on the current device, which a tensor on another GPU does not set).
+    The entries return 0, a negative code for a call they do not hold (the caller says why), or
+    a CUDA error, raised here."""
     stream = ctypes.c_void_p(torch.cuda.current_stream(device).cuda_stream)
     if device.index is None or device.index == torch.cuda.current_device():
-        return fn(ctypes.byref(args), stream)
-    with torch.cuda.device(device):
-        return fn(ctypes.byref(args), stream)
+        rc = fn(ctypes.byref(args), stream)
+    else:
+        with torch.cuda.device(device):
+            rc = fn(ctypes.byref(args), stream)
+    if rc > 0:
+        raise RuntimeError(f"{what} failed to launch: CUDA error {rc}")
+    return rc

@@ -78,13 +78,8 @@ def unsupported(D: int, qh: int, k_bits: int, v_bits: int, group: int, k_affine,
 
 def pair_table(v_lut: torch.Tensor) -> torch.Tensor:
     """(256,) int32: entry i is the half2 (lut[i & 15], lut[i >> 4]) of a 4-bit fp16 table, so
-    one lookup by the codes of two tokens gives both levels. Cached per table."""
-    def build(t):
-        bits = t.reshape(-1)[:16].to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-        i = torch.arange(256, device=t.device)
-        word = bits[i & 15] | (bits[i >> 4] << 16)
-        return torch.where(word < 2**31, word, word - 2**32).to(torch.int32)
-    return _prmt.cached_derived(v_lut, "cuda_pairs", build)
+    one lookup by the codes of two tokens gives both levels (prmt.pair_table). Cached per table."""
+    return _prmt.pair_table(v_lut, torch.float16)
 
 
 def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, k_bits, v_bits, group,
@@ -124,10 +119,8 @@ def decode(q, planes, table, n_tokens, skip, k_base, v_lut, k_affine, v_affine, 
         koff_dtype=_DTYPES[koff.dtype] if koff is not None else 0, minb=MIN_BLOCKS[k_bits] if minb is None else minb, probe=probe,
         qk_scale=scale * 1.4426950408889634, k_alpha=ka[0], k_beta=ka[1], v_alpha=va[0], v_beta=va[1])
     lib = _library(_arch(q.device))
-    rc = _nvcc.launch(lib.qins_kv_decode, args, q.device)
+    rc = _nvcc.launch(lib.qins_kv_decode, args, q.device, "the CUDA KV kernel")
     if rc < 0:
         raise ValueError(f"the CUDA KV kernel does not hold this combination (code {rc}): D={D}, k{k_bits}v{v_bits}, "
                          f"{Hq // H} query heads per KV head, group {group}, page {P}")
-    if rc > 0:
-        raise RuntimeError(f"the CUDA KV kernel failed to launch: CUDA error {rc}")
     return out

@@ -18,8 +18,8 @@ import functools
 
 import torch
 
-from . import _nvcc
-from .prmt import cached_derived
+from . import _nvcc, is_kmajor
+from .prmt import pair_table
 
 SOURCE = _nvcc.CSRC / "qlinear_mma.cu"
 MAX_ROWS = 16
@@ -47,11 +47,6 @@ def why_not(device) -> str | None:
     return _nvcc.why_not(device, "the CUDA weight kernel", _library)
 
 
-def _kmajor_stride(t: torch.Tensor) -> int | None:
-    """The row stride of a K-major (N, W) tensor's transpose, or None when it is not K-major."""
-    return t.stride(1) if t.dim() == 2 and t.stride(0) == 1 else None
-
-
 def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales, offsets, table: torch.Tensor,
                 bits: int, group_size: int, in_features: int) -> str | None:
     """None when `qlinear` takes this call (x (M, K) two-dimensional), else the reason."""
@@ -69,25 +64,14 @@ def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales, offsets, table: 
     if K % 8 or N % 4 or group_size not in GROUPS:
         return f"K={K}, N={N}, group {group_size} (the CUDA kernel takes K % 8 == 0, N % 4 == 0, groups {GROUPS})"
     # a single group's scales (N, 1) have no stride along groups to check
-    qs, ss = _kmajor_stride(qweight), _kmajor_stride(scales) if scales.shape[1] > 1 else 4
-    if qs is None or ss is None or qs % 4 or ss % 4:
+    if (not is_kmajor(qweight) or qweight.stride(1) % 4
+            or scales.shape[1] > 1 and (not is_kmajor(scales) or scales.stride(1) % 4)):
         return "codes and scales must be K-major with rows of 16 bytes (QINSLinear on CUDA stores them so)"
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16 or qweight.data_ptr() % 16 or scales.data_ptr() % 8:
         return "x, codes and scales must be contiguous along K and 16-byte aligned"
     if qweight.shape[1] * 8 < -(-K // 32) * 32:
         return f"{qweight.shape[1]} words per output hold fewer than the {K} codes"
     return None
-
-
-def pair_table(table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(256,) int32: entry b is (table[b & 15], table[b >> 4]) in `dtype`, the low half first, so
-    one lookup by a byte of two codes gives both values. Cached per table and dtype."""
-    def build(t):
-        bits = t.reshape(-1)[:16].to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
-        i = torch.arange(256, device=t.device)
-        word = bits[i & 15] | (bits[i >> 4] << 16)
-        return torch.where(word < 2**31, word, word - 2**32).to(torch.int32)
-    return cached_derived(table, ("cuda_qlinear_pairs", dtype), build)
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device) -> tuple[int, int, int]:
@@ -133,10 +117,8 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table:
                  SS=scales.stride(1) if scales.shape[1] > 1 else 4, LDX=x.stride(0) if M > 1 else K, G=group_size, SPLITS=splits,
                  dtype=_DTYPES[x.dtype], bias_dtype=_BIAS_DTYPES[bias.dtype] if bias is not None else 0,
                  warps=warps, depth=depth)
-    rc = _nvcc.launch(_library(_nvcc.arch(x.device)).qins_qlinear4, args, x.device)
+    rc = _nvcc.launch(_library(_nvcc.arch(x.device)).qins_qlinear4, args, x.device, "the CUDA weight kernel")
     if rc < 0:
         raise ValueError(f"the CUDA weight kernel does not take this call (code {rc}): M={M}, N={N}, K={K}, "
                          f"group {group_size}, {x.dtype}")
-    if rc > 0:
-        raise RuntimeError(f"the CUDA weight kernel failed to launch: CUDA error {rc}")
     return y

@@ -51,7 +51,7 @@ def choose(mode: str, bits: int, m: int, dtype: torch.dtype, kmajor: bool = Fals
     route: "mma" (CUDA), "kprmt", "kprmt_mm", "kbyte", "kgemv" (K-major), "words" (row-major one plane:
     2, 4, 8 bits), "gemv" (row-major two planes), "unfused".
     """
-    if mma and kmajor and mode.startswith("auto") and m <= SKINNY_MAX_BATCH:
+    if mma:
         return "mma", "table"
     prmt_ok = bits == 4 and dtype != torch.float32 and not _interpreting() and per_tensor
     if kmajor:
@@ -132,8 +132,9 @@ def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_
 
 
 def _mma_takes(x2, qweight, scales, offsets, table, bits, group_size, in_features) -> bool:
-    """Whether the CUDA tensor-core kernel runs this call (4 bits, one table, 1..16 rows)."""
-    if bits != 4 or not x2.is_cuda or x2.shape[0] > SKINNY_MAX_BATCH or _interpreting() or cuda_refused():
+    """Whether the CUDA tensor-core kernel runs this call (4 bits, one table, 1..16 rows:
+    cuda_qlinear.unsupported)."""
+    if not x2.is_cuda or _interpreting() or cuda_refused():
         return False
     from . import cuda_qlinear
     return (cuda_qlinear.unsupported(x2, qweight, scales, offsets, table, bits, group_size, in_features) is None

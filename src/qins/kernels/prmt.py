@@ -127,6 +127,18 @@ def cached_derived(table: torch.Tensor, tag, build) -> torch.Tensor:
     return hit[2]
 
 
+def pair_table(table: torch.Tensor, dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """(256,) int32 for the CUDA kernels: entry b is the half2 (table[b & 15], table[b >> 4]) of
+    the first 16 entries in `dtype` (fp16 or bf16), the low half first, so one lookup by a byte
+    of two 4-bit codes gives both values. Cached per table and dtype."""
+    def build(t):
+        bits = t.reshape(-1)[:16].to(dtype).view(torch.int16).to(torch.int64) & 0xFFFF
+        i = torch.arange(256, device=t.device)
+        word = bits[i & 15] | (bits[i >> 4] << 16)
+        return torch.where(word < 2**31, word, word - 2**32).to(torch.int32)
+    return cached_derived(table, ("pairs", dtype), build)
+
+
 def registers_table(regs: torch.Tensor) -> torch.Tensor:
     """Inverse of `table_registers`: (1, 8) int32 -> the (1, 16) float32 table (bf16 values)."""
     r = regs.reshape(8).to(torch.int64) & 0xFFFFFFFF

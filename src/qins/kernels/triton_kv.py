@@ -646,8 +646,9 @@ def cuda_reason(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va
         return "v_closed is a Triton variant"
     if _interpreting():
         return "TRITON_INTERPRET=1 runs the Triton kernels"
-    if cuda_refused():
-        return cuda_refused()
+    refused = cuda_refused()
+    if refused:
+        return refused
     dtypes = (q.dtype, fk.dtype) + ((k_base.dtype,) if k_base is not None else ())
     return (_cuda_kv.why_not(q.device)
             or _cuda_kv.unsupported(q.shape[2], qh, k_bits, v_bits, group, ka, va, dtypes))
