@@ -3,11 +3,14 @@ routes it replaces (kprmt at batch 1, kprmt_mm at 2-16) and gemlite, per layer, 
 three shapes, 4-bit g64, bf16 activations.
 
     PYTHONPATH=$PWD/src python3 benchmarks/gpu/mma.py [--batches 1 4 8 16] [--sweep] [--no-gemlite]
+        [--tiled]
 
 Correctness first (float64 over the same codes, bound 4e-3 as in qlinear.py; a variant over it
 is recorded and not timed), then medians of CUDA-graph replays over enough weight copies that
-they come from HBM. --sweep also times every built (warps, depth) with splits 1..32 and records
-the best. Writes $OUT/gpu_mma.json and prints a table last (>1x: faster than cuBLAS bf16).
+they come from HBM. --sweep also times every built (warps, depth) with splits 1, 2, 4 and either
+table (wide: 64 KB) and records the best; --tiled also times the tiled code layout
+(cuda_qlinear.tile_codes) as cuda-mma-tiled. Writes $OUT/gpu_mma.json and prints a table last
+(>1x: faster than cuBLAS bf16).
 """
 from __future__ import annotations
 
@@ -35,10 +38,11 @@ BITS, GROUP = 4, 64
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16])
-    ap.add_argument("--sweep", action="store_true", help="time every (warps, depth) at splits 1..32")
+    ap.add_argument("--sweep", action="store_true", help="time every (warps, depth, table) at splits 1, 2, 4")
     ap.add_argument("--no-gemlite", action="store_true")
     ap.add_argument("--shapes", default=None, help="KxN,KxN (default: the issue's three)")
     ap.add_argument("--json", default="gpu_mma.json", help="file name under $OUT")
+    ap.add_argument("--tiled", action="store_true", help="also time the tiled code layout (cuda_qlinear.tile_codes)")
     a = ap.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     torch.manual_seed(0)
@@ -64,6 +68,9 @@ def main():
         qs = [q0] + [synth(N, K, BITS, GROUP) for _ in range(copies_for(qbytes(q0)) - 1)]
         kq = [dict(q, qweight=kmajor(q["qweight"]), scales=kmajor(q["scales"]), regs=table_registers(q["table"]))
               for q in qs]
+        if a.tiled:
+            for q in kq:
+                q["tiled"] = cuda_qlinear.tile_codes(q["qweight"], K)
         nbytes = qbytes(q0)
         for M in a.batches:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
@@ -86,23 +93,25 @@ def main():
             if why is not None:
                 record(shape=shape, variant="cuda-mma", M=M, error=why)
                 continue
-            cfgs = [cuda_qlinear.default_config(M, N, K, GROUP, x.device)]
+            cfgs = [(*cuda_qlinear.default_config(M, N, K, GROUP, x.device), None)]
             if a.sweep:
-                cfgs += [(s, w, d) for (w, d) in cuda_qlinear.SHAPES for s in (1, 2, 4, 8)
-                         if (s, w, d) not in cfgs]
-            results = []
-            for s, w, d in cfgs:
-                r = timed(shape, "cuda-mma", M, lambda q, x=x, s=s, w=w, d=d: cuda_qlinear.qlinear(
-                    x, q["qweight"], q["scales"], q["table"], None, GROUP, K, splits=s, warps=w, depth=d),
-                    kq, ref, base[M], cfg=dict(splits=s, warps=w, depth=d))
-                if r is not None:
-                    r["tbps"] = moved / r["us"] / 1e6
-                    results.append(r)
-                    rows.append(dict(r, sweep=True))
-            if results:
-                record(**dict(results[0], variant="cuda-mma-default"))
-                best = min(results, key=lambda r: r["us"])
-                record(**dict(best, variant="cuda-mma-best"))
+                cfgs += [(s, w, d, wide) for (w, d) in cuda_qlinear.SHAPES for s in (1, 2, 4) for wide in (False, True)
+                         if (s, w, d, wide) not in cfgs]
+            for layout in ("", "-tiled") if a.tiled else ("",):
+                results = []
+                for s, w, d, wide in cfgs:
+                    r = timed(shape, f"cuda-mma{layout}", M, lambda q, x=x, s=s, w=w, d=d, wide=wide, layout=layout:
+                              cuda_qlinear.qlinear(x, q["qweight"], q["scales"], q["table"], None, GROUP, K, splits=s,
+                                                   warps=w, depth=d, wide=wide, tiled=q["tiled"] if layout else None),
+                              kq, ref, base[M], cfg=dict(splits=s, warps=w, depth=d, wide=wide))
+                    if r is not None:
+                        r["tbps"] = moved / r["us"] / 1e6
+                        results.append(r)
+                        rows.append(dict(r, sweep=True))
+                if results:
+                    record(**dict(results[0], variant=f"cuda-mma{layout}-default"))
+                    best = min(results, key=lambda r: r["us"])
+                    record(**dict(best, variant=f"cuda-mma{layout}-best"))
 
     out = dict(card=torch.cuda.get_device_name(0), sms=sms, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
                torch=torch.__version__, triton=triton.__version__, command=" ".join(["python3"] + sys.argv),

@@ -43,8 +43,10 @@ def _weight(n, k, group):
     return QuantizedWeight(codes.to(DEVICE), scales.to(DEVICE), None, torch.tensor([0.6], device=DEVICE), cfg, (n, k))
 
 
-# (N, K, group): odd tiles (N not a multiple of 32, K not of the group or of 32), each group size
-SHAPES = [(36, 200, 32), (100, 264, 64), (64, 136, 128), (4096, 4096, 64), (1000, 4160, 64)]
+# (N, K, group): odd tiles (N not a multiple of 32, K not of the group or of 32), each group size;
+# the last three have runs long enough for the unchecked main loop at every group size
+SHAPES = [(36, 200, 32), (100, 264, 64), (64, 136, 128), (4096, 4096, 64), (1000, 4160, 64),
+          (68, 2312, 32), (132, 2184, 128)]
 
 
 @needs_gpu
@@ -59,13 +61,34 @@ def test_matches_float64(n, k, group, m, dtype):
     b = torch.randn(n, generator=g).to(DEVICE)
     ref = _ref64(qw, x) + b.double()
     assert cuda_qlinear.unsupported(x, q, s, None, tab, 4, group, k) is None
+    tiled = cuda_qlinear.tile_codes(q, k)
     for splits in sorted({1, 3, 8, cuda_qlinear.default_config(m, n, k, group, x.device)[0]}):
-        for warps, depth in cuda_qlinear.SHAPES:          # some warps get no group at 3 and 8 splits
-            y = cuda_qlinear.qlinear(x, q, s, tab, b, group, k, splits=splits, warps=warps, depth=depth)
+        # some warps get no group at 3 and 8 splits; 8 warps take the wide table by default
+        for warps, depth, wide in [(w, d, None) for w, d in cuda_qlinear.SHAPES] + [(4, 4, True), (8, 4, False)]:
+            launch = dict(splits=splits, warps=warps, depth=depth, wide=wide)
+            y = cuda_qlinear.qlinear(x, q, s, tab, b, group, k, **launch)
             assert y.shape == (m, n) and y.dtype == dtype
-            assert _err(y, ref) < TOL, (splits, warps, depth)
-            again = cuda_qlinear.qlinear(x, q, s, tab, b, group, k, splits=splits, warps=warps, depth=depth)
+            assert _err(y, ref) < TOL, launch
+            again = cuda_qlinear.qlinear(x, q, s, tab, b, group, k, **launch)
             assert torch.equal(y, again), "split-K must add the blocks' sums in a fixed order"
+            # the same codes tiled: the same products in the same order
+            assert torch.equal(y, cuda_qlinear.qlinear(x, q, s, tab, b, group, k, tiled=tiled, **launch)), launch
+
+
+@pytest.mark.parametrize("n,k", [(36, 200), (64, 256), (100, 264), (4, 8)])
+def test_tile_codes_puts_each_word_where_the_kernel_reads_it(n, k):
+    g = torch.Generator().manual_seed(n * k)
+    words = packed_words(k, 4)
+    codes = torch.randint(-2**31, 2**31 - 1, (n, words), generator=g, dtype=torch.int32)
+    tiled = cuda_qlinear.tile_codes(kmajor(codes), k)
+    chunks = -(-k // 32)
+    assert tiled.shape == (-(-n // 32), chunks, 32, 4) and tiled.is_contiguous()
+    flat = tiled.reshape(-1, chunks, 8, 4, 4)                # (T, c, g, t, j)
+    for out in range(-(-n // 32) * 32):
+        for w in range(chunks * 4):
+            want = codes[out, w].item() if out < n and w < words else 0
+            assert flat[out // 32, w // 4, (out % 32) // 4, w % 4, out % 4].item() == want, (out, w)
+    assert torch.equal(cuda_qlinear.tile_codes(codes, k), tiled)     # strides do not matter
 
 
 @needs_gpu

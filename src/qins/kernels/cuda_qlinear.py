@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from pathlib import Path
 
 import torch
 
@@ -26,10 +27,10 @@ MAX_ROWS = 16
 _DTYPES = {torch.float16: 1, torch.bfloat16: 2}
 _BIAS_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 GROUPS = (32, 64, 128)
-SHAPES = ((8, 4), (8, 2), (4, 4))        # (warps per block, loads in flight per warp) built
+SHAPES = ((8, 4), (8, 2), (4, 4))       # (warps per block, loads in flight per warp) built
 MAX_SPLITS = 8                          # blocks of a tile along K: one thread-block cluster (sm_90)
 _PTRS = ("x", "qw", "s", "tab", "bias", "y")
-_INTS = ("M", "N", "K", "QS", "SS", "LDX", "G", "SPLITS", "dtype", "bias_dtype", "warps", "depth")
+_INTS = ("M", "N", "K", "QS", "SS", "LDX", "G", "SPLITS", "dtype", "bias_dtype", "warps", "depth", "tiled", "wide")
 
 
 class _Args(ctypes.Structure):
@@ -37,9 +38,10 @@ class _Args(ctypes.Structure):
 
 
 @functools.lru_cache(maxsize=4)
-def _library(arch: str) -> ctypes.CDLL:
-    """Build (or load the cached build of) the kernel library for sm_`arch`; raises on failure."""
-    return _nvcc.load(SOURCE, arch, "qins_qlinear4", "qins_qlinear_abi", _Args)
+def _library(arch: str, source=SOURCE) -> ctypes.CDLL:
+    """Build (or load the cached build of) the kernel library for sm_`arch`; raises on failure.
+    `source`: another version of the kernel with the same arguments (benchmarks compare them)."""
+    return _nvcc.load(Path(source), arch, "qins_qlinear4", "qins_qlinear_abi", _Args)
 
 
 def why_not(device) -> str | None:
@@ -75,28 +77,44 @@ def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales, offsets, table: 
 
 
 def default_config(M: int, N: int, K: int, group_size: int, device) -> tuple[int, int, int]:
-    """(splits, warps, depth) for a call. H200 sweep (benchmarks/gpu/mma.py --sweep, 4-bit g64,
-    bf16): with tiles of 32 outputs enough for about 12 warps per SM, 4 warps per tile and no
-    split are best at batch 1-16 (4096 x 14336: 18.1 us; 8192 x 28672: 53.0 us); with fewer
-    tiles, 8 warps and blocks along K up to about 12 warps per SM (14336 x 4096: 2 blocks of 8
-    warps, 16.6 us, against 30.1 us for one block of 4); split blocks cost more above that (a
-    cluster of 8 took twice as long) and at batch 9-16 (registers), and need sm_90."""
+    """(splits, warps, depth) for a call (the table: wide with 8 warps, narrow with 4). H200 sweep
+    (benchmarks/gpu/mma.py --sweep --tiled, 4-bit g64, bf16, 2026-12-04): with tiles of 32 outputs
+    for 12 warps per SM, 4 warps, 4 loads in flight and the 32 KB table at batch 1-8 (four blocks
+    per SM; 4096 x 14336: 17.7 us K-major, 14.6 us tiled), 8 warps with 2 loads at 9-16
+    (registers); with fewer tiles, blocks of 8 warps and the 64 KB table, two per SM, split along K
+    (sm_90 clusters) up to that (14336 x 4096: 2 blocks, 16.6 / 13.8 us; 3 took 23.4 / 20.1)."""
     tiles = -(-N // 32)
     props = torch.cuda.get_device_properties(device)
-    want = props.multi_processor_count * 12                     # warps in flight
-    if tiles * 4 >= want:
-        return 1, 4, 4
-    if M > 8 or (props.major, props.minor) < (9, 0):
-        return 1, 8, 4
+    sms = props.multi_processor_count
+    if tiles * 4 >= sms * 12:
+        return (1, 4, 4) if M <= 8 else (1, 8, 2)
+    depth = 4 if M <= 8 else 2
+    if (props.major, props.minor) < (9, 0):
+        return 1, 8, depth
     groups = max(1, K // group_size)
-    return max(1, min(-(-want // (tiles * 8)), MAX_SPLITS, groups // 8)), 8, 4
+    return max(1, min(sms * 2 // tiles, MAX_SPLITS, groups // 8)), 8, depth
+
+
+def tile_codes(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The codes (N, words), any strides, tiled for the kernel: tile T (outputs 32T .. 32T + 31)
+    and chunk c (32 codes along K) are 512 contiguous bytes, lane 4g + t's 16 bytes holding word
+    4c + t of outputs 32T + 4g .. + 3; outputs past N and words past K are zero. A warp reads its
+    run of chunks as one contiguous stream (the K-major layout reads four 128-byte pieces a chunk,
+    N words apart)."""
+    N, words = qweight.shape
+    chunks = -(-in_features // 32)
+    padded = torch.zeros(-(-N // 32) * 32, chunks * 4, dtype=torch.int32, device=qweight.device)
+    padded[:N, :min(words, chunks * 4)] = qweight[:, :chunks * 4]
+    # (T, g, j, c, t) -> (T, c, g, t, j)
+    return padded.view(-1, 8, 4, chunks, 4).permute(0, 3, 1, 4, 2).reshape(-1, chunks, 32, 4)
 
 
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
             bias: torch.Tensor | None, group_size: int, in_features: int, *, splits: int | None = None,
-            warps: int | None = None, depth: int | None = None) -> torch.Tensor:
+            warps: int | None = None, depth: int | None = None, source=SOURCE,
+            tiled: torch.Tensor | None = None, wide: bool | None = None) -> torch.Tensor:
     """x (M, K) @ W^T (+ bias) -> (M, N) in x's dtype; `unsupported` must have returned None.
-    splits, warps, depth: the launch (default_config where not given)."""
+    splits, warps, depth (the ring): the launch (default_config where not given); source: see _library."""
     M = x.shape[0]
     N, K = qweight.shape[0], in_features
     if splits is None or warps is None or depth is None:
@@ -112,12 +130,16 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table:
     if bias is not None and (bias.dtype not in _BIAS_DTYPES or not bias.is_contiguous()):
         bias = bias.float().contiguous()
     ptr = lambda t: None if t is None else t.data_ptr()
-    args = _Args(x=ptr(x), qw=ptr(qweight), s=ptr(scales), tab=ptr(tab), bias=ptr(bias), y=ptr(y),
+    if tiled is not None and (tiled.dim() != 4 or tiled.shape[0] * 32 < N or tiled.shape[1] * 32 < K
+                              or tiled.shape[2:] != (32, 4) or not tiled.is_contiguous() or tiled.device != x.device):
+        raise ValueError(f"tiled codes of shape {tuple(tiled.shape)} do not hold {N} x {K} codes (tile_codes makes them)")
+    args = _Args(x=ptr(x), qw=ptr(qweight if tiled is None else tiled), s=ptr(scales), tab=ptr(tab), bias=ptr(bias), y=ptr(y),
                  M=M, N=N, K=K, QS=qweight.stride(1),
                  SS=scales.stride(1) if scales.shape[1] > 1 else 4, LDX=x.stride(0) if M > 1 else K, G=group_size, SPLITS=splits,
                  dtype=_DTYPES[x.dtype], bias_dtype=_BIAS_DTYPES[bias.dtype] if bias is not None else 0,
-                 warps=warps, depth=depth)
-    rc = _nvcc.launch(_library(_nvcc.arch(x.device)).qins_qlinear4, args, x.device, "the CUDA weight kernel")
+                 warps=warps, depth=depth, tiled=0 if tiled is None else tiled.shape[1],
+                 wide=int(warps == 8 if wide is None else wide))
+    rc = _nvcc.launch(_library(_nvcc.arch(x.device), source).qins_qlinear4, args, x.device, "the CUDA weight kernel")
     if rc < 0:
         raise ValueError(f"the CUDA weight kernel does not take this call (code {rc}): M={M}, N={N}, K={K}, "
                          f"group {group_size}, {x.dtype}")

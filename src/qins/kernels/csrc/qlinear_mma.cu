@@ -16,7 +16,12 @@
 // 0, 1, 2, 3 of the lane's word, of the second codes 4..7, so each lane's B operand is x[g,
 // 8(4c + t) .. + 7], one 16-byte load (rows g >= M are zero; a second n-tile takes rows 8..15).
 // A byte of two codes is one lookup in a 256-entry table of half2 (lut[b & 15], lut[b >> 4]),
-// replicated 32 times so that lane l always reads bank l (no bank conflicts, 32 KB).
+// replicated 32 times so that lane l always reads bank l (no bank conflicts): 32 KB, or 64 KB laid
+// out so that one PRMT makes the address (see look).
+//
+// The codes may instead be tiled (cuda_qlinear.tile_codes): a warp's chunk is then 512
+// contiguous bytes and its run of chunks one stream, where K-major reads four 128-byte pieces
+// N words apart per chunk (H200: 8192 x 28672 at batch 1 in 43.9 us against 54.7).
 //
 // A group's products accumulate in fp32 apart; the group scale multiplies them once into the
 // running sum. The block's warps split K; their sums meet in shared memory in a fixed order. With
@@ -41,6 +46,8 @@ struct QLArgs {
     const void* bias;           // (N,) or null, bias_dtype
     void* y;                    // (M, N), x's dtype
     int M, N, K, QS, SS, LDX, G, SPLITS, dtype, bias_dtype, warps, depth;
+    int tiled;                  // 0: qw K-major; else qw tiled with this many chunks per tile (tile_codes)
+    int wide;                   // 1: the 64 KB table (one PRMT per lookup), 0: the 32 KB one (see look)
 };
 
 DEVI float tof(float x) { return x; }
@@ -66,14 +73,22 @@ DEVI void mma(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
     }
 }
 
-// the table entry of byte J of word w for this lane: entry e of lane l is the shared word
-// e * 32 + l, so its address is base + 128 e with base = table + 4 l (byte_perm moves byte J to
-// the bottom: one PRMT, one IMAD, one LDS per two codes)
-template <int J>
-DEVI uint32_t look(uint32_t base, uint32_t w) {
-    const uint32_t e = __byte_perm(w, 0u, 0x4440u | J);
+// The table entry of byte J of word w for this lane. Wide table (64 KB): entry e of lane l is
+// the shared word e * 64 + l (bank l, half the words unused), at byte 256 e + 4 l: one PRMT puts
+// byte J in bits 8..15 over u = 4 l, and one LDS reads it (u also carries the top byte of the
+// table's shared-window address, the block's rank in its cluster on sm_90; the rest of that
+// address is TABLE_AT, the LDS's immediate: dynamic shared memory starts after the 1 KB the
+// system keeps on sm_80 and newer, which the kernel checks). Narrow table (32 KB, twice the
+// blocks per SM): entry e of lane l is word e * 32 + l, and u = the table's address + 4 l:
+// PRMT, IMAD, LDS.
+constexpr uint32_t TABLE_AT = 0x400;
+template <bool WIDE, int J>
+DEVI uint32_t look(uint32_t u, uint32_t w) {
     uint32_t v;
-    asm volatile("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(base + e * 128u));
+    if constexpr (WIDE)
+        asm("ld.shared.b32 %0, [%1+1024];" : "=r"(v) : "r"(__byte_perm(w, u, 0x7504u | (J << 4))));
+    else
+        asm("ld.shared.b32 %0, [%1];" : "=r"(v) : "r"(u + __byte_perm(w, 0u, 0x4440u | J) * 128u));
     return v;
 }
 
@@ -85,9 +100,9 @@ struct Stage {
 };
 
 // One lane's walk over its run of chunks [c0, c1): chunks are loaded in order, so the pointers
-// and the next group end advance as they go (no per-chunk address arithmetic). Groups are G
-// codes (CPG chunks) and the tensor's last group takes the remainder of K (codec/grid.py), so
-// a run of groups closes one every CPG chunks and its last one at c1 - 1.
+// advance as they go (no per-chunk address arithmetic). Groups are G codes (CPG chunks) and the
+// tensor's last group takes the remainder of K (codec/grid.py), so a run closes a group every
+// CPG chunks before clast (the start of its last group) and its last group at c1 - 1.
 template <int NT, int CPG>
 struct Walk {
     const uint4* q;             // codes of the next chunk to load: word 4c + t of outputs n .. n + 3
@@ -95,39 +110,54 @@ struct Walk {
     const uint4* x1;            // x[g + 8, ...]
     const uint2* s;             // scales of outputs n .. n + 3, the next group to close
     uint32_t qstep, sstep;      // uint4 per chunk of codes, uint2 per group of scales
-    int c, c1, close_at, gleft, xleft;
-    bool nok, x0ok, x1ok;
+    int c, c0, c1, clast, words, t;
 
-    // the next chunk into st (when it is below c1); x past K reads as zero (codes there are padding)
-    DEVI void load(Stage& st) {
-        const bool live = c < c1;
-        if (live && nok) st.w = __ldg(q);
-        const bool kin = live && xleft > 0;
-        st.x0 = (kin && x0ok) ? __ldg(x0) : make_uint4(0, 0, 0, 0);
-        if constexpr (NT == 2) st.x1 = (kin && x1ok) ? __ldg(x1) : make_uint4(0, 0, 0, 0);
-        st.close = live && c == close_at;
-        if (st.close) {
-            if (nok) st.s = __ldg(s);
+    // the next chunk, inside the run and before its last group (so inside K): no checks
+    DEVI void fast(Stage& st, bool close) {
+        st.w = __ldg(q);
+        st.x0 = __ldg(x0);
+        if constexpr (NT == 2) st.x1 = __ldg(x1);
+        st.close = close;
+        if (close) {
+            st.s = __ldg(s);
             s += sstep;
-            close_at = --gleft > 1 ? close_at + CPG : c1 - 1;
         }
         q += qstep;
         x0 += 4;
         if constexpr (NT == 2) x1 += 4;
-        xleft -= 4;
+        ++c;
+    }
+
+    // the next chunk, when it is below c1; x past K reads as zero (codes there are padding)
+    DEVI void load(Stage& st) {
+        const bool live = c < c1;
+        if (live) st.w = __ldg(q);
+        const bool kin = live && 4 * c + t < words;
+        st.x0 = kin ? __ldg(x0) : make_uint4(0, 0, 0, 0);
+        if constexpr (NT == 2) st.x1 = kin ? __ldg(x1) : make_uint4(0, 0, 0, 0);
+        st.close = live && (c == c1 - 1 || ((c - c0 + 1) % CPG == 0 && c < clast));
+        if (st.close) {
+            st.s = __ldg(s);
+            s += sstep;
+        }
+        q += qstep;
+        x0 += 4;
+        if constexpr (NT == 2) x1 += 4;
         ++c;
     }
 };
 
-template <bool BF16, int NT>
-DEVI void product(float (&c)[NT][2][4], const Stage& st, uint32_t base) {
+template <bool BF16, int NT, bool WIDE>
+DEVI void product(float (&c)[NT][2][4], const Stage& st, uint32_t u) {
     // tile 0: outputs 4g (word .x, row g) and 4g + 1 (.y, row g + 8); tile 1: .z and .w
     const uint32_t wr[4] = {st.w.x, st.w.y, st.w.z, st.w.w};
 #pragma unroll
     for (int tile = 0; tile < 2; ++tile) {
         const uint32_t lo = wr[2 * tile], hi = wr[2 * tile + 1];
-        const uint32_t a00 = look<0>(base, lo), a01 = look<0>(base, hi), a02 = look<1>(base, lo), a03 = look<1>(base, hi);
-        const uint32_t a10 = look<2>(base, lo), a11 = look<2>(base, hi), a12 = look<3>(base, lo), a13 = look<3>(base, hi);
+        const uint32_t a00 = look<WIDE, 0>(u, lo), a01 = look<WIDE, 0>(u, hi);
+        const uint32_t a02 = look<WIDE, 1>(u, lo), a03 = look<WIDE, 1>(u, hi);
+        const uint32_t a10 = look<WIDE, 2>(u, lo), a11 = look<WIDE, 2>(u, hi);
+        const uint32_t a12 = look<WIDE, 3>(u, lo), a13 = look<WIDE, 3>(u, hi);
         mma<BF16>(c[0][tile], a00, a01, a02, a03, st.x0.x, st.x0.y);
         mma<BF16>(c[0][tile], a10, a11, a12, a13, st.x0.z, st.x0.w);
         if constexpr (NT == 2) {
@@ -153,26 +183,39 @@ DEVI void fold(float (&acc)[NT][2][4], float (&part)[NT][2][4], uint2 sv) {
             }
 }
 
-// blocks per SM the registers are fitted to (no spills at either batch tile)
-template <int NT, int WARPS, int DEPTH>
-constexpr int min_blocks() { return (WARPS == 8 ? (DEPTH <= 2 ? 3 : 2) : (DEPTH <= 2 ? 6 : 4)) / NT; }
+// blocks per SM the registers are fitted to (no spills at either batch tile); a 64 KB table
+// lets at most 3 blocks share an SM
+template <int NT, int WARPS, int DEPTH, bool WIDE>
+constexpr int min_blocks() {
+    return (WARPS == 8 ? (DEPTH <= 2 ? 3 : 2) : (WIDE ? 3 : DEPTH <= 2 ? 6 : 4)) / NT;
+}
 
-template <typename T, int NT, int WARPS, int DEPTH, int CPG>
-__global__ void __launch_bounds__(WARPS * 32, min_blocks<NT, WARPS, DEPTH>())
+template <bool WIDE>
+constexpr int table_bytes() { return 256 * (WIDE ? 64 : 32) * 4; }
+
+template <typename T, int NT, int WARPS, int DEPTH, int CPG, bool WIDE>
+__global__ void __launch_bounds__(WARPS * 32, min_blocks<NT, WARPS, DEPTH, WIDE>())
 qlinear4_kernel(const QLArgs a) {
     constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
-    __shared__ uint32_t smem[8192];                   // the table; then the block's sums
+    extern __shared__ __align__(16) uint32_t smem[];  // the table; then the block's sums
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    // entry e of the table at words e * 32 .. e * 32 + 31: a warp loads 32 entries, one per lane,
-    // and writes each to its 32 copies in one conflict-free store
+    // entry e of the table at words e * (32 or 64) + l: a warp loads 32 entries, one per lane, and
+    // writes each to its 32 copies in one conflict-free store
     for (int b = warp * 32; b < 256; b += WARPS * 32) {
         const uint32_t v = __ldg(a.tab + b + lane);
 #pragma unroll
-        for (int e = 0; e < 32; ++e) smem[(b + e) * 32 + lane] = __shfl_sync(0xffffffffu, v, e);
+        for (int e = 0; e < 32; ++e) smem[(b + e) * (WIDE ? 64 : 32) + lane] = __shfl_sync(0xffffffffu, v, e);
     }
     __syncthreads();
-    const uint32_t base = (uint32_t)__cvta_generic_to_shared(smem) + 4 * lane;
+    const uint32_t tab = (uint32_t)__cvta_generic_to_shared(smem);
+    const uint32_t u = WIDE ? (tab & 0xff000000u) | 4 * lane : tab + 4 * lane;
+    if (WIDE && (tab & 0x00ffffffu) != TABLE_AT) {            // another shared layout: NaN, never a wrong sum
+        for (int idx = threadIdx.x; idx < a.M * 32; idx += WARPS * 32)
+            if (blockIdx.y == 0 && blockIdx.x * 32 + (idx & 31) < a.N)
+                reinterpret_cast<T*>(a.y)[(size_t)(idx >> 5) * a.N + blockIdx.x * 32 + (idx & 31)] = fromf<T>(__int_as_float(0x7fc00000));
+        return;
+    }
 
     const int n0 = blockIdx.x * 32;
     const int chunks = (a.K + 31) / 32;               // chunks of 32 codes (K padded to 32 codes)
@@ -181,23 +224,29 @@ qlinear4_kernel(const QLArgs a) {
     const int g0 = (int)((long long)groups * slice / slices), g1 = (int)((long long)groups * (slice + 1) / slices);
     const int c0 = g0 * CPG, c1 = g1 == groups ? chunks : g1 * CPG;
     const int n = n0 + 4 * g;
+    // loads stay inside the tensor: outputs past N read the last four (N % 4 == 0) and rows of x
+    // past M the last row; their sums are never stored
+    const int nl = min(n, a.N - 4);
     const int wt0 = 4 * c0 + t;                       // the lane's first word
     const uint16_t* x = reinterpret_cast<const uint16_t*>(a.x);
     Walk<NT, CPG> wk;
-    wk.q = reinterpret_cast<const uint4*>(a.qw + (size_t)wt0 * a.QS + n);
-    wk.qstep = (uint32_t)a.QS;                        // 4 rows of QS words, in uint4
-    wk.x0 = reinterpret_cast<const uint4*>(x + (size_t)g * a.LDX + 8 * wt0);
-    wk.x1 = reinterpret_cast<const uint4*>(x + (size_t)(g + 8) * a.LDX + 8 * wt0);
-    wk.s = reinterpret_cast<const uint2*>(a.s + (size_t)g0 * a.SS + n);
+    if (a.tiled) {                                    // a warp's chunk: 512 contiguous bytes, lane l's 16 at 16 l
+        wk.q = reinterpret_cast<const uint4*>(a.qw) + ((size_t)blockIdx.x * a.tiled + c0) * 32 + lane;
+        wk.qstep = 32;
+    } else {
+        wk.q = reinterpret_cast<const uint4*>(a.qw + (size_t)wt0 * a.QS + nl);
+        wk.qstep = (uint32_t)a.QS;                    // 4 rows of QS words, in uint4
+    }
+    wk.x0 = reinterpret_cast<const uint4*>(x + (size_t)min(g, a.M - 1) * a.LDX + 8 * wt0);
+    wk.x1 = reinterpret_cast<const uint4*>(x + (size_t)min(g + 8, a.M - 1) * a.LDX + 8 * wt0);
+    wk.s = reinterpret_cast<const uint2*>(a.s + (size_t)g0 * a.SS + nl);
     wk.sstep = (uint32_t)a.SS / 4;
     wk.c = c0;
+    wk.c0 = c0;
     wk.c1 = c1;
-    wk.gleft = g1 - g0;
-    wk.close_at = wk.gleft > 1 ? c0 + CPG - 1 : c1 - 1;
-    wk.xleft = (a.K + 7) / 8 - wt0;                   // words of x left from the lane's first
-    wk.nok = n < a.N;
-    wk.x0ok = g < a.M;
-    wk.x1ok = g + 8 < a.M;
+    wk.clast = c0 + (g1 - g0 - 1) * CPG;
+    wk.words = a.K / 8;
+    wk.t = t;
 
     float acc[NT][2][4] = {};
     float part[NT][2][4] = {};
@@ -205,19 +254,31 @@ qlinear4_kernel(const QLArgs a) {
 #pragma unroll
     for (int i = 0; i < DEPTH; ++i) wk.load(st[i]);
     int c = c0;
-    for (; c + DEPTH <= c1; c += DEPTH) {             // whole rounds: no branch around a chunk
+    // rounds of U chunks far from the run's end: loads without checks and group ends known at
+    // compile time (a round starts a whole number of groups after c0, and never reaches clast)
+    constexpr int U = DEPTH > CPG ? DEPTH : CPG;
+    for (; c + U + DEPTH + 2 * CPG <= c1; c += U) {
+#pragma unroll
+        for (int i = 0; i < U; ++i) {
+            Stage& cur = st[i % DEPTH];
+            product<BF16, NT, WIDE>(part, cur, u);
+            if ((i + 1) % CPG == 0) fold<NT>(acc, part, cur.s);
+            wk.fast(cur, (i + DEPTH + 1) % CPG == 0);
+        }
+    }
+    for (; c + DEPTH <= c1; c += DEPTH) {             // the run's end: checked loads
 #pragma unroll
         for (int i = 0; i < DEPTH; ++i) {
             const Stage cur = st[i];
             wk.load(st[i]);
-            product<BF16, NT>(part, cur, base);
+            product<BF16, NT, WIDE>(part, cur, u);
             if (cur.close) fold<NT>(acc, part, cur.s);
         }
     }
 #pragma unroll
     for (int i = 0; i < DEPTH - 1; ++i) {             // the last chunks, already loaded
         if (c + i < c1) {
-            product<BF16, NT>(part, st[i], base);
+            product<BF16, NT, WIDE>(part, st[i], u);
             if (st[i].close) fold<NT>(acc, part, st[i].s);
         }
     }
@@ -278,11 +339,20 @@ qlinear4_kernel(const QLArgs a) {
 #endif
 }
 
-template <typename T, int NT, int WARPS, int DEPTH, int CPG>
+template <typename T, int NT, int WARPS, int DEPTH, int CPG, bool WIDE>
 static int launch_g(const QLArgs& a, cudaStream_t st) {
+    static bool opted[64] = {};                       // the 64 KB opt-in, once per device
+    int dev = 0;
+    if (cudaGetDevice(&dev) == cudaSuccess && dev < 64 && !opted[dev]) {
+        const int rc = (int)cudaFuncSetAttribute(qlinear4_kernel<T, NT, WARPS, DEPTH, CPG, WIDE>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, table_bytes<WIDE>());
+        if (rc) return rc;
+        opted[dev] = true;
+    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((a.N + 31) / 32, a.SPLITS);
     cfg.blockDim = dim3(WARPS * 32);
+    cfg.dynamicSmemBytes = table_bytes<WIDE>();
     cfg.stream = st;
     cudaLaunchAttribute attr[1];
     attr[0].id = cudaLaunchAttributeClusterDimension;
@@ -291,15 +361,15 @@ static int launch_g(const QLArgs& a, cudaStream_t st) {
     attr[0].val.clusterDim.z = 1;
     cfg.attrs = attr;
     cfg.numAttrs = a.SPLITS > 1 ? 1 : 0;
-    return (int)cudaLaunchKernelEx(&cfg, qlinear4_kernel<T, NT, WARPS, DEPTH, CPG>, a);
+    return (int)cudaLaunchKernelEx(&cfg, qlinear4_kernel<T, NT, WARPS, DEPTH, CPG, WIDE>, a);
 }
 
 template <typename T, int NT, int WARPS, int DEPTH>
 static int launch(const QLArgs& a, cudaStream_t st) {
     switch (a.G) {
-        case 32: return launch_g<T, NT, WARPS, DEPTH, 1>(a, st);
-        case 64: return launch_g<T, NT, WARPS, DEPTH, 2>(a, st);
-        case 128: return launch_g<T, NT, WARPS, DEPTH, 4>(a, st);
+        case 32: return a.wide ? launch_g<T, NT, WARPS, DEPTH, 1, true>(a, st) : launch_g<T, NT, WARPS, DEPTH, 1, false>(a, st);
+        case 64: return a.wide ? launch_g<T, NT, WARPS, DEPTH, 2, true>(a, st) : launch_g<T, NT, WARPS, DEPTH, 2, false>(a, st);
+        case 128: return a.wide ? launch_g<T, NT, WARPS, DEPTH, 4, true>(a, st) : launch_g<T, NT, WARPS, DEPTH, 4, false>(a, st);
         default: return -4;
     }
 }
