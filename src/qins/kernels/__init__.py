@@ -15,6 +15,8 @@ Backends, chosen per call by `QINS_KERNELS` (read on every call):
                     they cannot run; on the CPU this needs TRITON_INTERPRET=1 (how the tests
                     check the kernels without a GPU)
     cpu             the CPU fast path, or a clear error where it cannot run
+QINSLinear on CUDA under auto stores 4-bit codes tiled where the CUDA kernel builds
+(`tiles_take`; QINS_TILED=0 keeps them K-major); the other backends untile them per call.
 
 Under autograd (x or the bias requires grad) and inside torch.compile the CPU path defers to
 the reference: the extension has no backward and is opaque to the compiler.
@@ -185,6 +187,28 @@ def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
     return op(x, *args, bias, qw.config.bits, qw.group_size, qw.shape[1], mode)
 
 
+def tiles_take(device) -> bool:
+    """Whether a QINSLinear on `device` stores its 4-bit codes tiled (cuda_qlinear.tile_codes,
+    read by the CUDA tensor-core kernel 14-22% faster than K-major at batch 1 on an H200): on
+    CUDA under the auto backend where that kernel builds, unless QINS_TILED=0."""
+    device = torch.device(device)
+    if device.type != "cuda" or backend() != "auto" or _interpreting() or os.environ.get("QINS_TILED", "1") == "0":
+        return False
+    from . import cuda_qlinear
+    return cuda_qlinear.why_not(device) is None
+
+
+def qlinear_tiled(x: torch.Tensor, tiled: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
+                  curvature: torch.Tensor | None, bias: torch.Tensor | None, group_size: int,
+                  in_features: int, out_features: int, mode: str) -> torch.Tensor:
+    """qlinear over 4-bit codes in the tiled layout (ops.qlinear_tiled)."""
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the layer takes {in_features}")
+    from . import ops  # noqa: F401  (registers the op)
+    return torch.ops.qins.qlinear_tiled(x, tiled, scales, table, curvature, bias, group_size, in_features,
+                                        out_features, mode)
+
+
 def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
                rows: torch.Tensor | None = None) -> torch.Tensor:
     """(O, I) weight, or the selected rows, decoded as table[code] * s (+ m)."""
@@ -196,4 +220,5 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
     return reference.dequantize(qw, dtype, rows)
 
 
-__all__ = ["backend", "cpu_fast", "cuda_refused", "dequantize", "is_kmajor", "kmajor", "qlinear", "triton_available", "BACKENDS"]
+__all__ = ["backend", "cpu_fast", "cuda_refused", "dequantize", "is_kmajor", "kmajor", "qlinear", "qlinear_tiled",
+           "tiles_take", "triton_available", "BACKENDS"]

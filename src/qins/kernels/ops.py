@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..codec.packing import planes
+from ..codec.packing import packed_words, planes
 
 from ..codec.qins import qins_table
 from ..codec.tensor import decode
@@ -129,6 +129,38 @@ def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_
 def _(x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features, mode):
     return triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, group_size,
                          in_features, mode)
+
+
+@torch.library.custom_op("qins::qlinear_tiled", mutates_args=())
+def qlinear_tiled(x: Tensor, tiled: Tensor, scales: Tensor, table: Tensor, curvature: Tensor | None,
+                  bias: Tensor | None, group_size: int, in_features: int, out_features: int, mode: str) -> Tensor:
+    """qlinear over 4-bit codes in cuda_qlinear's tiled layout: on CUDA the tensor-core kernel
+    where it takes the call (1..16 rows), else (and on other devices) the codes untiled for the
+    call (a transient K-major copy), then qlinear."""
+    from . import cuda_qlinear
+    q = cuda_qlinear.untile_codes(tiled, out_features, packed_words(in_features, 4))
+    return qlinear(x, q, scales, None, table, curvature, bias, 4, group_size, in_features, mode)
+
+
+@qlinear_tiled.register_fake
+def _(x, tiled, scales, table, curvature, bias, group_size, in_features, out_features, mode):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@qlinear_tiled.register_kernel("cuda")
+def _(x, tiled, scales, table, curvature, bias, group_size, in_features, out_features, mode):
+    from . import cuda_qlinear
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
+        x2 = x2.contiguous()
+    if (mode.startswith("auto") and not _interpreting() and not cuda_refused()
+            and cuda_qlinear.unsupported(x2, tiled, scales, None, table, 4, group_size, in_features, out_features) is None
+            and cuda_qlinear.why_not(x2.device) is None):
+        y = cuda_qlinear.qlinear(x2, tiled, scales, table, bias, group_size, in_features, out_features=out_features)
+        return y.reshape(*lead, out_features)
+    q = cuda_qlinear.untile_codes(tiled, out_features, packed_words(in_features, 4))
+    return triton_linear(x, q, scales, None, table, curvature, bias, 4, group_size, in_features, mode)
 
 
 def _mma_takes(x2, qweight, scales, offsets, table, bits, group_size, in_features) -> bool:

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels import cuda_qlinear
 from ..codec import grid
 from ..codec import scales as log8
 from ..codec.formats import get_format
@@ -93,6 +94,8 @@ class _QuantizedWeightMixin:
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if prefix + "qweight" in destination and cuda_qlinear.is_tiled(destination[prefix + "qweight"]):
+            destination[prefix + "qweight"] = self._untiled()     # the stored format is (O, words)
         if self._log8() and prefix + "scales" in destination:
             s = destination.pop(prefix + "scales")
             if s.is_meta:                            # a skeleton: shapes only
@@ -132,13 +135,30 @@ class _QuantizedWeightMixin:
             self._refresh_table()
 
     def _set_quantized(self, qw: QuantizedWeight) -> None:
+        self._untile()
         for k, v in qw.tensors().items():
             getattr(self, k).copy_(v)
         self._refresh_table()
+        if hasattr(self, "_kmajor_on_cuda"):
+            self._kmajor_on_cuda()
+
+    # -- tiled codes (QINSLinear on CUDA, kernels.tiles_take): the same codes, another order ----
+    def _untiled(self) -> torch.Tensor:
+        """qweight as (O, words) codes: itself, or a K-major copy of tiled codes."""
+        q = self._buffers["qweight"]
+        if not cuda_qlinear.is_tiled(q):
+            return q
+        rows, cols = self.weight_shape
+        return cuda_qlinear.untile_codes(q, rows, packed_words(cols, self.config.bits))
+
+    def _untile(self) -> None:
+        """Store the codes as (O, words) again (before anything that cuts or copies rows)."""
+        if self._buffers.get("qweight") is not None:
+            self._buffers["qweight"] = self._untiled()
 
     @property
     def quantized(self) -> QuantizedWeight:
-        return QuantizedWeight(self.qweight, self.scales, self.offsets, self.curvature,
+        return QuantizedWeight(self._untiled(), self.scales, self.offsets, self.curvature,
                                self.config, self.weight_shape, table=self._current_table())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -200,14 +220,33 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
 
     def _kmajor_on_cuda(self) -> None:
         """On CUDA, codes and group parameters are stored K-major (the same values; saving
-        writes them row-major), the order the fused kernels read (kernels/triton_kmajor.py)."""
+        writes them row-major), the order the fused kernels read (kernels/triton_kmajor.py);
+        4-bit codes that the tensor-core kernel reads are tiled instead (kernels.tiles_take:
+        cuda_qlinear.tile_codes; saved as (O, words) all the same). Off CUDA, tiled codes are
+        untiled."""
         q = self._buffers.get("qweight")
-        if q is None or not q.is_cuda:
+        if q is None:
+            return
+        if not q.is_cuda:
+            self._untile()
             return
         for name in ("qweight", "scales", "offsets"):
             t = self._buffers.get(name)
-            if t is not None and not kernels.is_kmajor(t):
+            if t is not None and t.dim() == 2 and not kernels.is_kmajor(t):
                 self._buffers[name] = kernels.kmajor(t)
+        if self._tileable() and kernels.tiles_take(q.device):
+            self._buffers["qweight"] = cuda_qlinear.tile_codes(self._buffers["qweight"], self.weight_shape[1])
+
+    def _tileable(self) -> bool:
+        """4-bit codes with one table, fp16 group scales of 32/64/128 codes, no offsets, and the
+        shape the CUDA kernel takes (cuda_qlinear.unsupported)."""
+        b = self._buffers
+        q, s, c = b.get("qweight"), b.get("scales"), b.get("curvature")
+        rows, cols = self.weight_shape
+        return (q is not None and q.dim() == 2 and self.config.bits == 4 and b.get("offsets") is None
+                and s is not None and s.dtype == torch.float16 and (c is None or c.numel() == 1)
+                and self._table is not None and self.config.group_size in cuda_qlinear.GROUPS
+                and cols % 8 == 0 and rows % 4 == 0)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -215,6 +254,7 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
         return out
 
     def _load_from_state_dict(self, *args, **kwargs):
+        self._untile()                               # the state dict holds (O, words) codes
         super()._load_from_state_dict(*args, **kwargs)
         self._kmajor_on_cuda()                       # assign=True straight onto a GPU
 
@@ -224,6 +264,13 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
         bias = p["bias"] if "bias" in p else self.bias
         if src._decoded is None and kernels.cpu_fast(x, bias, self.in_features):
             return kernels.cpu.run(x, self._cpu_plan(src, bias))
+        q = src._buffers["qweight"]
+        if q.dim() == 4 and src._decoded is None and kernels.backend() == "auto":     # tiled (CUDA)
+            rows, cols = src.weight_shape
+            b = src._buffers
+            curved = get_format(src.config.format).curved
+            return kernels.qlinear_tiled(x, q, b["scales"], src._current_table(), b["curvature"] if curved else None,
+                                         bias, src.config.group_size, cols, rows, "auto-qins" if curved else "auto")
         return kernels.qlinear(x, self.quantized, bias, weight=src._decoded)
 
     def _cpu_plan(self, src: "_QuantizedWeightMixin", bias: torch.Tensor | None) -> tuple:

@@ -62,6 +62,7 @@ def _keep(module: nn.Module, name: str, t: torch.Tensor | None) -> None:
 
 def shard_rows(module: QINSLinear, name: str, rank: int, world: int, parts: int = 1) -> None:
     """Keep this rank's output rows (of each of `parts` fused blocks)."""
+    module._untile()
     rows, cols = module.weight_shape
     block = _even(rows, parts, "the fused block count", name)
     per = _even(block, world, "out_features" if parts == 1 else "each fused block's rows", name)
@@ -83,6 +84,7 @@ def shard_rows(module: QINSLinear, name: str, rank: int, world: int, parts: int 
 
 def shard_cols(module: QINSLinear, name: str, rank: int, world: int) -> None:
     """Keep this rank's input columns: whole groups, whole 32-code words."""
+    module._untile()
     rows, cols = module.weight_shape
     cfg = module.config
     g = cols if cfg.group_size is None else cfg.group_size
