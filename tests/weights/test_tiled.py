@@ -99,3 +99,38 @@ def test_tiles_are_for_cuda_under_auto_only(monkeypatch):
     assert not kernels.tiles_take("cpu")
     monkeypatch.setenv("QINS_TILED", "0")
     assert not kernels.tiles_take("cuda:0")
+
+
+def test_the_tiled_op_traces_under_torch_compile():
+    """qins::qlinear_tiled has a fake implementation, so torch.compile traces a tiled layer
+    (whole graph, no break) and gives the eager result."""
+    mod = _module()
+    t = _tiled(mod)
+    x = torch.randn(3, 200)
+    args = (t.qweight, t.scales, t._current_table(), t.curvature, t.bias, 64, 200, 68, "auto-qins")
+    eager = kernels.qlinear_tiled(x, *args)
+    compiled = torch.compile(lambda x: kernels.qlinear_tiled(x, *args), fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(x), eager)
+
+
+def test_gradients_flow_through_a_tiled_layer_and_the_qlinear_op():
+    """dL/dx and dL/db through the ops (registered autograd) equal those through the decoded weight."""
+    mod = _module()
+    t = _tiled(mod)
+    w = mod.dequantize()
+    x = torch.randn(3, 200, requires_grad=True)
+    y = kernels.qlinear_tiled(x, t.qweight, t.scales, t._current_table(), t.curvature, t.bias, 64, 200, 68, "auto-qins")
+    g = torch.randn_like(y)
+    gx, gb = torch.autograd.grad(y, (x, t.bias), g)
+    x2 = x.detach().clone().requires_grad_(True)
+    b2 = mod.bias.detach().clone().requires_grad_(True)
+    want = torch.autograd.grad(torch.nn.functional.linear(x2, w, b2), (x2, b2), g)
+    torch.testing.assert_close(gx, want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, want[1], rtol=1e-4, atol=1e-5)
+    # the K-major op (the route CUDA layers take) the same way
+    qw = mod.quantized
+    y = torch.ops.qins.qlinear(x, qw.qweight, qw.scales, None, qw.decode_table(), qw.curvature, mod.bias,
+                               4, 64, 200, "auto-qins")
+    gx, gb = torch.autograd.grad(y, (x, mod.bias), g)
+    torch.testing.assert_close(gx, want[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gb, want[1], rtol=1e-4, atol=1e-5)
