@@ -125,14 +125,16 @@ class _QuantizedWeightMixin:
             self.register_buffer("scale_refs", torch.empty(s.shape[0], dtype=torch.float16, device=s.device))
 
     def decode_stored_scales(self) -> None:
+        """After a loader filled the buffers by name (transformers'): float16 scales from stored
+        log8 ones, the table, and (QINSLinear) the CUDA layout of the codes, which a loader that
+        assigns tensors does not make (tests/gpu checks the layouts after
+        from_pretrained(device_map="cuda"))."""
         if "scale_codes" in self._buffers:
             code, ref = self._buffers.pop("scale_codes"), self._buffers.pop("scale_refs")
             self._buffers["scales"] = log8.decode(code, ref, "scales").to(code.device)
-            if hasattr(self, "_kmajor_on_cuda"):
-                # QINSLinear on CUDA keeps codes and scales K-major; tests/gpu checks the layouts
-                # agree after from_pretrained(device_map="cuda") (they did without this, too)
-                self._kmajor_on_cuda()
-            self._refresh_table()
+        self._refresh_table()
+        if hasattr(self, "_kmajor_on_cuda"):
+            self._kmajor_on_cuda()
 
     def _set_quantized(self, qw: QuantizedWeight) -> None:
         self._untile()
