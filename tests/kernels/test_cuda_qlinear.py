@@ -125,6 +125,13 @@ def test_refusals_name_the_reason():
     assert "group" in why(group=48)
     assert "aligned" in why(x=torch.randn(2, 204, dtype=torch.bfloat16, device=DEVICE)[:, 4:])
     assert cuda_qlinear.why_not("cpu") is not None
+    # tiled codes: N comes from the layer, and the tiles must hold N x K codes
+    tiled = cuda_qlinear.tile_codes(q, 200)
+    assert cuda_qlinear.unsupported(x, tiled, s, None, tab, 4, 64, 200, 36) is None
+    assert "do not hold" in cuda_qlinear.unsupported(x, tiled, s, None, tab, 4, 64, 200, 68)
+    assert "do not hold" in cuda_qlinear.unsupported(x, tiled[:, :3], s, None, tab, 4, 64, 200, 36)
+    with pytest.raises(ValueError, match="do not hold"):
+        cuda_qlinear.qlinear(x, tiled, s, tab, None, 64, 200, out_features=68, splits=1, warps=4, depth=4)
 
 
 def test_qins_kernels_triton_keeps_the_nvcc_kernels_out(monkeypatch):
