@@ -134,3 +134,17 @@ def test_gradients_flow_through_a_tiled_layer_and_the_qlinear_op():
     gx, gb = torch.autograd.grad(y, (x, mod.bias), g)
     torch.testing.assert_close(gx, want[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gb, want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_a_bias_gradient_alone_decodes_no_weight(monkeypatch):
+    """x without grad (a frozen quantized layer whose bias trains): dL/db, and W is never decoded."""
+    from qins.kernels import ops
+    t = _tiled(_module())
+    calls = []
+    real = ops.dequantize
+    monkeypatch.setattr(ops, "dequantize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(3, 200)
+    y = kernels.qlinear_tiled(x, t.qweight, t.scales, t._current_table(), t.curvature, t.bias, 64, 200, 68, "auto-qins")
+    (gb,) = torch.autograd.grad(y.sum(), (t.bias,))
+    torch.testing.assert_close(gb, torch.full((68,), 3.0))
+    assert calls == []

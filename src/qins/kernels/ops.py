@@ -166,23 +166,27 @@ def _(x, tiled, scales, table, curvature, bias, group_size, in_features, out_fea
 # Backward through the products (a loss through a quantized layer, e.g. adapters trained on a
 # quantized model): the codes are constants; dL/dx = dL/dy W and dL/db = the sum of dL/dy over
 # rows, with W decoded once in dL/dy's dtype.
-def _linear_backward(grad: Tensor, w: Tensor, bias_dtype) -> tuple[Tensor, Tensor | None]:
-    gb = None if bias_dtype is None else grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
-    return grad @ w, gb
+def _linear_backward(ctx, grad: Tensor, weight, bias_dtype) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dx, dL/db), each only where needed; `weight()` decodes W, only when dL/dx is."""
+    needs = ctx.needs_input_grad
+    gx = grad @ weight() if needs[0] else None
+    gb = None if bias_dtype is None or not ctx.bias_grad else grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+    return gx, gb
 
 
 def _qlinear_setup(ctx, inputs, output):
     x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features, mode = inputs
     ctx.save_for_backward(qweight, scales, offsets, table, curvature)
     ctx.args = (bits, group_size, in_features, mode, None if bias is None else bias.dtype)
+    ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _qlinear_backward(ctx, grad):
     qweight, scales, offsets, table, curvature = ctx.saved_tensors
     bits, group_size, in_features, mode, bias_dtype = ctx.args
-    w = dequantize(qweight, scales, offsets, table, curvature, bits, group_size, in_features,
-                   "table" if mode.startswith("auto") else mode, grad.dtype)
-    gx, gb = _linear_backward(grad, w, bias_dtype)
+    gx, gb = _linear_backward(ctx, grad, lambda: dequantize(
+        qweight, scales, offsets, table, curvature, bits, group_size, in_features,
+        "table" if mode.startswith("auto") else mode, grad.dtype), bias_dtype)
     return gx, None, None, None, None, None, gb, None, None, None, None
 
 
@@ -193,16 +197,16 @@ def _tiled_setup(ctx, inputs, output):
     x, tiled, scales, table, curvature, bias, group_size, in_features, out_features, mode = inputs
     ctx.save_for_backward(tiled, scales, table, curvature)
     ctx.args = (group_size, in_features, out_features, mode, None if bias is None else bias.dtype)
+    ctx.bias_grad = bias is not None and bias.requires_grad
 
 
 def _tiled_backward(ctx, grad):
     from . import cuda_qlinear
     tiled, scales, table, curvature = ctx.saved_tensors
     group_size, in_features, out_features, mode, bias_dtype = ctx.args
-    q = cuda_qlinear.untile_codes(tiled, out_features, packed_words(in_features, 4))
-    w = dequantize(q, scales, None, table, curvature, 4, group_size, in_features,
-                   "table" if mode.startswith("auto") else mode, grad.dtype)
-    gx, gb = _linear_backward(grad, w, bias_dtype)
+    gx, gb = _linear_backward(ctx, grad, lambda: dequantize(
+        cuda_qlinear.untile_codes(tiled, out_features, packed_words(in_features, 4)), scales, None, table,
+        curvature, 4, group_size, in_features, "table" if mode.startswith("auto") else mode, grad.dtype), bias_dtype)
     return gx, None, None, None, None, gb, None, None, None, None
 
 
