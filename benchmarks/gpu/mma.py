@@ -101,8 +101,8 @@ def main():
                 results = []
                 for s, w, d, wide in cfgs:
                     r = timed(shape, f"cuda-mma{layout}", M, lambda q, x=x, s=s, w=w, d=d, wide=wide, layout=layout:
-                              cuda_qlinear.qlinear(x, q["qweight"], q["scales"], q["table"], None, GROUP, K, splits=s,
-                                                   warps=w, depth=d, wide=wide, tiled=q["tiled"] if layout else None),
+                              cuda_qlinear.qlinear(x, q["tiled"] if layout else q["qweight"], q["scales"], q["table"],
+                                                   None, GROUP, K, splits=s, warps=w, depth=d, wide=wide, out_features=N),
                               kq, ref, base[M], cfg=dict(splits=s, warps=w, depth=d, wide=wide))
                     if r is not None:
                         r["tbps"] = moved / r["us"] / 1e6

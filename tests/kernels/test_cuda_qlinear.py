@@ -72,7 +72,7 @@ def test_matches_float64(n, k, group, m, dtype):
             again = cuda_qlinear.qlinear(x, q, s, tab, b, group, k, **launch)
             assert torch.equal(y, again), "split-K must add the blocks' sums in a fixed order"
             # the same codes tiled: the same products in the same order
-            assert torch.equal(y, cuda_qlinear.qlinear(x, q, s, tab, b, group, k, tiled=tiled, **launch)), launch
+            assert torch.equal(y, cuda_qlinear.qlinear(x, tiled, s, tab, b, group, k, out_features=n, **launch)), launch
 
 
 @pytest.mark.parametrize("n,k", [(36, 200), (64, 256), (100, 264), (4, 8)])

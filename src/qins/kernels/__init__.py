@@ -161,15 +161,26 @@ def cpu_fast(x: torch.Tensor, bias: torch.Tensor | None, in_features: int) -> bo
 _CPU_BACKENDS = ("auto", "cpu")
 
 
-def _op_args(qw: QuantizedWeight) -> tuple[tuple, str]:
-    """((qweight, scales, offsets, table, curvature), mode) for the ops. A per-channel curvature
-    passes no table and mode "closed" (an (O, 2^bits) table is never built); otherwise "auto"
-    ("auto-qins": the closed form is allowed), and the op picks per batch and width (ops.choose)."""
-    curv = qw.curvature if get_format(qw.config.format).curved else None
+def op_mode(config, curvature: torch.Tensor | None) -> tuple[torch.Tensor | None, str]:
+    """(the curvature the ops take, their mode) for a layer of `config`: a per-channel curvature
+    gives mode "closed" (an (O, 2^bits) table is never built); otherwise "auto" ("auto-qins": the
+    closed form is allowed), and the op picks per batch and width (ops.choose)."""
+    curv = curvature if get_format(config.format).curved else None
     if curv is not None and curv.numel() > 1:
-        return (qw.qweight, qw.scales, qw.offsets, curv.reshape(1, -1), curv), "closed"
-    mode = "auto-qins" if curv is not None else "auto"
-    return (qw.qweight, qw.scales, qw.offsets, qw.decode_table(), curv), mode
+        return curv, "closed"
+    return curv, "auto-qins" if curv is not None else "auto"
+
+
+def _dequant_mode(mode: str) -> str:
+    """The qins::dequantize mode of an op mode: "auto..." decodes through the table."""
+    return "table" if mode.startswith("auto") else mode
+
+
+def _op_args(qw: QuantizedWeight) -> tuple[tuple, str]:
+    """((qweight, scales, offsets, table, curvature), mode) for the ops (op_mode)."""
+    curv, mode = op_mode(qw.config, qw.curvature)
+    table = curv.reshape(1, -1) if mode == "closed" else qw.decode_table()
+    return (qw.qweight, qw.scales, qw.offsets, table, curv), mode
 
 
 def qlinear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None,
@@ -216,7 +227,7 @@ def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32,
         from . import ops  # noqa: F401  (registers the op)
         args, mode = _op_args(qw)
         return torch.ops.qins.dequantize(*args, qw.config.bits, qw.group_size, qw.shape[1],
-                                         "table" if mode.startswith("auto") else mode, dtype)
+                                         _dequant_mode(mode), dtype)
     return reference.dequantize(qw, dtype, rows)
 
 

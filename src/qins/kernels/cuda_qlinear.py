@@ -48,30 +48,47 @@ def why_not(device) -> str | None:
     return _nvcc.why_not(device, "the CUDA weight kernel", _library)
 
 
+def layer_unsupported(bits: int, scales, offsets, table: torch.Tensor | None, group_size: int,
+                      N: int, K: int) -> str | None:
+    """None when the kernel takes a layer of this kind and shape (whatever its layout and x), else
+    the reason; QINSLinear tiles the codes of the layers it takes."""
+    if bits != 4:
+        return f"{bits}-bit codes (the CUDA kernel reads 4 bits)"
+    if offsets is not None or scales is None or scales.dtype != torch.float16:
+        return "the CUDA kernel takes fp16 group scales and no offsets"
+    if table is None or table.shape[0] != 1:
+        return "a table per channel (the CUDA kernel takes one per tensor)"
+    if K % 8 or N % 4 or group_size not in GROUPS:
+        return f"K={K}, N={N}, group {group_size} (the CUDA kernel takes K % 8 == 0, N % 4 == 0, groups {GROUPS})"
+    return None
+
+
+def _tiles_why(tiled: torch.Tensor, N: int | None, K: int) -> str | None:
+    if N is None or tuple(tiled.shape) != tiled_shape(N, K) or not tiled.is_contiguous():
+        return f"tiled codes of shape {tuple(tiled.shape)} do not hold {N} x {K} codes (tile_codes makes them)"
+    return None
+
+
 def unsupported(x: torch.Tensor, qweight: torch.Tensor, scales, offsets, table: torch.Tensor,
                 bits: int, group_size: int, in_features: int, out_features: int | None = None) -> str | None:
     """None when `qlinear` takes this call (x (M, K) two-dimensional), else the reason. qweight:
     K-major codes, or tiled ones (tile_codes; then out_features gives N)."""
-    if bits != 4:
-        return f"{bits}-bit codes (the CUDA kernel reads 4 bits)"
     if x.dtype not in _DTYPES:
         return f"x in {x.dtype} (the CUDA kernel takes fp16 and bf16)"
     if not 1 <= x.shape[0] <= MAX_ROWS:
         return f"{x.shape[0]} rows (the CUDA kernel takes 1..{MAX_ROWS})"
-    if offsets is not None or scales is None or scales.dtype != torch.float16:
-        return "the CUDA kernel takes fp16 group scales and no offsets"
-    if table.shape[0] != 1:
-        return "a table per channel (the CUDA kernel takes one per tensor)"
     tiled = is_tiled(qweight)
     N, K = out_features if tiled else qweight.shape[0], in_features
-    if K % 8 or N % 4 or group_size not in GROUPS:
-        return f"K={K}, N={N}, group {group_size} (the CUDA kernel takes K % 8 == 0, N % 4 == 0, groups {GROUPS})"
+    why = layer_unsupported(bits, scales, offsets, table, group_size, N, K)
+    if why:
+        return why
     # a single group's scales (N, 1) have no stride along groups to check
     if scales.shape[1] > 1 and (not is_kmajor(scales) or scales.stride(1) % 4):
         return "scales must be K-major with rows of 16 bytes (QINSLinear on CUDA stores them so)"
     if tiled:
-        if tuple(qweight.shape) != tiled_shape(N, K) or not qweight.is_contiguous():
-            return f"tiled codes of shape {tuple(qweight.shape)} do not hold {N} x {K} codes (tile_codes makes them)"
+        why = _tiles_why(qweight, N, K)
+        if why:
+            return why
     elif not is_kmajor(qweight) or qweight.stride(1) % 4:
         return "codes must be K-major with rows of 16 bytes, or tiled (QINSLinear on CUDA stores them so)"
     if x.stride(1) != 1 or (x.shape[0] > 1 and x.stride(0) % 8) or x.data_ptr() % 16 or qweight.data_ptr() % 16 or scales.data_ptr() % 8:
@@ -136,22 +153,18 @@ def untile_codes(tiled: torch.Tensor, N: int, words: int) -> torch.Tensor:
 def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table: torch.Tensor,
             bias: torch.Tensor | None, group_size: int, in_features: int, *, splits: int | None = None,
             warps: int | None = None, depth: int | None = None, wide: bool | None = None,
-            out_features: int | None = None, tiled: torch.Tensor | None = None) -> torch.Tensor:
+            out_features: int | None = None) -> torch.Tensor:
     """x (M, K) @ W^T (+ bias) -> (M, N) in x's dtype; `unsupported` must have returned None.
-    qweight: K-major codes or tiled ones (then out_features gives N); tiled: tile_codes(qweight),
-    read instead of the K-major qweight. splits, warps, depth: the launch (default_config where
-    not given); wide: the 64 KB table (default: with blocks of 8 warps, see csrc look)."""
-    if tiled is not None:
-        out_features, qweight = qweight.shape[0], tiled
-    M = x.shape[0]
-    if is_tiled(qweight):
-        N, K = out_features, in_features
-        if N is None or tuple(qweight.shape) != tiled_shape(N, K) or not qweight.is_contiguous() \
-                or qweight.device != x.device:
-            raise ValueError(f"tiled codes of shape {tuple(qweight.shape)} do not hold {N} x {K} codes "
-                             f"(tile_codes makes them)")
-    else:
-        N, K = qweight.shape[0], in_features
+    qweight: K-major codes or tiled ones (tile_codes; then out_features gives N). splits, warps,
+    depth: the launch (default_config where not given); wide: the 64 KB table (default: with
+    blocks of 8 warps, see csrc look)."""
+    M, K = x.shape[0], in_features
+    tiled = is_tiled(qweight)
+    N = out_features if tiled else qweight.shape[0]
+    if tiled:
+        why = _tiles_why(qweight, N, K)
+        if why or qweight.device != x.device:
+            raise ValueError(why or f"tiled codes on {qweight.device}, x on {x.device}")
     if splits is None or warps is None or depth is None:
         d = default_config(M, N, K, group_size, x.device)
         splits, warps, depth = (d[0] if splits is None else splits, d[1] if warps is None else warps,
@@ -166,10 +179,10 @@ def qlinear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, table:
         bias = bias.float().contiguous()
     ptr = lambda t: None if t is None else t.data_ptr()
     args = _Args(x=ptr(x), qw=ptr(qweight), s=ptr(scales), tab=ptr(tab), bias=ptr(bias), y=ptr(y),
-                 M=M, N=N, K=K, QS=qweight.stride(1) if not is_tiled(qweight) else 4,
+                 M=M, N=N, K=K, QS=4 if tiled else qweight.stride(1),
                  SS=scales.stride(1) if scales.shape[1] > 1 else 4, LDX=x.stride(0) if M > 1 else K, G=group_size,
                  SPLITS=splits, dtype=_DTYPES[x.dtype], bias_dtype=_BIAS_DTYPES[bias.dtype] if bias is not None else 0,
-                 warps=warps, depth=depth, tiled=qweight.shape[1] if is_tiled(qweight) else 0,
+                 warps=warps, depth=depth, tiled=qweight.shape[1] if tiled else 0,
                  wide=int(warps == 8 if wide is None else wide))
     rc = _nvcc.launch(_library(_nvcc.arch(x.device)).qins_qlinear4, args, x.device, "the CUDA weight kernel")
     if rc < 0:

@@ -17,7 +17,7 @@ from ..codec.packing import packed_words, planes
 
 from ..codec.qins import qins_table
 from ..codec.tensor import decode
-from . import _interpreting, cuda_refused, is_kmajor
+from . import _dequant_mode, _interpreting, cuda_refused, is_kmajor
 from .prmt import cached_registers
 
 # rows of x up to which the skinny kernels run; above, the weight is decoded once into x's
@@ -149,16 +149,11 @@ def _(x, tiled, scales, table, curvature, bias, group_size, in_features, out_fea
 
 @qlinear_tiled.register_kernel("cuda")
 def _(x, tiled, scales, table, curvature, bias, group_size, in_features, out_features, mode):
-    from . import cuda_qlinear
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
-        x2 = x2.contiguous()
-    if (mode.startswith("auto") and not _interpreting() and not cuda_refused()
-            and cuda_qlinear.unsupported(x2, tiled, scales, None, table, 4, group_size, in_features, out_features) is None
-            and cuda_qlinear.why_not(x2.device) is None):
+    x2 = _rows(x, in_features)
+    if mode.startswith("auto") and _mma_takes(x2, tiled, scales, None, table, 4, group_size, in_features, out_features):
+        from . import cuda_qlinear
         y = cuda_qlinear.qlinear(x2, tiled, scales, table, bias, group_size, in_features, out_features=out_features)
-        return y.reshape(*lead, out_features)
+        return y.reshape(*x.shape[:-1], out_features)
     q = cuda_qlinear.untile_codes(tiled, out_features, packed_words(in_features, 4))
     return triton_linear(x, q, scales, None, table, curvature, bias, 4, group_size, in_features, mode)
 
@@ -166,27 +161,28 @@ def _(x, tiled, scales, table, curvature, bias, group_size, in_features, out_fea
 # Backward through the products (a loss through a quantized layer, e.g. adapters trained on a
 # quantized model): the codes are constants; dL/dx = dL/dy W and dL/db = the sum of dL/dy over
 # rows, with W decoded once in dL/dy's dtype.
-def _linear_backward(ctx, grad: Tensor, weight, bias_dtype) -> tuple[Tensor | None, Tensor | None]:
-    """(dL/dx, dL/db), each only where needed; `weight()` decodes W, only when dL/dx is."""
+def _linear_backward(ctx, grad: Tensor, weight, bias_at: int) -> tuple[Tensor | None, Tensor | None]:
+    """(dL/dx, dL/db), each only where needed (x is input 0, the bias input `bias_at`);
+    `weight()` decodes W, only when dL/dx is."""
     needs = ctx.needs_input_grad
     gx = grad @ weight() if needs[0] else None
-    gb = None if bias_dtype is None or not ctx.bias_grad else grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype) if needs[bias_at] else None
     return gx, gb
 
 
 def _qlinear_setup(ctx, inputs, output):
     x, qweight, scales, offsets, table, curvature, bias, bits, group_size, in_features, mode = inputs
     ctx.save_for_backward(qweight, scales, offsets, table, curvature)
-    ctx.args = (bits, group_size, in_features, mode, None if bias is None else bias.dtype)
-    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.args = (bits, group_size, in_features, mode)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _qlinear_backward(ctx, grad):
     qweight, scales, offsets, table, curvature = ctx.saved_tensors
-    bits, group_size, in_features, mode, bias_dtype = ctx.args
+    bits, group_size, in_features, mode = ctx.args
     gx, gb = _linear_backward(ctx, grad, lambda: dequantize(
-        qweight, scales, offsets, table, curvature, bits, group_size, in_features,
-        "table" if mode.startswith("auto") else mode, grad.dtype), bias_dtype)
+        qweight, scales, offsets, table, curvature, bits, group_size, in_features, _dequant_mode(mode),
+        grad.dtype), 6)
     return gx, None, None, None, None, None, gb, None, None, None, None
 
 
@@ -196,31 +192,40 @@ qlinear.register_autograd(_qlinear_backward, setup_context=_qlinear_setup)
 def _tiled_setup(ctx, inputs, output):
     x, tiled, scales, table, curvature, bias, group_size, in_features, out_features, mode = inputs
     ctx.save_for_backward(tiled, scales, table, curvature)
-    ctx.args = (group_size, in_features, out_features, mode, None if bias is None else bias.dtype)
-    ctx.bias_grad = bias is not None and bias.requires_grad
+    ctx.args = (group_size, in_features, out_features, mode)
+    ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _tiled_backward(ctx, grad):
     from . import cuda_qlinear
     tiled, scales, table, curvature = ctx.saved_tensors
-    group_size, in_features, out_features, mode, bias_dtype = ctx.args
+    group_size, in_features, out_features, mode = ctx.args
     gx, gb = _linear_backward(ctx, grad, lambda: dequantize(
         cuda_qlinear.untile_codes(tiled, out_features, packed_words(in_features, 4)), scales, None, table,
-        curvature, 4, group_size, in_features, "table" if mode.startswith("auto") else mode, grad.dtype), bias_dtype)
+        curvature, 4, group_size, in_features, _dequant_mode(mode), grad.dtype), 5)
     return gx, None, None, None, None, gb, None, None, None, None
 
 
 qlinear_tiled.register_autograd(_tiled_backward, setup_context=_tiled_setup)
 
 
-def _mma_takes(x2, qweight, scales, offsets, table, bits, group_size, in_features) -> bool:
+def _mma_takes(x2, qweight, scales, offsets, table, bits, group_size, in_features, out_features=None) -> bool:
     """Whether the CUDA tensor-core kernel runs this call (4 bits, one table, 1..16 rows:
-    cuda_qlinear.unsupported)."""
+    cuda_qlinear.unsupported; tiled codes name out_features)."""
     if not x2.is_cuda or _interpreting() or cuda_refused():
         return False
     from . import cuda_qlinear
-    return (cuda_qlinear.unsupported(x2, qweight, scales, offsets, table, bits, group_size, in_features) is None
+    return (cuda_qlinear.unsupported(x2, qweight, scales, offsets, table, bits, group_size, in_features,
+                                     out_features) is None
             and cuda_qlinear.why_not(x2.device) is None)
+
+
+def _rows(x: Tensor, in_features: int) -> Tensor:
+    """x as (rows, in_features), contiguous along both (a copy only where it is not)."""
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
+        x2 = x2.contiguous()
+    return x2
 
 
 def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, group_size,
@@ -228,9 +233,7 @@ def triton_linear(x, qweight, scales, offsets, table, curvature, bias, bits, gro
     """The Triton path on any device Triton runs on (CUDA; the CPU under TRITON_INTERPRET=1)."""
     from . import triton_qlinear as tq
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != in_features):
-        x2 = x2.contiguous()
+    x2 = _rows(x, in_features)
     kmajor = is_kmajor(qweight)
     route, mode = choose(mode, bits, x2.shape[0], x.dtype, kmajor=kmajor,
                          per_tensor=table.shape[0] == 1 and (curvature is None or curvature.numel() == 1)

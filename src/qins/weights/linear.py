@@ -240,15 +240,13 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
             self._buffers["qweight"] = cuda_qlinear.tile_codes(self._buffers["qweight"], self.weight_shape[1])
 
     def _tileable(self) -> bool:
-        """4-bit codes with one table, fp16 group scales of 32/64/128 codes, no offsets, and the
-        shape the CUDA kernel takes (cuda_qlinear.unsupported)."""
+        """(O, words) codes of a layer the CUDA kernel takes (cuda_qlinear.layer_unsupported: 4
+        bits, one table, fp16 group scales of 32/64/128 codes, no offsets, K % 8, N % 4)."""
         b = self._buffers
-        q, s, c = b.get("qweight"), b.get("scales"), b.get("curvature")
+        q = b.get("qweight")
         rows, cols = self.weight_shape
-        return (q is not None and q.dim() == 2 and self.config.bits == 4 and b.get("offsets") is None
-                and s is not None and s.dtype == torch.float16 and (c is None or c.numel() == 1)
-                and self._table is not None and self.config.group_size in cuda_qlinear.GROUPS
-                and cols % 8 == 0 and rows % 4 == 0)
+        return (q is not None and q.dim() == 2 and cuda_qlinear.layer_unsupported(
+            self.config.bits, b.get("scales"), b.get("offsets"), self._table, self.config.group_size, rows, cols) is None)
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -269,10 +267,9 @@ class QINSLinear(_QuantizedWeightMixin, nn.Module):
         q = src._buffers["qweight"]
         if q.dim() == 4 and src._decoded is None and kernels.backend() == "auto":     # tiled (CUDA)
             rows, cols = src.weight_shape
-            b = src._buffers
-            curved = get_format(src.config.format).curved
-            return kernels.qlinear_tiled(x, q, b["scales"], src._current_table(), b["curvature"] if curved else None,
-                                         bias, src.config.group_size, cols, rows, "auto-qins" if curved else "auto")
+            curv, mode = kernels.op_mode(src.config, src._buffers["curvature"])
+            return kernels.qlinear_tiled(x, q, src._buffers["scales"], src._current_table(), curv, bias,
+                                         src.config.group_size, cols, rows, mode)
         return kernels.qlinear(x, self.quantized, bias, weight=src._decoded)
 
     def _cpu_plan(self, src: "_QuantizedWeightMixin", bias: torch.Tensor | None) -> tuple:

@@ -118,14 +118,7 @@ struct Walk {
         st.x0 = __ldg(x0);
         if constexpr (NT == 2) st.x1 = __ldg(x1);
         st.close = close;
-        if (close) {
-            st.s = __ldg(s);
-            s += sstep;
-        }
-        q += qstep;
-        x0 += 4;
-        if constexpr (NT == 2) x1 += 4;
-        ++c;
+        next(st);
     }
 
     // the next chunk, when it is below c1; x past K reads as zero (codes there are padding)
@@ -136,6 +129,11 @@ struct Walk {
         st.x0 = kin ? __ldg(x0) : make_uint4(0, 0, 0, 0);
         if constexpr (NT == 2) st.x1 = kin ? __ldg(x1) : make_uint4(0, 0, 0, 0);
         st.close = live && (c == c1 - 1 || ((c - c0 + 1) % CPG == 0 && c < clast));
+        next(st);
+    }
+
+    // the group's scales when st closes it; then every pointer to the following chunk
+    DEVI void next(Stage& st) {
         if (st.close) {
             st.s = __ldg(s);
             s += sstep;
