@@ -48,6 +48,7 @@ from qins.kernels.triton_kv import kv_append, kv_decode_attention, padded_mids
 from qins.kv.codec import Codec, affine_levels, key_offset, quantize_keys, quantize_values
 from qins.kv.config import KVConfig
 from qins.kv.layout import pack_rows, unpack_rows
+from qins.kv.rope import Rope
 from qins.kv.store import page_tokens
 
 HQ, HKV, D = 32, 8, 128
@@ -74,7 +75,7 @@ def codecs(bits: int, v_curvature: float | None = None):
 class Paged:
     """One sequence batch's pages (pool planes, shuffled block table) + float segment."""
 
-    def __init__(self, K, V, bits, v_curvature=None):
+    def __init__(self, K, V, bits, v_curvature=None, rope=None):
         B, H, T, _ = K.shape
         self.bits = bits
         self.G, kcod, vcod = codecs(bits, v_curvature)
@@ -92,6 +93,10 @@ class Paged:
                        torch.zeros(n_pages, H, P, Wv, **i32), torch.zeros(n_pages, H, P, **f16), None)
         perm = torch.randperm(n_pages, generator=torch.Generator().manual_seed(0))
         self.table = perm.view(B, cols).to(torch.int32).to(DEV)
+        # pre-RoPE pages (kv/rope.py): keys turned back by their position's angle before the append
+        self.rope = rope
+        Kin = K if rope is None else torch.cat([rope.rotate(K[:, :, :Q], 0, inverse=True).to(K.dtype), K[:, :, Q:]], 2)
+        self.k_in, K = Kin, Kin
         self.k_offset = None if kcod.zero_point else key_offset(_stats_view(K[:, :, :Q]))
         mids = (padded_mids(self.kcod.mids, bits), padded_mids(self.vcod.mids, bits))
         kv_append(K[:, :, :Q], V[:, :, :Q], self.k_offset, self.table, 0, self.planes, *mids, bits, bits, G,
@@ -119,7 +124,7 @@ class Paged:
     def attend(self, q, **launch):
         return kv_decode_attention(q, self.planes, self.table, self.Q, SINK, self.k_offset, self.k_lut, self.v_lut,
                                    self.k_aff, self.v_aff, self.bits, self.bits, self.G, self.fk, self.fv,
-                                   D ** -0.5, **launch)
+                                   D ** -0.5, rope=None if self.rope is None else self.rope.inv_freq.to(DEV), **launch)
 
     def decode_reference(self):
         """(B, H, T, D) float32 K, V: pages decoded by torch (through the table), sink and tail from the float segment."""
@@ -139,6 +144,8 @@ class Paged:
         k = k.view(B, HKV, Q, D)
         if self.k_offset is not None:
             k = k + self.k_offset.float()
+        if self.rope is not None:
+            k = self.rope.rotate(k, 0)
         v = self.v_lut[vcodes] * rows(vs)[:, :, :Q, None].float()
         k[:, :, :SINK], v[:, :, :SINK] = self.fk[:, :, :SINK].float(), self.fv[:, :, :SINK].float()
         return torch.cat([k, self.fk[:, :, SINK:].float()], 2), torch.cat([v, self.fv[:, :, SINK:].float()], 2)
@@ -154,7 +161,7 @@ def append_agreement(K, V, pg: Paged) -> dict:
     """Share of the append kernel's words / scales / zero points equal to the torch quantizer's."""
     B = K.shape[0]
     Q, G = pg.Q, pg.G
-    k = _stats_view(K[:, :, :Q])
+    k = _stats_view(pg.k_in[:, :, :Q])
     if pg.k_offset is not None:
         k = k - pg.k_offset.to(k.dtype)
     kq, ks, kz = quantize_keys(k, pg.kcod, G)
@@ -275,13 +282,16 @@ def run_case(B, T, bits_list, rows, args, checked):
         rows.append(row)
         log(row)
         torch.cuda.empty_cache()
-    variants = [(f"qins_{b}bit", b, None) for b in bits_list]
+    variants = [(f"qins_{b}bit", b, None, None) for b in bits_list]
     if 4 in bits_list and not args.quick:                             # what the value table lookup costs
-        variants.append(("qins_4bit_vcurv0", 4, 0.0))
-    for name, bits, vcurv in variants:
+        variants.append(("qins_4bit_vcurv0", 4, 0.0, None))
+    if args.prerope:                                                  # pre-RoPE pages: Triton, keys turned in-kernel
+        rope = Rope(1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))   # Llama 3's theta
+        variants += [(f"qins_{b}bit_prerope", b, None, rope) for b in bits_list]
+    for name, bits, vcurv, rope in variants:
         row = dict(base, variant=name, bits=bits)
         try:
-            pg = Paged(K, V, bits, vcurv)
+            pg = Paged(K, V, bits, vcurv, rope)
             row.update(bytes=pg.nbytes(), page_tokens=pg.P, group=pg.G, paged_tokens=pg.Q, float_tokens=pg.fk.shape[2])
             if (name, B) not in checked:                              # correctness at the first context
                 checked.add((name, B))
@@ -345,6 +355,8 @@ def main():
     ap.add_argument("--bits", type=int, nargs="*", default=[4, 8])
     ap.add_argument("--replays", type=int, default=None)
     ap.add_argument("--triton-variants", action="store_true", help="also time the Triton kernel's launch variants")
+    ap.add_argument("--prerope", action="store_true", help="also pre-RoPE pages (KVConfig.k_prerope): the Triton "
+                                                            "first kernel turning keys by their position")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")

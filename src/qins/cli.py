@@ -108,6 +108,9 @@ def _add_kv(p):
     p.add_argument("--kv-bits", default=None, help="QINSCache bits, K or K,V (2,3,4,5,6,8); default: no KV compression")
     p.add_argument("--kv-residual", type=int, default=None, help="most recent tokens kept full precision (default 128)")
     p.add_argument("--kv-page-kb", type=int, default=None, help="KV page size in KiB, 16..64 (default 32)")
+    p.add_argument("--kv-prerope", action="store_true",
+                   help="quantize keys with the model's RoPE turned back (lower error at every width; on a GPU "
+                        "decode attention then runs the Triton kernel, not the CUDA one)")
     p.add_argument("--kv-plan", default=None, metavar="auto|FILE",
                    help="calibrated key widths per channel (same bits): 'auto' calibrates on the first 8 windows "
                         "of the corpus (disjoint from evaluation), FILE loads a saved KeyPlan (JSON)")
@@ -115,7 +118,7 @@ def _add_kv(p):
 
 def _kv_config(a):
     from .kv.config import from_flags
-    kv = from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb)
+    kv = from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb, a.kv_prerope or None)
     if a.kv_plan is not None:
         if kv is None:
             raise ValueError("--kv-plan needs --kv-bits")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from qins.kv.layer import QINSLayer
+from qins.kv.rope import Rope
 
 from .conftest import CUDA, DEVICE, needs_triton
 
@@ -21,13 +22,15 @@ CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, dtype)
                                                        if CUDA else [])
 
 
-def _layer(kb, vb, group, k_zero, v_zero, a, sink, H, D):
+def _layer(kb, vb, group, k_zero, v_zero, a, sink, H, D, rope=None):
     return QINSLayer(kb, vb, residual=3, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
-                     v_curvature=a, expect_heads=H, expect_head_dim=D)
+                     v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope)
 
 
+@pytest.mark.parametrize("prerope", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_append_kernel_matches_reference(case, monkeypatch):
+def test_append_kernel_matches_reference(case, prerope, monkeypatch):
+    # prerope: keys turned back by their position's RoPE angle before either path quantizes them
     *case, dtype = case
     B, H, D = (3, 3, 32) if not CUDA else (4, 8, 128)
     g = torch.Generator().manual_seed(sum(case[:3]))
@@ -36,7 +39,7 @@ def test_append_kernel_matches_reference(case, monkeypatch):
     layers = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("QINS_KERNELS", backend)
-        layer = _layer(*case, H, D)
+        layer = _layer(*case, H, D, Rope(1.0 / 300.0 ** (torch.arange(0, D, 2) / D)) if prerope else None)
         for x in chunks:
             layer.update(x.to(DEVICE, dtype), x.flip(3).to(DEVICE, dtype))
         assert layer.kernels == (backend == "triton")

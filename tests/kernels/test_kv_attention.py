@@ -12,6 +12,7 @@ import torch
 from qins.kernels import cuda_kv
 from qins.kv.attention import decode_attention, reference_attention
 from qins.kv.layer import QINSLayer
+from qins.kv.rope import Rope
 
 from .conftest import CUDA, DEVICE, needs_triton
 
@@ -27,8 +28,10 @@ CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, residual
     if CUDA else [])
 
 
+@pytest.mark.parametrize("prerope", [False, True])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_attention_matches_reference(case, monkeypatch):
+def test_decode_attention_matches_reference(case, prerope, monkeypatch):
+    # prerope: the pages hold pre-RoPE keys (kv/rope.py), turned back in the first Triton kernel
     *case, dtype = case
     kb, vb, group, k_zero, v_zero, a, sink, residual = case
     B, H, QH, D = (3, 2, 3, 32) if not CUDA else (4, 8, 4, 128)
@@ -36,8 +39,9 @@ def test_decode_attention_matches_reference(case, monkeypatch):
     # pages written by the torch path (the append kernel is bit-exact with it: test_kv_append.py),
     # read by the kernel
     monkeypatch.setenv("QINS_KERNELS", "reference")
+    rope = Rope(1.0 / 500.0 ** (torch.arange(0, D, 2) / D)) if prerope else None
     layer = QINSLayer(kb, vb, residual=residual, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
-                      v_curvature=a, expect_heads=H, expect_head_dim=D)
+                      v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope)
     n = 150 if not CUDA else 3000
     x = torch.randn(B, H, n, D, generator=g) * 2 + 0.3
     x[:, :, 0] *= 20                                          # an outlier sink token
@@ -52,7 +56,8 @@ def test_decode_attention_matches_reference(case, monkeypatch):
         monkeypatch.setenv("QINS_KERNELS", "auto" if CUDA else "triton")
         assert layer.kernels
         got = decode_attention(layer, q, D ** -0.5)
-        assert layer.last_path == ("cuda" if GPU_KERNEL and (kb, vb) in ((4, 4), (8, 8)) else "triton")
+        assert layer.last_path == ("cuda" if GPU_KERNEL and (kb, vb) in ((4, 4), (8, 8)) and not prerope
+                                   else "triton")
         if CUDA:
             monkeypatch.setenv("QINS_KERNELS", "triton")
             torch.testing.assert_close(decode_attention(layer, q, D ** -0.5).float(), got.float(),

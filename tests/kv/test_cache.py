@@ -10,6 +10,7 @@ from qins.kv import KVConfig
 from qins._compat import cache_kwarg
 from qins.kv.cache import QINSCache
 from qins.kv.layer import QINSLayer
+from qins.kv.rope import Rope
 
 
 def cache_kw(model, cache) -> dict:
@@ -386,16 +387,18 @@ def test_cache_crop_takes_what_transformers_passes(make_model, token_ids):
             caches[0].crop(bad)
 
 
-@pytest.mark.parametrize("bits,plan", [(4, False), (8, False), (4, True)])
-def test_crop_into_sealed_pages_100_times_leaves_codes_identical(bits, plan):
+@pytest.mark.parametrize("bits,plan,prerope", [(4, False, False), (8, False, False), (4, True, False),
+                                               (4, False, True), (4, True, True)])
+def test_crop_into_sealed_pages_100_times_leaves_codes_identical(bits, plan, prerope):
     # speculative decoding with residual 0: append a draft, crop it back into the pages, append
     # the same tokens again; a crop never re-quantizes, so after 100 rounds every page (codes,
     # scales, zero points) and every read equals a cache that never cropped
     g = torch.Generator().manual_seed(11)
     x = torch.randn(2, 2, 100 * 3 + 40, 32, generator=g) * 2 + 0.5
     widths = torch.randint(2, 7, (2, 32), generator=g) if plan else None
+    rope = Rope(1.0 / 100.0 ** (torch.arange(0, 32, 2) / 32)) if prerope else None
     mk = lambda: QINSLayer(bits, bits, residual=0, group=16, page_kb=16, sink=1, k_zero=bits < 8, k_widths=widths,
-                           expect_heads=2, expect_head_dim=32)
+                           expect_heads=2, expect_head_dim=32, rope=rope)
     ref, cut = mk(), mk()
     ref.update(x[:, :, :20], x[:, :, :20])
     cut.update(x[:, :, :20], x[:, :, :20])

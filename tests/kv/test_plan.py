@@ -156,12 +156,15 @@ def _query_weighted_model(arch: str):
     return model.eval()
 
 
-@pytest.mark.parametrize("arch,bits", [("llama", 4), ("llama", 2), ("qwen2", 4)])
-def test_calibrated_plan_spends_bits_where_queries_look(arch, bits):
+@pytest.mark.parametrize("arch,bits,prerope", [("llama", 4, False), ("llama", 2, False), ("qwen2", 4, False),
+                                               ("llama", 4, True)])
+def test_calibrated_plan_spends_bits_where_queries_look(arch, bits, prerope):
+    # prerope: keys measured with RoPE turned back and queries turned back by their own positions
     model = _query_weighted_model(arch)
-    cfg = KVConfig(k_bits=bits, residual=0, group=16, sink=1)
+    cfg = KVConfig(k_bits=bits, residual=0, group=16, sink=1, k_prerope=prerope)
     calib = torch.randint(0, 128, (3, 40), generator=torch.Generator().manual_seed(2))
     plan = calibrate_keys(model, calib, cfg, progress=False)
+    assert plan.prerope == prerope
     # every full-attention layer gets a plan (the Qwen2's sliding layer stays uncompressed)
     full = [i for i, t in enumerate(layer_types(model.config)[0]) if t == "full_attention"]
     assert sorted(plan.layers) == full == ([0, 1] if arch == "llama" else [0])
@@ -197,6 +200,8 @@ def test_calibrated_plan_spends_bits_where_queries_look(arch, bits):
         out = model.generate(input_ids=tok[:, :24], max_new_tokens=8, do_sample=False, pad_token_id=0,
                              **cache_kw(model, QINSCache(model, config=cfg, key_plan=plan)))
     assert out.shape == (2, 32)
+    with pytest.raises(ValueError, match="calibrated on (pre|post)-RoPE keys"):
+        QINSCache(model, config=cfg.replace(k_prerope=not prerope), key_plan=plan)
 
 
 def test_calibration_rejects_what_it_cannot_plan(make_model):
@@ -214,15 +219,20 @@ def test_calibration_rejects_what_it_cannot_plan(make_model):
 def test_key_plan_lowers_kl_on_the_default_model():
     # 4-bit keys and values at residual 0, cache in the loop on 2 held-out windows; the plan is
     # calibrated on 4 windows from the start of the corpus. Measured (16 windows): KL 0.022
-    # uniform against about half with the plan; the floor asks for a 25% cut.
+    # uniform against about half with the plan; the floor asks for a 25% cut, and for pre-RoPE
+    # keys a 10% cut against keys as given, with and without a plan.
     import qins
     from qins.metrics.quality import Reference, evaluate, token_windows
     tok, model = qins.load_default_model()
     w = token_windows(tok, qins.default_corpus(), 512)
     ref = Reference.build(model, w[-2:], progress=False)
-    cfg = KVConfig(k_bits=4, residual=0)
-    plan = calibrate_keys(model, w[:4], cfg, progress=False)
-    assert plan.mean_bits() <= 4.0
-    kl = [evaluate(model, ref, 2, False, make_cache=lambda: QINSCache(model, config=cfg, key_plan=p), chunk=32)["kl"]
-          for p in (None, plan)]
-    assert kl[1] < 0.75 * kl[0], kl
+    kls = {}
+    for pre in (False, True):                  # keys as the model gives them, then pre-RoPE (kv/rope.py)
+        cfg = KVConfig(k_bits=4, residual=0, k_prerope=pre)
+        plan = calibrate_keys(model, w[:4], cfg, progress=False)
+        assert plan.mean_bits() <= 4.0 and plan.prerope == pre
+        kls[pre] = kl = [evaluate(model, ref, 2, False, make_cache=lambda: QINSCache(model, config=cfg, key_plan=p),
+                                  chunk=32)["kl"] for p in (None, plan)]
+        assert kl[1] < 0.75 * kl[0], kl
+    # pre-RoPE keys, measured on these windows: uniform 0.0206 -> 0.0165, planned 0.0122 -> 0.0096
+    assert kls[True][0] < 0.9 * kls[False][0] and kls[True][1] < 0.9 * kls[False][1], kls

@@ -242,12 +242,13 @@ def _float_segment(q, fk_ptr, fv_ptr, mask_ptr, pid_bh, b, F, SKIP, Q, MT, m_i, 
 
 @triton.jit
 def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
-                      table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr,
+                      table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr, rope_ptr,
                       H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
                       k_alpha, k_beta, v_alpha, v_beta, v_curv,
                       G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                       K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
-                      HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, V_CLOSED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+                      HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, V_CLOSED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
+                      ROPE: tl.constexpr):
     pid_bh = tl.program_id(0)                    # (row, KV head)
     pid_s = tl.program_id(1)                     # split; the last one reads the float segment
     b = pid_bh // H
@@ -274,25 +275,30 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             ok = (t < end) & (t >= SKIP)         # sink tokens are read from their fp copies
             if HAS_MASK:                         # key padding mask (B, T): position t
                 ok = ok & (tl.load(mask_ptr + b * MT + t, mask=ok, other=0) != 0)
-            # keys: q . (m + r (alpha c + beta)) = [q . m + beta (q r) . 1] + alpha (q r) . c
-            r = tl.load(ks_ptr + (base * GP + slot // G) * D + d).to(tl.float32)
-            qr = q * r[None, :]
-            bias = k_beta * tl.sum(qr, 1)
-            if K_BASE == 1:                      # zero point per (group, channel)
-                bias += tl.sum(q * tl.load(kz_ptr + (base * GP + slot // G) * D + d).to(tl.float32)[None, :], 1)
-            if K_BASE == 2:                      # fixed offset per channel (keys without zero points)
-                bias += tl.sum(q * tl.load(koff_ptr + pid_bh * D + d).to(tl.float32)[None, :], 1)
-            kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :],
-                         mask=ok[:, None], other=0)
-            kcode = _unpack(kw, BLOCK_T, D, KB)
-            qr16 = qr.to(tl.float16)
-            if K_AFFINE and MAGIC:               # (q r) . (1024 + c) - 1024 sum(q r) = (q r) . c
-                s = (tl.dot(qr16, tl.trans(_as_f16_plus_1024(kcode)))
-                     - 1024.0 * tl.sum(qr16.to(tl.float32), 1)[:, None]) * k_alpha + bias[:, None]
-            elif K_AFFINE:
-                s = tl.dot(qr16, tl.trans(kcode.to(tl.float16))) * k_alpha + bias[:, None]
+            if ROPE:                             # pre-RoPE keys: decoded, then turned by t * f, per half
+                s = _rope_scores(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, rope_ptr, qrow, h_ok, qk_scale,
+                                 base, slot, tt, t, ok, pid_bh, GP, P, k_alpha, k_beta,
+                                 G, D, KB, K_BASE, K_AFFINE, BLOCK_H, BLOCK_T)
             else:
-                s = tl.dot(qr16, tl.trans(tl.load(klut_ptr + kcode).to(tl.float16))) + bias[:, None]
+                # keys: q . (m + r (alpha c + beta)) = [q . m + beta (q r) . 1] + alpha (q r) . c
+                r = tl.load(ks_ptr + (base * GP + slot // G) * D + d).to(tl.float32)
+                qr = q * r[None, :]
+                bias = k_beta * tl.sum(qr, 1)
+                if K_BASE == 1:                  # zero point per (group, channel)
+                    bias += tl.sum(q * tl.load(kz_ptr + (base * GP + slot // G) * D + d).to(tl.float32)[None, :], 1)
+                if K_BASE == 2:                  # fixed offset per channel (keys without zero points)
+                    bias += tl.sum(q * tl.load(koff_ptr + pid_bh * D + d).to(tl.float32)[None, :], 1)
+                kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32)
+                             + tl.arange(0, D * KB // 32)[None, :], mask=ok[:, None], other=0)
+                kcode = _unpack(kw, BLOCK_T, D, KB)
+                qr16 = qr.to(tl.float16)
+                if K_AFFINE and MAGIC:           # (q r) . (1024 + c) - 1024 sum(q r) = (q r) . c
+                    s = (tl.dot(qr16, tl.trans(_as_f16_plus_1024(kcode)))
+                         - 1024.0 * tl.sum(qr16.to(tl.float32), 1)[:, None]) * k_alpha + bias[:, None]
+                elif K_AFFINE:
+                    s = tl.dot(qr16, tl.trans(kcode.to(tl.float16))) * k_alpha + bias[:, None]
+                else:
+                    s = tl.dot(qr16, tl.trans(tl.load(klut_ptr + kcode).to(tl.float16))) + bias[:, None]
             s = tl.where(ok[None, :], s, float("-inf"))
             p, m_i, l_i, acc = _online(s, m_i, l_i, acc)
             # values: sum_t p_t (m_t + s_t (alpha c + beta)) ; the per-token scale folds into p
@@ -535,6 +541,51 @@ def _combine(q: torch.Tensor, o: torch.Tensor, ml: torch.Tensor) -> torch.Tensor
     return out
 
 
+@triton.jit
+def _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, pid_bh, GP, P, k_alpha, k_beta,
+               HALF: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, K_BASE: tl.constexpr,
+               K_AFFINE: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(BLOCK_T, D/2) float32 keys of channels HALF*D/2 .. (HALF+1)*D/2 - 1, decoded (pre-RoPE)."""
+    W2: tl.constexpr = D * KB // 64
+    c2 = HALF * (D // 2) + tl.arange(0, D // 2)
+    kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + HALF * W2 + tl.arange(0, W2)[None, :],
+                 mask=ok[:, None], other=0)
+    code = _unpack(kw, BLOCK_T, D // 2, KB)
+    if K_AFFINE:
+        lvl = code.to(tl.float32) * k_alpha + k_beta
+    else:
+        lvl = tl.load(klut_ptr + code).to(tl.float32)
+    x = lvl * tl.load(ks_ptr + (base * GP + slot // G) * D + c2).to(tl.float32)[None, :]
+    if K_BASE == 1:
+        x += tl.load(kz_ptr + (base * GP + slot // G) * D + c2).to(tl.float32)[None, :]
+    if K_BASE == 2:
+        x += tl.load(koff_ptr + pid_bh * D + c2).to(tl.float32)[None, :]
+    return x
+
+
+@triton.jit
+def _rope_scores(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, rope_ptr, qrow, h_ok, qk_scale,
+                 base, slot, tt, t, ok, pid_bh, GP, P, k_alpha, k_beta,
+                 G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, K_BASE: tl.constexpr, K_AFFINE: tl.constexpr,
+                 BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+    """(BLOCK_H, BLOCK_T) scores of pre-RoPE keys: each half decoded, the pair (d, d + D/2) of
+    token t turned by the angle t * f_d (float32, as kv/rope.py), then q . k per half."""
+    c2 = tl.arange(0, D // 2)
+    qa = tl.load(q_ptr + qrow[:, None] * D + c2[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32) * qk_scale
+    qb = tl.load(q_ptr + qrow[:, None] * D + D // 2 + c2[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32) \
+        * qk_scale
+    a = _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, pid_bh, GP, P, k_alpha, k_beta,
+                   0, G, D, KB, K_BASE, K_AFFINE, BLOCK_T)
+    b = _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, pid_bh, GP, P, k_alpha, k_beta,
+                   1, G, D, KB, K_BASE, K_AFFINE, BLOCK_T)
+    ang = t.to(tl.float32)[:, None] * tl.load(rope_ptr + c2).to(tl.float32)[None, :]
+    cs = tl.cos(ang)
+    sn = tl.sin(ang)
+    ra = (a * cs - b * sn).to(tl.float16)
+    rb = (b * cs + a * sn).to(tl.float16)
+    return tl.dot(qa.to(tl.float16), tl.trans(ra)) + tl.dot(qb.to(tl.float16), tl.trans(rb))
+
+
 def splits_for(B: int, H: int, Q: int, block_t: int, device, per_sm: int = 2) -> int:
     """Splits of the page tokens: about `per_sm` programs per SM over B * H (row, head) pairs,
     each at least `block_t` tokens."""
@@ -550,7 +601,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         mask: torch.Tensor | None = None, block_t: int | None = None, num_warps: int | None = None,
                         num_stages: int | None = None, magic: bool = True,
                         v_closed: float | None = None, fold: bool | None = None,
-                        asm: bool | None = None, cuda: bool | None = None, minb: int | None = None) -> torch.Tensor:
+                        asm: bool | None = None, cuda: bool | None = None, minb: int | None = None,
+                        rope: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -574,7 +626,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     asm: its inline-PTX decode (None: affine codes, and the 4-bit value table from 4 rows; never
     under the interpreter). cuda: the CUDA kernel (kernels/cuda_kv.py; None: wherever it runs and
     takes the shape, with no mask and no v_closed; True: it or a clear error; False: Triton); minb:
-    its register fit (cuda_kv.MIN_BLOCKS)."""
+    its register fit (cuda_kv.MIN_BLOCKS). rope (D/2,) float32 on q's device or None: the pages
+    hold pre-RoPE keys (kv/rope.py), turned by t * rope in the first kernel (no fold, no CUDA)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
@@ -592,8 +645,10 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                              f"got {mask.dtype} {tuple(mask.shape)}")
         mask = mask.contiguous().view(torch.uint8)
     k_mode = 1 if kz is not None else 2 if k_base is not None else 0
+    if rope is not None and (rope.shape != (D // 2,) or rope.device != q.device):
+        raise ValueError(f"rope must be ({D // 2},) frequencies on {q.device}, got {tuple(rope.shape)} on {rope.device}")
     if cuda is not False:
-        why = cuda_reason(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va)
+        why = cuda_reason(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va, rope)
         if why is None:
             if splits is None:
                 splits = splits_for(B, H, n_tokens, CUDA_SPLIT_TOKENS, q.device, per_sm=CUDA_PER_SM)
@@ -602,7 +657,9 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         if cuda:
             raise ValueError(f"cuda=True: {why}")
     if fold is None:
-        fold = ka is not None and v_closed is None and group >= 16
+        fold = ka is not None and v_closed is None and group >= 16 and rope is None
+    if fold and rope is not None:
+        raise ValueError("the folded kernel does not read pre-RoPE keys (rope)")
     if fold:
         if ka is None:
             raise ValueError("the folded kernel takes affine keys (k_affine)")
@@ -622,6 +679,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     _kv_decode_kernel[(B * H, S1)](
         q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
         vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml, mask if mask is not None else table,
+        rope if rope is not None else ks,
         H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits,
         mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
         ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
@@ -629,7 +687,8 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
         V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic,
         V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
-        BLOCK_T=block_t, num_warps=num_warps, **({} if num_stages is None else dict(num_stages=num_stages)))
+        BLOCK_T=block_t, ROPE=rope is not None, num_warps=num_warps,
+        **({} if num_stages is None else dict(num_stages=num_stages)))
     return _combine(q, o, ml)
 
 
@@ -638,8 +697,10 @@ CUDA_PER_SM = 4              # programs per SM the CUDA kernel's splits aim at (
 CUDA_SPLIT_TOKENS = 64       # fewest page tokens per split (16 per warp)
 
 
-def cuda_reason(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va) -> str | None:
+def cuda_reason(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va, rope=None) -> str | None:
     """None when kv_decode_attention(cuda=None) runs this call on the CUDA kernel, else why not."""
+    if rope is not None:
+        return "pre-RoPE keys are read by the Triton kernel"
     if mask is not None:
         return "a key padding mask is read by the Triton kernel"
     if v_closed is not None:

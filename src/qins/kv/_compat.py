@@ -51,3 +51,40 @@ def attention_hook(model, name: str, fn):
     finally:
         for c, b in zip(configs, before):
             c._attn_implementation = b
+
+
+def rope_frequencies(model, layer_types: list[str]) -> dict[int, "torch.Tensor"]:
+    """{layer: inv_freq (R/2,) float32} of the model's rotary embedding, for the layers it turns.
+
+    Read from the model's rotary module (a module named `...rotary_emb` holding `inv_freq`, or
+    one `<layer type>_inv_freq` per layer type, as Gemma 3), so scaled variants (Llama 3, YaRN,
+    ...) give their real frequencies. A config alone (no module) gives transformers' default
+    rope from `rope_theta`, only when its rope type is the default. Empty when neither is found
+    (a model without RoPE): keys then stay as the model gives them."""
+    import torch
+    modules = getattr(model, "named_modules", None)
+    out: dict = {}
+    if modules is not None:
+        for name, m in modules():
+            if not name.endswith("rotary_emb"):
+                continue
+            for i, t in enumerate(layer_types):
+                f = getattr(m, f"{t}_inv_freq", None)
+                if f is None:
+                    f = getattr(m, "inv_freq", None)
+                if isinstance(f, torch.Tensor) and f.dim() == 1 and f.numel():
+                    out.setdefault(i, f.detach().float().cpu())
+            if out:
+                return out
+        return out
+    c = model.get_text_config(decoder=True) if hasattr(model, "get_text_config") else model
+    params = getattr(c, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):      # one entry per layer type
+        params = params.get("full_attention", {})
+    theta = params.get("rope_theta", getattr(c, "rope_theta", None))
+    if theta is None or params.get("rope_type", "default") != "default":
+        return out
+    _, _, head_dim = kv_shape(c)
+    dim = int(head_dim * params.get("partial_rotary_factor", getattr(c, "partial_rotary_factor", 1.0)))
+    f = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return {i: f for i in range(len(layer_types))}

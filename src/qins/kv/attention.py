@@ -34,6 +34,8 @@ def kernel_path(layer, device) -> str | None:
     D = layer.expect[1] if not layer.is_initialized else layer.keys.shape[3]
     if D is not None and (D < 32 or D & (D - 1)):
         return f"head dim {D}: the kernels take a power of two >= 32"
+    if layer.rope is not None and D is not None and layer.rope.dims != D:
+        return f"pre-RoPE keys with {layer.rope.dims} of {D} channels rotary are read by the reference"
     return None
 
 
@@ -92,11 +94,12 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
     planes = tuple(getattr(pool, p) for p in pool.PLANES)
     kb, vb = layer.k_codec.bits, layer.v_codec.bits
     # the route is decided here once and handed down, so the label is what ran
+    rope = None if layer.rope is None else layer.rope.inv_freq.to(q.device)
     on_cuda = cuda_reason(q[:, :, 0], fk, layer.k_offset, mask, None, q.shape[1] // planes[0].shape[1], kb, vb,
-                          layer.group, layer._k_affine, layer._v_affine) is None
+                          layer.group, layer._k_affine, layer._v_affine, rope) is None
     out = kv_decode_attention(q[:, :, 0], planes, layer.table.ids, layer.n_quantized, skip, layer.k_offset,
                               layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine,
-                              kb, vb, layer.group, fk, fv, scale, mask=mask, cuda=on_cuda)
+                              kb, vb, layer.group, fk, fv, scale, mask=mask, cuda=on_cuda, rope=rope)
     layer.last_path = "cuda" if on_cuda else "triton"
     return out.unsqueeze(2)
 

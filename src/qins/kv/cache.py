@@ -17,6 +17,7 @@ from .._compat import check_transformers
 from . import _compat
 from .config import KVConfig
 from .layer import QINSLayer, _nbytes
+from .rope import model_ropes
 
 
 def _heads_per_rank(model, heads: int) -> int:
@@ -90,17 +91,19 @@ class QINSCache(Cache):
         if key_plan is not None and any(i >= n_layers for i in key_plan.layers):
             raise ValueError(f"the key plan names layer {max(key_plan.layers)}; the model has {n_layers} layers")
         self.key_plan = key_plan
+        ropes = model_ropes(model, types, head_dim, cfg)
         layers = []
         for i, (t, kw) in enumerate(zip(types, kwargs)):
             if t == "full_attention":
                 kb, vb = cfg.bits_for(i)
-                widths = None if key_plan is None else key_plan.widths_for(i, kb, cfg.group_for(kb))
+                widths = None if key_plan is None else key_plan.widths_for(i, kb, cfg.group_for(kb), i in ropes)
                 layers.append(QINSLayer(kb, vb, format=cfg.format, residual=cfg.residual, sink=cfg.sink,
                                         page_kb=cfg.page_kb, group=cfg.group_for(kb),
                                         k_zero=cfg.zero_for(kb, "k"), v_zero=cfg.zero_for(vb, "v"),
                                         k_curvature=cfg.curvature_for(kb, "k"),
                                         v_curvature=cfg.curvature_for(vb, "v"), k_widths=widths,
-                                        expect_heads=heads, expect_head_dim=head_dim, max_tokens=max_tokens))
+                                        expect_heads=heads, expect_head_dim=head_dim, max_tokens=max_tokens,
+                                        rope=ropes.get(i) if cfg.prerope_for(kb) else None))
             elif t in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))       # uncompressed, counted
             elif (other := _compat.other_layer(t, kw)) is not None:

@@ -31,6 +31,13 @@ SLIDING_MODES = ("full",)                 # sliding-window layers stay uncompres
 DEFAULT_CURVATURE_K: dict[int, float] = {8: 0.0, 6: 0.0, 5: 0.0, 4: 0.0, 3: 0.0, 2: 0.0}
 DEFAULT_CURVATURE_V: dict[int, float] = {8: 0.0, 6: 0.0, 5: 0.0, 4: 0.5, 3: 1.0, 2: 0.5}
 DEFAULT_GROUP: dict[int, int] = {8: 64, 6: 64, 5: 128, 4: 128, 3: 128, 2: 64}
+# - pre-RoPE keys (rope.py, `k_prerope=True`) measure better at every width (4 bits, residual 0,
+#   corpus windows 8..23: +2.47% -> +1.62%, KL 0.0222 -> 0.0163; experiments/kv_prerope) but are
+#   not the default yet: the CUDA decode-attention kernel does not read them, so on a GPU they
+#   take the first Triton kernel (2.8-4x slower than the CUDA kernel at 32k tokens before the
+#   rotation was added, benchmarks/results/gpu_kv_attention.md). Off until the CUDA kernel turns
+#   keys, so that a default cache decodes alike, and as fast as measured, on every device.
+DEFAULT_K_PREROPE: dict[int, bool] = {8: False, 6: False, 5: False, 4: False, 3: False, 2: False}
 DEFAULT_K_ZERO: dict[int, bool] = {8: False, 6: True, 5: True, 4: True, 3: True, 2: True}
 DEFAULT_V_ZERO: dict[int, bool] = {8: False, 6: False, 5: False, 4: False, 3: False, 2: False}
 DEFAULT_CURVATURE = DEFAULT_CURVATURE_V       # kept name: value curvature per width
@@ -56,6 +63,9 @@ class KVConfig(JsonConfig):
     k_zero       keys store a zero point per group (its mid-range) beside the scale
                  (None = DEFAULT_K_ZERO[k_bits]); without one a fixed per-channel offset is used
     v_zero       values store a zero point per token beside the scale (None = DEFAULT_V_ZERO)
+    k_prerope    keys are quantized with the model's RoPE turned back and turned again when read
+                 (kv/rope.py; nothing stored; None = DEFAULT_K_PREROPE[k_bits]); models without
+                 RoPE keep their keys as given
     layer_bits   per-layer overrides: ((layer_idx, k_bits, v_bits), ...)
     sliding      what sliding-window layers do: "full" keeps them uncompressed
                  (transformers' DynamicSlidingWindowLayer, bytes counted in nbytes)
@@ -72,6 +82,7 @@ class KVConfig(JsonConfig):
     v_curvature: float | None = None
     k_zero: bool | None = None
     v_zero: bool | None = None
+    k_prerope: bool | None = None
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     sliding: str = "full"
     version: int = field(default=KV_FORMAT_VERSION)
@@ -105,7 +116,7 @@ class KVConfig(JsonConfig):
             a = getattr(self, name)
             if a is not None and not a >= 0:
                 raise ValueError(f"{name} must be >= 0, got {a!r}")
-        for name in ("k_zero", "v_zero"):
+        for name in ("k_zero", "v_zero", "k_prerope"):
             z = getattr(self, name)
             if z is not None and not isinstance(z, bool):
                 raise ValueError(f"{name} must be True, False or None, got {z!r}")
@@ -138,6 +149,9 @@ class KVConfig(JsonConfig):
         z = self.k_zero if which == "k" else self.v_zero
         return (DEFAULT_K_ZERO if which == "k" else DEFAULT_V_ZERO)[bits] if z is None else z
 
+    def prerope_for(self, k_bits: int) -> bool:
+        return DEFAULT_K_PREROPE[k_bits] if self.k_prerope is None else self.k_prerope
+
     @property
     def label(self) -> str:
         bits = f"{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
@@ -165,12 +179,13 @@ def parse_kv_bits(s: str) -> tuple[int, int]:
     return k, int(parts[1]) if len(parts) == 2 else k
 
 
-def from_flags(kv_bits: str | None, residual: int | None = None, page_kb: int | None = None) -> KVConfig | None:
-    """The KVConfig of the CLI flags --kv-bits K[,V] --kv-residual N --kv-page-kb N (None
-    when --kv-bits is not given)."""
+def from_flags(kv_bits: str | None, residual: int | None = None, page_kb: int | None = None,
+               prerope: bool | None = None) -> KVConfig | None:
+    """The KVConfig of the CLI flags --kv-bits K[,V] --kv-residual N --kv-page-kb N --kv-prerope
+    (None when --kv-bits is not given)."""
     if kv_bits is None:
-        if residual is not None or page_kb is not None:
-            raise ValueError("--kv-residual and --kv-page-kb need --kv-bits")
+        if residual is not None or page_kb is not None or prerope is not None:
+            raise ValueError("--kv-residual, --kv-page-kb and --kv-prerope need --kv-bits")
         return None
     k, v = parse_kv_bits(kv_bits)
     fields = dict(k_bits=k, v_bits=v)
@@ -178,4 +193,6 @@ def from_flags(kv_bits: str | None, residual: int | None = None, page_kb: int | 
         fields["residual"] = residual
     if page_kb is not None:
         fields["page_kb"] = page_kb
+    if prerope is not None:
+        fields["k_prerope"] = prerope
     return KVConfig(**fields)

@@ -31,6 +31,10 @@ past it), else grown by whole pages.
 - Key plans (plan.py, optional): calibrated widths per key channel at the same bits per
   element; a planned layer quantizes keys on the zero-point grid of each channel's width
   and packs them with `RowLayout.mixed`.
+- Pre-RoPE keys (rope.py, `KVConfig.k_prerope`): keys are turned back by their stream
+  position's RoPE angle where they are quantized (sealing, staging, a reopened group) and decoded
+  keys are turned forward again (decoded in float32 first); the float segment keeps keys as
+  given. The kernel path turns them in the first Triton decode-attention kernel.
 - Crop never re-quantizes: cutting into the pages keeps the codes of the group that holds
   the new end, and that group stays open with its stored key parameters; the next tokens
   fill it on those parameters (values get their own per-token scales as always), so a crop
@@ -53,6 +57,7 @@ from .codec import (Codec, affine_levels, dequantize_keys_mixed, encode_keys_mix
                     fake_quantize_values, key_offset, mixed_key_affine, quantize_keys, quantize_keys_mixed,
                     quantize_values)
 from .layout import RowLayout, byte_table, decode_rows, pack_rows
+from .rope import Rope
 from .store import BlockTable, PagePool, PageView, PoolExhausted, page_tokens
 
 
@@ -86,7 +91,7 @@ class QINSLayer(CacheLayerMixin):
                  page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
                  k_zero: bool = True, v_zero: bool = False, k_widths: torch.Tensor | None = None,
                  expect_heads: int | None = None, expect_head_dim: int | None = None,
-                 max_tokens: int | None = None):
+                 max_tokens: int | None = None, rope: Rope | None = None):
         super().__init__()
         if sink >= group:
             raise ValueError(f"sink ({sink}) must be smaller than the key group ({group} tokens)")
@@ -106,6 +111,9 @@ class QINSLayer(CacheLayerMixin):
             if (eh is not None and self.k_widths.shape[0] != eh) or (ed is not None and self.k_widths.shape[1] != ed):
                 raise ValueError(f"the key plan has {tuple(self.k_widths.shape)} (heads, channels) for this layer; "
                                  f"the model has ({eh}, {ed})")
+        if rope is not None and expect_head_dim is not None and rope.dims > expect_head_dim:
+            raise ValueError(f"{rope.dims} rotary channels do not fit a head of dim {expect_head_dim}")
+        self.rope = rope                 # pre-RoPE keys (rope.py): sealed keys turned back, decoded keys turned
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
         self.max_tokens = max_tokens
         self.expect = (expect_heads, expect_head_dim)
@@ -120,8 +128,9 @@ class QINSLayer(CacheLayerMixin):
 
     def __repr__(self):
         plan = "" if self.k_widths is None else f", key plan {self.k_widths.float().mean():.2f} bits"
+        rope = "" if self.rope is None else ", pre-RoPE keys"
         return (f"QINSLayer(k{self.k_codec.bits}v{self.v_codec.bits}, {self.k_codec.format}, residual={self.residual}, "
-                f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens}{plan})")
+                f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens}{plan}{rope})")
 
     # -- state -------------------------------------------------------------------------------
     @property
@@ -241,6 +250,11 @@ class QINSLayer(CacheLayerMixin):
             self.values = torch.cat([self.values, v], dim=2)
         self._seal_ready_groups()
 
+    def _pre(self, k: torch.Tensor, t0: int) -> torch.Tensor:
+        """Keys (B, H, n, D) of stream positions t0 .. t0 + n - 1 as they are quantized: with the
+        RoPE angle turned back (pre-RoPE keys, rope.py; in the model's dtype), else as given."""
+        return k if self.rope is None else self.rope.rotate(k, t0, inverse=True).to(k.dtype)
+
     def _key_stats_view(self, k: torch.Tensor) -> torch.Tensor:
         """Keys from the start of the stream with the sink tokens replaced by the next token,
         so that they do not widen the first group's ranges (they are read back from sink_k)."""
@@ -279,7 +293,7 @@ class QINSLayer(CacheLayerMixin):
         open_ = self.n_quantized % G
         if open_ and avail >= G - open_:                              # fill the reopened group first
             n = G - open_
-            k, v = self.keys[:, :, :n], self.values[:, :, :n]
+            k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self.values[:, :, :n]
             vc, vs, vz = quantize_values(v, self.v_codec)
             self._write(self.n_quantized, self._pack_keys(self._encode_open(k)), None, None,
                         pack_rows(vc, self.v_codec.bits), vs, vz)
@@ -292,7 +306,7 @@ class QINSLayer(CacheLayerMixin):
             if open_:
                 self.keys, self.values = self.keys.clone(), self.values.clone()
             return
-        k, v = self.keys[:, :, :n], self.values[:, :, :n]
+        k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self.values[:, :, :n]
         if self.kernels:                                              # quantize-on-append, one launch
             self._seal_kernel(k, v)
             self.keys = self.keys[:, :, n:].clone()
@@ -372,11 +386,17 @@ class QINSLayer(CacheLayerMixin):
             return
         G, D = self.group, out_k.shape[3]
         Qg = -(-Q // G) * G
-        if Qg != Q:
-            B, H = out_k.shape[:2]
-            k, v = out_k.new_empty(B, H, Qg, D), out_v.new_empty(B, H, Qg, D)
+        B, H = out_k.shape[:2]
+        if Qg != Q or self.rope is not None:      # pre-RoPE keys decode in float32, then turn
+            k = out_k.new_empty(B, H, Qg, D, dtype=torch.float32 if self.rope is not None else out_k.dtype)
+            v = out_v.new_empty(B, H, Qg, D) if Qg != Q else out_v
             self._decode_groups_into(k, v, Qg)
-            out_k[:, :, :Q], out_v[:, :, :Q] = k[:, :, :Q], v[:, :, :Q]
+            if self.rope is None:
+                out_k[:, :, :Q] = k[:, :, :Q]
+            else:
+                self.rope.rotate(k[:, :, :Q], 0, out=out_k[:, :, :Q])
+            if Qg != Q:
+                out_v[:, :, :Q] = v[:, :, :Q]
         else:
             self._decode_groups_into(out_k, out_v, Q)
 
@@ -426,7 +446,7 @@ class QINSLayer(CacheLayerMixin):
         those that fill an open group on its stored parameters, the rest with provisional
         per-channel key scales over them; values with their final per-token codes."""
         Q, G = self.n_quantized, self.group
-        st = self.keys[:, :, :n_stage]
+        st = self._pre(self.keys[:, :, :n_stage], Q)
         n_open = min(n_stage, G - Q % G) if Q % G else 0
         if n_open:
             r, m = self._open_params()
@@ -449,6 +469,8 @@ class QINSLayer(CacheLayerMixin):
             else:
                 m = (self.k_offset if self.k_offset is not None else key_offset(rest)).to(self.dtype)
                 dst[:] = fake_quantize_keys(rest - m, self.k_codec) + m
+        if self.rope is not None:
+            out_k[:] = self.rope.rotate(out_k, Q)                     # x is out_k: through a copy
         out_v[:] = fake_quantize_values(self.values[:, :, :n_stage], self.v_codec)
 
     def float_segment(self) -> tuple[torch.Tensor, torch.Tensor]:

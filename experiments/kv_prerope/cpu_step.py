@@ -1,0 +1,41 @@
+"""What pre-RoPE keys cost a CPU decode step (the reference path turns every decoded key).
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python -m experiments.kv_prerope.cpu_step --context 4096
+
+The default model, a 4-bit QINSCache at residual 0 filled with random K/V as benchmarks/kv_memory.py
+fills it; decode steps timed with its `decode_step_ms` (median of steps), post- and pre-RoPE
+interleaved, best of `--repeats` rounds each.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import qins
+from kv_memory import decode_step_ms, fill
+from qins.kv import _compat
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--context", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    _, model = qins.load_default_model()
+    shape = _compat.kv_shape(model.config)
+    best: dict[str, float] = {}
+    for _ in range(a.repeats):
+        for name, pre in (("post", False), ("pre", True)):
+            cache = qins.QINSCache(model.config, bits=4, residual=0, k_prerope=pre)
+            fill(cache, shape, a.context, torch.float32)
+            ms = decode_step_ms(model, cache, a.context, a.steps)
+            best[name] = min(best.get(name, float("inf")), ms)
+    print(json.dumps(dict(context=a.context, threads=torch.get_num_threads(), post_ms=round(best["post"], 2),
+                          pre_ms=round(best["pre"], 2), ratio=round(best["pre"] / best["post"], 3))))
+
+
+if __name__ == "__main__":
+    main()

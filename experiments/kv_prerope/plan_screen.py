@@ -1,0 +1,32 @@
+"""Key plans on pre-RoPE keys against post-RoPE keys: calibrated on corpus windows 0..7, scored on 8..23.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python -m experiments.kv_prerope.plan_screen pre post
+"""
+import json
+import sys
+
+import torch
+
+import qins
+from qins.kv.cache import QINSCache
+from qins.kv.config import KVConfig
+from qins.kv.plan import calibrate_keys
+from qins.metrics.models import default_corpus
+from qins.metrics.quality import Reference, evaluate, token_windows
+
+
+def main():
+    torch.set_num_threads(1)
+    tok, model = qins.load_default_model()
+    w = token_windows(tok, default_corpus(), 512)
+    ref = Reference.build(model, w[8:24], 4, False)
+    for frame in sys.argv[1:] or ["pre", "post"]:
+        c = KVConfig(k_bits=4, residual=0, k_prerope=frame == "pre")
+        plan = calibrate_keys(model, w[0:8], c, progress=False)
+        r = evaluate(model, ref, 4, False, make_cache=lambda: QINSCache(model, config=c, key_plan=plan), chunk=32)
+        print(json.dumps(dict(frame=frame, prerope=plan.prerope, ppl_inc=round(100 * (r["ppl"] / r["ppl_ref"] - 1), 3),
+                              kl=round(r["kl"], 5))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
