@@ -19,6 +19,8 @@ import time
 import torch
 
 import qins
+from experiments.kv_selfplan.screen import rotate_values
+from qins.kv import _compat
 from qins.kv.cache import QINSCache
 from qins.kv.config import KVConfig
 from qins.metrics.models import default_corpus
@@ -36,8 +38,8 @@ def rope(x, cos, sin):
     return x * c + rotate_half(x) * s
 
 
-def prerope(cache, model, vrot: torch.Tensor | None = None):
-    """Wrap cache.update: keys stored pre-RoPE, re-rotated on the way out; values optionally @ vrot."""
+def prerope(cache, model):
+    """Wrap cache.update: keys stored pre-RoPE, re-rotated on the way out."""
     upd, emb = cache.update, model.model.rotary_emb
     held = {}
 
@@ -47,25 +49,25 @@ def prerope(cache, model, vrot: torch.Tensor | None = None):
         pos = torch.arange(t0, t0 + T).expand(B, T)
         cos, sin = emb(k.float(), pos)
         kp = rope(k.float(), cos, -sin).to(k.dtype)
-        if vrot is not None:
-            v = (v.float() @ vrot).to(v.dtype)
         ko, vo = upd(kp, v, layer_idx, *args, **kw)
         L = ko.shape[2]
         held[layer_idx] = L
         cos, sin = emb(ko.float(), torch.arange(L).expand(B, L))
         ko = rope(ko.float(), cos, sin).to(ko.dtype)
-        if vrot is not None:
-            vo = (vo.float() @ vrot.T).to(vo.dtype)
         return ko, vo
     cache.update = update
     return cache
 
 
-def hadamard(D: int) -> torch.Tensor:
-    h = torch.ones(1, 1)
-    while h.shape[0] < D:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / D ** 0.5
+def load_scored(score: str, last: int, text: str | None, batch: int):
+    """(model, Reference, score) of the default model on windows `score` ("a:b") of the corpus or
+    of `text`, or on their `last` windows."""
+    tok, model = qins.load_default_model()
+    src = token_windows(tok, open(text).read() if text else default_corpus(), 512)
+    if last:
+        score = f"{src.shape[0] - last}:{src.shape[0]}"
+    s0, s1 = (int(x) for x in score.split(":"))
+    return model, Reference.build(model, src[s0:s1], batch, False), score
 
 
 def main():
@@ -79,40 +81,24 @@ def main():
     ap.add_argument("--vrot", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    tok, model = qins.load_default_model()
-    src = token_windows(tok, open(a.text).read() if a.text else default_corpus(), 512)
-    if a.last:
-        a.score = f"{src.shape[0] - a.last}:{src.shape[0]}"
-    s0, s1 = (int(x) for x in a.score.split(":"))
-    ref = Reference.build(model, src[s0:s1], a.batch, False)
+    model, ref, a.score = load_scored(a.score, a.last, a.text, a.batch)
     cfg = KVConfig(**{"k_bits": 4, "residual": 0, **json.loads(a.cfg)})
-    D = model.config.hidden_size // model.config.num_attention_heads
-    R = hadamard(D) if a.vrot else None
+    D = _compat.kv_shape(model.config)[2]
     for var in a.variants:
         t0 = time.perf_counter()
         post = cfg.replace(k_prerope=False)
         if var == "post":
-            make = (lambda: prerope_values_only(QINSCache(model, config=post), R)) if R is not None else \
-                (lambda: QINSCache(model, config=post))
+            make0 = lambda: QINSCache(model, config=post)  # noqa: E731
         elif var == "built":                     # the cache's own pre-RoPE keys (KVConfig.k_prerope)
-            make = (lambda: prerope_values_only(QINSCache(model, config=cfg.replace(k_prerope=True)), R)) \
-                if R is not None else (lambda: QINSCache(model, config=cfg.replace(k_prerope=True)))
+            make0 = lambda: QINSCache(model, config=cfg.replace(k_prerope=True))  # noqa: E731
         else:                                    # "pre": this wrapper around a post-RoPE cache
-            make = lambda: prerope(QINSCache(model, config=post), model, R)  # noqa: E731
+            make0 = lambda: prerope(QINSCache(model, config=post), model)  # noqa: E731
+        # --vrot: values rotated by a Hadamard per head on the way in, back on the way out
+        make = (lambda: rotate_values(make0(), D)) if a.vrot else make0
         r = evaluate(model, ref, a.batch, False, make_cache=make, chunk=32)
         print(json.dumps(dict(variant=var, score=a.score, text=a.text, cfg=a.cfg, vrot=a.vrot,
                               ppl_inc=round(100 * (r["ppl"] / r["ppl_ref"] - 1), 3), kl=round(r["kl"], 5),
                               top1=round(r["top1"], 4), s=round(time.perf_counter() - t0, 1))), flush=True)
-
-
-def prerope_values_only(cache, R):
-    upd = cache.update
-
-    def update(k, v, layer_idx, *args, **kw):
-        ko, vo = upd(k, (v.float() @ R).to(v.dtype), layer_idx, *args, **kw)
-        return ko, (vo.float() @ R.T).to(vo.dtype)
-    cache.update = update
-    return cache
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ import time
 
 import torch
 
-import qins
+from experiments.kv_prerope.screen import load_scored
 from experiments.kv_selfplan import screen as S
 from qins.kv import _compat
 from qins.kv.cache import QINSCache
 from qins.kv.config import KVConfig
-from qins.metrics.models import default_corpus
-from qins.metrics.quality import Reference, evaluate, token_windows
+from qins.metrics.quality import evaluate
 
 SEEN: dict[int, int] = {}           # layer -> query tokens seen (their stream positions start there)
 ROPES: dict = {}
@@ -73,12 +72,7 @@ def main():
     ap.add_argument("--prerope", default="1")
     a = ap.parse_args()
     torch.set_num_threads(1)
-    tok, model = qins.load_default_model()
-    src = token_windows(tok, open(a.text).read() if a.text else default_corpus(), 512)
-    if a.last:
-        a.score = f"{src.shape[0] - a.last}:{src.shape[0]}"
-    s0, s1 = (int(x) for x in a.score.split(":"))
-    ref = Reference.build(model, src[s0:s1], 4, False)
+    model, ref, a.score = load_scored(a.score, a.last, a.text, 4)
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionMaskInterface.register("prerope_selfplan", sdpa_mask)
     S.SelfPlanLayer.mode = "q"
