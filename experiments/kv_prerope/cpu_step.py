@@ -1,10 +1,11 @@
-"""What pre-RoPE keys cost a CPU decode step (the reference path turns every decoded key).
+"""What pre-RoPE keys and rotated values cost a CPU decode step (the reference path turns every
+decoded key and value).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:benchmarks python -m experiments.kv_prerope.cpu_step --context 4096
 
 The default model, a 4-bit QINSCache at residual 0 filled with random K/V as benchmarks/kv_memory.py
-fills it; decode steps timed with its `decode_step_ms` (median of steps), post- and pre-RoPE
-interleaved, best of `--repeats` rounds each.
+fills it; decode steps timed with its `decode_step_ms` (median of steps), the four settings
+(keys as given / pre-RoPE, values as given / rotated) interleaved, best of `--repeats` rounds each.
 """
 from __future__ import annotations
 
@@ -27,14 +28,17 @@ def main():
     _, model = qins.load_default_model()
     shape = _compat.kv_shape(model.config)
     best: dict[str, float] = {}
+    settings = {"plain": {}, "prerope": dict(k_prerope=True), "vrot": dict(v_rotate=True),
+                "prerope+vrot": dict(k_prerope=True, v_rotate=True)}
     for _ in range(a.repeats):
-        for name, pre in (("post", False), ("pre", True)):
-            cache = qins.QINSCache(model.config, bits=4, residual=0, k_prerope=pre)
+        for name, fields in settings.items():
+            cache = qins.QINSCache(model.config, bits=4, residual=0, **fields)
             fill(cache, shape, a.context, torch.float32)
             ms = decode_step_ms(model, cache, a.context, a.steps)
             best[name] = min(best.get(name, float("inf")), ms)
-    print(json.dumps(dict(context=a.context, threads=torch.get_num_threads(), post_ms=round(best["post"], 2),
-                          pre_ms=round(best["pre"], 2), ratio=round(best["pre"] / best["post"], 3))))
+    print(json.dumps(dict(context=a.context, threads=torch.get_num_threads(),
+                          ms={k: round(v, 2) for k, v in best.items()},
+                          x_plain={k: round(v / best["plain"], 3) for k, v in best.items()})))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
-"""Key plans on pre-RoPE keys against post-RoPE keys: calibrated on corpus windows 0..7, scored on 8..23.
+"""Pre-RoPE keys, rotated values and key plans in combination: plans calibrated on corpus windows
+0..7, every variant scored on 8..23 (calibration text; never the reported windows).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=src python -m experiments.kv_prerope.plan_screen pre post
+    OMP_NUM_THREADS=1 PYTHONPATH=src:. python -m experiments.kv_prerope.plan_screen pre,plan post,plan pre,vrot,plan
+
+A variant is a comma list of: pre (KVConfig.k_prerope), vrot (KVConfig.v_rotate), plan (a key plan).
 """
 import json
 import sys
@@ -20,11 +23,12 @@ def main():
     tok, model = qins.load_default_model()
     w = token_windows(tok, default_corpus(), 512)
     ref = Reference.build(model, w[8:24], 4, False)
-    for frame in sys.argv[1:] or ["pre", "post"]:
-        c = KVConfig(k_bits=4, residual=0, k_prerope=frame == "pre")
-        plan = calibrate_keys(model, w[0:8], c, progress=False)
+    for variant in sys.argv[1:] or ["pre,plan", "post,plan"]:
+        parts = set(variant.split(","))
+        c = KVConfig(k_bits=4, residual=0, k_prerope="pre" in parts, v_rotate="vrot" in parts)
+        plan = calibrate_keys(model, w[0:8], c, progress=False) if "plan" in parts else None
         r = evaluate(model, ref, 4, False, make_cache=lambda: QINSCache(model, config=c, key_plan=plan), chunk=32)
-        print(json.dumps(dict(frame=frame, prerope=plan.prerope, ppl_inc=round(100 * (r["ppl"] / r["ppl_ref"] - 1), 3),
+        print(json.dumps(dict(variant=variant, ppl_inc=round(100 * (r["ppl"] / r["ppl_ref"] - 1), 3),
                               kl=round(r["kl"], 5))), flush=True)
 
 

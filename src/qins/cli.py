@@ -111,6 +111,8 @@ def _add_kv(p):
     p.add_argument("--kv-prerope", action="store_true",
                    help="quantize keys with the model's RoPE turned back (lower error at every width; on a GPU "
                         "decode attention then runs the Triton kernel, not the CUDA one)")
+    p.add_argument("--kv-rotate-values", action="store_true",
+                   help="quantize values turned by a block-Hadamard matrix, turned back when read (lower error)")
     p.add_argument("--kv-plan", default=None, metavar="auto|FILE",
                    help="calibrated key widths per channel (same bits): 'auto' calibrates on the first 8 windows "
                         "of the corpus (disjoint from evaluation), FILE loads a saved KeyPlan (JSON)")
@@ -118,7 +120,7 @@ def _add_kv(p):
 
 def _kv_config(a):
     from .kv.config import from_flags
-    kv = from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb, a.kv_prerope or None)
+    kv = from_flags(a.kv_bits, a.kv_residual, a.kv_page_kb, a.kv_prerope or None, a.kv_rotate_values or None)
     if a.kv_plan is not None:
         if kv is None:
             raise ValueError("--kv-plan needs --kv-bits")

@@ -22,15 +22,16 @@ CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, dtype)
                                                        if CUDA else [])
 
 
-def _layer(kb, vb, group, k_zero, v_zero, a, sink, H, D, rope=None):
+def _layer(kb, vb, group, k_zero, v_zero, a, sink, H, D, rope=None, vrot=False):
     return QINSLayer(kb, vb, residual=3, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
-                     v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope)
+                     v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope, v_rotate=vrot)
 
 
 @pytest.mark.parametrize("prerope", [False, True])
 @pytest.mark.parametrize("case", CASES)
 def test_append_kernel_matches_reference(case, prerope, monkeypatch):
-    # prerope: keys turned back by their position's RoPE angle before either path quantizes them
+    # prerope: keys turned back by their position's RoPE angle before either path quantizes them,
+    # with rotated values (kv/vrot.py) as well
     *case, dtype = case
     B, H, D = (3, 3, 32) if not CUDA else (4, 8, 128)
     g = torch.Generator().manual_seed(sum(case[:3]))
@@ -39,7 +40,7 @@ def test_append_kernel_matches_reference(case, prerope, monkeypatch):
     layers = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("QINS_KERNELS", backend)
-        layer = _layer(*case, H, D, Rope(1.0 / 300.0 ** (torch.arange(0, D, 2) / D)) if prerope else None)
+        layer = _layer(*case, H, D, Rope(1.0 / 300.0 ** (torch.arange(0, D, 2) / D)) if prerope else None, prerope)
         for x in chunks:
             layer.update(x.to(DEVICE, dtype), x.flip(3).to(DEVICE, dtype))
         assert layer.kernels == (backend == "triton")

@@ -28,10 +28,11 @@ CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, residual
     if CUDA else [])
 
 
-@pytest.mark.parametrize("prerope", [False, True])
+@pytest.mark.parametrize("prerope,vrot", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_attention_matches_reference(case, prerope, monkeypatch):
-    # prerope: the pages hold pre-RoPE keys (kv/rope.py), turned back in the first Triton kernel
+def test_decode_attention_matches_reference(case, prerope, vrot, monkeypatch):
+    # prerope: the pages hold pre-RoPE keys (kv/rope.py), turned back in the first Triton kernel;
+    # vrot: rotated values (kv/vrot.py), attended in the rotated frame and the output turned back
     *case, dtype = case
     kb, vb, group, k_zero, v_zero, a, sink, residual = case
     B, H, QH, D = (3, 2, 3, 32) if not CUDA else (4, 8, 4, 128)
@@ -41,7 +42,7 @@ def test_decode_attention_matches_reference(case, prerope, monkeypatch):
     monkeypatch.setenv("QINS_KERNELS", "reference")
     rope = Rope(1.0 / 500.0 ** (torch.arange(0, D, 2) / D)) if prerope else None
     layer = QINSLayer(kb, vb, residual=residual, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
-                      v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope)
+                      v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope, v_rotate=vrot)
     n = 150 if not CUDA else 3000
     x = torch.randn(B, H, n, D, generator=g) * 2 + 0.3
     x[:, :, 0] *= 20                                          # an outlier sink token

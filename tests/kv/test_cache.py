@@ -390,6 +390,7 @@ def test_cache_crop_takes_what_transformers_passes(make_model, token_ids):
 @pytest.mark.parametrize("bits,plan,prerope", [(4, False, False), (8, False, False), (4, True, False),
                                                (4, False, True), (4, True, True)])
 def test_crop_into_sealed_pages_100_times_leaves_codes_identical(bits, plan, prerope):
+    # prerope also rotates the values (kv/vrot.py)
     # speculative decoding with residual 0: append a draft, crop it back into the pages, append
     # the same tokens again; a crop never re-quantizes, so after 100 rounds every page (codes,
     # scales, zero points) and every read equals a cache that never cropped
@@ -398,7 +399,7 @@ def test_crop_into_sealed_pages_100_times_leaves_codes_identical(bits, plan, pre
     widths = torch.randint(2, 7, (2, 32), generator=g) if plan else None
     rope = Rope(1.0 / 100.0 ** (torch.arange(0, 32, 2) / 32)) if prerope else None
     mk = lambda: QINSLayer(bits, bits, residual=0, group=16, page_kb=16, sink=1, k_zero=bits < 8, k_widths=widths,
-                           expect_heads=2, expect_head_dim=32, rope=rope)
+                           expect_heads=2, expect_head_dim=32, rope=rope, v_rotate=prerope)
     ref, cut = mk(), mk()
     ref.update(x[:, :, :20], x[:, :, :20])
     cut.update(x[:, :, :20], x[:, :, :20])

@@ -14,12 +14,13 @@ def test_flags_parse_to_config():
     a = build_parser().parse_args(["eval", "--kv-bits", "4"])
     assert _kv_config(a) == KVConfig(k_bits=4)
     assert _kv_config(build_parser().parse_args(["eval"])) is None
-    a = build_parser().parse_args(["eval", "--kv-bits", "4", "--kv-prerope"])
-    assert _kv_config(a) == KVConfig(k_bits=4, k_prerope=True)
+    a = build_parser().parse_args(["eval", "--kv-bits", "4", "--kv-prerope", "--kv-rotate-values"])
+    assert _kv_config(a) == KVConfig(k_bits=4, k_prerope=True, v_rotate=True)
 
 
 @pytest.mark.parametrize("flags", [["--kv-bits", "7"], ["--kv-bits", "4", "--kv-page-kb", "8"],
-                                   ["--kv-bits", "4,4,4"], ["--kv-residual", "3"], ["--kv-prerope"]])
+                                   ["--kv-bits", "4,4,4"], ["--kv-residual", "3"], ["--kv-prerope"],
+                                   ["--kv-rotate-values"]])
 def test_bad_flags_fail_before_loading(flags, capsys):
     assert main(["generate", "/nonexistent-model", "hi", *flags]) == 2
     err = capsys.readouterr().err

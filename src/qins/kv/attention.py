@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .. import kernels
+from .vrot import turn
 
 KERNEL_BITS = (2, 4, 8)
 
@@ -90,6 +91,8 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
         return reference_attention(layer, q, scale, mask)
     from ..kernels.triton_kv import cuda_reason, kv_decode_attention
     fk, fv, skip = float_segment(layer)
+    if layer._v_rot is not None:     # rotated values: attend in the rotated frame, turn the output back
+        fv = turn(fv, layer._v_rot).to(fv.dtype)
     pool = layer.pool
     planes = tuple(getattr(pool, p) for p in pool.PLANES)
     kb, vb = layer.k_codec.bits, layer.v_codec.bits
@@ -101,6 +104,8 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
                               layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine,
                               kb, vb, layer.group, fk, fv, scale, mask=mask, cuda=on_cuda, rope=rope)
     layer.last_path = "cuda" if on_cuda else "triton"
+    if layer._v_rot is not None:
+        out = turn(out, layer._v_rot, inverse=True).to(out.dtype)
     return out.unsqueeze(2)
 
 

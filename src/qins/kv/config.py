@@ -38,6 +38,10 @@ DEFAULT_GROUP: dict[int, int] = {8: 64, 6: 64, 5: 128, 4: 128, 3: 128, 2: 64}
 #   rotation was added, benchmarks/results/gpu_kv_attention.md). Off until the CUDA kernel turns
 #   keys, so that a default cache decodes alike, and as fast as measured, on every device.
 DEFAULT_K_PREROPE: dict[int, bool] = {8: False, 6: False, 5: False, 4: False, 3: False, 2: False}
+# - rotated values (vrot.py, `v_rotate=True`) lower KL too (4 bits, residual 0, reported windows:
+#   0.0203 -> 0.0189; with pre-RoPE keys and a key plan 0.0113 -> 0.0082 against the plan alone)
+#   but every CPU decode step turns the whole history (1.34x at 4k context) and the GPU cost is
+#   not yet timed: off until measured on both.
 DEFAULT_K_ZERO: dict[int, bool] = {8: False, 6: True, 5: True, 4: True, 3: True, 2: True}
 DEFAULT_V_ZERO: dict[int, bool] = {8: False, 6: False, 5: False, 4: False, 3: False, 2: False}
 DEFAULT_CURVATURE = DEFAULT_CURVATURE_V       # kept name: value curvature per width
@@ -63,6 +67,8 @@ class KVConfig(JsonConfig):
     k_zero       keys store a zero point per group (its mid-range) beside the scale
                  (None = DEFAULT_K_ZERO[k_bits]); without one a fixed per-channel offset is used
     v_zero       values store a zero point per token beside the scale (None = DEFAULT_V_ZERO)
+    v_rotate     values are quantized turned by an orthonormal block-Hadamard matrix and turned
+                 back when read (kv/vrot.py; nothing stored; off by default)
     k_prerope    keys are quantized with the model's RoPE turned back and turned again when read
                  (kv/rope.py; nothing stored; None = DEFAULT_K_PREROPE[k_bits]); models without
                  RoPE keep their keys as given
@@ -83,6 +89,7 @@ class KVConfig(JsonConfig):
     k_zero: bool | None = None
     v_zero: bool | None = None
     k_prerope: bool | None = None
+    v_rotate: bool = False
     layer_bits: tuple[tuple[int, int, int], ...] = ()
     sliding: str = "full"
     version: int = field(default=KV_FORMAT_VERSION)
@@ -116,6 +123,8 @@ class KVConfig(JsonConfig):
             a = getattr(self, name)
             if a is not None and not a >= 0:
                 raise ValueError(f"{name} must be >= 0, got {a!r}")
+        if not isinstance(self.v_rotate, bool):
+            raise ValueError(f"v_rotate must be True or False, got {self.v_rotate!r}")
         for name in ("k_zero", "v_zero", "k_prerope"):
             z = getattr(self, name)
             if z is not None and not isinstance(z, bool):
@@ -180,12 +189,12 @@ def parse_kv_bits(s: str) -> tuple[int, int]:
 
 
 def from_flags(kv_bits: str | None, residual: int | None = None, page_kb: int | None = None,
-               prerope: bool | None = None) -> KVConfig | None:
+               prerope: bool | None = None, rotate_values: bool | None = None) -> KVConfig | None:
     """The KVConfig of the CLI flags --kv-bits K[,V] --kv-residual N --kv-page-kb N --kv-prerope
-    (None when --kv-bits is not given)."""
+    --kv-rotate-values (None when --kv-bits is not given)."""
     if kv_bits is None:
-        if residual is not None or page_kb is not None or prerope is not None:
-            raise ValueError("--kv-residual, --kv-page-kb and --kv-prerope need --kv-bits")
+        if any(x is not None for x in (residual, page_kb, prerope, rotate_values)):
+            raise ValueError("--kv-residual, --kv-page-kb, --kv-prerope and --kv-rotate-values need --kv-bits")
         return None
     k, v = parse_kv_bits(kv_bits)
     fields = dict(k_bits=k, v_bits=v)
@@ -195,4 +204,6 @@ def from_flags(kv_bits: str | None, residual: int | None = None, page_kb: int | 
         fields["page_kb"] = page_kb
     if prerope is not None:
         fields["k_prerope"] = prerope
+    if rotate_values is not None:
+        fields["v_rotate"] = rotate_values
     return KVConfig(**fields)

@@ -58,6 +58,7 @@ from .codec import (Codec, affine_levels, dequantize_keys_mixed, encode_keys_mix
                     quantize_values)
 from .layout import RowLayout, byte_table, decode_rows, pack_rows
 from .rope import Rope
+from .vrot import turn, value_rotation
 from .store import BlockTable, PagePool, PageView, PoolExhausted, page_tokens
 
 
@@ -91,7 +92,7 @@ class QINSLayer(CacheLayerMixin):
                  page_kb: int = 32, group: int = 64, k_curvature: float = 0.0, v_curvature: float = 0.0,
                  k_zero: bool = True, v_zero: bool = False, k_widths: torch.Tensor | None = None,
                  expect_heads: int | None = None, expect_head_dim: int | None = None,
-                 max_tokens: int | None = None, rope: Rope | None = None):
+                 max_tokens: int | None = None, rope: Rope | None = None, v_rotate: bool = False):
         super().__init__()
         if sink >= group:
             raise ValueError(f"sink ({sink}) must be smaller than the key group ({group} tokens)")
@@ -114,6 +115,8 @@ class QINSLayer(CacheLayerMixin):
         if rope is not None and expect_head_dim is not None and rope.dims > expect_head_dim:
             raise ValueError(f"{rope.dims} rotary channels do not fit a head of dim {expect_head_dim}")
         self.rope = rope                 # pre-RoPE keys (rope.py): sealed keys turned back, decoded keys turned
+        self.v_rotate = bool(v_rotate)   # rotated values (vrot.py): sealed values @ R, decoded values @ R^T
+        self._v_rot = None               # R on the layer's device, set at initialization
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
         self.max_tokens = max_tokens
         self.expect = (expect_heads, expect_head_dim)
@@ -129,6 +132,7 @@ class QINSLayer(CacheLayerMixin):
     def __repr__(self):
         plan = "" if self.k_widths is None else f", key plan {self.k_widths.float().mean():.2f} bits"
         rope = "" if self.rope is None else ", pre-RoPE keys"
+        rope += ", rotated values" if self.v_rotate else ""
         return (f"QINSLayer(k{self.k_codec.bits}v{self.v_codec.bits}, {self.k_codec.format}, residual={self.residual}, "
                 f"sink={self.sink}, group={self.group}, page_tokens={self.page_tokens}{plan}{rope})")
 
@@ -211,6 +215,7 @@ class QINSLayer(CacheLayerMixin):
         self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
         self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
         self._mids = None
+        self._v_rot = value_rotation(D).to(self.device) if self.v_rotate else None
         self.is_initialized = True
 
     @property
@@ -255,6 +260,11 @@ class QINSLayer(CacheLayerMixin):
         RoPE angle turned back (pre-RoPE keys, rope.py; in the model's dtype), else as given."""
         return k if self.rope is None else self.rope.rotate(k, t0, inverse=True).to(k.dtype)
 
+    def _pre_v(self, v: torch.Tensor) -> torch.Tensor:
+        """Values (B, H, n, D) as they are quantized: turned by R (rotated values, vrot.py; in the
+        model's dtype), else as given."""
+        return v if self._v_rot is None else turn(v, self._v_rot).to(v.dtype)
+
     def _key_stats_view(self, k: torch.Tensor) -> torch.Tensor:
         """Keys from the start of the stream with the sink tokens replaced by the next token,
         so that they do not widen the first group's ranges (they are read back from sink_k)."""
@@ -293,7 +303,7 @@ class QINSLayer(CacheLayerMixin):
         open_ = self.n_quantized % G
         if open_ and avail >= G - open_:                              # fill the reopened group first
             n = G - open_
-            k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self.values[:, :, :n]
+            k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self._pre_v(self.values[:, :, :n])
             vc, vs, vz = quantize_values(v, self.v_codec)
             self._write(self.n_quantized, self._pack_keys(self._encode_open(k)), None, None,
                         pack_rows(vc, self.v_codec.bits), vs, vz)
@@ -306,7 +316,7 @@ class QINSLayer(CacheLayerMixin):
             if open_:
                 self.keys, self.values = self.keys.clone(), self.values.clone()
             return
-        k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self.values[:, :, :n]
+        k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self._pre_v(self.values[:, :, :n])
         if self.kernels:                                              # quantize-on-append, one launch
             self._seal_kernel(k, v)
             self.keys = self.keys[:, :, n:].clone()
@@ -387,18 +397,19 @@ class QINSLayer(CacheLayerMixin):
         G, D = self.group, out_k.shape[3]
         Qg = -(-Q // G) * G
         B, H = out_k.shape[:2]
-        if Qg != Q or self.rope is not None:      # pre-RoPE keys decode in float32, then turn
-            k = out_k.new_empty(B, H, Qg, D, dtype=torch.float32 if self.rope is not None else out_k.dtype)
-            v = out_v.new_empty(B, H, Qg, D) if Qg != Q else out_v
-            self._decode_groups_into(k, v, Qg)
-            if self.rope is None:
-                out_k[:, :, :Q] = k[:, :, :Q]
-            else:
-                self.rope.rotate(k[:, :, :Q], 0, out=out_k[:, :, :Q])
-            if Qg != Q:
-                out_v[:, :, :Q] = v[:, :, :Q]
-        else:
-            self._decode_groups_into(out_k, out_v, Q)
+        # pre-RoPE keys and rotated values decode in float32 into scratch, then turn
+        kf, vf = self.rope is not None, self._v_rot is not None
+        k = out_k.new_empty(B, H, Qg, D, dtype=torch.float32 if kf else out_k.dtype) if Qg != Q or kf else out_k
+        v = out_v.new_empty(B, H, Qg, D, dtype=torch.float32 if vf else out_v.dtype) if Qg != Q or vf else out_v
+        self._decode_groups_into(k, v, Qg)
+        if kf:
+            self.rope.rotate(k[:, :, :Q], 0, out=out_k[:, :, :Q])
+        elif k is not out_k:
+            out_k[:, :, :Q] = k[:, :, :Q]
+        if vf:
+            out_v[:, :, :Q] = turn(v[:, :, :Q], self._v_rot, inverse=True)
+        elif v is not out_v:
+            out_v[:, :, :Q] = v[:, :, :Q]
 
     def _decode_groups_into(self, out_k, out_v, Q: int) -> None:
         G, D = self.group, out_k.shape[3]
@@ -471,7 +482,8 @@ class QINSLayer(CacheLayerMixin):
                 dst[:] = fake_quantize_keys(rest - m, self.k_codec) + m
         if self.rope is not None:
             out_k[:] = self.rope.rotate(out_k, Q)                     # x is out_k: through a copy
-        out_v[:] = fake_quantize_values(self.values[:, :, :n_stage], self.v_codec)
+        fv = fake_quantize_values(self._pre_v(self.values[:, :, :n_stage]), self.v_codec)
+        out_v[:] = fv if self._v_rot is None else turn(fv, self._v_rot, inverse=True)
 
     def float_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, F, D) the tokens after the pages as attention reads them: staging read back
@@ -593,6 +605,8 @@ class QINSLayer(CacheLayerMixin):
             t.to(device, non_blocking=True) for t in (self.sink_k, self.sink_v, self.keys, self.values))
         if self.k_offset is not None:
             self.k_offset = self.k_offset.to(device, non_blocking=True)
+        if self._v_rot is not None:
+            self._v_rot = self._v_rot.to(device, non_blocking=True)
         self.table.ids = self.table.ids.to(device, non_blocking=True)
         self.pool.to(device)
 
