@@ -49,6 +49,7 @@ from qins.kv.codec import Codec, affine_levels, key_offset, quantize_keys, quant
 from qins.kv.config import KVConfig
 from qins.kv.layout import pack_rows, unpack_rows
 from qins.kv.rope import Rope
+from qins.kv.vrot import turn, value_rotation
 from qins.kv.store import page_tokens
 
 HQ, HKV, D = 32, 8, 128
@@ -75,7 +76,7 @@ def codecs(bits: int, v_curvature: float | None = None):
 class Paged:
     """One sequence batch's pages (pool planes, shuffled block table) + float segment."""
 
-    def __init__(self, K, V, bits, v_curvature=None, rope=None):
+    def __init__(self, K, V, bits, v_curvature=None, rope=None, vrot=None):
         B, H, T, _ = K.shape
         self.bits = bits
         self.G, kcod, vcod = codecs(bits, v_curvature)
@@ -97,6 +98,9 @@ class Paged:
         self.rope = rope
         Kin = K if rope is None else torch.cat([rope.rotate(K[:, :, :Q], 0, inverse=True).to(K.dtype), K[:, :, Q:]], 2)
         self.k_in, K = Kin, Kin
+        # rotated values (kv/vrot.py): pages and float segment hold V R, the output is turned back
+        self.vrot = vrot
+        self.v_in = V = V if vrot is None else turn(V, vrot).to(V.dtype)
         self.k_offset = None if kcod.zero_point else key_offset(_stats_view(K[:, :, :Q]))
         mids = (padded_mids(self.kcod.mids, bits), padded_mids(self.vcod.mids, bits))
         kv_append(K[:, :, :Q], V[:, :, :Q], self.k_offset, self.table, 0, self.planes, *mids, bits, bits, G,
@@ -122,9 +126,10 @@ class Paged:
         return c
 
     def attend(self, q, **launch):
-        return kv_decode_attention(q, self.planes, self.table, self.Q, SINK, self.k_offset, self.k_lut, self.v_lut,
-                                   self.k_aff, self.v_aff, self.bits, self.bits, self.G, self.fk, self.fv,
-                                   D ** -0.5, rope=None if self.rope is None else self.rope.inv_freq.to(DEV), **launch)
+        out = kv_decode_attention(q, self.planes, self.table, self.Q, SINK, self.k_offset, self.k_lut, self.v_lut,
+                                  self.k_aff, self.v_aff, self.bits, self.bits, self.G, self.fk, self.fv,
+                                  D ** -0.5, rope=None if self.rope is None else self.rope.inv_freq.to(DEV), **launch)
+        return out if self.vrot is None else turn(out, self.vrot, inverse=True).to(out.dtype)
 
     def decode_reference(self):
         """(B, H, T, D) float32 K, V: pages decoded by torch (through the table), sink and tail from the float segment."""
@@ -148,7 +153,8 @@ class Paged:
             k = self.rope.rotate(k, 0)
         v = self.v_lut[vcodes] * rows(vs)[:, :, :Q, None].float()
         k[:, :, :SINK], v[:, :, :SINK] = self.fk[:, :, :SINK].float(), self.fv[:, :, :SINK].float()
-        return torch.cat([k, self.fk[:, :, SINK:].float()], 2), torch.cat([v, self.fv[:, :, SINK:].float()], 2)
+        v = torch.cat([v, self.fv[:, :, SINK:].float()], 2)
+        return torch.cat([k, self.fk[:, :, SINK:].float()], 2), v if self.vrot is None else turn(v, self.vrot, inverse=True)
 
 
 def _stats_view(k):
@@ -165,7 +171,7 @@ def append_agreement(K, V, pg: Paged) -> dict:
     if pg.k_offset is not None:
         k = k - pg.k_offset.to(k.dtype)
     kq, ks, kz = quantize_keys(k, pg.kcod, G)
-    vq, vs, _ = quantize_values(V[:, :, :Q], pg.vcod)
+    vq, vs, _ = quantize_values(pg.v_in[:, :, :Q], pg.vcod)
     kw, vw = pack_rows(kq, pg.bits), pack_rows(vq, pg.bits)
     kc, pks, pkz, vc, pvs, _ = pg.planes
     ids = pg.table.long().flatten()
@@ -282,16 +288,18 @@ def run_case(B, T, bits_list, rows, args, checked):
         rows.append(row)
         log(row)
         torch.cuda.empty_cache()
-    variants = [(f"qins_{b}bit", b, None, None) for b in bits_list]
+    variants = [(f"qins_{b}bit", b, None, None, None) for b in bits_list]
     if 4 in bits_list and not args.quick:                             # what the value table lookup costs
-        variants.append(("qins_4bit_vcurv0", 4, 0.0, None))
+        variants.append(("qins_4bit_vcurv0", 4, 0.0, None, None))
     if args.prerope:                                                  # pre-RoPE pages: Triton, keys turned in-kernel
         rope = Rope(1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))   # Llama 3's theta
-        variants += [(f"qins_{b}bit_prerope", b, None, rope) for b in bits_list]
-    for name, bits, vcurv, rope in variants:
+        variants += [(f"qins_{b}bit_prerope", b, None, rope, None) for b in bits_list]
+    if args.vrot:                                                     # rotated values: turned around the kernel
+        variants += [(f"qins_{b}bit_vrot", b, None, None, value_rotation(D).to(DEV)) for b in bits_list]
+    for name, bits, vcurv, rope, vrot in variants:
         row = dict(base, variant=name, bits=bits)
         try:
-            pg = Paged(K, V, bits, vcurv, rope)
+            pg = Paged(K, V, bits, vcurv, rope, vrot)
             row.update(bytes=pg.nbytes(), page_tokens=pg.P, group=pg.G, paged_tokens=pg.Q, float_tokens=pg.fk.shape[2])
             if (name, B) not in checked:                              # correctness at the first context
                 checked.add((name, B))
@@ -357,6 +365,8 @@ def main():
     ap.add_argument("--triton-variants", action="store_true", help="also time the Triton kernel's launch variants")
     ap.add_argument("--prerope", action="store_true", help="also pre-RoPE pages (KVConfig.k_prerope): the Triton "
                                                             "first kernel turning keys by their position")
+    ap.add_argument("--vrot", action="store_true", help="also rotated values (KVConfig.v_rotate): the float segment "
+                                                         "and the output turned around the kernel, in the timing")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
