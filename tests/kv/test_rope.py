@@ -113,6 +113,8 @@ def test_key_plan_records_its_frame():
 
 def test_config_field():
     assert not KVConfig().prerope_for(4) and KVConfig(k_prerope=True).prerope_for(4)
+    assert KVConfig(k_bits=4, residual=0, k_prerope=True, v_rotate=True).label == "kv-qins-4b-r0-prerope-vrot"
+    assert KVConfig(k_bits=4, residual=0).label == "kv-qins-4b-r0"
     assert KVConfig.from_dict(KVConfig(k_prerope=True).to_dict()).k_prerope is True
     with pytest.raises(ValueError, match="k_prerope"):
         KVConfig(k_prerope="yes")

@@ -164,7 +164,8 @@ class KVConfig(JsonConfig):
     @property
     def label(self) -> str:
         bits = f"{self.k_bits}" if self.k_bits == self.v_bits else f"k{self.k_bits}v{self.v_bits}"
-        return f"kv-{self.format}-{bits}b-r{self.residual}"
+        extra = ("-prerope" if self.k_prerope else "") + ("-vrot" if self.v_rotate else "")
+        return f"kv-{self.format}-{bits}b-r{self.residual}{extra}"
 
     # -- serialization -----------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
