@@ -128,7 +128,7 @@ class Paged:
     def attend(self, q, **launch):
         out = kv_decode_attention(q, self.planes, self.table, self.Q, SINK, self.k_offset, self.k_lut, self.v_lut,
                                   self.k_aff, self.v_aff, self.bits, self.bits, self.G, self.fk, self.fv,
-                                  D ** -0.5, rope=None if self.rope is None else self.rope.inv_freq.to(DEV), **launch)
+                                  D ** -0.5, rope=None if self.rope is None else self.rope.freqs(DEV), **launch)
         return out if self.vrot is None else turn(out, self.vrot, inverse=True).to(out.dtype)
 
     def decode_reference(self):
@@ -295,7 +295,7 @@ def run_case(B, T, bits_list, rows, args, checked):
         rope = Rope(1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))   # Llama 3's theta
         variants += [(f"qins_{b}bit_prerope", b, None, rope, None) for b in bits_list]
     if args.vrot:                                                     # rotated values: turned around the kernel
-        variants += [(f"qins_{b}bit_vrot", b, None, None, value_rotation(D).to(DEV)) for b in bits_list]
+        variants += [(f"qins_{b}bit_vrot", b, None, None, value_rotation(D, DEV)) for b in bits_list]
     for name, bits, vcurv, rope, vrot in variants:
         row = dict(base, variant=name, bits=bits)
         try:

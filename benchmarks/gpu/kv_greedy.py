@@ -34,7 +34,7 @@ import torch
 import qins
 from qins._compat import cache_kwarg
 from qins.kv import KVConfig
-from qins.metrics.generation import _render, load_prompts, token_match
+from qins.metrics.generation import _cut_after_eos, _render, load_prompts, token_match
 
 
 def parse_kv(spec: str) -> KVConfig | None:
@@ -74,8 +74,7 @@ def generate(model, prompts: list[list[int]], new_tokens: int, make_cache) -> li
             kw = {} if make_cache is None else {cache_kwarg(model): make_cache()}
             seq = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False,
                                  max_new_tokens=new_tokens, pad_token_id=next(iter(eos), 0), **kw)[0, len(ids):].tolist()
-            cut = next((i + 1 for i, t in enumerate(seq) if t in eos), len(seq))
-            out.append(seq[:cut])
+            out.append(_cut_after_eos(seq, eos))
     return out
 
 
@@ -116,7 +115,7 @@ def main() -> None:
         if ref is not None:
             theirs = next((r for r in ref["rows"] if r["kv"] == spec), None)
             if theirs is not None:
-                row["vs_ref"] = token_match(theirs["generations"], gen)
+                row["vs_ref"] = token_match(theirs["generations"][:len(gen)], gen)   # --prompts may take fewer
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k not in ("generations", "config")}), file=sys.stderr, flush=True)
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), device=a.device,

@@ -17,6 +17,7 @@ import json
 import time
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import qins
 from experiments.kv_selfplan.screen import rotate_values
@@ -25,17 +26,6 @@ from qins.kv.cache import QINSCache
 from qins.kv.config import KVConfig
 from qins.metrics.models import default_corpus
 from qins.metrics.quality import Reference, evaluate, token_windows
-
-
-def rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), -1)
-
-
-def rope(x, cos, sin):
-    """x (B, H, T, D) rotated by cos/sin (B, T, D), the rotate-half convention."""
-    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * c + rotate_half(x) * s
 
 
 def prerope(cache, model):
@@ -48,12 +38,13 @@ def prerope(cache, model):
         t0 = held.get(layer_idx, 0)
         pos = torch.arange(t0, t0 + T).expand(B, T)
         cos, sin = emb(k.float(), pos)
-        kp = rope(k.float(), cos, -sin).to(k.dtype)
+        kp, _ = apply_rotary_pos_emb(k.float(), k.float(), cos, -sin)
+        kp = kp.to(k.dtype)
         ko, vo = upd(kp, v, layer_idx, *args, **kw)
         L = ko.shape[2]
         held[layer_idx] = L
         cos, sin = emb(ko.float(), torch.arange(L).expand(B, L))
-        ko = rope(ko.float(), cos, sin).to(ko.dtype)
+        ko = apply_rotary_pos_emb(ko.float(), ko.float(), cos, sin)[0].to(ko.dtype)
         return ko, vo
     cache.update = update
     return cache

@@ -97,7 +97,7 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
     planes = tuple(getattr(pool, p) for p in pool.PLANES)
     kb, vb = layer.k_codec.bits, layer.v_codec.bits
     # the route is decided here once and handed down, so the label is what ran
-    rope = None if layer.rope is None else layer.rope.inv_freq.to(q.device)
+    rope = None if layer.rope is None else layer.rope.freqs(q.device)
     on_cuda = cuda_reason(q[:, :, 0], fk, layer.k_offset, mask, None, q.shape[1] // planes[0].shape[1], kb, vb,
                           layer.group, layer._k_affine, layer._v_affine, rope) is None
     out = kv_decode_attention(q[:, :, 0], planes, layer.table.ids, layer.n_quantized, skip, layer.k_offset,

@@ -103,7 +103,7 @@ class QINSCache(Cache):
                                         k_curvature=cfg.curvature_for(kb, "k"),
                                         v_curvature=cfg.curvature_for(vb, "v"), k_widths=widths,
                                         expect_heads=heads, expect_head_dim=head_dim, max_tokens=max_tokens,
-                                        rope=ropes.get(i) if cfg.prerope_for(kb) else None, v_rotate=cfg.v_rotate))
+                                        rope=ropes.get(i), v_rotate=cfg.v_rotate))
             elif t in ("sliding_attention", "chunked_attention"):
                 layers.append(DynamicSlidingWindowLayer(**kw))       # uncompressed, counted
             elif (other := _compat.other_layer(t, kw)) is not None:

@@ -215,7 +215,7 @@ class QINSLayer(CacheLayerMixin):
         self._k_affine, self._v_affine = affine_levels(self.k_codec), affine_levels(self.v_codec)
         self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
         self._mids = None
-        self._v_rot = value_rotation(D).to(self.device) if self.v_rotate else None
+        self._v_rot = value_rotation(D, str(self.device)) if self.v_rotate else None
         self.is_initialized = True
 
     @property

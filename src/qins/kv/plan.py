@@ -272,7 +272,7 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
         if planned < uniform:        # else (odd widths pack bytes poorly at 3, 5, 6 bits) the layer stays uniform
             layers[i] = (kb, G, tuple(tuple(w) for w in widths))
     src = source or f"{windows.shape[0]} windows of {windows.shape[1]} tokens"
-    return KeyPlan(layers, src, prerope=bool(ropes) and all(i in ropes for i in want))
+    return KeyPlan(layers, src, prerope=all(i in ropes for i in want))
 
 
 def resolve_key_plan(key_plan, model, config: KVConfig, windows=None, source: str = "", batch_size: int = 4,

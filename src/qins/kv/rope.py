@@ -37,12 +37,20 @@ class Rope:
         self.inv_freq = f
         self.dims = 2 * f.numel()
         self._tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._freqs: dict[str, torch.Tensor] = {"cpu": f}
 
     def __repr__(self):
         return f"Rope({self.dims} rotary channels)"
 
     def same(self, other: "Rope | None") -> bool:
         return other is not None and torch.equal(self.inv_freq, other.inv_freq)
+
+    def freqs(self, device) -> torch.Tensor:
+        """(R/2,) float32 frequencies on `device` (copied once per device, as the kernels read them)."""
+        key = str(torch.device(device))
+        if key not in self._freqs:
+            self._freqs[key] = self.inv_freq.to(device)
+        return self._freqs[key]
 
     def cos_sin(self, t0: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, R/2) float32 cos and sin of positions t0 .. t0 + n - 1."""
@@ -51,7 +59,7 @@ class Rope:
         tab = self._tables.get(key)
         if tab is None or tab[0].shape[0] < t0 + n:
             T = max(t0 + n, 256, 2 * (0 if tab is None else tab[0].shape[0]))
-            ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * self.inv_freq.to(device)[None, :]
+            ang = torch.arange(T, device=device, dtype=torch.float32)[:, None] * self.freqs(device)[None, :]
             tab = (ang.cos(), ang.sin())
             self._tables[key] = tab
         return tab[0][t0:t0 + n], tab[1][t0:t0 + n]

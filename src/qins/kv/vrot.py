@@ -14,18 +14,22 @@ and its output is multiplied by R^T (kv/attention.py). Nothing is stored.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
-def value_rotation(D: int) -> torch.Tensor:
-    """(D, D) float32 orthonormal block-Hadamard matrix (blocks of the largest power of two dividing D)."""
+@functools.lru_cache(maxsize=None)
+def value_rotation(D: int, device: str = "cpu") -> torch.Tensor:
+    """(D, D) float32 orthonormal block-Hadamard matrix (blocks of the largest power of two dividing
+    D) on `device`; one shared tensor per (D, device), never written to."""
     if D < 2:
         raise ValueError(f"value rotation needs a head dim of at least 2, got {D}")
     b = D & -D                                     # largest power of two dividing D
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < b:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return torch.block_diag(*([h / b ** 0.5] * (D // b))).to(torch.float32)
+    return torch.block_diag(*([h / b ** 0.5] * (D // b))).to(device=device, dtype=torch.float32)
 
 
 def turn(x: torch.Tensor, R: torch.Tensor, inverse: bool = False) -> torch.Tensor:
