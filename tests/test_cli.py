@@ -511,6 +511,26 @@ def test_generate_with_a_calibrated_key_plan(workdir, float_dir, capsys):
     assert "no such file" in capsys.readouterr().err
 
 
+def test_sampled_key_plan_is_saved_and_reused(workdir, float_dir, monkeypatch, capsys):
+    # --kv-plan sampled: widths from text the model writes itself (no corpus); --kv-plan-out keeps
+    # the plan, and generating with the saved file gives the same tokens
+    import qins.kv.plan as P
+    from qins.kv import KeyPlan
+    monkeypatch.setattr(P, "SAMPLES", 2)
+    monkeypatch.setattr(P, "SAMPLE_TOKENS", 160)
+    path, docs = workdir / "sampled-plan.json", []
+    for flags in (["--kv-plan", "sampled", "--kv-plan-out", str(path)], ["--kv-plan", str(path)]):
+        js = workdir / "gen_sampled.json"
+        assert main(["generate", str(float_dir), "what is a hash table", "--max-new-tokens", "6", "--kv-bits", "4",
+                     "--kv-residual", "0", *flags, "--json", str(js)]) == 0
+        docs.append(json.loads(js.read_text()))
+    plan = KeyPlan.load(path)
+    assert "2 samples of 160 tokens the model wrote" in plan.source
+    assert docs[0]["tokens"] == docs[1]["tokens"]
+    assert docs[0]["kv"]["key_plan"]["source"] == docs[1]["kv"]["key_plan"]["source"] == plan.source
+    assert "saved to" in capsys.readouterr().err
+
+
 def test_eval_with_a_key_plan_calibrates_on_the_first_windows(workdir, float_dir, text_file):
     # --kv-plan auto: key widths from windows 0..7, evaluation on the last window; the row says so
     js = workdir / "eval-kvplan.json"

@@ -28,11 +28,16 @@ def main():
     _, model = qins.load_default_model()
     shape = _compat.kv_shape(model.config)
     best: dict[str, float] = {}
+    # rotated values: the cache built on the model reads them in the rotated frame and turns the
+    # attention output back (kv/attention.py); "turn every value" is the route that decodes every
+    # cached value back to the model's frame (paged=False, also any model not on SDPA)
     settings = {"plain": {}, "prerope": dict(k_prerope=True), "vrot": dict(v_rotate=True),
-                "prerope+vrot": dict(k_prerope=True, v_rotate=True)}
+                "prerope+vrot": dict(k_prerope=True, v_rotate=True),
+                "vrot, turn every value": dict(v_rotate=True, paged=False),
+                "prerope+vrot, turn every value": dict(k_prerope=True, v_rotate=True, paged=False)}
     for _ in range(a.repeats):
         for name, fields in settings.items():
-            cache = qins.QINSCache(model.config, bits=4, residual=0, **fields)
+            cache = qins.QINSCache(model, bits=4, residual=0, **fields)
             fill(cache, shape, a.context, torch.float32)
             ms = decode_step_ms(model, cache, a.context, a.steps)
             best[name] = min(best.get(name, float("inf")), ms)

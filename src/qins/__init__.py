@@ -31,6 +31,7 @@ _LAZY = {
     "QINSCache": ("qins.kv.cache", "QINSCache"),
     "KeyPlan": ("qins.kv.plan", "KeyPlan"),
     "calibrate_keys": ("qins.kv.plan", "calibrate_keys"),
+    "model_samples": ("qins.kv.plan", "model_samples"),
 }
 
 __all__ = ["WeightConfig", "FORMAT_VERSION", "__version__", *_LAZY]

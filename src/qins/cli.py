@@ -113,9 +113,12 @@ def _add_kv(p):
                         "decode attention then runs the Triton kernel, not the CUDA one)")
     p.add_argument("--kv-rotate-values", action="store_true",
                    help="quantize values turned by a block-Hadamard matrix, turned back when read (lower error)")
-    p.add_argument("--kv-plan", default=None, metavar="auto|FILE",
+    p.add_argument("--kv-plan", default=None, metavar="auto|sampled|FILE",
                    help="calibrated key widths per channel (same bits): 'auto' calibrates on the first 8 windows "
-                        "of the corpus (disjoint from evaluation), FILE loads a saved KeyPlan (JSON)")
+                        "of the corpus (disjoint from evaluation), 'sampled' on 8 x 512 tokens the model writes "
+                        "itself (no text needed), FILE loads a saved KeyPlan (JSON)")
+    p.add_argument("--kv-plan-out", default=None, metavar="FILE",
+                   help="save the key plan used (JSON, written atomically) to reuse with --kv-plan FILE")
 
 
 def _kv_config(a):
@@ -124,9 +127,20 @@ def _kv_config(a):
     if a.kv_plan is not None:
         if kv is None:
             raise ValueError("--kv-plan needs --kv-bits")
-        if a.kv_plan != "auto" and not Path(a.kv_plan).is_file():
-            raise ValueError(f"--kv-plan: no such file {a.kv_plan!r} (or pass 'auto')")
+        if a.kv_plan not in ("auto", "sampled") and not Path(a.kv_plan).is_file():
+            raise ValueError(f"--kv-plan: no such file {a.kv_plan!r} (or pass 'auto' or 'sampled')")
+    if a.kv_plan_out is not None:
+        if a.kv_plan is None:
+            raise ValueError("--kv-plan-out needs --kv-plan (auto, sampled or a file)")
+        if not Path(a.kv_plan_out).resolve().parent.is_dir():
+            raise ValueError(f"--kv-plan-out: no such directory for {a.kv_plan_out!r}")
     return kv
+
+
+def _save_plan(a, plan) -> None:
+    if a.kv_plan_out is not None and plan is not None:
+        plan.save(a.kv_plan_out)
+        print(f"key plan ({plan.source}) saved to {a.kv_plan_out}", file=sys.stderr)
 
 
 def cmd_demo(a):
@@ -356,7 +370,11 @@ def cmd_eval(a):
     rows = [h.measure(model, a.label or str(a.model), match=a.prompts > 0)]
     if kv is not None:
         from .eval.kv import measure_dynamic, measure_kv
-        rows += [measure_dynamic(h, model), measure_kv(h, model, kv, match=a.prompts > 0, key_plan=a.kv_plan)]
+        from .kv.plan import resolve_key_plan
+        plan = resolve_key_plan(a.kv_plan, model, kv, lambda: h.calibration_windows,
+                                f"calibration {h.describe()['calibration_windows']}", h.protocol.batch_size, h.progress)
+        _save_plan(a, plan)
+        rows += [measure_dynamic(h, model), measure_kv(h, model, kv, match=a.prompts > 0, key_plan=plan)]
     ref_name = ref_source or "the embedded model"
     print_table(rows, title=f"{a.model or 'the embedded model'} vs float {ref_name} — {h.describe()['eval_windows']}")
     _maybe_json(a, {"meta": dict(h.describe(), reference=ref_name), "rows": rows})
@@ -444,6 +462,7 @@ def cmd_generate(a):
         from .metrics.models import default_corpus
         plan = resolve_key_plan(a.kv_plan, model, kv, lambda: token_windows(tok, default_corpus(), 512, max_windows=8),
                                 "default corpus, windows 0..7")
+        _save_plan(a, plan)
         cache = QINSCache(model, config=kv, key_plan=plan)
         kw[cache_kwarg(model)] = cache
     if a.sample:

@@ -20,7 +20,9 @@ def test_flags_parse_to_config():
 
 @pytest.mark.parametrize("flags", [["--kv-bits", "7"], ["--kv-bits", "4", "--kv-page-kb", "8"],
                                    ["--kv-bits", "4,4,4"], ["--kv-residual", "3"], ["--kv-prerope"],
-                                   ["--kv-rotate-values"]])
+                                   ["--kv-rotate-values"], ["--kv-bits", "4", "--kv-plan-out", "plan.json"],
+                                   ["--kv-bits", "4", "--kv-plan", "sampled", "--kv-plan-out", "/no/such/dir/p.json"],
+                                   ["--kv-plan", "sampled"]])
 def test_bad_flags_fail_before_loading(flags, capsys):
     assert main(["generate", "/nonexistent-model", "hi", *flags]) == 2
     err = capsys.readouterr().err

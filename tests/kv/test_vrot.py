@@ -52,3 +52,43 @@ def test_cache_field_and_errors(make_model):
         out = torch.cat([model(ids[:, i:i + 8], past_key_values=cache, use_cache=True).logits for i in range(0, 40, 8)], 1)
     # measured max |logit error| / max |logit|: 3.8% (values left turned fail it: seen failing)
     assert float((out - ref).abs().max()) < 0.05 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_rotated_frame_attention_equals_turning_every_value_back(make_model, arch):
+    # with a model on SDPA, QINSCache routes attention through qins_paged on the CPU too: values are
+    # read in the rotated frame they are stored in and the attention output is turned back once
+    # (kv/attention.paged_attention_forward), instead of every cached value each step. Same
+    # numbers as the cache that turns every value back (paged=False), prefill chunks and decode
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(5))
+    out, gen = {}, {}
+    for paged in (None, False):
+        model = make_model(arch)
+        with torch.inference_mode():
+            cache = QINSCache(model, bits=4, residual=0, group=16, v_rotate=True, paged=paged)
+            assert cache.paged is (paged is None)
+            out[paged] = torch.cat([model(ids[:, i:i + 8], past_key_values=cache, use_cache=True).logits
+                                    for i in range(0, 40, 8)], 1)
+            assert set(cache.paths().values()) == {"reference"}
+            gen[paged] = model.generate(ids[:, :20], max_new_tokens=10, do_sample=False, pad_token_id=0,
+                                        past_key_values=QINSCache(model, bits=4, residual=0, group=16,
+                                                                  v_rotate=True, paged=paged))
+    torch.testing.assert_close(out[None], out[False], rtol=0, atol=1e-4 * float(out[False].abs().max()))
+    assert torch.equal(gen[None], gen[False])
+
+
+def test_rotated_values_without_sdpa_turn_every_value_back(make_model):
+    # a model on eager attention cannot take the qins_paged route: the cache keeps the reference
+    # that returns values turned back, with the same logits as the SDPA model's route
+    model = make_model("llama")
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(0, 128, (1, 24), generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        cache = QINSCache(model, bits=4, residual=0, group=16, v_rotate=True)
+        assert cache.paged is False
+        eager = model(ids, past_key_values=cache, use_cache=True).logits
+        model.config._attn_implementation = "sdpa"
+        cache = QINSCache(model, bits=4, residual=0, group=16, v_rotate=True)
+        assert cache.paged is True
+        sdpa = model(ids, past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(eager, sdpa, rtol=0, atol=1e-4 * float(eager.abs().max()))

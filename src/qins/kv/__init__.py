@@ -8,7 +8,7 @@
 """
 from .config import KVConfig, parse_kv_bits
 
-__all__ = ["KVConfig", "KeyPlan", "QINSCache", "QINSLayer", "calibrate_keys", "parse_kv_bits"]
+__all__ = ["KVConfig", "KeyPlan", "QINSCache", "QINSLayer", "calibrate_keys", "model_samples", "parse_kv_bits"]
 
 
 def __getattr__(name):
@@ -18,7 +18,7 @@ def __getattr__(name):
     if name == "QINSLayer":
         from .layer import QINSLayer
         return QINSLayer
-    if name in ("KeyPlan", "calibrate_keys"):
+    if name in ("KeyPlan", "calibrate_keys", "model_samples"):
         from . import plan
         return getattr(plan, name)
     raise AttributeError(f"module 'qins.kv' has no attribute {name!r}")

@@ -127,10 +127,11 @@ class PagedKV:
 
 def paged_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' attention interface for models whose cache is a QINSCache on the kernel
-    path: a decode step (with no mask, or a boolean (B, 1, 1, T) one: key padding) runs
-    decode_attention over the pages; any other call (prefill, other masks, layers that are not
-    QINS) runs SDPA over float K/V (the pages decoded by the reference where the layer handed
-    a PagedKV)."""
+    path or with rotated values: a decode step on the kernels (with no mask, or a boolean
+    (B, 1, 1, T) one: key padding) runs decode_attention over the pages; any other call (prefill,
+    other masks, the reference, layers that are not QINS) runs SDPA over float K/V (the pages
+    decoded by the reference where the layer handed a PagedKV; rotated values stay rotated and
+    the output is turned back)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if isinstance(key, PagedKV):
         layer = key.layer
@@ -140,11 +141,17 @@ def paged_attention_forward(module, query, key, value, attention_mask, scaling=N
         if isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4 \
                 and mask.shape[:3] == (query.shape[0], 1, 1) and mask.shape[3] == T:
             mask = mask[:, 0, 0, :]                                   # (B, T) key padding
-        if query.shape[2] == 1 and (mask is None or mask.dim() == 2):
+        if query.shape[2] == 1 and (mask is None or mask.dim() == 2) and layer.kernels:
             out = decode_attention(layer, query, scale, mask)
             return out.transpose(1, 2).contiguous(), None
-        key, value = layer._read()
         layer.last_path = "reference"
+        if layer._v_rot is not None:
+            # rotated values read in their stored frame; the output (B, T, Hq, D) turned back once
+            key, value = layer._read(v_turned=True)
+            out, w = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                            dropout=dropout, **kwargs)
+            return turn(out, layer._v_rot, inverse=True).to(out.dtype), w
+        key, value = layer._read()
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                   **kwargs)
 

@@ -112,17 +112,19 @@ class QINSCache(Cache):
                 raise ValueError(f"QINSCache supports full and sliding-window attention layers; layer {i} is {t!r}")
         self.shape = (n_layers, heads, head_dim)
         super().__init__(layers=layers)
-        self.paged = self._install(model, paged)
+        self.paged = self._install(model, paged, cfg.v_rotate)
         for layer in layers:
             if isinstance(layer, QINSLayer):
                 layer.paged = self.paged
 
     @staticmethod
-    def _install(model, paged: bool | None) -> bool:
-        """Whether decode steps read the pages in the Triton kernel (kv/attention.py): `paged`
-        None = when `model` is a model on CUDA whose attention is SDPA; True = always (a model
-        is needed; on the CPU the kernels then need QINS_KERNELS=triton TRITON_INTERPRET=1);
-        False = never (every step decodes the pages to float: the reference)."""
+    def _install(model, paged: bool | None, v_rotate: bool = False) -> bool:
+        """Whether the model's attention reads the layers through PagedKV handles (kv/attention.py):
+        decode steps in the Triton kernel, and with rotated values the reference in the rotated
+        frame (its output turned back once instead of every cached value). `paged` None = when
+        `model` is a model whose attention is SDPA, on CUDA or with rotated values; True = always
+        (a model is needed; on the CPU the kernels then need QINS_KERNELS=triton
+        TRITON_INTERPRET=1); False = never (every call gets the history decoded to float)."""
         if paged is False:
             return False
         params = getattr(model, "parameters", None)
@@ -132,7 +134,7 @@ class QINSCache(Cache):
             return False
         if paged is None:
             first = next(params(), None)
-            if first is None or first.device.type != "cuda":
+            if first is None or (first.device.type != "cuda" and not v_rotate):
                 return False
         from .attention import install
         ok = install(model)

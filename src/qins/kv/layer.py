@@ -231,7 +231,9 @@ class QINSLayer(CacheLayerMixin):
         for a decode step when the model's attention reads pages (`paged`, set by QINSCache on
         CUDA) and the kernels run this layer, a PagedKV handle for it (kv/attention.py)."""
         self.append(key_states, value_states)
-        if self.paged and key_states.shape[2] == 1 and self.kernels:
+        if self.paged and ((key_states.shape[2] == 1 and self.kernels) or self._v_rot is not None):
+            # the model's attention reads this layer through the handle: the kernels for a decode
+            # step; with rotated values, the reference in the rotated frame, its output turned back
             from .attention import PagedKV
             h = PagedKV(self)
             return h, h
@@ -384,13 +386,14 @@ class QINSLayer(CacheLayerMixin):
         t.n_tokens = t0 + n
 
     # -- read back -----------------------------------------------------------------------------
-    def _decode_pages_into(self, out_k: torch.Tensor, out_v: torch.Tensor) -> None:
+    def _decode_pages_into(self, out_k: torch.Tensor, out_v: torch.Tensor, v_turned: bool = False) -> None:
         """Decode every page into out_k/out_v[:, :, :n_quantized] (views of (B, H, T, D)).
 
         Per tensor: one gather of the pages through the block table, one uint8 -> int32 (or
         float) pass, one table gather (decode_rows), one fused scale (+ zero point)
         multiply-add written straight into the output. An open group (after a crop) is
-        decoded whole into a scratch tensor and its written tokens copied."""
+        decoded whole into a scratch tensor and its written tokens copied. v_turned: rotated values
+        are left in the rotated frame (R v, as stored)."""
         Q = self.n_quantized
         if not Q:
             return
@@ -398,7 +401,7 @@ class QINSLayer(CacheLayerMixin):
         Qg = -(-Q // G) * G
         B, H = out_k.shape[:2]
         # pre-RoPE keys and rotated values decode in float32 into scratch, then turn
-        kf, vf = self.rope is not None, self._v_rot is not None
+        kf, vf = self.rope is not None, self._v_rot is not None and not v_turned
         k = out_k.new_empty(B, H, Qg, D, dtype=torch.float32 if kf else out_k.dtype) if Qg != Q or kf else out_k
         v = out_v.new_empty(B, H, Qg, D, dtype=torch.float32 if vf else out_v.dtype) if Qg != Q or vf else out_v
         self._decode_groups_into(k, v, Qg)
@@ -452,7 +455,7 @@ class QINSLayer(CacheLayerMixin):
             k[:, :, :S] = self.sink_k[:, :, :S]
             v[:, :, :S] = self.sink_v[:, :, :S]
 
-    def _staging_into(self, out_k: torch.Tensor, out_v: torch.Tensor, n_stage: int) -> None:
+    def _staging_into(self, out_k: torch.Tensor, out_v: torch.Tensor, n_stage: int, v_turned: bool = False) -> None:
         """The staging tokens (fp, past the residual window) as they will be read once sealed:
         those that fill an open group on its stored parameters, the rest with provisional
         per-channel key scales over them; values with their final per-token codes."""
@@ -483,7 +486,7 @@ class QINSLayer(CacheLayerMixin):
         if self.rope is not None:
             out_k[:] = self.rope.rotate(out_k, Q)                     # x is out_k: through a copy
         fv = fake_quantize_values(self._pre_v(self.values[:, :, :n_stage]), self.v_codec)
-        out_v[:] = fv if self._v_rot is None else turn(fv, self._v_rot, inverse=True)
+        out_v[:] = fv if self._v_rot is None or v_turned else turn(fv, self._v_rot, inverse=True)
 
     def float_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, F, D) the tokens after the pages as attention reads them: staging read back
@@ -497,23 +500,30 @@ class QINSLayer(CacheLayerMixin):
         k[:, :, n_stage:], v[:, :, n_stage:] = self.keys[:, :, n_stage:], self.values[:, :, n_stage:]
         return k, v
 
-    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read(self, v_turned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """All tokens as (B, H, T, D): pages decoded, staging quantized with provisional key
-        scales, residual as held, sink tokens overlaid."""
+        scales, residual as held, sink tokens overlaid. v_turned (rotated values only): values in
+        the rotated frame, R v, the form they are stored in; attention over them gives R o, which
+        the caller turns back (attention is linear in V): a (D x D) turn per query token instead
+        of one per cached token."""
         self._resident()
+        turned = v_turned and self._v_rot is not None
         Q, F_ = self.n_quantized, self.keys.shape[2]
         n_stage = max(F_ - self.residual, 0)
         if Q == 0 and n_stage == 0:
-            return self.keys, self.values
+            return self.keys, (self._pre_v(self.values) if turned else self.values)
         B, H, _, D = self.keys.shape
         out_k = self.keys.new_empty(B, H, Q + F_, D)
         out_v = self.values.new_empty(B, H, Q + F_, D)
-        self._decode_pages_into(out_k, out_v)
+        self._decode_pages_into(out_k, out_v, turned)
         if n_stage:
-            self._staging_into(out_k[:, :, Q:Q + n_stage], out_v[:, :, Q:Q + n_stage], n_stage)
+            self._staging_into(out_k[:, :, Q:Q + n_stage], out_v[:, :, Q:Q + n_stage], n_stage, turned)
         out_k[:, :, Q + n_stage:] = self.keys[:, :, n_stage:]
-        out_v[:, :, Q + n_stage:] = self.values[:, :, n_stage:]
-        self._overlay_sink(out_k, out_v)
+        out_v[:, :, Q + n_stage:] = self._pre_v(self.values[:, :, n_stage:]) if turned else self.values[:, :, n_stage:]
+        S = min(self.sink_k.shape[2], out_k.shape[2])
+        if S:
+            out_k[:, :, :S] = self.sink_k[:, :, :S]
+            out_v[:, :, :S] = self._pre_v(self.sink_v[:, :, :S]) if turned else self.sink_v[:, :, :S]
         return out_k, out_v
 
     # -- transformers' layer API --------------------------------------------------------------
