@@ -44,10 +44,12 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from qins.kernels.triton_kv import kv_append, kv_decode_attention, padded_mids
-from qins.kv.codec import Codec, affine_levels, key_offset, quantize_keys, quantize_values
+from qins.kernels.triton_kv import key_fields, kv_append, kv_decode_attention, padded_mids
+from qins.kv.codec import (Codec, affine_levels, dequantize_keys_mixed, key_offset, quantize_keys,
+                           quantize_keys_mixed, quantize_values)
 from qins.kv.config import KVConfig
-from qins.kv.layout import pack_rows, unpack_rows
+from qins.kv.layout import RowLayout, pack_rows, unpack_rows
+from qins.kv.plan import MENU, allocate_widths
 from qins.kv.rope import Rope
 from qins.kv.vrot import turn, value_rotation
 from qins.kv.store import page_tokens
@@ -76,7 +78,7 @@ def codecs(bits: int, v_curvature: float | None = None):
 class Paged:
     """One sequence batch's pages (pool planes, shuffled block table) + float segment."""
 
-    def __init__(self, K, V, bits, v_curvature=None, rope=None, vrot=None):
+    def __init__(self, K, V, bits, v_curvature=None, rope=None, vrot=None, widths=None):
         B, H, T, _ = K.shape
         self.bits = bits
         self.G, kcod, vcod = codecs(bits, v_curvature)
@@ -105,10 +107,37 @@ class Paged:
         mids = (padded_mids(self.kcod.mids, bits), padded_mids(self.vcod.mids, bits))
         kv_append(K[:, :, :Q], V[:, :, :Q], self.k_offset, self.table, 0, self.planes, *mids, bits, bits, G,
                   self.kcod.signed_scale, self.vcod.signed_scale, SINK)
+        # a key plan (kv/plan.py): key rows rewritten with per-channel widths by the torch quantizer
+        self.widths, self.k_fields = widths, None
+        if widths is not None:
+            self._write_plan_keys(K[:, :, :Q], widths)
         self.fk = torch.cat([K[:, :, :SINK], K[:, :, Q:]], 2).contiguous()
         self.fv = torch.cat([V[:, :, :SINK], V[:, :, Q:]], 2).contiguous()
         self.k_lut, self.v_lut = self.kcod.lut, self.vcod.lut
         self.k_aff, self.v_aff = affine_levels(self.kcod), affine_levels(self.vcod)
+
+    def _write_plan_keys(self, K, widths):
+        """Keys (B, H, Q, D) quantized with channel widths (H, D) as a planned QINSLayer seals them
+        (sink statistics as the append kernel's), written into the pool through the block table."""
+        G, P, Q = self.G, self.P, K.shape[2]
+        layout = RowLayout.mixed(widths).to(DEV)
+        kc, ks, kz = quantize_keys_mixed(_stats_view(K), widths.to(DEV), G)
+        words = layout.pack(kc)
+        B, H, _, W = words.shape
+        cols = self.table.shape[1]
+        ids = self.table.long().flatten()
+
+        def put(plane, x, per):                                       # x (B, H, Q / per, ...) into pages
+            n = cols * (P // per)
+            x = torch.cat([x, x.new_zeros(B, H, n - x.shape[2], *x.shape[3:])], 2)
+            x = x.view(B, H, cols, P // per, *x.shape[3:]).transpose(1, 2).reshape(B * cols, H, P // per,
+                                                                                  *x.shape[3:])
+            return plane.index_copy(0, ids, x.to(plane.dtype))
+        kcp = torch.zeros(self.planes[0].shape[0], H, P, W, dtype=torch.int32, device=DEV)
+        self.planes = (put(kcp, words, 1), put(self.planes[1], ks, G), put(self.planes[2], kz, G),
+                       *self.planes[3:])
+        self.k_layout = layout
+        self.k_fields = key_fields(layout, DEV)
 
     def nbytes(self) -> int:
         """Bytes a call reads: the pages' codes, scales, zero points of Q tokens, the table, the float segment."""
@@ -128,7 +157,8 @@ class Paged:
     def attend(self, q, **launch):
         out = kv_decode_attention(q, self.planes, self.table, self.Q, SINK, self.k_offset, self.k_lut, self.v_lut,
                                   self.k_aff, self.v_aff, self.bits, self.bits, self.G, self.fk, self.fv,
-                                  D ** -0.5, rope=None if self.rope is None else self.rope.freqs(DEV), **launch)
+                                  D ** -0.5, rope=None if self.rope is None else self.rope.freqs(DEV),
+                                  k_fields=self.k_fields, **launch)
         return out if self.vrot is None else turn(out, self.vrot, inverse=True).to(out.dtype)
 
     def decode_reference(self):
@@ -141,12 +171,18 @@ class Paged:
         def rows(x):                                                 # (B, H, cols * S, ...)
             y = x.index_select(0, ids).view(B, cols, *x.shape[1:]).transpose(1, 2)
             return y.reshape(B, x.shape[1], cols * x.shape[2], *x.shape[3:])
-        kcodes = unpack_rows(rows(kc)[:, :, :Q].contiguous(), self.bits, D).long()
         vcodes = unpack_rows(rows(vc)[:, :, :Q].contiguous(), self.bits, D).long()
-        k = self.k_lut[kcodes].view(B, HKV, Q // G, G, D) * rows(ks)[:, :, :Q // G, None].float()
-        if kz is not None:
-            k = k + rows(kz)[:, :, :Q // G, None].float()
-        k = k.view(B, HKV, Q, D)
+        if self.widths is not None:                                   # a key plan's rows
+            k = dequantize_keys_mixed(self.k_layout.unpack(rows(kc)[:, :, :Q].contiguous()).contiguous(),
+                                      rows(ks)[:, :, :Q // G].contiguous(), rows(kz)[:, :, :Q // G].contiguous(),
+                                      self.widths.to(DEV), G,
+                                      torch.float32)
+        else:
+            kcodes = unpack_rows(rows(kc)[:, :, :Q].contiguous(), self.bits, D).long()
+            k = self.k_lut[kcodes].view(B, HKV, Q // G, G, D) * rows(ks)[:, :, :Q // G, None].float()
+            if kz is not None:
+                k = k + rows(kz)[:, :, :Q // G, None].float()
+            k = k.view(B, HKV, Q, D)
         if self.k_offset is not None:
             k = k + self.k_offset.float()
         if self.rope is not None:
@@ -181,11 +217,23 @@ def append_agreement(K, V, pg: Paged) -> dict:
         y = x.index_select(0, ids).view(B, cols, *x.shape[1:]).transpose(1, 2)
         return y.reshape(B, x.shape[1], cols * x.shape[2], *x.shape[3:])[:, :, :n]
     eq = lambda a, b: float((a == b).float().mean())
+    if pg.widths is not None:                                         # keys written by the torch quantizer
+        return dict(v_words=eq(rows(vc, Q), vw), v_scale=eq(rows(pvs, Q), vs))
     out = dict(k_words=eq(rows(kc, Q), kw), v_words=eq(rows(vc, Q), vw), k_scale=eq(rows(pks, Q // G), ks),
                v_scale=eq(rows(pvs, Q), vs))
     if kz is not None:
         out["k_zero"] = eq(rows(pkz, Q // G), kz)
     return out
+
+
+def plan_widths(bits: int) -> torch.Tensor:
+    """(HKV, D) key-plan widths at `bits` on average, fitting a uniform row: the default model's
+    calibrated histogram is spread over 0..8 (a few channels at 8, many at 2-3), which a random
+    skewed cost reproduces (kv/plan.py allocate_widths)."""
+    g = torch.Generator().manual_seed(bits)
+    w = torch.tensor(MENU, dtype=torch.float64)
+    cost = (torch.rand(HKV, D, 1, generator=g, dtype=torch.float64) ** 4 * 100) * 4.0 ** -w.view(1, 1, -1)
+    return torch.tensor([allocate_widths(cost[h], bits) for h in range(HKV)])
 
 
 def reference_out(q, K, V):
@@ -288,18 +336,23 @@ def run_case(B, T, bits_list, rows, args, checked):
         rows.append(row)
         log(row)
         torch.cuda.empty_cache()
-    variants = [(f"qins_{b}bit", b, None, None, None) for b in bits_list]
+    variants = [(f"qins_{b}bit", b, None, None, None, None) for b in bits_list]
     if 4 in bits_list and not args.quick:                             # what the value table lookup costs
-        variants.append(("qins_4bit_vcurv0", 4, 0.0, None, None))
+        variants.append(("qins_4bit_vcurv0", 4, 0.0, None, None, None))
+    rope = Rope(1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))   # Llama 3's theta
     if args.prerope:                                                  # pre-RoPE pages: Triton, keys turned in-kernel
-        rope = Rope(1.0 / 500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))   # Llama 3's theta
-        variants += [(f"qins_{b}bit_prerope", b, None, rope, None) for b in bits_list]
+        variants += [(f"qins_{b}bit_prerope", b, None, rope, None, None) for b in bits_list]
     if args.vrot:                                                     # rotated values: turned around the kernel
-        variants += [(f"qins_{b}bit_vrot", b, None, None, value_rotation(D, DEV)) for b in bits_list]
-    for name, bits, vcurv, rope, vrot in variants:
+        variants += [(f"qins_{b}bit_vrot", b, None, None, value_rotation(D, DEV), None) for b in bits_list]
+    if args.plan:                  # a key plan (Triton, per-channel fields); alone and with pre-RoPE keys + vrot
+        for b in (x for x in bits_list if x < 8):
+            w = plan_widths(b)
+            variants += [(f"qins_{b}bit_plan", b, None, None, None, w),
+                         (f"qins_{b}bit_pre_vrot_plan", b, None, rope, value_rotation(D, DEV), w)]
+    for name, bits, vcurv, rope, vrot, widths in variants:
         row = dict(base, variant=name, bits=bits)
         try:
-            pg = Paged(K, V, bits, vcurv, rope, vrot)
+            pg = Paged(K, V, bits, vcurv, rope, vrot, widths)
             row.update(bytes=pg.nbytes(), page_tokens=pg.P, group=pg.G, paged_tokens=pg.Q, float_tokens=pg.fk.shape[2])
             if (name, B) not in checked:                              # correctness at the first context
                 checked.add((name, B))
@@ -367,6 +420,8 @@ def main():
                                                             "first kernel turning keys by their position")
     ap.add_argument("--vrot", action="store_true", help="also rotated values (KVConfig.v_rotate): the float segment "
                                                          "and the output turned around the kernel, in the timing")
+    ap.add_argument("--plan", action="store_true", help="also key-plan pages (per-channel widths, the Triton first "
+                                                         "kernel), alone and with pre-RoPE keys and rotated values")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")

@@ -28,21 +28,37 @@ CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, residual
     if CUDA else [])
 
 
-@pytest.mark.parametrize("prerope,vrot", [(False, False), (True, False), (False, True)])
+def _plan_widths(H: int, D: int, bits: int, seed: int) -> torch.Tensor:
+    """(H, D) key-plan widths (0..8, some channels wide, some dropped) that fit a uniform row."""
+    from qins.kv.plan import MENU, allocate_widths
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor(MENU, dtype=torch.float64)
+    cost = (torch.rand(H, D, 1, generator=g, dtype=torch.float64) ** 4 * 100) * 4.0 ** -w.view(1, 1, -1)
+    return torch.tensor([allocate_widths(cost[h], bits) for h in range(H)])
+
+
+@pytest.mark.parametrize("prerope,vrot,plan", [(False, False, False), (True, False, False), (False, True, False),
+                                               (False, False, True), (True, True, True)])
 @pytest.mark.parametrize("case", CASES)
-def test_decode_attention_matches_reference(case, prerope, vrot, monkeypatch):
+def test_decode_attention_matches_reference(case, prerope, vrot, plan, monkeypatch):
     # prerope: the pages hold pre-RoPE keys (kv/rope.py), turned back in the first Triton kernel;
-    # vrot: rotated values (kv/vrot.py), attended in the rotated frame and the output turned back
+    # vrot: rotated values (kv/vrot.py), attended in the rotated frame and the output turned back;
+    # plan: a key plan's mixed-width rows (kv/plan.py), per-channel fields read by the first kernel
     *case, dtype = case
     kb, vb, group, k_zero, v_zero, a, sink, residual = case
+    if plan and (not k_zero or kb == 8):
+        pytest.skip("key plans are for keys with zero points below 8 bits")
     B, H, QH, D = (3, 2, 3, 32) if not CUDA else (4, 8, 4, 128)
     g = torch.Generator().manual_seed(kb * 10 + vb)
+    widths = _plan_widths(H, D, kb, kb) if plan else None
+    if plan:
+        assert widths.max() > kb and widths.min() < kb
     # pages written by the torch path (the append kernel is bit-exact with it: test_kv_append.py),
     # read by the kernel
     monkeypatch.setenv("QINS_KERNELS", "reference")
     rope = Rope(1.0 / 500.0 ** (torch.arange(0, D, 2) / D)) if prerope else None
     layer = QINSLayer(kb, vb, residual=residual, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
-                      v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope, v_rotate=vrot)
+                      v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope, v_rotate=vrot, k_widths=widths)
     n = 150 if not CUDA else 3000
     x = torch.randn(B, H, n, D, generator=g) * 2 + 0.3
     x[:, :, 0] *= 20                                          # an outlier sink token
@@ -58,7 +74,7 @@ def test_decode_attention_matches_reference(case, prerope, vrot, monkeypatch):
         assert layer.kernels
         got = decode_attention(layer, q, D ** -0.5)
         assert layer.last_path == ("cuda" if GPU_KERNEL and (kb, vb) in ((4, 4), (8, 8)) and not prerope
-                                   else "triton")
+                                   and not plan else "triton")
         if CUDA:
             monkeypatch.setenv("QINS_KERNELS", "triton")
             torch.testing.assert_close(decode_attention(layer, q, D ** -0.5).float(), got.float(),

@@ -34,23 +34,37 @@ def _generate(model, ids, cache, mask=None, beams=1):
     return out.sequences, torch.stack(out.scores, 1)
 
 
-@pytest.mark.parametrize("bits,padded", [(4, False), (8, True)])
-def test_generate_paged_kernels_match_reference(bits, padded, monkeypatch):
+def _recipe(bits: int) -> dict:
+    """Pre-RoPE keys, rotated values and a key plan (mixed widths that fit a uniform row)."""
+    from qins.kv.config import KVConfig
+    from qins.kv.plan import KeyPlan
+    from .test_kv_attention import _plan_widths
+    w = _plan_widths(2, 32, bits, 3)
+    plan = KeyPlan({0: (bits, 16, tuple(tuple(int(x) for x in r) for r in w))}, "test", prerope=True)
+    return dict(config=KVConfig(k_bits=bits, residual=0, group=16, k_prerope=True, v_rotate=True), key_plan=plan)
+
+
+@pytest.mark.parametrize("bits,padded,recipe", [(4, False, False), (8, True, False), (4, False, True)])
+def test_generate_paged_kernels_match_reference(bits, padded, recipe, monkeypatch):
     # padded: row 1 left-padded by 4 tokens, so the kernel reads the key padding mask; and beam
-    # search (2 beams): reorder shares pages, the next append copies them on write
+    # search (2 beams): reorder shares pages, the next append copies them on write. recipe:
+    # pre-RoPE keys, rotated values and a key plan, the lowest-error cache, on the Triton kernel
     model = _model()
+    kw = _recipe(bits) if recipe else dict(bits=bits, residual=0, group=16)
     ids = torch.randint(0, 128, (2, 42), generator=torch.Generator().manual_seed(bits)).to(DEVICE)   # 6 new: a seal
     mask = None
     if padded:
         mask = torch.ones_like(ids)
         mask[1, :4] = 0
     monkeypatch.setenv("QINS_KERNELS", "triton")
-    paged = QINSCache(model, bits=bits, residual=0, group=16, paged=True)
+    paged = QINSCache(model, paged=True, **kw)
     beams = 2 if padded else 1
     seq_k, scores_k = _generate(model, ids, paged, mask, beams)
     assert paged.paged and set(paged.paths().values()) <= {"triton", "cuda"}
+    if recipe:
+        assert paged.layers[0].k_widths is not None and paged.layers[0].rope is not None
     monkeypatch.setenv("QINS_KERNELS", "reference")
-    ref = QINSCache(model, bits=bits, residual=0, group=16, paged=False)
+    ref = QINSCache(model, paged=False, **kw)
     seq_r, scores_r = _generate(model, ids, ref, mask, beams)
     assert set(ref.paths().values()) == {"reference"}
     err = float((scores_k - scores_r).abs().max() / (scores_r.max() - scores_r.min()))

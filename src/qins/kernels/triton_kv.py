@@ -195,6 +195,15 @@ def _unpack(words, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _mixed_codes(kc8_ptr, rows, ok, kidx_ptr, ksh_ptr, kmk_ptr, h, chans, D: tl.constexpr, KW: tl.constexpr):
+    """(ROWS, len(chans)) int32 codes of a key plan's rows (kv/layout.py RowLayout.mixed): channel d
+    of head h is the field (byte idx[h, d] >> shift[h, d]) & mask[h, d] of its row's 4 KW bytes."""
+    off = h * D + chans
+    by = tl.load(kc8_ptr + rows[:, None] * (KW * 4) + tl.load(kidx_ptr + off)[None, :], mask=ok[:, None], other=0)
+    return (by.to(tl.int32) >> tl.load(ksh_ptr + off)[None, :]) & tl.load(kmk_ptr + off)[None, :]
+
+
+@triton.jit
 def _as_f16_plus_1024(codes):
     """int32 codes < 1024 -> fp16 1024 + code with one OR and a bitcast (0x6400 is 1024.0 in fp16;
     the code fills the mantissa): no int->float conversion, which runs at a quarter of the ALU
@@ -243,12 +252,13 @@ def _float_segment(q, fk_ptr, fv_ptr, mask_ptr, pid_bh, b, F, SKIP, Q, MT, m_i, 
 @triton.jit
 def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, vz_ptr, klut_ptr, vlut_ptr,
                       table_ptr, fk_ptr, fv_ptr, o_ptr, ml_ptr, mask_ptr, rope_ptr,
+                      kc8_ptr, kidx_ptr, ksh_ptr, kmk_ptr, kfa_ptr, kfb_ptr,
                       H, QH, Q, P, COLS, SKIP, F, TPS, NSPLIT, MT, qk_scale,
                       k_alpha, k_beta, v_alpha, v_beta, v_curv,
                       G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                       K_BASE: tl.constexpr, K_AFFINE: tl.constexpr, V_ZERO: tl.constexpr, V_AFFINE: tl.constexpr,
                       HAS_MASK: tl.constexpr, MAGIC: tl.constexpr, V_CLOSED: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr,
-                      ROPE: tl.constexpr):
+                      ROPE: tl.constexpr, MIXED: tl.constexpr, KW: tl.constexpr):
     pid_bh = tl.program_id(0)                    # (row, KV head)
     pid_s = tl.program_id(1)                     # split; the last one reads the float segment
     b = pid_bh // H
@@ -278,7 +288,19 @@ def _kv_decode_kernel(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, vc_ptr, vs_ptr, v
             if ROPE:                             # pre-RoPE keys: decoded, then turned by t * f, per half
                 s = _rope_scores(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, rope_ptr, qrow, h_ok, qk_scale,
                                  base, slot, tt, t, ok, pid_bh, GP, P, k_alpha, k_beta,
-                                 G, D, KB, K_BASE, K_AFFINE, BLOCK_H, BLOCK_T)
+                                 kc8_ptr, kidx_ptr, ksh_ptr, kmk_ptr, kfa_ptr, kfb_ptr, h,
+                                 G, D, KB, K_BASE, K_AFFINE, BLOCK_H, BLOCK_T, MIXED, KW)
+            elif MIXED:
+                # a key plan: channel d has its own width, x = m + r (fa_d c + fb_d), so
+                # q . x = q . (m + r fb) + (q r fa) . c, codes gathered from their bytes
+                gsl = (base * GP + slot // G) * D + d
+                r = tl.load(ks_ptr + gsl).to(tl.float32)
+                fa = tl.load(kfa_ptr + h * D + d)
+                fb = tl.load(kfb_ptr + h * D + d)
+                qr = q * (r * fa)[None, :]
+                bias = tl.sum(q * (tl.load(kz_ptr + gsl).to(tl.float32) + r * fb)[None, :], 1)
+                kcode = _mixed_codes(kc8_ptr, base * P + slot + tt, ok, kidx_ptr, ksh_ptr, kmk_ptr, h, d, D, KW)
+                s = tl.dot(qr.to(tl.float16), tl.trans(kcode.to(tl.float16))) + bias[:, None]
             else:
                 # keys: q . (m + r (alpha c + beta)) = [q . m + beta (q r) . 1] + alpha (q r) . c
                 r = tl.load(ks_ptr + (base * GP + slot // G) * D + d).to(tl.float32)
@@ -543,18 +565,23 @@ def _combine(q: torch.Tensor, o: torch.Tensor, ml: torch.Tensor) -> torch.Tensor
 
 @triton.jit
 def _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, pid_bh, GP, P, k_alpha, k_beta,
+               kc8_ptr, kidx_ptr, ksh_ptr, kmk_ptr, kfa_ptr, kfb_ptr, h,
                HALF: tl.constexpr, G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, K_BASE: tl.constexpr,
-               K_AFFINE: tl.constexpr, BLOCK_T: tl.constexpr):
+               K_AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, MIXED: tl.constexpr, KW: tl.constexpr):
     """(BLOCK_T, D/2) float32 keys of channels HALF*D/2 .. (HALF+1)*D/2 - 1, decoded (pre-RoPE)."""
     W2: tl.constexpr = D * KB // 64
     c2 = HALF * (D // 2) + tl.arange(0, D // 2)
-    kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + HALF * W2 + tl.arange(0, W2)[None, :],
-                 mask=ok[:, None], other=0)
-    code = _unpack(kw, BLOCK_T, D // 2, KB)
-    if K_AFFINE:
-        lvl = code.to(tl.float32) * k_alpha + k_beta
+    if MIXED:                                    # a key plan: per-channel fields and levels
+        code = _mixed_codes(kc8_ptr, base * P + slot + tt, ok, kidx_ptr, ksh_ptr, kmk_ptr, h, c2, D, KW)
+        lvl = code.to(tl.float32) * tl.load(kfa_ptr + h * D + c2)[None, :] + tl.load(kfb_ptr + h * D + c2)[None, :]
     else:
-        lvl = tl.load(klut_ptr + code).to(tl.float32)
+        kw = tl.load(kc_ptr + (base * P + slot + tt)[:, None] * (D * KB // 32) + HALF * W2 + tl.arange(0, W2)[None, :],
+                     mask=ok[:, None], other=0)
+        code = _unpack(kw, BLOCK_T, D // 2, KB)
+        if K_AFFINE:
+            lvl = code.to(tl.float32) * k_alpha + k_beta
+        else:
+            lvl = tl.load(klut_ptr + code).to(tl.float32)
     x = lvl * tl.load(ks_ptr + (base * GP + slot // G) * D + c2).to(tl.float32)[None, :]
     if K_BASE == 1:
         x += tl.load(kz_ptr + (base * GP + slot // G) * D + c2).to(tl.float32)[None, :]
@@ -566,8 +593,9 @@ def _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, p
 @triton.jit
 def _rope_scores(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, rope_ptr, qrow, h_ok, qk_scale,
                  base, slot, tt, t, ok, pid_bh, GP, P, k_alpha, k_beta,
+                 kc8_ptr, kidx_ptr, ksh_ptr, kmk_ptr, kfa_ptr, kfb_ptr, h,
                  G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, K_BASE: tl.constexpr, K_AFFINE: tl.constexpr,
-                 BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr):
+                 BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, MIXED: tl.constexpr, KW: tl.constexpr):
     """(BLOCK_H, BLOCK_T) scores of pre-RoPE keys: each half decoded, the pair (d, d + D/2) of
     token t turned by the angle t * f_d (float32, as kv/rope.py), then q . k per half."""
     c2 = tl.arange(0, D // 2)
@@ -575,15 +603,33 @@ def _rope_scores(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, rope_ptr, qr
     qb = tl.load(q_ptr + qrow[:, None] * D + D // 2 + c2[None, :], mask=h_ok[:, None], other=0.0).to(tl.float32) \
         * qk_scale
     a = _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, pid_bh, GP, P, k_alpha, k_beta,
-                   0, G, D, KB, K_BASE, K_AFFINE, BLOCK_T)
+                   kc8_ptr, kidx_ptr, ksh_ptr, kmk_ptr, kfa_ptr, kfb_ptr, h,
+                   0, G, D, KB, K_BASE, K_AFFINE, BLOCK_T, MIXED, KW)
     b = _rope_half(kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, base, slot, tt, ok, pid_bh, GP, P, k_alpha, k_beta,
-                   1, G, D, KB, K_BASE, K_AFFINE, BLOCK_T)
+                   kc8_ptr, kidx_ptr, ksh_ptr, kmk_ptr, kfa_ptr, kfb_ptr, h,
+                   1, G, D, KB, K_BASE, K_AFFINE, BLOCK_T, MIXED, KW)
     ang = t.to(tl.float32)[:, None] * tl.load(rope_ptr + c2).to(tl.float32)[None, :]
     cs = tl.cos(ang)
     sn = tl.sin(ang)
     ra = (a * cs - b * sn).to(tl.float16)
     rb = (b * cs + a * sn).to(tl.float16)
     return tl.dot(qa.to(tl.float16), tl.trans(ra)) + tl.dot(qb.to(tl.float16), tl.trans(rb))
+
+
+def key_fields(layout, device) -> tuple:
+    """kv_decode_attention's k_fields of a key plan's RowLayout.mixed (one segment per channel):
+    (byte index, shift, mask) int32 and the levels' (alpha, beta) float32, each (H, D) on `device`:
+    a w-bit field c decodes to m + r (alpha c + beta), alpha = 2 / (2^w - 1), beta = -1 (w = 0:
+    both 0, the group's mid-range m), as kv.codec.mixed_key_affine."""
+    if len(layout.segments) != 1:
+        raise ValueError("key_fields reads a key plan's layout (one field per channel)")
+    idx, shift, mask, _ = layout.segments[0]
+    top = ((1 << layout.widths.to(torch.int64)) - 1).to(torch.float32)
+    alpha = torch.where(top > 0, 2.0 / top.clamp(min=1), torch.zeros_like(top))
+    beta = torch.where(top > 0, -torch.ones_like(top), torch.zeros_like(top))
+    return tuple(t.to(device=device, dtype=dt).contiguous()
+                 for t, dt in ((idx, torch.int32), (shift, torch.int32), (mask, torch.int32),
+                               (alpha, torch.float32), (beta, torch.float32)))
 
 
 def splits_for(B: int, H: int, Q: int, block_t: int, device, per_sm: int = 2) -> int:
@@ -602,7 +648,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
                         num_stages: int | None = None, magic: bool = True,
                         v_closed: float | None = None, fold: bool | None = None,
                         asm: bool | None = None, cuda: bool | None = None, minb: int | None = None,
-                        rope: torch.Tensor | None = None) -> torch.Tensor:
+                        rope: torch.Tensor | None = None, k_fields: tuple | None = None) -> torch.Tensor:
     """softmax(q K^T scale) V for one query token per row: q (B, Hq, D) -> (B, Hq, D) in q's dtype.
 
     K/V: tokens [0, n_tokens) of each row in the pages of `table` (B, columns) int32 (planes:
@@ -627,11 +673,16 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     under the interpreter). cuda: the CUDA kernel (kernels/cuda_kv.py; None: wherever it runs and
     takes the shape, with no mask and no v_closed; True: it or a clear error; False: Triton); minb:
     its register fit (cuda_kv.MIN_BLOCKS). rope (D/2,) float32 on q's device or None: the pages
-    hold pre-RoPE keys (kv/rope.py), turned by t * rope in the first kernel (no fold, no CUDA)."""
+    hold pre-RoPE keys (kv/rope.py), turned by t * rope in the first kernel (no fold, no CUDA).
+    k_fields (idx, shift, mask, alpha, beta), each (H, D) on q's device (int32 x 3, float32 x 2), or
+    None: the keys follow a key plan (kv/plan.py; `key_fields`): channel d of head h is the field
+    (byte idx >> shift) & mask of its row (kc's last dim words, RowLayout.mixed) and decodes to
+    m + r (alpha c + beta) with the group's zero point m and half-range r; read in the first kernel
+    (no fold, no CUDA)."""
     B, Hq, D = q.shape
     kc, ks, kz, vc, vs, vz = planes
     H = kc.shape[1]
-    if Hq % H or D < 32 or D & (D - 1) or k_bits not in (2, 4, 8) or v_bits not in (2, 4, 8):
+    if Hq % H or D < 32 or D & (D - 1) or (k_fields is None and k_bits not in (2, 4, 8)) or v_bits not in (2, 4, 8):
         raise ValueError(f"kv_decode_attention takes Hq a multiple of H, a power-of-two D >= 32 and 2/4/8 bits; "
                          f"got Hq={Hq}, H={H}, D={D}, k{k_bits}v{v_bits}")
     QH = Hq // H
@@ -647,8 +698,15 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     k_mode = 1 if kz is not None else 2 if k_base is not None else 0
     if rope is not None and (rope.shape != (D // 2,) or rope.device != q.device):
         raise ValueError(f"rope must be ({D // 2},) frequencies on {q.device}, got {tuple(rope.shape)} on {rope.device}")
+    if k_fields is not None:
+        if kz is None:
+            raise ValueError("a key plan's pages (k_fields) have key zero points; kz is None")
+        if len(k_fields) != 5 or any(f.shape != (H, D) or f.device != q.device for f in k_fields) \
+                or [f.dtype for f in k_fields] != [torch.int32] * 3 + [torch.float32] * 2:
+            raise ValueError(f"k_fields must be (idx, shift, mask) int32 and (alpha, beta) float32, each ({H}, {D}) "
+                             f"on {q.device} (key_fields)")
     if cuda is not False:
-        why = cuda_reason(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va, rope)
+        why = cuda_reason(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va, rope, k_fields)
         if why is None:
             if splits is None:
                 splits = splits_for(B, H, n_tokens, CUDA_SPLIT_TOKENS, q.device, per_sm=CUDA_PER_SM)
@@ -657,9 +715,11 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         if cuda:
             raise ValueError(f"cuda=True: {why}")
     if fold is None:
-        fold = ka is not None and v_closed is None and group >= 16 and rope is None
+        fold = ka is not None and v_closed is None and group >= 16 and rope is None and k_fields is None
     if fold and rope is not None:
         raise ValueError("the folded kernel does not read pre-RoPE keys (rope)")
+    if fold and k_fields is not None:
+        raise ValueError("the folded kernel does not read a key plan's pages (k_fields)")
     if fold:
         if ka is None:
             raise ValueError("the folded kernel takes affine keys (k_affine)")
@@ -680,6 +740,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         q, kc, ks, kz if kz is not None else ks, k_base.contiguous() if k_base is not None else ks, vc, vs,
         vz if vz is not None else vs, k_lut, v_lut, table, fk, fv, o, ml, mask if mask is not None else table,
         rope if rope is not None else ks,
+        kc.view(torch.uint8) if k_fields is not None else kc, *(k_fields if k_fields is not None else (ks,) * 5),
         H, QH, n_tokens, P, table.shape[1], skip, fk.shape[2], tps, splits,
         mask.shape[1] if mask is not None else 0, scale * 1.4426950408889634,
         ka[0] if ka else 1.0, ka[1] if ka else 0.0, va[0] if va else 1.0, va[1] if va else 0.0,
@@ -687,7 +748,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         G=group, D=D, KB=k_bits, VB=v_bits, K_BASE=k_mode, K_AFFINE=ka is not None, V_ZERO=vz is not None,
         V_AFFINE=va is not None, HAS_MASK=mask is not None, MAGIC=magic,
         V_CLOSED=va is None and v_closed is not None, BLOCK_H=max(16, triton.next_power_of_2(QH)),
-        BLOCK_T=block_t, ROPE=rope is not None, num_warps=num_warps,
+        BLOCK_T=block_t, ROPE=rope is not None, MIXED=k_fields is not None, KW=kc.shape[3], num_warps=num_warps,
         **({} if num_stages is None else dict(num_stages=num_stages)))
     return _combine(q, o, ml)
 
@@ -697,10 +758,13 @@ CUDA_PER_SM = 4              # programs per SM the CUDA kernel's splits aim at (
 CUDA_SPLIT_TOKENS = 64       # fewest page tokens per split (16 per warp)
 
 
-def cuda_reason(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va, rope=None) -> str | None:
+def cuda_reason(q, fk, k_base, mask, v_closed, qh, k_bits, v_bits, group, ka, va, rope=None,
+                k_fields=None) -> str | None:
     """None when kv_decode_attention(cuda=None) runs this call on the CUDA kernel, else why not."""
     if rope is not None:
         return "pre-RoPE keys are read by the Triton kernel"
+    if k_fields is not None:
+        return "a key plan's pages are read by the Triton kernel"
     if mask is not None:
         return "a key padding mask is read by the Triton kernel"
     if v_closed is not None:

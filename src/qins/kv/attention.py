@@ -22,15 +22,15 @@ KERNEL_BITS = (2, 4, 8)
 
 
 def kernel_path(layer, device) -> str | None:
-    """None when the Triton kernels can run this layer on `device`, else the reason."""
+    """None when the Triton kernels can run this layer on `device`, else the reason. A layer with a
+    key plan is read by the first Triton decode kernel (per-channel fields) and sealed by the torch
+    quantizer (the append kernel writes uniform rows)."""
     if not kernels.triton_available():
         return "Triton is not installed"
     if not (torch.device(device).type == "cuda" or kernels._interpreting()):
         return f"the cache is on {device} (Triton runs on CUDA, or on the CPU under TRITON_INTERPRET=1)"
-    if layer.k_widths is not None:
-        return "a key plan (mixed channel widths) is read by the reference"
     kb, vb = layer.k_codec.bits, layer.v_codec.bits
-    if kb not in KERNEL_BITS or vb not in KERNEL_BITS:
+    if (layer.k_widths is None and kb not in KERNEL_BITS) or vb not in KERNEL_BITS:
         return f"k{kb}v{vb}: the kernels read one-plane widths {KERNEL_BITS}"
     D = layer.expect[1] if not layer.is_initialized else layer.keys.shape[3]
     if D is not None and (D < 32 or D & (D - 1)):
@@ -89,8 +89,13 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
     if not layer.kernels:
         layer.last_path = "reference"
         return reference_attention(layer, q, scale, mask)
-    from ..kernels.triton_kv import cuda_reason, kv_decode_attention
+    from ..kernels.triton_kv import cuda_reason, key_fields, kv_decode_attention
     fk, fv, skip = float_segment(layer)
+    fields = None
+    if layer.k_widths is not None:                   # a key plan: per-channel fields, read by Triton
+        if layer._k_fields is None or layer._k_fields[0].device != q.device:
+            layer._k_fields = key_fields(layer.k_layout, q.device)
+        fields = layer._k_fields
     if layer._v_rot is not None:     # rotated values: attend in the rotated frame, turn the output back
         fv = turn(fv, layer._v_rot).to(fv.dtype)
     pool = layer.pool
@@ -99,10 +104,10 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
     # the route is decided here once and handed down, so the label is what ran
     rope = None if layer.rope is None else layer.rope.freqs(q.device)
     on_cuda = cuda_reason(q[:, :, 0], fk, layer.k_offset, mask, None, q.shape[1] // planes[0].shape[1], kb, vb,
-                          layer.group, layer._k_affine, layer._v_affine, rope) is None
+                          layer.group, layer._k_affine, layer._v_affine, rope, fields) is None
     out = kv_decode_attention(q[:, :, 0], planes, layer.table.ids, layer.n_quantized, skip, layer.k_offset,
                               layer.k_codec.lut, layer.v_codec.lut, layer._k_affine, layer._v_affine,
-                              kb, vb, layer.group, fk, fv, scale, mask=mask, cuda=on_cuda, rope=rope)
+                              kb, vb, layer.group, fk, fv, scale, mask=mask, cuda=on_cuda, rope=rope, k_fields=fields)
     layer.last_path = "cuda" if on_cuda else "triton"
     if layer._v_rot is not None:
         out = turn(out, layer._v_rot, inverse=True).to(out.dtype)

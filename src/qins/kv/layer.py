@@ -117,6 +117,7 @@ class QINSLayer(CacheLayerMixin):
         self.rope = rope                 # pre-RoPE keys (rope.py): sealed keys turned back, decoded keys turned
         self.v_rotate = bool(v_rotate)   # rotated values (vrot.py): sealed values @ R, decoded values @ R^T
         self._v_rot = None               # R on the layer's device, set at initialization
+        self._k_fields = None
         self.residual, self.sink, self.page_kb, self.group = residual, sink, page_kb, group
         self.max_tokens = max_tokens
         self.expect = (expect_heads, expect_head_dim)
@@ -216,6 +217,7 @@ class QINSLayer(CacheLayerMixin):
         self._k_table, self._v_table = byte_table(self.k_codec), byte_table(self.v_codec)
         self._mids = None
         self._v_rot = value_rotation(D, str(self.device)) if self.v_rotate else None
+        self._k_fields = None            # a key plan's fields for the decode kernel (kv/attention.py), on first use
         self.is_initialized = True
 
     @property
@@ -319,7 +321,7 @@ class QINSLayer(CacheLayerMixin):
                 self.keys, self.values = self.keys.clone(), self.values.clone()
             return
         k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self._pre_v(self.values[:, :, :n])
-        if self.kernels:                                              # quantize-on-append, one launch
+        if self.kernels and self.k_widths is None:                    # quantize-on-append, one launch (uniform rows)
             self._seal_kernel(k, v)
             self.keys = self.keys[:, :, n:].clone()
             self.values = self.values[:, :, n:].clone()
