@@ -21,7 +21,7 @@ import torch
 from qins.eval.harness import Harness, Protocol
 from qins.eval.kv import measure_dynamic, measure_kv, measure_quantized_cache
 from qins.kv.config import KVConfig
-from qins.kv.plan import resolve_key_plan
+from qins.kv.plan import SAMPLE_TOKENS, SAMPLES, calibrate_keys, model_samples, resolve_key_plan
 from qins.metrics.render import Column, markdown_table
 
 # (label, KVConfig fields, token match?)
@@ -39,6 +39,14 @@ ROWS: list[tuple[str, dict, bool]] = [
                                                                     v_rotate=True), False),
     ("qins 4 bits, residual 0, pre-RoPE keys, rotated values, key plan",
      dict(k_bits=4, residual=0, k_prerope=True, v_rotate=True, plan=True), False),
+    # key plans calibrated on text the model writes itself (kv.plan.model_samples): no text needed
+    ("qins 4 bits, residual 0, sampled key plan", dict(k_bits=4, residual=0, plan="sampled"), False),
+    ("qins 4 bits, residual 0, pre-RoPE keys, sampled key plan",
+     dict(k_bits=4, residual=0, k_prerope=True, plan="sampled"), False),
+    ("qins 4 bits, residual 0, pre-RoPE keys, rotated values, sampled key plan",
+     dict(k_bits=4, residual=0, k_prerope=True, v_rotate=True, plan="sampled"), False),
+    ("qins 3 bits, residual 0, pre-RoPE keys, rotated values, sampled key plan",
+     dict(k_bits=3, residual=0, k_prerope=True, v_rotate=True, plan="sampled"), False),
     ("qins 4 bits, residual 0, key plan, value curvature 1", dict(k_bits=4, residual=0, v_curvature=1.0, plan=True),
      False),
     ("qins 4 bits, residual 0, no sink", dict(k_bits=4, residual=0, sink=0), False),
@@ -110,6 +118,7 @@ def main(argv=None) -> int:
         jl.flush()
         print(markdown_table([r], COLUMNS).splitlines()[-1], flush=True)
 
+    samples = {}
     also = {}
     for spec in a.also:
         name, path = spec.split("=", 1)
@@ -122,10 +131,18 @@ def main(argv=None) -> int:
         fields = dict(fields)
         want_plan = fields.pop("plan", False)
         config = KVConfig(**fields)
-        # a key plan is calibrated once, on the corpus's windows 0..7, and used on every text
-        plan = resolve_key_plan("auto", model, config, lambda: h.calibration_windows,
-                                f"calibration {h.describe()['calibration_windows']}", h.protocol.batch_size,
-                                True) if want_plan else None
+        # a key plan is calibrated once, on the corpus's windows 0..7 (or on the model's own samples,
+        # written once per run), and used on every text
+        if want_plan == "sampled":
+            if "sampled" not in samples:
+                samples["sampled"] = model_samples(model, SAMPLES, SAMPLE_TOKENS)
+            w = samples["sampled"]
+            plan = calibrate_keys(model, w, config, batch_size=h.protocol.batch_size,
+                                  source=f"{w.shape[0]} samples of {w.shape[1]} tokens the model wrote (seed 0)")
+        else:
+            plan = resolve_key_plan("auto", model, config, lambda: h.calibration_windows,
+                                    f"calibration {h.describe()['calibration_windows']}", h.protocol.batch_size,
+                                    True) if want_plan else None
         r = measure_kv(h, model, config, a.chunk, match=match and a.prompts > 0, label=label, key_plan=plan)
         for name, (path, ha) in also.items():
             ra = measure_kv(ha, model, config, a.chunk, match=False, label=label, key_plan=plan)
@@ -158,7 +175,9 @@ def main(argv=None) -> int:
           f"back from the cache. Reference perplexity (no cache, one pass) {d['ppl_ref']:.4f}. "
           f"Machine: {d['machine']}.", "",
           f"Key plan rows: per-channel key widths calibrated (qins.kv.calibrate_keys) on "
-          f"{d['calibration_windows']}, disjoint from the evaluation windows, at the same bits per element.", "",
+          f"{d['calibration_windows']}, disjoint from the evaluation windows, at the same bits per element; "
+          f"'sampled key plan' rows: on {SAMPLES} x {SAMPLE_TOKENS} tokens the model wrote itself "
+          f"(qins.kv.plan.model_samples, temperature 1, seed 0), no text read.", "",
           "bits/element: everything the cache holds at 4096 tokens of context, batch 1 (codes, scales, zero "
           "points, offsets, sink copies, fp regions, page slack), over K and V elements. "
           "Token match: greedy, "

@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--score", default="8:24")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--cfg", nargs="*", default=["{}"], help="extra KVConfig fields (JSON), one run per value")
+    ap.add_argument("--menu", default=None, help="plan widths, e.g. 0,1,2,3,4,5,6,7,8 (default kv.plan.MENU)")
     a = ap.parse_args()
     tok, model = qins.load_default_model()
     w = token_windows(tok, default_corpus(), 512)
@@ -56,15 +58,20 @@ def main():
         else:
             raise SystemExit(f"unknown source {src}")
         print(json.dumps(dict(source=src, seconds=round(time.perf_counter() - t0, 1))), flush=True)
+    menu = {} if a.menu is None else dict(menu=tuple(int(x) for x in a.menu.split(",")))
     for conf in a.configs:
         parts = set(conf.split(","))
-        c = KVConfig(k_bits=4, residual=0, k_prerope="pre" in parts, v_rotate="vrot" in parts)
-        for src in ([] if a.no_none else ["none"]) + a.sources:
-            t0 = time.perf_counter()
-            plan = None if src == "none" else calibrate_keys(model, cal[src], c, progress=False)
-            r = evaluate(model, ref, 4, False, make_cache=lambda: QINSCache(model, config=c, key_plan=plan), chunk=32)
-            print(json.dumps(dict(config=conf, plan=src, ppl_inc=round(100 * (r["ppl"] / r["ppl_ref"] - 1), 3),
-                                  kl=round(r["kl"], 5), seconds=round(time.perf_counter() - t0))), flush=True)
+        for extra in a.cfg:
+            c = KVConfig(**{"k_bits": 4, "residual": 0, "k_prerope": "pre" in parts, "v_rotate": "vrot" in parts,
+                            **json.loads(extra)})
+            for src in ([] if a.no_none else ["none"]) + a.sources:
+                t0 = time.perf_counter()
+                plan = None if src == "none" else calibrate_keys(model, cal[src], c, progress=False, **menu)
+                r = evaluate(model, ref, 4, False, make_cache=lambda: QINSCache(model, config=c, key_plan=plan),
+                             chunk=32)
+                print(json.dumps(dict(config=conf, extra=json.loads(extra), menu=a.menu, plan=src,
+                                      ppl_inc=round(100 * (r["ppl"] / r["ppl_ref"] - 1), 3), kl=round(r["kl"], 5),
+                                      seconds=round(time.perf_counter() - t0))), flush=True)
 
 
 if __name__ == "__main__":
