@@ -255,6 +255,18 @@ def test_model_samples_suppress_eos_and_reject_bad_arguments(make_model):
         model_samples(model, 1, 12, progress=False)
 
 
+def test_samples_stay_within_the_models_positions(make_model, monkeypatch):
+    # GPT-2's learned positions end at n_positions (64 here): longer samples are a clear error, and a
+    # "sampled" plan shortens its samples to fit
+    import qins.kv.plan as P
+    model = make_model("gpt2")
+    with pytest.raises(ValueError, match="longer than the model's 64 positions"):
+        model_samples(model, 1, 65, progress=False)
+    monkeypatch.setattr(P, "SAMPLES", 2)
+    plan = resolve_key_plan("sampled", model, KVConfig(k_bits=4, residual=0, group=16), progress=False)
+    assert "2 samples of 64 tokens" in plan.source
+
+
 def test_sampled_plan_needs_no_text(monkeypatch):
     # resolve_key_plan("sampled") calibrates on the model's own samples: the plan still finds the
     # channels queries weigh (the test above, with samples in place of random windows)

@@ -293,6 +293,9 @@ def model_samples(model, n: int = SAMPLES, length: int = SAMPLE_TOKENS, *, seed:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     gc, cfg = getattr(model, "generation_config", None), model.config
+    limit = _max_positions(cfg)
+    if limit is not None and length > limit:
+        raise ValueError(f"samples of {length} tokens are longer than the model's {limit} positions")
 
     def first(*vals):
         for v in vals:
@@ -323,6 +326,15 @@ def model_samples(model, n: int = SAMPLES, length: int = SAMPLE_TOKENS, *, seed:
     return torch.cat(rows)
 
 
+def _max_positions(cfg) -> int | None:
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("max_position_embeddings", "n_positions"):
+        v = getattr(text, name, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 def resolve_key_plan(key_plan, model, config: KVConfig, windows=None, source: str = "", batch_size: int = 4,
                      progress: bool = True) -> KeyPlan | None:
     """None, a KeyPlan, a path to a saved one, "auto": calibrate `model` on `windows` (a callable
@@ -331,7 +343,8 @@ def resolve_key_plan(key_plan, model, config: KVConfig, windows=None, source: st
     if key_plan is None or isinstance(key_plan, KeyPlan):
         return key_plan
     if key_plan == "sampled":
-        w = model_samples(model, SAMPLES, SAMPLE_TOKENS, progress=progress)
+        w = model_samples(model, SAMPLES, min(SAMPLE_TOKENS, _max_positions(model.config) or SAMPLE_TOKENS),
+                          progress=progress)
         return calibrate_keys(model, w, config, batch_size=batch_size, progress=progress,
                               source=f"{w.shape[0]} samples of {w.shape[1]} tokens the model wrote "
                                      f"(temperature 1, seed 0)")
