@@ -267,6 +267,31 @@ def test_samples_stay_within_the_models_positions(make_model, monkeypatch):
     assert "2 samples of 64 tokens" in plan.source
 
 
+def test_cache_takes_a_plan_by_name(make_model, monkeypatch, tmp_path):
+    # QINSCache(model, key_plan="sampled") samples once per model and config (evaluate builds a cache
+    # per batch), a path loads a saved plan; "auto" (needs text) and a config alone are clear errors
+    import qins.kv.plan as P
+    model = _query_weighted_model("llama")
+    model.config.bos_token_id = model.generation_config.bos_token_id = 1
+    monkeypatch.setattr(P, "SAMPLES", 2)
+    monkeypatch.setattr(P, "SAMPLE_TOKENS", 40)
+    calls = []
+    real = P.model_samples
+    monkeypatch.setattr(P, "model_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    kw = dict(bits=4, residual=0, group=16)
+    a, b = QINSCache(model, key_plan="sampled", **kw), QINSCache(model, key_plan="sampled", **kw)
+    assert a.key_plan is b.key_plan and len(calls) == 1 and a.key_plan.layers
+    assert QINSCache(model, key_plan="sampled", k_prerope=True, **kw).key_plan.prerope and len(calls) == 2
+    path = a.key_plan.save(tmp_path / "p.json")
+    assert QINSCache(model, key_plan=str(path), **kw).key_plan.layers == a.key_plan.layers
+    with pytest.raises(ValueError, match="needs the model"):
+        QINSCache(model.config, key_plan="sampled", **kw)
+    with pytest.raises(ValueError, match="calibrates on text"):
+        QINSCache(model, key_plan="auto", **kw)
+    with pytest.raises(ValueError, match="no such file"):
+        QINSCache(model, key_plan=str(tmp_path / "none.json"), **kw)
+
+
 def test_sampled_plan_needs_no_text(monkeypatch):
     # resolve_key_plan("sampled") calibrates on the model's own samples: the plan still finds the
     # channels queries weigh (the test above, with samples in place of random windows)

@@ -10,6 +10,11 @@ transformers' own dynamic layer, uncompressed (their keys and values, if any, ar
 """
 from __future__ import annotations
 
+import json
+import os
+import weakref
+from pathlib import Path
+
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
@@ -39,6 +44,29 @@ def _heads_per_rank(model, heads: int) -> int:
     return heads // tp
 
 
+_SAMPLED_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {config JSON: KeyPlan}
+
+
+def _named_plan(model, cfg: KVConfig, name):
+    """QINSCache's key_plan given by name: "sampled" (memoized per model and config, so a cache
+    per batch does not sample again) or a saved plan's path."""
+    from .plan import KeyPlan, resolve_key_plan
+    if name == "sampled":
+        if getattr(model, "parameters", None) is None:
+            raise ValueError("key_plan='sampled' needs the model (not its config): the model writes the text")
+        memo = _SAMPLED_PLANS.setdefault(model, {})
+        key = json.dumps(cfg.to_dict(), sort_keys=True)
+        if key not in memo:
+            memo[key] = resolve_key_plan("sampled", model, cfg)
+        return memo[key]
+    if name == "auto":
+        raise ValueError("key_plan='auto' calibrates on text: pass qins.calibrate_keys(model, windows, config), "
+                         "'sampled' (no text) or a saved plan's path")
+    if not Path(name).is_file():
+        raise ValueError(f"key_plan: no such file {str(name)!r} (a KeyPlan, its path, or 'sampled')")
+    return KeyPlan.load(name)
+
+
 class QINSCache(Cache):
     """A transformers Cache that stores full-attention K/V as bit-packed QINS pages.
 
@@ -49,8 +77,9 @@ class QINSCache(Cache):
     `model` is a PreTrainedModel or its config. Keyword fields of KVConfig (v_bits, sink,
     group, format, layer_bits, k_curvature, ...) override `config` (default KVConfig()).
     `bits` sets k_bits (and v_bits unless given). `key_plan` (a KeyPlan from
-    `qins.kv.calibrate_keys`) gives the keys of each layer it covers calibrated widths per
-    channel at the same bits per element (plan.py). `max_tokens` (per sequence) preallocates
+    `qins.kv.calibrate_keys`, the path of a saved one, or "sampled": calibrated on text the model
+    writes itself, once per model and config, kv.plan.model_samples) gives the keys of each layer
+    it covers calibrated widths per channel at the same bits per element (plan.py). `max_tokens` (per sequence) preallocates
     each layer's page pool (store.PoolExhausted past it); None grows it.
 
     Paths (`paths()` says which ran): on CUDA, with `model` a model on SDPA, decode steps run
@@ -81,6 +110,8 @@ class QINSCache(Cache):
         model_config = getattr(model, "config", model)
         n_layers, heads, head_dim = _compat.kv_shape(model_config)
         heads = _heads_per_rank(model, heads)
+        if isinstance(key_plan, (str, os.PathLike)):
+            key_plan = _named_plan(model, cfg, key_plan)
         if key_plan is not None and heads != _compat.kv_shape(model_config)[1]:
             raise ValueError("a key plan is per KV head of the whole model; it is not supported with the "
                              "heads split by tensor parallelism")
