@@ -22,25 +22,31 @@ CASES = [  # (k_bits, v_bits, group, k_zero, v_zero, v_curvature, sink, dtype)
                                                        if CUDA else [])
 
 
-def _layer(kb, vb, group, k_zero, v_zero, a, sink, H, D, rope=None, vrot=False):
+def _layer(kb, vb, group, k_zero, v_zero, a, sink, H, D, rope=None, vrot=False, widths=None):
     return QINSLayer(kb, vb, residual=3, group=group, page_kb=16, sink=sink, k_zero=k_zero, v_zero=v_zero,
-                     v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope, v_rotate=vrot)
+                     v_curvature=a, expect_heads=H, expect_head_dim=D, rope=rope, v_rotate=vrot, k_widths=widths)
 
 
-@pytest.mark.parametrize("prerope", [False, True])
+@pytest.mark.parametrize("prerope,plan", [(False, False), (True, False), (False, True), (True, True)])
 @pytest.mark.parametrize("case", CASES)
-def test_append_kernel_matches_reference(case, prerope, monkeypatch):
+def test_append_kernel_matches_reference(case, prerope, plan, monkeypatch):
     # prerope: keys turned back by their position's RoPE angle before either path quantizes them,
-    # with rotated values (kv/vrot.py) as well
+    # with rotated values (kv/vrot.py) as well; plan: a key plan's channel widths (0..8 bits, fields
+    # packed into bytes), encoded on each channel's grid
     *case, dtype = case
+    if plan and (not case[3] or case[0] == 8):
+        pytest.skip("key plans are for keys with zero points below 8 bits")
     B, H, D = (3, 3, 32) if not CUDA else (4, 8, 128)
+    from .test_kv_attention import _plan_widths
+    widths = _plan_widths(H, D, case[0], 11) if plan else None
     g = torch.Generator().manual_seed(sum(case[:3]))
     chunks = [torch.randn(B, H, n, D, generator=g) * 2 + 0.3 for n in ((45, 1, 40, 2) if not CUDA else (700, 1, 300))]
     chunks[0][:, :, 0] *= 30                                      # an outlier sink token
     layers = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("QINS_KERNELS", backend)
-        layer = _layer(*case, H, D, Rope(1.0 / 300.0 ** (torch.arange(0, D, 2) / D)) if prerope else None, prerope)
+        layer = _layer(*case, H, D, Rope(1.0 / 300.0 ** (torch.arange(0, D, 2) / D)) if prerope else None, prerope,
+                       widths)
         for x in chunks:
             layer.update(x.to(DEVICE, dtype), x.flip(3).to(DEVICE, dtype))
         assert layer.kernels == (backend == "triton")

@@ -73,10 +73,10 @@ def _pack(codes, ROWS: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
 
 @triton.jit
 def _kv_append_kernel(k_ptr, v_ptr, off_ptr, table_ptr, kc_ptr, ks_ptr, kz_ptr, vc_ptr, vs_ptr, vz_ptr,
-                      kmids_ptr, vmids_ptr, H, T0, P, COLS, SINK,
+                      kmids_ptr, vmids_ptr, kidx_ptr, ksh_ptr, ktop_ptr, H, T0, P, COLS, SINK,
                       G: tl.constexpr, D: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
                       K_ZERO: tl.constexpr, K_SIGNED: tl.constexpr, HAS_OFF: tl.constexpr,
-                      V_ZERO: tl.constexpr, V_SIGNED: tl.constexpr):
+                      V_ZERO: tl.constexpr, V_SIGNED: tl.constexpr, MIXED: tl.constexpr, KW: tl.constexpr):
     pid_bh = tl.program_id(0)
     j = tl.program_id(1)                         # group j of this append
     b = pid_bh // H
@@ -109,7 +109,11 @@ def _kv_append_kernel(k_ptr, v_ptr, off_ptr, table_ptr, kc_ptr, ks_ptr, kz_ptr, 
         rf = r16.to(tl.float32)
         y = tl.math.div_rn(k, rf[None, :])
     y = tl.minimum(tl.maximum(y, -1.0), 1.0)
-    kcode = _bucket(y, kmids_ptr, KB)
+    if MIXED:                                    # a key plan: channel d on the zero-point grid of its width
+        top = tl.load(ktop_ptr + h * D + d)      # 2^w - 1 (float32; 0: no field)
+        kcode = tl.minimum(tl.maximum(tl.floor((y + 1.0) * 0.5 * top[None, :] + 0.5), 0.0), top[None, :]).to(tl.int32)
+    else:
+        kcode = _bucket(y, kmids_ptr, KB)
     # values: one scale (and zero point) per token over D channels
     v = tl.load(v_ptr + (pid_bh * n_tok + j * G + t)[:, None] * D + d[None, :]).to(tl.float32)
     vhi = tl.max(v, 1)
@@ -135,10 +139,20 @@ def _kv_append_kernel(k_ptr, v_ptr, off_ptr, table_ptr, kc_ptr, ks_ptr, kz_ptr, 
     tok = T0 + j * G
     page = tl.load(table_ptr + b * COLS + tok // P).to(tl.int64)
     slot = tok % P
-    kw = _pack(kcode, G, D, KB)
     vw = _pack(vcode, G, D, VB)
     base = page * H + h                          # (page, head)
-    tl.store(kc_ptr + (base * P + slot + t)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :], kw)
+    if MIXED:                                    # fields into their bytes: word idx // 4, bit 8 (idx % 4) + shift
+        kidx = tl.load(kidx_ptr + h * D + d)
+        part = kcode << ((kidx % 4) * 8 + tl.load(ksh_ptr + h * D + d))[None, :]
+        wi = tl.arange(0, KW)
+        kw = tl.zeros((G, KW), tl.int32)
+        for w in tl.static_range(KW):            # disjoint fields: the sum is the OR
+            col = tl.sum(tl.where((kidx // 4 == w)[None, :], part, 0), 1)
+            kw = tl.where((wi == w)[None, :], col[:, None], kw)
+        tl.store(kc_ptr + (base * P + slot + t)[:, None] * KW + wi[None, :], kw)
+    else:
+        kw = _pack(kcode, G, D, KB)
+        tl.store(kc_ptr + (base * P + slot + t)[:, None] * (D * KB // 32) + tl.arange(0, D * KB // 32)[None, :], kw)
     tl.store(vc_ptr + (base * P + slot + t)[:, None] * (D * VB // 32) + tl.arange(0, D * VB // 32)[None, :], vw)
     GP = P // G
     tl.store(ks_ptr + (base * GP + slot // G) * D + d, r16)
@@ -158,9 +172,11 @@ def padded_mids(mids: torch.Tensor, bits: int) -> torch.Tensor:
 
 def kv_append(k: torch.Tensor, v: torch.Tensor, k_offset: torch.Tensor | None, table: torch.Tensor, t0: int,
               planes: tuple, k_mids: torch.Tensor, v_mids: torch.Tensor, k_bits: int, v_bits: int, group: int,
-              k_signed: bool, v_signed: bool, sink: int = 0) -> None:
+              k_signed: bool, v_signed: bool, sink: int = 0, k_fields: tuple | None = None) -> None:
     """Quantize k, v (B, H, n G, D) (n whole groups, tokens t0 .. t0 + n G - 1 of every row,
     t0 a multiple of G) into the pages `table` (B, columns) int32 points at.
+    k_fields (key_fields of a key plan's layout, or None): keys on each channel's own width,
+    packed into its byte field (kv.codec.encode_keys_mixed's rounding; needs key zero points).
 
     planes: the pool's (k_codes, k_scale, k_zero or None, v_codes, v_scale, v_zero or None).
     k_offset (B, H, 1, D) fp16: subtracted from keys first (keys without zero points).
@@ -169,21 +185,30 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, k_offset: torch.Tensor | None, t
     B, H, T, D = k.shape
     if T % group or t0 % group:
         raise ValueError(f"kv_append takes whole groups of {group} tokens at a group boundary, got {T} at {t0}")
-    if k_bits not in (2, 4, 8) or v_bits not in (2, 4, 8) or D < 32 or D & (D - 1):
+    if (k_fields is None and k_bits not in (2, 4, 8)) or v_bits not in (2, 4, 8) or D < 32 or D & (D - 1):
         raise ValueError(f"kv_append supports 2, 4 and 8 bits and a power-of-two head dim >= 32, "
                          f"got k{k_bits} v{v_bits} D={D}")
     if T == 0:
         return
     kc, ks, kz, vc, vs, vz = planes
     P = kc.shape[2]
+    if k_fields is not None:
+        if kz is None:
+            raise ValueError("a key plan's pages (k_fields) have key zero points; the pool has none")
+        idx, shift, mask = k_fields[:3]
+        top = mask.to(torch.float32)            # a w-bit field's mask is 2^w - 1, its top code
     k, v = k.contiguous(), v.contiguous()
     off = k_offset.contiguous() if k_offset is not None else k
     grid = (B * H, T // group)
+    mixed = k_fields is not None
     _kv_append_kernel[grid](k, v, off, table, kc, ks, kz if kz is not None else ks, vc, vs,
-                            vz if vz is not None else vs, k_mids, v_mids, H, t0, P, table.shape[1], sink,
+                            vz if vz is not None else vs, k_mids, v_mids, *((idx, shift, top) if mixed else (ks,) * 3),
+                            H, t0, P, table.shape[1], sink,
                             G=group, D=D, KB=k_bits, VB=v_bits, K_ZERO=kz is not None, K_SIGNED=k_signed,
                             HAS_OFF=k_offset is not None, V_ZERO=vz is not None, V_SIGNED=v_signed,
-                            num_warps=4)
+                            MIXED=mixed, KW=kc.shape[3], num_warps=4,
+                            # a key plan's codes round (y + 1) / 2 * top + 1/2 as torch does: no fused multiply-add
+                            **({"enable_fp_fusion": False} if mixed else {}))
 
 
 @triton.jit

@@ -23,8 +23,8 @@ KERNEL_BITS = (2, 4, 8)
 
 def kernel_path(layer, device) -> str | None:
     """None when the Triton kernels can run this layer on `device`, else the reason. A layer with a
-    key plan is read by the first Triton decode kernel (per-channel fields) and sealed by the torch
-    quantizer (the append kernel writes uniform rows)."""
+    key plan is read by the first Triton decode kernel and sealed by the append kernel (per-channel
+    fields)."""
     if not kernels.triton_available():
         return "Triton is not installed"
     if not (torch.device(device).type == "cuda" or kernels._interpreting()):
@@ -89,13 +89,9 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
     if not layer.kernels:
         layer.last_path = "reference"
         return reference_attention(layer, q, scale, mask)
-    from ..kernels.triton_kv import cuda_reason, key_fields, kv_decode_attention
+    from ..kernels.triton_kv import cuda_reason, kv_decode_attention
     fk, fv, skip = float_segment(layer)
-    fields = None
-    if layer.k_widths is not None:                   # a key plan: per-channel fields, read by Triton
-        if layer._k_fields is None or layer._k_fields[0].device != q.device:
-            layer._k_fields = key_fields(layer.k_layout, q.device)
-        fields = layer._k_fields
+    fields = layer.key_fields()                       # a key plan: per-channel fields, read by Triton
     if layer._v_rot is not None:     # rotated values: attend in the rotated frame, turn the output back
         fv = turn(fv, layer._v_rot).to(fv.dtype)
     pool = layer.pool

@@ -321,7 +321,7 @@ class QINSLayer(CacheLayerMixin):
                 self.keys, self.values = self.keys.clone(), self.values.clone()
             return
         k, v = self._pre(self.keys[:, :, :n], self.n_quantized), self._pre_v(self.values[:, :, :n])
-        if self.kernels and self.k_widths is None:                    # quantize-on-append, one launch (uniform rows)
+        if self.kernels:                                              # quantize-on-append, one launch
             self._seal_kernel(k, v)
             self.keys = self.keys[:, :, n:].clone()
             self.values = self.values[:, :, n:].clone()
@@ -359,8 +359,18 @@ class QINSLayer(CacheLayerMixin):
             t.own(self.pool, col)
         kv_append(k, v, self.k_offset, t.ids, t0, tuple(getattr(self.pool, p) for p in PagePool.PLANES),
                   *self._mids, self.k_codec.bits, self.v_codec.bits, self.group, self.k_codec.signed_scale,
-                  self.v_codec.signed_scale, sink)
+                  self.v_codec.signed_scale, sink, k_fields=self.key_fields())
         t.n_tokens = t0 + n
+
+    def key_fields(self):
+        """A key plan's per-channel fields for the kernels (kernels.triton_kv.key_fields) on the
+        layer's device, built once; None for uniform keys."""
+        if self.k_widths is None:
+            return None
+        if self._k_fields is None or self._k_fields[0].device != self.device:
+            from ..kernels.triton_kv import key_fields
+            self._k_fields = key_fields(self.k_layout, self.device)
+        return self._k_fields
 
     def _write(self, t0: int, kw, ks, kz, vw, vs, vz) -> None:
         """Write tokens [t0, t0 + n) of every row into their pages: kw/vw (B, H, n, W) int32,
