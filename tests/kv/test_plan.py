@@ -339,3 +339,22 @@ def test_key_plan_lowers_kl_on_the_default_model():
     kl_s, kl_none = (evaluate(model, ref, 2, False, make_cache=lambda p=p: QINSCache(model, config=rot, key_plan=p),
                               chunk=32)["kl"] for p in (sampled, None))
     assert kl_s < 1.2 * kl_rot and kl_s < 0.75 * kl_none, (kl_s, kl_rot, kl_none)
+
+
+def test_quantized_model_takes_plans_and_the_paged_route(make_model):
+    # a model with QINS linears holds WeightConfigs as `.config` beside its transformers configs:
+    # the attention hook of calibrate_keys and the qins_paged route switch only the latter
+    # (before: calibration raised FrozenInstanceError, and the paged route silently refused a
+    # compressed model, so on CUDA its cache never reached the kernels)
+    import qins
+    model = qins.quantize(make_model("llama", tie=False), qins.WeightConfig("qins", 4, 64), progress=False)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(3))
+    cfg = KVConfig(k_bits=4, residual=0, group=16)
+    plan = calibrate_keys(model, ids, cfg, progress=False)
+    assert plan.prerope is False and model.config._attn_implementation == "sdpa"     # restored
+    cache = QINSCache(model, config=cfg.replace(v_rotate=True), key_plan=plan)
+    assert cache.paged and model.config._attn_implementation == "qins_paged"
+    with torch.inference_mode():
+        out = model.generate(ids[:, :24], max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kw(model, cache))
+    assert out.shape == (2, 28)

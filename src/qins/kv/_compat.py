@@ -35,6 +35,20 @@ def kv_shape(config) -> tuple[int, int, int]:
     return c.num_hidden_layers, heads, head_dim
 
 
+def model_configs(model) -> list:
+    """The transformers configs a model's modules hold (the model's, its sub-models', its
+    attention modules'), each once; other `.config` attributes (a QINSLinear's WeightConfig)
+    are not the model's and are left out."""
+    from transformers import PretrainedConfig
+    out, seen = [], set()
+    for m in model.modules():
+        c = getattr(m, "config", None)
+        if isinstance(c, PretrainedConfig) and id(c) not in seen:
+            seen.add(id(c))
+            out.append(c)
+    return out
+
+
 @contextlib.contextmanager
 def attention_hook(model, name: str, fn):
     """Route every attention call of `model` through fn(module, q, k, v, mask, **kw) while
@@ -42,7 +56,7 @@ def attention_hook(model, name: str, fn):
     each config's implementation after. fn sees q, k, v after RoPE, as a cache does."""
     from transformers import AttentionInterface
     AttentionInterface.register(name, fn)
-    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    configs = model_configs(model)
     before = [getattr(c, "_attn_implementation", None) for c in configs]
     try:
         for c in configs:

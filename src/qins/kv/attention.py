@@ -166,7 +166,8 @@ def install(model) -> bool:
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(NAME, paged_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    configs = [m.config for m in model.modules() if hasattr(m, "config")]
+    from ._compat import model_configs
+    configs = model_configs(model)
     if any(getattr(c, "_attn_implementation", None) not in ("sdpa", NAME) for c in configs):
         return False
     for c in configs:
