@@ -358,3 +358,39 @@ def test_quantized_model_takes_plans_and_the_paged_route(make_model):
     with torch.inference_mode():
         out = model.generate(ids[:, :24], max_new_tokens=4, do_sample=False, pad_token_id=0, **cache_kw(model, cache))
     assert out.shape == (2, 28)
+
+
+@pytest.mark.parametrize("arch", ["llama-sdpa", "llama-eager", "gemma2-eager"])
+def test_attention_hook_computes_what_the_model_would(arch):
+    # calibrate_keys watches q, k, v through an attention hook; the hook attends with the model's own
+    # implementation and masks (eager for Gemma 2, whose scores are soft-capped: SDPA refuses them),
+    # so the model under the hook gives its own logits, and a plan calibrates on any implementation
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from qins.kv import _compat
+    torch.manual_seed(0)
+    kw = dict(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, initializer_range=0.2)
+    if arch.startswith("gemma2"):
+        model = Gemma2ForCausalLM(Gemma2Config(**kw, head_dim=32, sliding_window=16)).eval()
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**kw, attn_implementation=arch.split("-")[1])).eval()
+    assert model.config._attn_implementation == arch.split("-")[1]
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    attend, seen = _compat.original_attention(model), []
+
+    def hook(module, q, k, v, mask, **kw):
+        seen.append(module.layer_idx)
+        return attend(module, q, k, v, mask, **kw)
+    with torch.inference_mode():
+        ref = model(ids).logits
+        with _compat.attention_hook(model, "qins_test_hook", hook):
+            got = model(ids).logits
+    assert sorted(seen) == [0, 1] and model.config._attn_implementation == arch.split("-")[1]
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    plan = calibrate_keys(model, ids, KVConfig(k_bits=4, residual=0, group=16), progress=False)
+    # Gemma 2's one full-attention layer (layer 1; layer 0 slides) keeps uniform widths on these
+    # random weights: calibration runs, nothing to plan
+    if arch.startswith("gemma2"):
+        assert set(plan.layers) <= {1}
+    else:
+        assert plan.layers

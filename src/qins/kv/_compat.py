@@ -49,13 +49,41 @@ def model_configs(model) -> list:
     return out
 
 
+def _implementation(model) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def original_attention(model):
+    """attend(module, q, k, v, mask, **kw): the attention `model` is configured with (sdpa, flash,
+    flex, a registered one, or eager: the module's own `eager_attention_forward`), so a hook that
+    only watches q, k, v computes what the model would (eager is how Gemma 2 soft-caps scores)."""
+    from transformers import AttentionInterface
+    impl = _implementation(model)
+    if impl != "eager":
+        return AttentionInterface()[impl]
+
+    def eager(module, *args, **kw):
+        import sys
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is None:
+            raise ValueError(f"{type(module).__name__} uses eager attention but its module defines no "
+                             f"eager_attention_forward: load the model with attn_implementation='sdpa'")
+        return fn(module, *args, **kw)
+    return eager
+
+
 @contextlib.contextmanager
 def attention_hook(model, name: str, fn):
     """Route every attention call of `model` through fn(module, q, k, v, mask, **kw) while
-    inside the block (registered in transformers' AttentionInterface as `name`), restoring
-    each config's implementation after. fn sees q, k, v after RoPE, as a cache does."""
+    inside the block (registered in transformers' AttentionInterface as `name`, with the masks
+    of the model's own implementation), restoring each config's implementation after. fn sees
+    q, k, v after RoPE, as a cache does; it computes attention itself (`original_attention`)."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
     AttentionInterface.register(name, fn)
+    impl = _implementation(model)
+    AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[impl] if impl in ALL_MASK_ATTENTION_FUNCTIONS
+                                    else sdpa_mask)
     configs = model_configs(model)
     before = [getattr(c, "_attn_implementation", None) for c in configs]
     try:

@@ -207,7 +207,6 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
     `config.sink` tokens of each window are left out, as the cache keeps them in full precision.
     """
     from tqdm.auto import tqdm
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from . import _compat
     cfg = config or KVConfig()
@@ -254,8 +253,9 @@ def calibrate_keys(model, windows: torch.Tensor, config: KVConfig | None = None,
             kk = k[:, :, S:S + n] if i not in ropes else ropes[i].rotate(k[:, :, S:S + n], S, inverse=True)
             for j, w in enumerate(menu):
                 err[i][:, :, j] += _grid_error(kk, w, G)
-        return sdpa_attention_forward(module, q, k, v, mask, **kw)
+        return attend(module, q, k, v, mask, **kw)
 
+    attend = _compat.original_attention(model)
     device = next(model.parameters()).device
     with _compat.attention_hook(model, "qins_key_plan", hook), torch.inference_mode():
         for s in tqdm(range(0, windows.shape[0], batch_size), desc="key plan", disable=not progress):
