@@ -12,14 +12,29 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and putting it back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike):
     """A binary file to stream into; on a clean exit it is fsynced and renamed to `path`, on
-    an exception removed, so `path` holds the previous file (or none). Parents are created."""
+    an exception removed, so `path` holds the previous file (or none). Parents are created.
+    The file gets the mode a plain open would give it (the replaced file's, else 0o666 less the
+    umask), not the temporary file's 0o600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
@@ -39,17 +54,28 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def temp_dir_beside(path: str | os.PathLike) -> Path:
-    """A fresh temporary directory next to `path` (same file system, so a rename is atomic)."""
+    """A fresh temporary directory next to `path` (same file system, so a rename is atomic), with
+    the mode a plain mkdir would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())                       # a directory's usual mode, not mkdtemp's 0o700
+    return tmp
 
 
 def replace_dir(new: Path, dest: Path) -> None:
     """Move a complete directory `new` to `dest`; an existing `dest` is removed only after the
-    swap, and put back if the swap fails."""
+    swap, and put back if the swap fails. Everything in `new` first gets the modes a plain open
+    and mkdir give (0o666 / 0o777 less the umask): safetensors and mkstemp write 0o600."""
     if dest.exists() and not dest.is_dir():
         raise FileExistsError(f"{dest} exists and is not a directory")
+    mask = _umask()
+    for root, dirs, files in os.walk(new):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    os.chmod(new, 0o777 & ~mask)
     old = None
     if dest.exists():
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")

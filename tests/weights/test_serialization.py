@@ -352,3 +352,25 @@ def test_directory_without_checksums_still_loads(copy_of_saved, saved, token_ids
     f.write_text(json.dumps(doc))
     with pytest.raises(ValueError, match="'checksums' is not a xxh3_64 table"):
         qins.load(copy_of_saved)
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path, make_model):
+    # atomic writes go through mkstemp / mkdtemp (modes 0o600 / 0o700): the saved directory, its
+    # files and a key plan get what a plain open / mkdir gives (0o666 / 0o777 less the umask), so
+    # a model saved by one user can be read by another; a replaced file keeps its mode
+    from qins._files import atomic_write
+    old = os.umask(0o022)
+    try:
+        qins.save(qins.quantize(make_model("llama"), WeightConfig("int-sym", 4, 32), progress=False), tmp_path / "m")
+        assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+        assert {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()} == \
+            {p.name: 0o644 for p in (tmp_path / "m").iterdir()}
+        f = atomic_write(tmp_path / "plan.json", "{}")
+        assert f.stat().st_mode & 0o777 == 0o644
+        f.chmod(0o640)
+        atomic_write(f, "[]")
+        assert f.stat().st_mode & 0o777 == 0o640 and f.read_text() == "[]"
+        os.umask(0o077)
+        assert atomic_write(tmp_path / "private.json", "{}").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
