@@ -15,8 +15,9 @@ fresh QINSCache for every KV setting in `--kv`, and with no cache at all (transf
 as the floor: where the float path itself parts between the devices, the cache cannot be asked
 to agree more.
 
-KV settings: BITS[,rRESIDUAL][,pre] e.g. `4` (the default residual 128), `4,r0`, `8,r0`, `4,r0,pre`
-(pre-RoPE keys). On CUDA the JSON records each layer's last decode path (cuda / triton / reference).
+KV settings: BITS[,rRESIDUAL][,pre][,vrot][,plan] e.g. `4` (the default residual 128), `4,r0`, `8,r0`,
+`4,r0,pre` (pre-RoPE keys), `4,r0,pre,vrot,plan` (and rotated values and the key plan of `--plan FILE`,
+which the CPU run makes from the model's own samples when missing; the GPU run reads the same file). On CUDA the JSON records each layer's last decode path (cuda / triton / reference).
 Writes OUT (default $OUT/kv_greedy.json) and prints a table: per setting, sequences identical to
 the reference, token match, mean first divergence.
 """
@@ -37,19 +38,39 @@ from qins.kv import KVConfig
 from qins.metrics.generation import _cut_after_eos, _render, load_prompts, token_match
 
 
-def parse_kv(spec: str) -> KVConfig | None:
+def parse_kv(spec: str) -> tuple[KVConfig | None, bool]:
+    """(config, whether the setting uses the key plan) of a --kv spec."""
     if spec == "none":
-        return None
+        return None, False
     parts = spec.split(",")
-    fields = dict(k_bits=int(parts[0]))
+    fields, plan = dict(k_bits=int(parts[0])), False
     for p in parts[1:]:
         if p.startswith("r"):
             fields["residual"] = int(p[1:])
         elif p == "pre":
             fields["k_prerope"] = True
+        elif p == "vrot":
+            fields["v_rotate"] = True
+        elif p == "plan":
+            plan = True
         else:
-            raise ValueError(f"--kv {spec!r}: parts are BITS, rRESIDUAL, pre")
-    return KVConfig(**fields)
+            raise ValueError(f"--kv {spec!r}: parts are BITS, rRESIDUAL, pre, vrot, plan")
+    return KVConfig(**fields), plan
+
+
+def key_plan(path: str | None, model, cfg: KVConfig, device: str):
+    """The key plan of a ',plan' setting: the saved file (both machines read the same plan); on the
+    CPU a missing file is made from the model's own samples (kv.plan.model_samples) and saved."""
+    from qins.kv import KeyPlan
+    if path is None:
+        raise SystemExit("a ',plan' setting needs --plan FILE")
+    if os.path.exists(path):
+        return KeyPlan.load(path)
+    if device != "cpu":
+        raise SystemExit(f"--plan {path}: no such file (make it on the CPU run and carry it)")
+    plan = qins.QINSCache(model, config=cfg, key_plan="sampled").key_plan
+    plan.save(path)
+    return plan
 
 
 def prompt_ids(model_dir: str, n: int) -> list[list[int]]:
@@ -88,6 +109,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--kv", nargs="+", default=["none", "4", "4,r0", "8,r0", "4,r0,pre"])
     ap.add_argument("--ref", default=None, help="the CPU run's JSON to compare against")
+    ap.add_argument("--plan", default=None, help="key plan JSON for ',plan' settings (made on the CPU run if missing)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dtype = getattr(torch, a.dtype or ("float32" if a.device == "cpu" else "bfloat16"))
@@ -96,8 +118,9 @@ def main() -> None:
     prompts = ref["prompt_ids"][:a.prompts] if ref else prompt_ids(a.model, a.prompts)
     rows = []
     for spec in a.kv:
-        cfg = parse_kv(spec)
-        make = None if cfg is None else (lambda cfg=cfg: qins.QINSCache(model, config=cfg))
+        cfg, planned = parse_kv(spec)
+        plan = key_plan(a.plan, model, cfg, a.device) if planned else None
+        make = None if cfg is None else (lambda cfg=cfg, plan=plan: qins.QINSCache(model, config=cfg, key_plan=plan))
         caches = []
 
         def make_logged():
