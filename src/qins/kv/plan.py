@@ -313,15 +313,32 @@ def model_samples(model, n: int = SAMPLES, length: int = SAMPLE_TOKENS, *, seed:
                 getattr(gc, "eos_token_id", None), getattr(cfg, "eos_token_id", None), start)
     device = next(model.parameters()).device
     rows = []
+    from transformers.generation.streamers import BaseStreamer
+
+    class _Ticks(BaseStreamer):                  # generate calls put() with the prompt, then once per token
+        def __init__(self, bar):
+            self.bar, self.first = bar, True
+
+        def put(self, value):
+            if not self.first:
+                self.bar.update(1)
+            self.first = False
+
+        def end(self):
+            pass
+
     devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.inference_mode():
+    batches = range(0, n, batch_size)
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(), \
+            tqdm(total=len(batches) * (length - 1), desc="sampling calibration text", unit="step",
+                 disable=not progress) as bar:
         torch.manual_seed(seed)
-        for s in tqdm(range(0, n, batch_size), desc="sampling calibration text", disable=not progress):
+        for s in batches:
             b = min(batch_size, n - s)
             ids = torch.full((b, 1), start, dtype=torch.long, device=device)
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=temperature,
                                  top_k=0, top_p=1.0, max_new_tokens=length - 1, min_new_tokens=length - 1,
-                                 pad_token_id=pad)
+                                 pad_token_id=pad, streamer=_Ticks(bar) if progress else None)
             rows.append(out[:, :length].cpu())
     return torch.cat(rows)
 
