@@ -85,8 +85,10 @@ class QINSCache(Cache):
     Paths (`paths()` says which ran): on CUDA, with `model` a model on SDPA, decode steps run
     the Triton kernels over the pages (quantize-on-append, decode attention; the model's
     attention is routed through `qins_paged`, which runs SDPA for everything else); on the
-    CPU, or `paged=False`, every step decodes the pages to float (the reference). The
-    QINS_KERNELS environment variable forces either (kernels/__init__.py).
+    CPU, or `paged=False`, every step decodes the pages to float (the reference; with rotated
+    values and a model on SDPA, also routed through `qins_paged`, which reads the values in their
+    rotated frame and turns the attention output back). The QINS_KERNELS environment variable
+    forces either (kernels/__init__.py).
     """
 
     def __init__(self, model, bits: int | None = None, residual: int | None = None, page_kb: int | None = None,
