@@ -21,7 +21,7 @@ import torch
 from qins.eval.harness import Harness, Protocol
 from qins.eval.kv import measure_dynamic, measure_kv, measure_quantized_cache
 from qins.kv.config import KVConfig
-from qins.kv.plan import SAMPLE_TOKENS, SAMPLES, calibrate_keys, model_samples, resolve_key_plan
+from qins.kv.plan import SAMPLE_TOKENS, SAMPLES, calibrate_keys, model_samples, resolve_key_plan, samples_source
 from qins.metrics.render import Column, markdown_table
 
 # (label, KVConfig fields, token match?)
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
                 samples["sampled"] = model_samples(model, SAMPLES, SAMPLE_TOKENS)
             w = samples["sampled"]
             plan = calibrate_keys(model, w, config, batch_size=h.protocol.batch_size,
-                                  source=f"{w.shape[0]} samples of {w.shape[1]} tokens the model wrote (seed 0)")
+                                  source=samples_source(w))
         else:
             plan = resolve_key_plan("auto", model, config, lambda: h.calibration_windows,
                                     f"calibration {h.describe()['calibration_windows']}", h.protocol.batch_size,

@@ -44,7 +44,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from qins.kernels.triton_kv import key_fields, kv_append, kv_decode_attention, padded_mids
+from qins.kernels.triton_kv import kv_append, kv_decode_attention, padded_mids
 from qins.kv.codec import (Codec, affine_levels, dequantize_keys_mixed, key_offset, quantize_keys,
                            quantize_keys_mixed, quantize_values)
 from qins.kv.config import KVConfig
@@ -137,7 +137,7 @@ class Paged:
         self.planes = (put(kcp, words, 1), put(self.planes[1], ks, G), put(self.planes[2], kz, G),
                        *self.planes[3:])
         self.k_layout = layout
-        self.k_fields = key_fields(layout, DEV)
+        self.k_fields = layout.kernel_fields(DEV)
 
     def nbytes(self) -> int:
         """Bytes a call reads: the pages' codes, scales, zero points of Q tokens, the table, the float segment."""

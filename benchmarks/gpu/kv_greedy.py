@@ -62,13 +62,14 @@ def key_plan(path: str | None, model, cfg: KVConfig, device: str):
     """The key plan of a ',plan' setting: the saved file (both machines read the same plan); on the
     CPU a missing file is made from the model's own samples (kv.plan.model_samples) and saved."""
     from qins.kv import KeyPlan
+    from qins.kv.plan import resolve_key_plan
     if path is None:
         raise SystemExit("a ',plan' setting needs --plan FILE")
     if os.path.exists(path):
         return KeyPlan.load(path)
     if device != "cpu":
         raise SystemExit(f"--plan {path}: no such file (make it on the CPU run and carry it)")
-    plan = qins.QINSCache(model, config=cfg, key_plan="sampled").key_plan
+    plan = resolve_key_plan("sampled", model, cfg)
     plan.save(path)
     return plan
 

@@ -54,13 +54,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def temp_dir_beside(path: str | os.PathLike) -> Path:
-    """A fresh temporary directory next to `path` (same file system, so a rename is atomic), with
-    the mode a plain mkdir would give it."""
+    """A fresh temporary directory next to `path` (same file system, so a rename is atomic); its
+    mode becomes a plain mkdir's when replace_dir moves it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    tmp.chmod(0o777 & ~_umask())                       # a directory's usual mode, not mkdtemp's 0o700
-    return tmp
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
 def replace_dir(new: Path, dest: Path) -> None:

@@ -175,7 +175,7 @@ def kv_append(k: torch.Tensor, v: torch.Tensor, k_offset: torch.Tensor | None, t
               k_signed: bool, v_signed: bool, sink: int = 0, k_fields: tuple | None = None) -> None:
     """Quantize k, v (B, H, n G, D) (n whole groups, tokens t0 .. t0 + n G - 1 of every row,
     t0 a multiple of G) into the pages `table` (B, columns) int32 points at.
-    k_fields (key_fields of a key plan's layout, or None): keys on each channel's own width,
+    k_fields (RowLayout.kernel_fields of a key plan's layout, or None): keys on each channel's own width,
     packed into its byte field (kv.codec.encode_keys_mixed's rounding; needs key zero points).
 
     planes: the pool's (k_codes, k_scale, k_zero or None, v_codes, v_scale, v_zero or None).
@@ -641,22 +641,6 @@ def _rope_scores(q_ptr, kc_ptr, ks_ptr, kz_ptr, koff_ptr, klut_ptr, rope_ptr, qr
     return tl.dot(qa.to(tl.float16), tl.trans(ra)) + tl.dot(qb.to(tl.float16), tl.trans(rb))
 
 
-def key_fields(layout, device) -> tuple:
-    """kv_decode_attention's k_fields of a key plan's RowLayout.mixed (one segment per channel):
-    (byte index, shift, mask) int32 and the levels' (alpha, beta) float32, each (H, D) on `device`:
-    a w-bit field c decodes to m + r (alpha c + beta), alpha = 2 / (2^w - 1), beta = -1 (w = 0:
-    both 0, the group's mid-range m), as kv.codec.mixed_key_affine."""
-    if len(layout.segments) != 1:
-        raise ValueError("key_fields reads a key plan's layout (one field per channel)")
-    idx, shift, mask, _ = layout.segments[0]
-    top = ((1 << layout.widths.to(torch.int64)) - 1).to(torch.float32)
-    alpha = torch.where(top > 0, 2.0 / top.clamp(min=1), torch.zeros_like(top))
-    beta = torch.where(top > 0, -torch.ones_like(top), torch.zeros_like(top))
-    return tuple(t.to(device=device, dtype=dt).contiguous()
-                 for t, dt in ((idx, torch.int32), (shift, torch.int32), (mask, torch.int32),
-                               (alpha, torch.float32), (beta, torch.float32)))
-
-
 def splits_for(B: int, H: int, Q: int, block_t: int, device, per_sm: int = 2) -> int:
     """Splits of the page tokens: about `per_sm` programs per SM over B * H (row, head) pairs,
     each at least `block_t` tokens."""
@@ -700,7 +684,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
     its register fit (cuda_kv.MIN_BLOCKS). rope (D/2,) float32 on q's device or None: the pages
     hold pre-RoPE keys (kv/rope.py), turned by t * rope in the first kernel (no fold, no CUDA).
     k_fields (idx, shift, mask, alpha, beta), each (H, D) on q's device (int32 x 3, float32 x 2), or
-    None: the keys follow a key plan (kv/plan.py; `key_fields`): channel d of head h is the field
+    None: the keys follow a key plan (kv/plan.py; kv.layout.RowLayout.kernel_fields): channel d of head h is the field
     (byte idx >> shift) & mask of its row (kc's last dim words, RowLayout.mixed) and decodes to
     m + r (alpha c + beta) with the group's zero point m and half-range r; read in the first kernel
     (no fold, no CUDA)."""
@@ -729,7 +713,7 @@ def kv_decode_attention(q: torch.Tensor, planes: tuple, table: torch.Tensor, n_t
         if len(k_fields) != 5 or any(f.shape != (H, D) or f.device != q.device for f in k_fields) \
                 or [f.dtype for f in k_fields] != [torch.int32] * 3 + [torch.float32] * 2:
             raise ValueError(f"k_fields must be (idx, shift, mask) int32 and (alpha, beta) float32, each ({H}, {D}) "
-                             f"on {q.device} (key_fields)")
+                             f"on {q.device} (RowLayout.kernel_fields)")
     if cuda is not False:
         why = cuda_reason(q, fk, k_base, mask, v_closed, QH, k_bits, v_bits, group, ka, va, rope, k_fields)
         if why is None:

@@ -53,16 +53,18 @@ def use_kernels(layer, device) -> bool:
     return why is None
 
 
-def float_segment(layer) -> tuple[torch.Tensor, torch.Tensor, int]:
+def float_segment(layer, v_turned: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(fk, fv, skip): the fp tokens attention reads beside the pages, (B, H, F, D): the sink
     copies of tokens still in the pages, then the staging (read back quantized) and the
-    residual window; skip = the page tokens they replace (0 .. skip - 1)."""
+    residual window; skip = the page tokens they replace (0 .. skip - 1). v_turned: rotated
+    values in their stored frame (QINSLayer._read)."""
     Q = layer.n_quantized
-    fk, fv = layer.float_segment()
+    fk, fv = layer.float_segment(v_turned)
     S = min(layer.sink_k.shape[2], Q)
     if S:
+        sv = layer.sink_v[:, :, :S]
         fk = torch.cat([layer.sink_k[:, :, :S], fk], 2)
-        fv = torch.cat([layer.sink_v[:, :, :S], fv], 2)
+        fv = torch.cat([layer._pre_v(sv) if v_turned else sv, fv], 2)
     return fk, fv, S
 
 
@@ -90,10 +92,9 @@ def decode_attention(layer, q: torch.Tensor, scale: float, mask: torch.Tensor | 
         layer.last_path = "reference"
         return reference_attention(layer, q, scale, mask)
     from ..kernels.triton_kv import cuda_reason, kv_decode_attention
-    fk, fv, skip = float_segment(layer)
+    # rotated values: attend in the frame the pages hold them in, turn the output back
+    fk, fv, skip = float_segment(layer, v_turned=True)
     fields = layer.key_fields()                       # a key plan: per-channel fields, read by Triton
-    if layer._v_rot is not None:     # rotated values: attend in the rotated frame, turn the output back
-        fv = turn(fv, layer._v_rot).to(fv.dtype)
     pool = layer.pool
     planes = tuple(getattr(pool, p) for p in pool.PLANES)
     kb, vb = layer.k_codec.bits, layer.v_codec.bits

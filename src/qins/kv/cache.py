@@ -10,10 +10,7 @@ transformers' own dynamic layer, uncompressed (their keys and values, if any, ar
 """
 from __future__ import annotations
 
-import json
 import os
-import weakref
-from pathlib import Path
 
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
@@ -44,27 +41,13 @@ def _heads_per_rank(model, heads: int) -> int:
     return heads // tp
 
 
-_SAMPLED_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {config JSON: KeyPlan}
-
-
 def _named_plan(model, cfg: KVConfig, name):
-    """QINSCache's key_plan given by name: "sampled" (memoized per model and config, so a cache
-    per batch does not sample again) or a saved plan's path."""
-    from .plan import KeyPlan, resolve_key_plan
-    if name == "sampled":
-        if getattr(model, "parameters", None) is None:
-            raise ValueError("key_plan='sampled' needs the model (not its config): the model writes the text")
-        memo = _SAMPLED_PLANS.setdefault(model, {})
-        key = json.dumps(cfg.to_dict(), sort_keys=True)
-        if key not in memo:
-            memo[key] = resolve_key_plan("sampled", model, cfg)
-        return memo[key]
+    """QINSCache's key_plan given by name: "sampled" or a saved plan's path (plan.resolve_key_plan)."""
+    from .plan import resolve_key_plan
     if name == "auto":
         raise ValueError("key_plan='auto' calibrates on text: pass qins.calibrate_keys(model, windows, config), "
                          "'sampled' (no text) or a saved plan's path")
-    if not Path(name).is_file():
-        raise ValueError(f"key_plan: no such file {str(name)!r} (a KeyPlan, its path, or 'sampled')")
-    return KeyPlan.load(name)
+    return resolve_key_plan(name, model, cfg)
 
 
 class QINSCache(Cache):

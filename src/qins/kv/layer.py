@@ -363,13 +363,12 @@ class QINSLayer(CacheLayerMixin):
         t.n_tokens = t0 + n
 
     def key_fields(self):
-        """A key plan's per-channel fields for the kernels (kernels.triton_kv.key_fields) on the
+        """A key plan's per-channel fields for the kernels (RowLayout.kernel_fields) on the
         layer's device, built once; None for uniform keys."""
         if self.k_widths is None:
             return None
         if self._k_fields is None or self._k_fields[0].device != self.device:
-            from ..kernels.triton_kv import key_fields
-            self._k_fields = key_fields(self.k_layout, self.device)
+            self._k_fields = self.k_layout.kernel_fields(self.device)
         return self._k_fields
 
     def _write(self, t0: int, kw, ks, kz, vw, vs, vz) -> None:
@@ -461,11 +460,11 @@ class QINSLayer(CacheLayerMixin):
         self._overlay_sink(k, v)
         return k, v
 
-    def _overlay_sink(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _overlay_sink(self, k: torch.Tensor, v: torch.Tensor, v_turned: bool = False) -> None:
         S = min(self.sink_k.shape[2], k.shape[2])
         if S:
             k[:, :, :S] = self.sink_k[:, :, :S]
-            v[:, :, :S] = self.sink_v[:, :, :S]
+            v[:, :, :S] = self._pre_v(self.sink_v[:, :, :S]) if v_turned else self.sink_v[:, :, :S]
 
     def _staging_into(self, out_k: torch.Tensor, out_v: torch.Tensor, n_stage: int, v_turned: bool = False) -> None:
         """The staging tokens (fp, past the residual window) as they will be read once sealed:
@@ -500,16 +499,19 @@ class QINSLayer(CacheLayerMixin):
         fv = fake_quantize_values(self._pre_v(self.values[:, :, :n_stage]), self.v_codec)
         out_v[:] = fv if self._v_rot is None or v_turned else turn(fv, self._v_rot, inverse=True)
 
-    def float_segment(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def float_segment(self, v_turned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, H, F, D) the tokens after the pages as attention reads them: staging read back
-        quantized, residual as held (sink copies are separate: `sink_k`, `sink_v`)."""
+        quantized, residual as held (sink copies are separate: `sink_k`, `sink_v`); v_turned as
+        `_read`."""
+        turned = v_turned and self._v_rot is not None
         F_ = self.keys.shape[2]
         n_stage = max(F_ - self.residual, 0)
         if not n_stage:
-            return self.keys, self.values
+            return self.keys, (self._pre_v(self.values) if turned else self.values)
         k, v = torch.empty_like(self.keys), torch.empty_like(self.values)
-        self._staging_into(k[:, :, :n_stage], v[:, :, :n_stage], n_stage)
-        k[:, :, n_stage:], v[:, :, n_stage:] = self.keys[:, :, n_stage:], self.values[:, :, n_stage:]
+        self._staging_into(k[:, :, :n_stage], v[:, :, :n_stage], n_stage, turned)
+        k[:, :, n_stage:] = self.keys[:, :, n_stage:]
+        v[:, :, n_stage:] = self._pre_v(self.values[:, :, n_stage:]) if turned else self.values[:, :, n_stage:]
         return k, v
 
     def _read(self, v_turned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -532,10 +534,7 @@ class QINSLayer(CacheLayerMixin):
             self._staging_into(out_k[:, :, Q:Q + n_stage], out_v[:, :, Q:Q + n_stage], n_stage, turned)
         out_k[:, :, Q + n_stage:] = self.keys[:, :, n_stage:]
         out_v[:, :, Q + n_stage:] = self._pre_v(self.values[:, :, n_stage:]) if turned else self.values[:, :, n_stage:]
-        S = min(self.sink_k.shape[2], out_k.shape[2])
-        if S:
-            out_k[:, :, :S] = self.sink_k[:, :, :S]
-            out_v[:, :, :S] = self._pre_v(self.sink_v[:, :, :S]) if turned else self.sink_v[:, :, :S]
+        self._overlay_sink(out_k, out_v, turned)
         return out_k, out_v
 
     # -- transformers' layer API --------------------------------------------------------------

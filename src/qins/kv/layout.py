@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..codec.packing import pack, packed_words, padded_length, unpack
-from .codec import Codec, affine_levels
+from .codec import Codec, affine_levels, mixed_key_affine
 
 
 # -- packing along D ---------------------------------------------------------------------------
@@ -114,6 +114,20 @@ class RowLayout:
     def to(self, device) -> "RowLayout":
         return RowLayout(self.widths.to(device),
                          [(i.to(device), s.to(device), m.to(device), o) for i, s, m, o in self.segments], self.n_words)
+
+    def kernel_fields(self, device) -> tuple:
+        """A key plan's layout (one segment per channel) as the Triton kernels read it
+        (kernels.triton_kv `k_fields`): (byte index, shift, mask) int32 and the levels' (alpha,
+        beta) float32, each (H, D) on `device`; a w-bit field c decodes to m + r (alpha c + beta)
+        (codec.mixed_key_affine with r = 1, m = 0)."""
+        if len(self.segments) != 1:
+            raise ValueError("kernel_fields reads a key plan's layout (one field per channel)")
+        idx, shift, mask, _ = self.segments[0]
+        H, D = self.widths.shape
+        beta, alpha = (t[0] for t in mixed_key_affine(self.widths, torch.ones(1, H, D), torch.zeros(1, H, D)))
+        return tuple(t.to(device=device, dtype=dt).contiguous()
+                     for t, dt in ((idx, torch.int32), (shift, torch.int32), (mask, torch.int32),
+                                   (alpha, torch.float32), (beta, torch.float32)))
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, H, T, D) codes (each < 2^width) -> (B, H, T, W) int32."""

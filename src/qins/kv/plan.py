@@ -29,6 +29,7 @@ channel, and pages never change after sealing. The plan round-trips through JSON
 from __future__ import annotations
 
 import json
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ from .rope import model_ropes
 
 KEY_PLAN_VERSION = 1
 MENU = (0, 2, 3, 4, 5, 6, 8)
+_SAMPLED_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # model -> {config JSON: KeyPlan}
 SAMPLES, SAMPLE_TOKENS = 8, 512    # calibration text a "sampled" plan has the model write (8 x 512: screened, see model_samples)
 
 
@@ -343,6 +345,11 @@ def model_samples(model, n: int = SAMPLES, length: int = SAMPLE_TOKENS, *, seed:
     return torch.cat(rows)
 
 
+def samples_source(w: torch.Tensor) -> str:
+    """A plan's `source` for samples from model_samples (its defaults)."""
+    return f"{w.shape[0]} samples of {w.shape[1]} tokens the model wrote (temperature 1, seed 0)"
+
+
 def _max_positions(cfg) -> int | None:
     text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     for name in ("max_position_embeddings", "n_positions"):
@@ -356,18 +363,25 @@ def resolve_key_plan(key_plan, model, config: KVConfig, windows=None, source: st
                      progress: bool = True) -> KeyPlan | None:
     """None, a KeyPlan, a path to a saved one, "auto": calibrate `model` on `windows` (a callable
     returning (N, T) token ids, called only for "auto"), or "sampled": calibrate on text the model
-    writes itself (`model_samples`; no text needed)."""
+    writes itself (`model_samples`; no text needed), once per model and config (memoized)."""
     if key_plan is None or isinstance(key_plan, KeyPlan):
         return key_plan
-    if key_plan == "sampled":
-        w = model_samples(model, SAMPLES, min(SAMPLE_TOKENS, _max_positions(model.config) or SAMPLE_TOKENS),
-                          progress=progress)
-        return calibrate_keys(model, w, config, batch_size=batch_size, progress=progress,
-                              source=f"{w.shape[0]} samples of {w.shape[1]} tokens the model wrote "
-                                     f"(temperature 1, seed 0)")
+    if key_plan == "sampled":                  # once per model and config: a cache per batch does not sample again
+        if getattr(model, "parameters", None) is None:
+            raise ValueError("key_plan='sampled' needs the model (not its config): the model writes the text")
+        memo = _SAMPLED_PLANS.setdefault(model, {})
+        key = json.dumps(config.to_dict(), sort_keys=True)
+        if key not in memo:
+            w = model_samples(model, SAMPLES, min(SAMPLE_TOKENS, _max_positions(model.config) or SAMPLE_TOKENS),
+                              progress=progress)
+            memo[key] = calibrate_keys(model, w, config, batch_size=batch_size, progress=progress,
+                                       source=samples_source(w))
+        return memo[key]
     if key_plan == "auto":
         w = windows() if windows is not None else None
         if w is None or len(w) == 0:
             raise ValueError("--kv-plan auto needs calibration windows (there are none)")
         return calibrate_keys(model, w, config, batch_size=batch_size, source=source, progress=progress)
+    if not Path(key_plan).is_file():
+        raise ValueError(f"key_plan: no such file {str(key_plan)!r} (a KeyPlan, its path, 'auto' or 'sampled')")
     return KeyPlan.load(key_plan)
